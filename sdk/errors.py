@@ -1,0 +1,157 @@
+"""The one error tree of edgefleet.
+
+Every error edgefleet raises on purpose derives from :class:`EdgefleetError` and carries a stable, machine-readable
+``code`` (used in MQTT replies, HTTP bodies and the CLI), so a fleet operator can count failures by kind::
+
+    EdgefleetError                      edgefleet
+    ├── ConfigError                     config           bad config file, profile or option value
+    ├── InputError                      input            a tensor or request that does not match the model
+    ├── BundleError                     bundle
+    │   ├── BundleFormatError           bundle.format    not a bundle, truncated, unreadable, bad manifest
+    │   ├── BundleSignatureError        bundle.signature no/unknown/invalid signature
+    │   ├── BundleIntegrityError        bundle.integrity size or sha256 differs, file missing or unlisted
+    │   ├── UnsafeArchiveError          bundle.unsafe    path traversal, links, special files, duplicates, bombs
+    │   └── BundleCompatibilityError    bundle.compat    other target, ORT too old, older version than installed
+    ├── ProviderError                   provider
+    │   ├── ProviderUnavailableError    provider.unavailable  the preferred execution provider is not in this ORT
+    │   └── ProviderFallbackError       provider.fallback     ORT would run (part of) the model on another EP
+    ├── ModelError                      model            ORT could not load or run the model
+    ├── SelfTestError                   selftest         outputs outside the bundle's tolerances on this device
+    ├── PackagingError                  packaging        the packager could not produce a bundle
+    │   └── AccuracyBudgetError         packaging.accuracy   no candidate within the accuracy budget
+    ├── ProtocolError                   protocol         an MQTT payload that does not match its schema
+    └── TransportError                  transport        broker, HTTP or download failures
+
+Foreign exceptions are translated once, at the boundary: ``raise TransportError(f"...: {exc}") from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccuracyBudgetError",
+    "BundleCompatibilityError",
+    "BundleError",
+    "BundleFormatError",
+    "BundleIntegrityError",
+    "BundleSignatureError",
+    "ConfigError",
+    "EdgefleetError",
+    "InputError",
+    "ModelError",
+    "PackagingError",
+    "ProtocolError",
+    "ProviderError",
+    "ProviderFallbackError",
+    "ProviderUnavailableError",
+    "SelfTestError",
+    "TransportError",
+    "UnsafeArchiveError",
+]
+
+
+class EdgefleetError(Exception):
+    """Base of every error edgefleet raises on purpose; ``code`` is stable across releases."""
+
+    code = "edgefleet"
+
+
+class ConfigError(EdgefleetError, ValueError):
+    """A config file, profile or option value is invalid."""
+
+    code = "config"
+
+
+class InputError(EdgefleetError, ValueError):
+    """Input tensors or a request do not match what the model declares."""
+
+    code = "input"
+
+
+class BundleError(EdgefleetError):
+    """A bundle could not be trusted or read."""
+
+    code = "bundle"
+
+
+class BundleFormatError(BundleError):
+    """Not a bundle, truncated, or its manifest does not match the schema."""
+
+    code = "bundle.format"
+
+
+class BundleSignatureError(BundleError):
+    """The manifest signature is missing, made by an untrusted key, or invalid."""
+
+    code = "bundle.signature"
+
+
+class BundleIntegrityError(BundleError):
+    """A member's size or sha256 differs from the manifest, or a file is missing or unlisted."""
+
+    code = "bundle.integrity"
+
+
+class UnsafeArchiveError(BundleError):
+    """A member would escape the extraction directory, is a link or special file, or the archive is a bomb."""
+
+    code = "bundle.unsafe"
+
+
+class BundleCompatibilityError(BundleError):
+    """A valid bundle that this device must not install (other target, ORT too old, downgrade)."""
+
+    code = "bundle.compat"
+
+
+class ProviderError(EdgefleetError):
+    """An execution provider problem."""
+
+    code = "provider"
+
+
+class ProviderUnavailableError(ProviderError):
+    """The bundle's preferred execution provider is not offered by the installed ONNX Runtime."""
+
+    code = "provider.unavailable"
+
+
+class ProviderFallbackError(ProviderError):
+    """ONNX Runtime would run the model (or part of it) on a provider other than the one asked for."""
+
+    code = "provider.fallback"
+
+
+class ModelError(EdgefleetError):
+    """ONNX Runtime failed to load or run the model."""
+
+    code = "model"
+
+
+class SelfTestError(EdgefleetError):
+    """The bundle's validation set gives outputs outside its tolerances on this device."""
+
+    code = "selftest"
+
+
+class PackagingError(EdgefleetError):
+    """The packager could not produce a bundle."""
+
+    code = "packaging"
+
+
+class AccuracyBudgetError(PackagingError):
+    """No candidate met the accuracy budget; the message lists each candidate's numbers."""
+
+    code = "packaging.accuracy"
+
+
+class ProtocolError(EdgefleetError, ValueError):
+    """An MQTT payload does not match its schema."""
+
+    code = "protocol"
+
+
+class TransportError(EdgefleetError):
+    """The broker, an HTTP peer or a download failed."""
+
+    code = "transport"

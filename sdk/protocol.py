@@ -1,0 +1,308 @@
+"""The MQTT contract between agents and controllers (docs/mqtt-protocol.md).
+
+Topics are ``edgefleet/v1/<fleet>/<device>/<channel>``; ids match ``[A-Za-z0-9_.-]{1,64}`` so they can never be the
+wildcards ``+``/``#`` or add a level. Payloads are JSON objects with ``"v": 1``; ``parse_*`` validate a payload's
+schema and raise :class:`ProtocolError` with one line naming the field. Both ends use these functions.
+
+| channel   | publisher  | QoS | retained | payload            |
+|-----------|------------|-----|----------|--------------------|
+| status    | agent      | 1   | yes      | :func:`status`     |
+| telemetry | agent      | 1   | no       | :func:`telemetry`  |
+| events    | agent      | 1   | no       | :func:`event`      |
+| cmd       | controller | 1   | no       | :func:`command`    |
+| reply     | agent      | 1   | no       | :func:`reply`      |
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError
+
+__all__ = [
+    "CHANNELS",
+    "COMMAND_KINDS",
+    "MAX_PAYLOAD",
+    "PROTOCOL_VERSION",
+    "Topic",
+    "check_id",
+    "command",
+    "decode",
+    "encode",
+    "event",
+    "parse_command",
+    "parse_event",
+    "parse_reply",
+    "parse_status",
+    "parse_telemetry",
+    "parse_topic",
+    "reply",
+    "status",
+    "subscription",
+    "telemetry",
+    "topic",
+]
+
+PROTOCOL_VERSION = 1
+ROOT = "edgefleet/v1"
+CHANNELS = ("status", "telemetry", "events", "cmd", "reply")
+COMMAND_KINDS = ("deploy", "rollback", "remove", "benchmark", "describe", "configure")
+MAX_PAYLOAD = 256 * 1024
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_id(what: str, value: object) -> str:
+    """Return ``value`` if it is a valid fleet/device/command id, else raise ProtocolError naming ``what``."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ProtocolError(f"{what} must match [A-Za-z0-9_.-]{{1,64}}, got {value!r}")
+    return value
+
+
+def topic(fleet: str, device: str, channel: str) -> str:
+    """The topic of one device's channel."""
+    if channel not in CHANNELS:
+        raise ProtocolError(f"unknown channel {channel!r}; channels are {', '.join(CHANNELS)}")
+    return f"{ROOT}/{check_id('fleet', fleet)}/{check_id('device', device)}/{channel}"
+
+
+def subscription(fleet: str, channel: str, share_group: str | None = None) -> str:
+    """Topic filter for one channel of every device in a fleet, optionally as an MQTT 5 shared subscription."""
+    f = f"{ROOT}/{check_id('fleet', fleet)}/+/{channel}"
+    return f"$share/{check_id('share group', share_group)}/{f}" if share_group else f
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A parsed topic."""
+
+    fleet: str
+    device: str
+    channel: str
+
+
+def parse_topic(name: str) -> Topic:
+    """Split a topic into fleet, device and channel, validating each."""
+    parts = name.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != ROOT:
+        raise ProtocolError(f"topic {name!r} is not {ROOT}/<fleet>/<device>/<channel>")
+    if parts[4] not in CHANNELS:
+        raise ProtocolError(f"topic {name!r} has unknown channel {parts[4]!r}")
+    return Topic(check_id("fleet", parts[2]), check_id("device", parts[3]), parts[4])
+
+
+def encode(payload: Mapping[str, Any]) -> bytes:
+    """Compact JSON bytes."""
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def decode(data: bytes | bytearray | str, what: str = "payload") -> dict[str, Any]:
+    """Parse a payload: size cap, JSON object, ``v`` == 1."""
+    if len(data) > MAX_PAYLOAD:
+        raise ProtocolError(f"{what}: {len(data)} bytes, over the {MAX_PAYLOAD}-byte cap")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeError) as exc:
+        raise ProtocolError(f"{what}: not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what}: must be a JSON object")
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what}: unsupported version v={obj.get('v')!r} (this edgefleet speaks v={PROTOCOL_VERSION})")
+    return obj
+
+
+def _req(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
+    if key not in obj:
+        raise ProtocolError(f"{what}: missing field {key!r}")
+    val = obj[key]
+    if not isinstance(val, types) or (isinstance(val, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+        raise ProtocolError(f"{what}: field {key!r} has type {type(val).__name__}")
+    return val
+
+
+def _num(obj: Mapping[str, Any], key: str, what: str, minimum: float = 0.0) -> float:
+    val = _req(obj, key, (int, float), what)
+    if not val >= minimum:
+        raise ProtocolError(f"{what}: field {key!r} must be >= {minimum}, got {val!r}")
+    return float(val)
+
+
+def _int(obj: Mapping[str, Any], key: str, what: str, minimum: int = 0) -> int:
+    val = _req(obj, key, int, what)
+    if val < minimum:
+        raise ProtocolError(f"{what}: field {key!r} must be >= {minimum}, got {val!r}")
+    return int(val)
+
+
+# -- status ---------------------------------------------------------------------------------------------------------
+
+def status(device: str, state: str, *, boot: str = "", description: Mapping[str, Any] | None = None,
+           reason: str = "") -> dict[str, Any]:
+    """A retained status message: ``online`` with a device description (birth) or ``offline`` (will or shutdown)."""
+    msg: dict[str, Any] = {"v": 1, "device": device, "state": state, "ts": time.time(), "boot": boot}
+    if description is not None:
+        msg["description"] = dict(description)
+    if reason:
+        msg["reason"] = reason
+    return msg
+
+
+def parse_status(data: bytes | str) -> dict[str, Any]:
+    """Validate a status payload."""
+    obj = decode(data, "status")
+    check_id("status.device", obj.get("device"))
+    if obj.get("state") not in ("online", "offline"):
+        raise ProtocolError(f"status: state must be online or offline, got {obj.get('state')!r}")
+    if "description" in obj and not isinstance(obj["description"], dict):
+        raise ProtocolError("status: description must be an object")
+    return obj
+
+
+# -- telemetry ------------------------------------------------------------------------------------------------------
+
+def telemetry(device: str, boot: str, seq: int, models: list[dict[str, Any]], *, interval_s: float,
+              process: Mapping[str, Any] | None = None, system: Mapping[str, Any] | None = None,
+              dropped: int = 0, ts: float | None = None) -> dict[str, Any]:
+    """One telemetry record; (device, boot, seq) identifies it uniquely so the fleet can de-duplicate."""
+    return {"v": 1, "device": device, "boot": boot, "seq": seq, "ts": time.time() if ts is None else ts,
+            "interval_s": interval_s, "models": models, "process": dict(process or {}), "system": dict(system or {}),
+            "dropped": dropped}
+
+
+def parse_telemetry(data: bytes | str) -> dict[str, Any]:
+    """Validate a telemetry payload, including every model entry and its sketch."""
+    from .sketch import DDSketch
+
+    what = "telemetry"
+    obj = decode(data, what)
+    check_id("telemetry.device", obj.get("device"))
+    _req(obj, "boot", str, what)
+    _int(obj, "seq", what)
+    _num(obj, "ts", what)
+    _num(obj, "interval_s", what)
+    _int(obj, "dropped", what) if "dropped" in obj else None
+    models = _req(obj, "models", list, what)
+    for i, m in enumerate(models):
+        w = f"telemetry.models[{i}]"
+        if not isinstance(m, dict):
+            raise ProtocolError(f"{w}: must be an object")
+        _req(m, "name", str, w)
+        _req(m, "version", str, w)
+        _int(m, "count", w)
+        _int(m, "errors", w)
+        providers = _req(m, "providers", list, w)
+        if not all(isinstance(p, str) for p in providers):
+            raise ProtocolError(f"{w}: providers must be strings")
+        sk = DDSketch.from_dict(_req(m, "sketch", dict, w))
+        if sk.count != m["count"]:
+            raise ProtocolError(f"{w}: sketch holds {sk.count} values but count is {m['count']}")
+    for key in ("process", "system"):
+        if key in obj and not isinstance(obj[key], dict):
+            raise ProtocolError(f"{what}: {key} must be an object")
+    return obj
+
+
+# -- events ---------------------------------------------------------------------------------------------------------
+
+def event(device: str, boot: str, seq: int, kind: str, message: str, *, level: str = "info",
+          data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """An event (install, self-test, rollback, error ...) for people and the deployment state machine."""
+    return {"v": 1, "device": device, "boot": boot, "seq": seq, "ts": time.time(), "kind": kind, "level": level,
+            "message": message, "data": dict(data or {})}
+
+
+def parse_event(data: bytes | str) -> dict[str, Any]:
+    """Validate an event payload."""
+    obj = decode(data, "event")
+    check_id("event.device", obj.get("device"))
+    _req(obj, "kind", str, "event")
+    _req(obj, "message", str, "event")
+    if obj.get("level") not in ("debug", "info", "warning", "error"):
+        raise ProtocolError(f"event: level must be debug, info, warning or error, got {obj.get('level')!r}")
+    if not isinstance(obj.get("data", {}), dict):
+        raise ProtocolError("event: data must be an object")
+    return obj
+
+
+# -- commands and replies -------------------------------------------------------------------------------------------
+
+_COMMAND_ARGS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "deploy": {"url": str, "sha256": str, "size": int},
+    "rollback": {},
+    "remove": {"name": str},
+    "benchmark": {},
+    "describe": {},
+    "configure": {},
+}
+
+
+def command(kind: str, args: Mapping[str, Any] | None = None, *, cmd_id: str | None = None,
+            ttl_s: float | None = None) -> dict[str, Any]:
+    """A command for one device; ``id`` makes it idempotent and pairs it with exactly one reply."""
+    now = time.time()
+    msg: dict[str, Any] = {"v": 1, "id": cmd_id or uuid.uuid4().hex, "kind": kind, "ts": now, "args": dict(args or {})}
+    if ttl_s is not None:
+        msg["expires"] = now + ttl_s
+    return parse_command(encode(msg))
+
+
+def parse_command(data: bytes | str) -> dict[str, Any]:
+    """Validate a command: id, kind, and the arguments that kind needs."""
+    what = "cmd"
+    obj = decode(data, what)
+    check_id("cmd.id", obj.get("id"))
+    kind = obj.get("kind")
+    if kind not in COMMAND_KINDS:
+        raise ProtocolError(f"cmd: unknown kind {kind!r}; kinds are {', '.join(COMMAND_KINDS)}")
+    args = _req(obj, "args", dict, what)
+    for key, types in _COMMAND_ARGS[kind].items():
+        _req(args, key, types, f"cmd {kind} args")
+    if kind == "deploy":
+        if not re.fullmatch(r"[0-9a-f]{64}", args["sha256"]):
+            raise ProtocolError("cmd deploy args: sha256 must be 64 lowercase hex digits")
+        if args["size"] <= 0:
+            raise ProtocolError(f"cmd deploy args: size must be > 0, got {args['size']}")
+        if not args["url"].startswith(("http://", "https://", "file://")):
+            raise ProtocolError(f"cmd deploy args: url must be http(s):// or file://, got {args['url'][:60]!r}")
+    if kind == "benchmark" and "runs" in args:
+        if not isinstance(args["runs"], int) or not 1 <= args["runs"] <= 100_000:
+            raise ProtocolError(f"cmd benchmark args: runs must be an int in 1..100000, got {args['runs']!r}")
+    if kind == "configure" and "telemetry_interval_s" in args:
+        iv = args["telemetry_interval_s"]
+        if not isinstance(iv, (int, float)) or isinstance(iv, bool) or not 0.1 <= iv <= 3600:
+            raise ProtocolError(f"cmd configure args: telemetry_interval_s must be in 0.1..3600, got {iv!r}")
+    if "expires" in obj:
+        _num(obj, "expires", what)
+    return obj
+
+
+def reply(cmd_id: str, device: str, ok: bool, *, result: Mapping[str, Any] | None = None, code: str = "",
+          message: str = "", step: str = "") -> dict[str, Any]:
+    """The one reply to a command: ok with a result, or error with a stable code, the failing step and a reason."""
+    msg: dict[str, Any] = {"v": 1, "id": cmd_id, "device": device, "ts": time.time(), "status": "ok" if ok else "error"}
+    if ok:
+        msg["result"] = dict(result or {})
+    else:
+        msg["error"] = {"code": code or "edgefleet", "message": message, "step": step}
+    return msg
+
+
+def parse_reply(data: bytes | str) -> dict[str, Any]:
+    """Validate a reply payload."""
+    obj = decode(data, "reply")
+    check_id("reply.id", obj.get("id"))
+    check_id("reply.device", obj.get("device"))
+    if obj.get("status") == "ok":
+        _req(obj, "result", dict, "reply")
+    elif obj.get("status") == "error":
+        err = _req(obj, "error", dict, "reply")
+        _req(err, "code", str, "reply.error")
+        _req(err, "message", str, "reply.error")
+    else:
+        raise ProtocolError(f"reply: status must be ok or error, got {obj.get('status')!r}")
+    return obj

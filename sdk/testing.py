@@ -1,0 +1,84 @@
+"""Build a signed bundle from an ONNX model as is (no optimization), for tests of every component.
+
+The packager is the real way to make bundles; this builds the same format with a plain CPU session computing the
+reference outputs, so agent and fleet tests need neither onnx nor the quantization tools.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Manifest, ProviderConfig, SessionConfig, TensorSpec, Tolerance, ValidationSpec, write_bundle
+from .keys import PrivateKey
+from .runtime import dtype_from_ort
+from .validation import save_validation
+
+__all__ = ["build_test_bundle", "random_inputs"]
+
+
+def random_inputs(session: Any, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching a session's declared inputs (symbolic dims set to ``batch``)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) else batch for d in i.shape]
+        dtype = np.dtype(dtype_from_ort(i.type))
+        if dtype.kind == "f":
+            feed[i.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[i.name] = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            feed[i.name] = rng.integers(0, 100, shape).astype(dtype)
+    return feed
+
+
+def build_test_bundle(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    key: PrivateKey,
+    *,
+    name: str = "testmodel",
+    version: str = "1.0.0",
+    target: str = "x86-cpu",
+    precision: str = "fp32",
+    providers: Sequence[ProviderConfig] = (ProviderConfig("CPUExecutionProvider"),),
+    session: SessionConfig = SessionConfig(),
+    samples: Sequence[Mapping[str, np.ndarray]] | None = None,
+    tolerance: Tolerance = Tolerance(max_abs=1e-4, min_cosine=0.999),
+    extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
+    report: Mapping[str, Any] | None = None,
+    min_ort_version: str = "1.16.0",
+) -> Path:
+    """Write a signed bundle for ``model`` whose validation set is ``samples`` (default: 2 random samples)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    feeds = list(samples) if samples is not None else [random_inputs(sess, seed=s) for s in range(2)]
+    out_names = [o.name for o in sess.get_outputs()]
+    pairs = [(dict(f), dict(zip(out_names, sess.run(out_names, dict(f))))) for f in feeds]
+    with tempfile.TemporaryDirectory(prefix="edgefleet-testbundle-") as tmp:
+        t = Path(tmp)
+        shutil.copyfile(model, t / "model.onnx")
+        save_validation(t / "validation.npz", pairs)
+        (t / "report.json").write_text(json.dumps(report or {"builder": "edgefleet.sdk.testing"}))
+        files = {"model/model.onnx": t / "model.onnx", "validation.npz": t / "validation.npz", "report.json": t / "report.json"}
+        files.update({k: Path(v) for k, v in (extra_files or {}).items()})
+        manifest = Manifest(
+            name=name, version=version, target=target, precision=precision, model="model/model.onnx",
+            providers=tuple(providers), session=session,
+            inputs=tuple(TensorSpec(i.name, dtype_from_ort(i.type), tuple(d if isinstance(d, int) else (d or None) for d in i.shape)) for i in sess.get_inputs()),
+            outputs=tuple(TensorSpec(o.name, dtype_from_ort(o.type), tuple(d if isinstance(d, int) else (d or None) for d in o.shape)) for o in sess.get_outputs()),
+            files={}, min_ort_version=min_ort_version,
+            validation=ValidationSpec("validation.npz", len(pairs), {n: tolerance for n in out_names}),
+            report="report.json",
+        )
+        write_bundle(out, manifest, files, key)
+    return Path(out)

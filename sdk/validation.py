@@ -1,0 +1,107 @@
+"""Validation sets (inputs + reference outputs) and the per-output comparison used by self-tests and the packager.
+
+A validation file is an ``.npz`` (never pickled: loaded with ``allow_pickle=False``) whose keys are
+``s<i>/in/<input name>`` and ``s<i>/out/<output name>`` for samples ``i = 0..n-1``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._fs import atomic_write_bytes
+from .bundle import Tolerance
+from .errors import BundleFormatError
+
+__all__ = ["OutputCheck", "Sample", "compare_output", "load_validation", "save_validation"]
+
+Sample = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+
+
+def save_validation(path: str | os.PathLike[str], samples: Sequence[Sample]) -> None:
+    """Write samples atomically as an uncompressed npz."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, (inputs, outputs) in enumerate(samples):
+        for name, arr in inputs.items():
+            arrays[f"s{i}/in/{name}"] = np.asarray(arr)
+        for name, arr in outputs.items():
+            arrays[f"s{i}/out/{name}"] = np.asarray(arr)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_validation(path: str | os.PathLike[str]) -> list[Sample]:
+    """Read a validation npz; object arrays (pickles) and malformed keys are refused."""
+    samples: dict[int, Sample] = {}
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            for key in data.files:
+                parts = key.split("/", 2)
+                if len(parts) != 3 or not parts[0].startswith("s") or not parts[0][1:].isdigit() or parts[1] not in ("in", "out"):
+                    raise BundleFormatError(f"{path}: unexpected validation key {key!r}")
+                idx = int(parts[0][1:])
+                sample = samples.setdefault(idx, ({}, {}))
+                sample[0 if parts[1] == "in" else 1][parts[2]] = data[key]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise BundleFormatError(f"{path}: unreadable validation set: {exc}") from exc
+    if sorted(samples) != list(range(len(samples))):
+        raise BundleFormatError(f"{path}: validation samples are not numbered 0..{len(samples) - 1}")
+    return [samples[i] for i in range(len(samples))]
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """How one output compares with its reference."""
+
+    name: str
+    max_abs: float
+    cosine: float
+    ok: bool
+    reason: str = ""
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def compare_output(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance | None) -> OutputCheck:
+    """Max absolute error and cosine similarity of one output against its reference, judged by ``tol``."""
+    if got.shape != ref.shape:
+        return OutputCheck(name, float("inf"), 0.0, False, f"shape {got.shape} != reference {ref.shape}")
+    if got.dtype.kind not in "fiub":
+        equal = bool(np.array_equal(got, ref))
+        return OutputCheck(name, 0.0 if equal else float("inf"), 1.0 if equal else 0.0, equal,
+                           "" if equal else "non-numeric output differs")
+    a = got.astype(np.float64).ravel()
+    b = ref.astype(np.float64).ravel()
+    if not np.all(np.isfinite(a)):
+        return OutputCheck(name, float("inf"), 0.0, False, "output has NaN or Inf")
+    max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+    cos = _cosine(a, b)
+    if tol is None:
+        return OutputCheck(name, max_abs, cos, True)
+    reasons = []
+    if max_abs > tol.max_abs:
+        reasons.append(f"max abs error {max_abs:.3g} > {tol.max_abs:.3g}")
+    if cos < tol.min_cosine:
+        reasons.append(f"cosine {cos:.5f} < {tol.min_cosine:.5f}")
+    return OutputCheck(name, max_abs, cos, not reasons, "; ".join(reasons))
+
+
+def check_outputs(
+    got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tolerances: Mapping[str, Tolerance]
+) -> list[OutputCheck]:
+    """Compare every reference output that has a tolerance."""
+    return [compare_output(name, got[name], ref[name], tolerances.get(name)) for name in ref if name in got]

@@ -1,0 +1,108 @@
+"""Shared fixtures: signing keys, small models built with onnx.helper, real shipped models, signed bundles."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", default=False, help="run full-length hardening tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests whose flavour is not in this venv: openvino tests run only where the OpenVINO EP exists."""
+    try:
+        import onnxruntime as ort
+
+        have_ov = "OpenVINOExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        have_ov = False
+    for item in items:
+        if "openvino" in item.keywords and not have_ov:
+            item.add_marker(pytest.mark.skip(reason="needs onnxruntime-openvino (make test runs it in .venv-openvino)"))
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh Ed25519 key pair; the public key is in the same directory as ``<name>.pub``."""
+    from edgefleet.sdk.keys import generate_keypair
+
+    d = tmp_path_factory.mktemp("keys")
+    return generate_keypair(d / "fleet.key")
+
+
+@pytest.fixture(scope="session")
+def trusted(signing_key):
+    """TrustedKeys holding the session signing key."""
+    from edgefleet.sdk.keys import TrustedKeys
+
+    return TrustedKeys([signing_key.public])
+
+
+def make_mlp(path: Path, in_dim: int = 16, hidden: int = 32, out_dim: int = 4, seed: int = 0) -> Path:
+    """A small MatMul/Add/Relu/Softmax classifier with a symbolic batch dim, built with onnx.helper."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((in_dim, hidden)).astype(np.float32) * 0.3, "w1")
+    b1 = numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32) * 0.1, "b1")
+    w2 = numpy_helper.from_array(rng.standard_normal((hidden, out_dim)).astype(np.float32) * 0.3, "w2")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="mm1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="add1"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+        helper.make_node("MatMul", ["h2", "w2"], ["logits"], name="mm2"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", out_dim])],
+        [w1, b1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgefleet-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path to the small test MLP."""
+    return make_mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")
+
+
+def shipped_model(name: str) -> Path:
+    """Path to a real pretrained ONNX model shipped inside a PyPI package (magika or silero-vad)."""
+    if name == "magika":
+        spec = importlib.util.find_spec("magika")
+        assert spec is not None and spec.origin, "magika is a dev dependency"
+        found = sorted(Path(spec.origin).parent.glob("models/*/model.onnx"))
+        assert found, "magika ships models/<name>/model.onnx"
+        return found[-1]
+    if name == "silero-vad":
+        spec = importlib.util.find_spec("silero_vad")
+        assert spec is not None and spec.origin, "silero-vad is installed by make (with --no-deps)"
+        return Path(spec.origin).parent / "data" / "silero_vad.onnx"
+    raise ValueError(name)
+
+
+BundleFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def make_bundle(tmp_path: Path, signing_key) -> BundleFactory:
+    """Build a signed bundle from an ONNX model with a validation set computed by a plain CPU session."""
+    from edgefleet.sdk.testing import build_test_bundle
+
+    def factory(model: Path, **kw) -> Path:
+        return build_test_bundle(model, tmp_path / kw.pop("filename", "model.efb"), signing_key, **kw)
+
+    return factory
