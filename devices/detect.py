@@ -125,7 +125,7 @@ class Detection:
 def _fit(p: Profile, host: Host) -> tuple[bool, list[str]]:
     """Whether ``p`` fits ``host``; the reasons why (if it fits) or the first reason why not."""
     arch = _ARCH_ALIASES.get(p.arch, p.arch)
-    if arch != host.arch:
+    if arch != _ARCH_ALIASES.get(host.arch, host.arch):
         return False, [f"needs {p.arch}, this machine is {host.arch}"]
     why = [f"{host.arch} CPU ({host.cpu_model}, {host.cores} cores)"]
     missing = [f for f in p.cpu_flags if f not in host.cpu_flags]

@@ -134,8 +134,12 @@ def _parse(data: Mapping[str, Any], source: str) -> Profile:
         if session.get("graph_optimization_level", "all") not in OPT_LEVELS:
             raise ConfigError(f"{source}: session.graph_optimization_level must be one of {OPT_LEVELS}")
         providers = data["providers"]
-        if not isinstance(providers, list):
+        if not isinstance(providers, list) or not all(isinstance(p, dict) for p in providers):
             raise ConfigError(f"{source}: providers must be an array of tables")
+        for p in providers:
+            extra = set(p) - {"name", "options"}
+            if extra:
+                raise ConfigError(f"{source}: unknown key(s) {sorted(extra)} in provider {p.get('name')!r}")
         return Profile(
             name=str(data["name"]),
             description=str(data["description"]),
@@ -156,10 +160,12 @@ def _parse(data: Mapping[str, Any], source: str) -> Profile:
             extra={k: dict(data[k]) for k in ("openvino", "tensorrt", "coreml") if k in data},
             source=source,
         )
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        if source in str(exc):
+            raise
+        raise ConfigError(f"{source}: {exc}") from exc  # name the file: the dataclasses only know the profile
     except Exception as exc:  # noqa: BLE001 - dataclass and bundle validation raise several kinds
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise ConfigError(f"{source}: {str(exc).removeprefix('manifest: ')}") from exc
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:

@@ -486,7 +486,10 @@ def _verify_header(raw: bytes, sig_raw: bytes, trusted: TrustedKeys, what: str) 
         raise BundleFormatError(f"{what}: {MANIFEST_NAME} is not JSON: {exc}") from exc
     if canonical_json(data) != raw:
         raise BundleFormatError(f"{what}: {MANIFEST_NAME} is not in canonical form")
-    manifest = Manifest.from_dict(data)
+    try:
+        manifest = Manifest.from_dict(data)
+    except BundleError as exc:  # same error type, but naming the bundle it came from
+        raise type(exc)(f"{what}: {exc}") from exc
     return VerifiedManifest(manifest, key_id, hashlib.sha256(raw).hexdigest(), raw, signatures)
 
 
@@ -506,13 +509,12 @@ def _members(tf: tarfile.TarFile, path: Path, vm: VerifiedManifest, limits: Bund
         raise UnsafeArchiveError(f"{path}: {len(m.files)} files listed, over the cap of {limits.max_members}")
     if m.total_size > limits.max_total_bytes:
         raise UnsafeArchiveError(f"{path}: {m.total_size} bytes listed, over the cap of {limits.max_total_bytes}")
-    seen: set[str] = set()
-    count = 0
+    big = sorted(n for n, e in m.files.items() if e.size > limits.max_file_bytes)
+    if big:
+        raise UnsafeArchiveError(f"{path}: file(s) {', '.join(big)} listed over the per-file cap of {limits.max_file_bytes}")
+    seen: set[str] = {MANIFEST_NAME, SIGNATURES_NAME}
     while (info := _next(tf, path)) is not None:
-        count += 1
-        if count > len(m.files):
-            raise BundleIntegrityError(f"{path}: more members than the {len(m.files)} files the manifest lists "
-                                       f"(extra: {info.name!r})")
+        # Name, type and duplicates first, so a hostile member is reported as what it is, not as "one too many".
         name = _check_relpath(f"{path}: member", info.name)
         if not info.isreg() or info.issparse():
             kind = "symlink" if info.issym() else "hardlink" if info.islnk() else "directory" if info.isdir() else "special file"
@@ -520,6 +522,7 @@ def _members(tf: tarfile.TarFile, path: Path, vm: VerifiedManifest, limits: Bund
         if name in seen:
             raise UnsafeArchiveError(f"{path}: duplicate member {name!r}")
         seen.add(name)
+        # Every member is distinct and listed, so the member count can never exceed the manifest's (capped) count.
         entry = m.files.get(name)
         if entry is None:
             raise BundleIntegrityError(f"{path}: member {name!r} is not listed in the manifest")
@@ -546,7 +549,7 @@ def _copy_hashed(src: IO[bytes], dst: IO[bytes] | None, size: int, name: str, pa
                 dst.write(chunk)
             left -= len(chunk)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleFormatError(f"{path}: member {name!r} unreadable: {exc}") from exc
+        raise BundleFormatError(f"{path}: member {name!r} is truncated or unreadable: {exc}") from exc
     return h.hexdigest()
 
 

@@ -101,12 +101,18 @@ def encode(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def decode(data: bytes | bytearray | str, what: str = "payload") -> dict[str, Any]:
     """Parse a payload: size cap, JSON object, ``v`` == 1."""
-    if len(data) > MAX_PAYLOAD:
-        raise ProtocolError(f"{what}: {len(data)} bytes, over the {MAX_PAYLOAD}-byte cap")
+    size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
+    if size > MAX_PAYLOAD:
+        raise ProtocolError(f"{what}: {size} bytes, over the {MAX_PAYLOAD}-byte cap")
     try:
-        obj = json.loads(data)
+        # NaN and Infinity are not JSON: refuse them rather than let them poison sums and sketches downstream.
+        obj = json.loads(data, parse_constant=_reject_constant)
     except (ValueError, UnicodeError) as exc:
         raise ProtocolError(f"{what}: not JSON: {exc}") from exc
     if not isinstance(obj, dict):

@@ -265,6 +265,7 @@ class Model:
         import onnxruntime as ort
 
         self.manifest = manifest
+        self.model_path = Path(model_path)
         self.root = root
         self.digest = digest
         info = ort_info()
@@ -439,7 +440,7 @@ class Model:
         so.enable_profiling = True
         with tempfile.TemporaryDirectory(prefix="edgefleet-prof-") as tmp:
             so.profile_file_prefix = str(Path(tmp) / "ort")
-            sess = ort.InferenceSession(self.session._model_path, sess_options=so, providers=self._providers)
+            sess = ort.InferenceSession(str(self.model_path), sess_options=so, providers=self._providers)
             for _ in range(runs):
                 sess.run(self._output_names, feed)
             trace = json.loads(Path(sess.end_profiling()).read_text())

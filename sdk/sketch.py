@@ -130,23 +130,28 @@ class DDSketch:
             offset = d["offset"]
             if not isinstance(counts, list) or not isinstance(offset, int) or len(counts) > _MAX_BINS:
                 raise ValueError("counts must be a list of at most 4096 ints and offset an int")
-            total = int(d["zero"])
+            zero = d["zero"]
+            if not isinstance(zero, int) or isinstance(zero, bool) or zero < 0:
+                raise ValueError(f"zero count {zero!r} is not a non-negative int")
+            total = zero
             for i, c in enumerate(counts):
-                if not isinstance(c, int) or c < 0:
+                if not isinstance(c, int) or isinstance(c, bool) or c < 0:
                     raise ValueError(f"bucket count {c!r} is not a non-negative int")
                 if c:
                     sk._bins[offset + i] = c
                     total += c
-            if total != d["count"] or total < 0:
+            if isinstance(d["count"], bool) or total != d["count"]:
                 raise ValueError(f"bucket counts add up to {total}, count says {d['count']}")
             sk.count = total
-            sk.zero = int(d["zero"])
+            sk.zero = zero
             sk.sum = float(d["sum"])
+            if not math.isfinite(sk.sum) or sk.sum < 0:
+                raise ValueError(f"sum must be a finite number >= 0, got {d['sum']!r}")
             if total:
                 sk.min = float(d["min"])
                 sk.max = float(d["max"])
-                if not (0.0 <= sk.min <= sk.max) or sk.sum < 0:
-                    raise ValueError("min/max/sum are inconsistent")
+                if not (0.0 <= sk.min <= sk.max < math.inf):
+                    raise ValueError(f"min {d['min']!r} and max {d['max']!r} are inconsistent")
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"invalid latency sketch: {exc}") from exc
         return sk
