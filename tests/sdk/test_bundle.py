@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundle_tools import Member, manifest_of, member, read_members, replace_data, resign, write_members
-from conftest import shipped_model
+from bundle_tools import Member, manifest_of, member, read_members, replace_data, resign, shipped, write_members
 
 from edgefleet.sdk.bundle import (
     BundleLimits,
@@ -67,7 +66,7 @@ def test_bundle_roundtrip_opens_runs_and_benchmarks_when_mlp(mlp_model, make_bun
 
 
 def test_bundle_roundtrip_runs_when_real_magika_model(make_bundle, trusted, tmp_path: Path) -> None:
-    src = shipped_model("magika")
+    src = shipped("magika")
     path = make_bundle(src, name="magika", target="x86-cpu-vnni")
     vm = verify_bundle(path, trusted)
     (inp,) = vm.manifest.inputs
@@ -95,7 +94,7 @@ def _silero_samples(n: int = 2) -> list[dict[str, np.ndarray]]:
 
 
 def test_bundle_roundtrip_runs_with_state_inputs_when_real_silero_vad_model(make_bundle, trusted, tmp_path: Path) -> None:
-    path = make_bundle(shipped_model("silero-vad"), name="silero-vad", samples=_silero_samples())
+    path = make_bundle(shipped("silero-vad"), name="silero-vad", samples=_silero_samples())
     vm = verify_bundle(path, trusted)
     specs = {t.name: t for t in vm.manifest.inputs}
     assert specs["state"].dtype == "float32" and specs["state"].shape[0] == 2 and specs["state"].shape[2] == 128
