@@ -136,6 +136,10 @@ def _parse(data: Mapping[str, Any], source: str) -> Profile:
         providers = data["providers"]
         if not isinstance(providers, list) or not all(isinstance(p, dict) for p in providers):
             raise ConfigError(f"{source}: providers must be an array of tables")
+        quant = dict(data.get("quantization") or {})
+        extra_q = set(quant) - {f.name for f in fields(Quantization)}
+        if extra_q:
+            raise ConfigError(f"{source}: unknown key(s) {sorted(extra_q)} in [quantization]")
         for p in providers:
             extra = set(p) - {"name", "options"}
             if extra:
@@ -150,7 +154,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Profile:
             ),
             session=SessionConfig.from_dict(session),
             precisions=tuple(data.get("precisions") or ("fp32",)),
-            quantization=Quantization(**(data.get("quantization") or {})),
+            quantization=Quantization(**quant),
             cpu_flags=tuple(data.get("cpu_flags") or ()),
             markers=tuple(data.get("markers") or ()),
             rank=int(data.get("rank", 0)),
