@@ -59,7 +59,8 @@ def devices_show(name: str, profiles_dirs: tuple[Path, ...], as_json: bool) -> N
                f"{s.intra_op_num_threads or 'default'} — {p.session_reason}")
     click.echo(f"  precisions: {', '.join(p.precisions)} (preferred: {p.preferred_precision})")
     q = p.quantization
-    click.echo(f"  quantization: {q.format.upper()} {q.activation_type}/{q.weight_type}, reduce_range={q.reduce_range}, "
+    click.echo(f"  quantization: {q.format.upper()} {q.activation_type}/{q.weight_type}, "
+               f"reduce_range={q.reduce_range}, "
                f"per_channel={q.per_channel}, calibration {q.calibration_method} — {q.reason}")
 
 

@@ -15,6 +15,7 @@ from .profile import Profile
 
 __all__ = ["Detection", "Host", "detect", "read_host"]
 
+_SHOWN_FLAGS = ("avx", "amx", "asimd", "sve", "fma", "f16c")
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
 
 
@@ -36,7 +37,7 @@ class Host:
         return {
             "arch": self.arch, "system": self.system, "cpu_model": self.cpu_model, "cores": self.cores,
             "memory_bytes": self.memory_bytes, "markers": sorted(self.markers),
-            "cpu_flags": sorted(f for f in self.cpu_flags if f.startswith(("avx", "amx", "asimd", "sve", "fma", "f16c"))),
+            "cpu_flags": sorted(f for f in self.cpu_flags if f.startswith(_SHOWN_FLAGS)),
             "ort": None if self.ort is None else {"version": self.ort.version, "flavour": self.ort.flavour,
                                                   "providers": list(self.ort.providers)},
         }
@@ -143,7 +144,8 @@ def _fit(p: Profile, host: Host) -> tuple[bool, list[str]]:
     need = [pr.name for pr in p.providers if pr.name not in host.ort.providers]
     if need:
         return False, [f"ONNX Runtime {host.ort.version} ({host.ort.flavour}) does not offer {', '.join(need)}"]
-    why.append(f"ONNX Runtime {host.ort.version} ({host.ort.flavour}) offers {', '.join(pr.name for pr in p.providers)}")
+    offered = ", ".join(pr.name for pr in p.providers)
+    why.append(f"ONNX Runtime {host.ort.version} ({host.ort.flavour}) offers {offered}")
     return True, why
 
 

@@ -90,9 +90,11 @@ class Profile:
             raise ConfigError(f"profile {self.name}: at least one provider is required")
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
-            raise ConfigError(f"profile {self.name}: precisions must be among {PRECISIONS}, got {list(self.precisions)}")
+            raise ConfigError(f"profile {self.name}: precisions must be among {PRECISIONS}, "
+                              f"got {list(self.precisions)}")
         if self.preferred_precision != "auto" and self.preferred_precision not in self.precisions:
-            raise ConfigError(f"profile {self.name}: preferred_precision {self.preferred_precision!r} is not in precisions")
+            raise ConfigError(f"profile {self.name}: preferred_precision {self.preferred_precision!r} "
+                              f"is not in precisions")
         if not isinstance(self.default_threads, int) or self.default_threads < 0:
             raise ConfigError(f"profile {self.name}: default_threads must be >= 0, got {self.default_threads!r}")
 
@@ -150,7 +152,8 @@ def _parse(data: Mapping[str, Any], source: str) -> Profile:
             arch=data["arch"],
             ort_flavour=data["ort_flavour"],
             providers=tuple(
-                ProviderConfig(p["name"], {str(k): str(v) for k, v in (p.get("options") or {}).items()}) for p in providers
+                ProviderConfig(p["name"], {str(k): str(v) for k, v in (p.get("options") or {}).items()})
+                for p in providers
             ),
             session=SessionConfig.from_dict(session),
             precisions=tuple(data.get("precisions") or ("fp32",)),
@@ -168,7 +171,7 @@ def _parse(data: Mapping[str, Any], source: str) -> Profile:
         if source in str(exc):
             raise
         raise ConfigError(f"{source}: {exc}") from exc  # name the file: the dataclasses only know the profile
-    except Exception as exc:  # noqa: BLE001 - dataclass and bundle validation raise several kinds
+    except Exception as exc:
         raise ConfigError(f"{source}: {str(exc).removeprefix('manifest: ')}") from exc
 
 

@@ -172,7 +172,9 @@ class SessionConfig:
             if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 1024:
                 raise BundleFormatError(f"manifest: {key} must be an int in 0..1024, got {n!r}")
         if self.execution_mode not in ("sequential", "parallel"):
-            raise BundleFormatError(f"manifest: execution_mode must be sequential or parallel, got {self.execution_mode!r}")
+            raise BundleFormatError(
+                f"manifest: execution_mode must be sequential or parallel, got {self.execution_mode!r}"
+            )
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.config_entries.items()):
             raise BundleFormatError("manifest: session config_entries must map strings to strings")
 
@@ -261,7 +263,8 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
             raise BundleFormatError(
-                f"manifest: schema_version {self.schema_version!r} is not supported (this edgefleet reads {SCHEMA_VERSION})"
+                f"manifest: schema_version {self.schema_version!r} is not supported "
+                f"(this edgefleet reads {SCHEMA_VERSION})"
             )
         _check_id("name", self.name)
         _check_id("version", self.version, _VERSION_RE)
@@ -389,13 +392,14 @@ def write_bundle(
     files: Mapping[str, str | os.PathLike[str]],
     key: PrivateKey,
 ) -> VerifiedManifest:
-    """Write a signed bundle atomically; ``files`` maps archive names to local paths, ``manifest.files`` is filled in."""
+    """Write a signed bundle atomically; ``files`` maps archive names to local paths; fills in ``manifest.files``."""
     entries: dict[str, FileEntry] = {}
     for arcname in sorted(files):
         _check_relpath("write_bundle", arcname)
         sha, size = _sha256_file(Path(files[arcname]))
         entries[arcname] = FileEntry(sha256=sha, size=size)
-    manifest = replace(manifest, files=entries, created=manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest = replace(manifest, files=entries, created=created)
     raw = canonical_json(manifest.to_dict())
     signatures = [key.sign(raw)]
     out = Path(out_path)
@@ -502,7 +506,9 @@ def read_manifest(path: str | os.PathLike[str], trusted: TrustedKeys) -> Verifie
     return _verify_header(raw, sig, trusted, str(p))
 
 
-def _members(tf: tarfile.TarFile, path: Path, vm: VerifiedManifest, limits: BundleLimits) -> Iterator[tuple[tarfile.TarInfo, FileEntry]]:
+def _members(
+    tf: tarfile.TarFile, path: Path, vm: VerifiedManifest, limits: BundleLimits
+) -> Iterator[tuple[tarfile.TarInfo, FileEntry]]:
     """Yield each payload member after checking its name, type and announced size against the manifest."""
     m = vm.manifest
     if len(m.files) > limits.max_members:
@@ -511,13 +517,16 @@ def _members(tf: tarfile.TarFile, path: Path, vm: VerifiedManifest, limits: Bund
         raise UnsafeArchiveError(f"{path}: {m.total_size} bytes listed, over the cap of {limits.max_total_bytes}")
     big = sorted(n for n, e in m.files.items() if e.size > limits.max_file_bytes)
     if big:
-        raise UnsafeArchiveError(f"{path}: file(s) {', '.join(big)} listed over the per-file cap of {limits.max_file_bytes}")
+        raise UnsafeArchiveError(
+            f"{path}: file(s) {', '.join(big)} listed over the per-file cap of {limits.max_file_bytes}"
+        )
     seen: set[str] = {MANIFEST_NAME, SIGNATURES_NAME}
     while (info := _next(tf, path)) is not None:
         # Name, type and duplicates first, so a hostile member is reported as what it is, not as "one too many".
         name = _check_relpath(f"{path}: member", info.name)
         if not info.isreg() or info.issparse():
-            kind = "symlink" if info.issym() else "hardlink" if info.islnk() else "directory" if info.isdir() else "special file"
+            kind = ("symlink" if info.issym() else "hardlink" if info.islnk() else
+                    "directory" if info.isdir() else "special file")
             raise UnsafeArchiveError(f"{path}: member {name!r} is a {kind}; only regular files are allowed")
         if name in seen:
             raise UnsafeArchiveError(f"{path}: duplicate member {name!r}")
@@ -568,7 +577,8 @@ def verify_bundle(
                 raise BundleFormatError(f"{p}: cannot read member {info.name!r}")
             digest = _copy_hashed(fh, None, info.size, info.name, p)
             if digest != entry.sha256:
-                raise BundleIntegrityError(f"{p}: member {info.name!r} sha256 {digest[:12]}… differs from the manifest's "
+                raise BundleIntegrityError(f"{p}: member {info.name!r} sha256 {digest[:12]}… differs from the "
+                                           f"manifest's "
                                            f"{entry.sha256[:12]}…")
     return vm
 
@@ -639,5 +649,7 @@ def read_installed(
                 raise BundleIntegrityError(f"{d}: {name} is missing or not a regular file")
             digest, size = _sha256_file(f)
             if size != entry.size or digest != entry.sha256:
-                raise BundleIntegrityError(f"{d}: {name} differs from the manifest (size {size}, sha256 {digest[:12]}…)")
+                raise BundleIntegrityError(
+                    f"{d}: {name} differs from the manifest (size {size}, sha256 {digest[:12]}…)"
+                )
     return vm

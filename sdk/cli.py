@@ -17,7 +17,7 @@ import click
 
 from .errors import EdgefleetError, SelfTestError
 
-__all__ = ["main", "cli"]
+__all__ = ["cli", "main"]
 
 # name -> (module, attribute, short help shown by `edgefleet --help` without importing the module)
 _COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -130,7 +130,8 @@ def bundle_inspect(path: Path, trust: tuple[Path, ...], as_json: bool) -> None:
     click.echo(f"{m.name} {m.version}  target={m.target}  precision={m.precision}  signed by {vm.key_id}")
     click.echo(f"digest   {vm.digest}")
     click.echo(f"providers {' > '.join(p.name for p in m.providers)}")
-    click.echo(f"session  {m.session.graph_optimization_level} opt, intra_op={m.session.intra_op_num_threads or 'default'}")
+    threads = m.session.intra_op_num_threads or "default"
+    click.echo(f"session  {m.session.graph_optimization_level} opt, intra_op={threads}")
     for t in m.inputs:
         click.echo(f"input    {t.name}: {t.dtype} {list(t.shape)}")
     for t in m.outputs:

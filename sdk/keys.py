@@ -66,7 +66,9 @@ class PrivateKey:
         return {"alg": "ed25519", "keyid": self.public.key_id, "sig": base64.b64encode(sig).decode("ascii")}
 
 
-def generate_keypair(private_path: str | os.PathLike[str], public_path: str | os.PathLike[str] | None = None) -> PrivateKey:
+def generate_keypair(
+    private_path: str | os.PathLike[str], public_path: str | os.PathLike[str] | None = None
+) -> PrivateKey:
     """Create a new key pair; the private key file is written 0600 and never overwritten."""
     priv_path = Path(private_path)
     if priv_path.exists():

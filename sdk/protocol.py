@@ -118,7 +118,9 @@ def decode(data: bytes | bytearray | str, what: str = "payload") -> dict[str, An
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: must be a JSON object")
     if obj.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"{what}: unsupported version v={obj.get('v')!r} (this edgefleet speaks v={PROTOCOL_VERSION})")
+        raise ProtocolError(
+            f"{what}: unsupported version v={obj.get('v')!r} (this edgefleet speaks v={PROTOCOL_VERSION})"
+        )
     return obj
 
 
@@ -126,7 +128,8 @@ def _req(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], what:
     if key not in obj:
         raise ProtocolError(f"{what}: missing field {key!r}")
     val = obj[key]
-    if not isinstance(val, types) or (isinstance(val, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(val, allowed) or (isinstance(val, bool) and bool not in allowed):
         raise ProtocolError(f"{what}: field {key!r} has type {type(val).__name__}")
     return val
 

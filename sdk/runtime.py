@@ -190,7 +190,7 @@ def _np_dtype(dtype: str) -> np.dtype[Any] | None:
 class _InputCheck:
     """Precomputed per-input checks so validation costs little on the hot path."""
 
-    __slots__ = ("name", "dtype", "rank", "fixed", "spec")
+    __slots__ = ("dtype", "fixed", "name", "rank", "spec")
 
     def __init__(self, spec: TensorSpec) -> None:
         self.spec = spec
@@ -285,7 +285,8 @@ class Model:
                 raise ProviderUnavailableError(msg)
             notes.append(msg)
             requested = [p for p in requested if p.name in info.providers] or [ProviderConfig("CPUExecutionProvider")]
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "edgefleet-cache" / (digest or manifest.name)
+        default_cache = Path(tempfile.gettempdir()) / "edgefleet-cache" / (digest or manifest.name)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache
         providers = [(p.name, _fill_options(p, self.cache_dir)) for p in requested]
         so = make_session_options(manifest.session)
         so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
@@ -296,7 +297,7 @@ class Model:
         t0 = time.perf_counter()
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - ORT raises many types; translate once here
+        except Exception as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "fallback" in text.lower() or "not assigned" in text.lower():
                 raise ProviderFallbackError(f"{providers[0][0]} cannot run the whole model and CPU fallback is "
@@ -359,14 +360,15 @@ class Model:
         t0 = time.perf_counter()
         try:
             outs = self.session.run(self._output_names, inputs)
-        except Exception as exc:  # noqa: BLE001 - translate ORT's errors once
+        except Exception as exc:
             self.recorder.record_error()
-            raise ModelError(f"inference failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"inference failed: {text}") from exc
         ms = (time.perf_counter() - t0) * 1000.0
         if self.first_run_ms is None:
             self.first_run_ms = ms
         self.recorder.record(ms)
-        return dict(zip(self._output_names, outs))
+        return dict(zip(self._output_names, outs, strict=True))
 
     def example_inputs(self, dim_value: int = 1) -> dict[str, np.ndarray]:
         """Inputs for warm-up and benchmarks: the first validation sample, else zeros with symbolic dims set."""
@@ -425,8 +427,8 @@ class Model:
         for inputs, refs in samples:
             try:
                 self.check_inputs(inputs)
-                got = dict(zip(self._output_names, self.session.run(self._output_names, inputs)))
-            except (InputError, Exception) as exc:  # noqa: BLE001 - any failure is a failed self-test
+                got = dict(zip(self._output_names, self.session.run(self._output_names, inputs), strict=True))
+            except (InputError, Exception) as exc:
                 raise SelfTestError(f"self-test could not run: {exc}") from exc
             checks.extend(check_outputs(got, refs, v.tolerances))
         return SelfTestReport(ok=all(c.ok for c in checks), samples=len(samples), checks=checks)

@@ -25,7 +25,7 @@ _MAX_BINS = 4096
 class DDSketch:
     """A DDSketch with relative accuracy ``alpha`` over positive values (latencies in milliseconds)."""
 
-    __slots__ = ("alpha", "_gamma_ln", "_bins", "count", "zero", "sum", "min", "max")
+    __slots__ = ("_bins", "_gamma_ln", "alpha", "count", "max", "min", "sum", "zero")
 
     def __init__(self, alpha: float = 0.01) -> None:
         if not 0.0 < alpha < 1.0:
@@ -188,7 +188,7 @@ class LatencySnapshot:
 class LatencyRecorder:
     """Thread-safe per-model recorder: each inference adds its latency; telemetry takes and resets a window."""
 
-    __slots__ = ("_lock", "_sketch", "_errors", "_alpha", "_since", "total_count", "total_errors")
+    __slots__ = ("_alpha", "_errors", "_lock", "_since", "_sketch", "total_count", "total_errors")
 
     def __init__(self, alpha: float = 0.01, now: float = 0.0) -> None:
         self._lock = threading.Lock()

@@ -40,6 +40,12 @@ def random_inputs(session: Any, batch: int = 1, seed: int = 0) -> dict[str, np.n
     return feed
 
 
+def _spec(arg: Any) -> TensorSpec:
+    """Manifest spec of an ORT NodeArg (unnamed symbolic dims become None)."""
+    shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
+    return TensorSpec(arg.name, dtype_from_ort(arg.type), shape)
+
+
 def build_test_bundle(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -63,19 +69,20 @@ def build_test_bundle(
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     feeds = list(samples) if samples is not None else [random_inputs(sess, seed=s) for s in range(2)]
     out_names = [o.name for o in sess.get_outputs()]
-    pairs = [(dict(f), dict(zip(out_names, sess.run(out_names, dict(f))))) for f in feeds]
+    pairs = [(dict(f), dict(zip(out_names, sess.run(out_names, dict(f)), strict=True))) for f in feeds]
     with tempfile.TemporaryDirectory(prefix="edgefleet-testbundle-") as tmp:
         t = Path(tmp)
         shutil.copyfile(model, t / "model.onnx")
         save_validation(t / "validation.npz", pairs)
         (t / "report.json").write_text(json.dumps(report or {"builder": "edgefleet.sdk.testing"}))
-        files = {"model/model.onnx": t / "model.onnx", "validation.npz": t / "validation.npz", "report.json": t / "report.json"}
+        files = {"model/model.onnx": t / "model.onnx", "validation.npz": t / "validation.npz",
+                 "report.json": t / "report.json"}
         files.update({k: Path(v) for k, v in (extra_files or {}).items()})
         manifest = Manifest(
             name=name, version=version, target=target, precision=precision, model="model/model.onnx",
             providers=tuple(providers), session=session,
-            inputs=tuple(TensorSpec(i.name, dtype_from_ort(i.type), tuple(d if isinstance(d, int) else (d or None) for d in i.shape)) for i in sess.get_inputs()),
-            outputs=tuple(TensorSpec(o.name, dtype_from_ort(o.type), tuple(d if isinstance(d, int) else (d or None) for d in o.shape)) for o in sess.get_outputs()),
+            inputs=tuple(_spec(i) for i in sess.get_inputs()),
+            outputs=tuple(_spec(o) for o in sess.get_outputs()),
             files={}, min_ort_version=min_ort_version,
             validation=ValidationSpec("validation.npz", len(pairs), {n: tolerance for n in out_names}),
             report="report.json",

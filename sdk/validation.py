@@ -44,7 +44,9 @@ def load_validation(path: str | os.PathLike[str]) -> list[Sample]:
         with np.load(Path(path), allow_pickle=False) as data:
             for key in data.files:
                 parts = key.split("/", 2)
-                if len(parts) != 3 or not parts[0].startswith("s") or not parts[0][1:].isdigit() or parts[1] not in ("in", "out"):
+                well_formed = (len(parts) == 3 and parts[0].startswith("s") and parts[0][1:].isdigit()
+                               and parts[1] in ("in", "out"))
+                if not well_formed:
                     raise BundleFormatError(f"{path}: unexpected validation key {key!r}")
                 idx = int(parts[0][1:])
                 sample = samples.setdefault(idx, ({}, {}))

@@ -7,7 +7,6 @@ flags, markers and the providers their ONNX Runtime offers), which is what ``rea
 from __future__ import annotations
 
 import pytest
-
 from edgefleet.devices import load_profiles
 from edgefleet.devices.detect import Host, detect, read_host
 from edgefleet.sdk.runtime import OrtInfo, ort_info

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from edgefleet.devices import PRECISIONS, builtin_dir, get_profile, load_profile, load_profiles
 from edgefleet.sdk.errors import ConfigError
 
@@ -119,14 +118,16 @@ def test_load_profiles_missing_directory_is_config_error(tmp_path: Path) -> None
         (_top('preferred_precision = "fp16"'), "preferred_precision 'fp16'"),
         (MINIMAL.format(name="bad", rank=1).replace('"aarch64"', '"riscv64"'), "arch must be one of"),
         (MINIMAL.format(name="bad", rank=1).replace('ort_flavour = "cpu"', 'ort_flavour = "rocm"'), "ort_flavour"),
-        (MINIMAL.format(name="bad", rank=1).replace('"CPUExecutionProvider"', '"CPU"'), "must end with 'ExecutionProvider'"),
+        (MINIMAL.format(name="bad", rank=1).replace('"CPUExecutionProvider"', '"CPU"'),
+         "must end with 'ExecutionProvider'"),
         (MINIMAL.format(name="bad", rank=1).replace('name = "CPUExecutionProvider"',
                                                     'name = "CPUExecutionProvider"\noption = { a = "1" }'),
          "unknown key(s) ['option'] in provider"),
         (MINIMAL.format(name="bad", rank=1).replace("reduce_range = true", 'weight_type = "int4"'), "weight_type"),
         (MINIMAL.format(name="bad", rank=1).replace("reduce_range = true", "reduce_rang = true"),
          "unknown key(s) ['reduce_rang'] in [quantization]"),
-        (MINIMAL.format(name="bad", rank=1) + '\n[session]\ngraph_optimization_level = "max"\n', "graph_optimization_level"),
+        (MINIMAL.format(name="bad", rank=1) + '\n[session]\ngraph_optimization_level = "max"\n',
+         "graph_optimization_level"),
         (MINIMAL.format(name="bad", rank=1) + '\n[session]\nthreads = 4\n', "unknown session option(s) ['threads']"),
         (MINIMAL.format(name="bad", rank=1).replace('arch = "aarch64"\n', ""), "missing key 'arch'"),
     ],

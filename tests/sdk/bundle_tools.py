@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from edgefleet.sdk.bundle import canonical_json
 from edgefleet.sdk.keys import PrivateKey
 

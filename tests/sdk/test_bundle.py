@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bundle_tools import Member, manifest_of, member, read_members, replace_data, resign, shipped, write_members
-
 from edgefleet.sdk.bundle import (
     BundleLimits,
     Manifest,
@@ -87,13 +86,16 @@ def _silero_samples(n: int = 2) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(7)
     t = np.arange(512, dtype=np.float32) / 16000
     return [
-        {"input": (0.5 * np.sin(2 * np.pi * 220 * (i + 1) * t) + 0.01 * rng.standard_normal(512)).astype(np.float32)[None],
+        {"input": (0.5 * np.sin(2 * np.pi * 220 * (i + 1) * t)
+                   + 0.01 * rng.standard_normal(512)).astype(np.float32)[None],
          "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, dtype=np.int64)}
         for i in range(n)
     ]
 
 
-def test_bundle_roundtrip_runs_with_state_inputs_when_real_silero_vad_model(make_bundle, trusted, tmp_path: Path) -> None:
+def test_bundle_roundtrip_runs_with_state_inputs_when_real_silero_vad_model(
+    make_bundle, trusted, tmp_path: Path
+) -> None:
     path = make_bundle(shipped("silero-vad"), name="silero-vad", samples=_silero_samples())
     vm = verify_bundle(path, trusted)
     specs = {t.name: t for t in vm.manifest.inputs}
@@ -137,7 +139,7 @@ def test_read_installed_refuses_a_file_changed_after_install(mlp_model, make_bun
     data = bytearray((dest / MODEL).read_bytes())
     data[-1] ^= 0xFF
     (dest / MODEL).write_bytes(bytes(data))
-    with pytest.raises(BundleIntegrityError, match="model/model.onnx"):
+    with pytest.raises(BundleIntegrityError, match=r"model/model\.onnx"):
         read_installed(dest, trusted)
     with pytest.raises(BundleIntegrityError):
         Model.open(dest, trusted)
@@ -334,7 +336,8 @@ CASES: dict[str, tuple[Case, type[BundleError], str]] = {
     "truncated_archive": (_truncated_archive, BundleFormatError, "truncated"),
     "truncated_in_header": (_truncated_in_header, BundleFormatError, "manifest.json"),
     "gzipped_tar": (_gzipped_tar, BundleFormatError, "uncompressed tar expected"),
-    "signatures_first": (_signatures_first, BundleFormatError, "'manifest.json' expected here, found 'signatures.json'"),
+    "signatures_first": (_signatures_first, BundleFormatError,
+                         "'manifest.json' expected here, found 'signatures.json'"),
     "payload_first": (_payload_first, BundleFormatError, "'manifest.json' expected here"),
     "not_a_tar": (_not_a_tar, BundleFormatError, "not a bundle"),
     "unknown_manifest_field": (_unknown_manifest_field, BundleFormatError, "unknown field(s) ['evil']"),

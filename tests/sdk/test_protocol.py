@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from edgefleet.sdk import protocol as p
 from edgefleet.sdk.errors import ProtocolError
 from edgefleet.sdk.sketch import DDSketch
@@ -108,7 +107,8 @@ def test_command_generates_unique_ids() -> None:
 def test_reply_roundtrip_ok_and_error() -> None:
     ok = p.parse_reply(p.encode(p.reply("c-1", "dev1", True, result={"installed": "mlp"})))
     assert ok["status"] == "ok" and ok["result"] == {"installed": "mlp"}
-    err = p.parse_reply(p.encode(p.reply("c-1", "dev1", False, code="bundle.signature", message="untrusted", step="verify")))
+    msg = p.reply("c-1", "dev1", False, code="bundle.signature", message="untrusted", step="verify")
+    err = p.parse_reply(p.encode(msg))
     assert err["error"] == {"code": "bundle.signature", "message": "untrusted", "step": "verify"}
 
 
@@ -125,6 +125,11 @@ def _bad(builder_output: dict, **changes: object) -> bytes:
 
 
 _DROP = object()
+
+
+def _cmd(kind: str, args: dict) -> bytes:
+    return json.dumps({"v": 1, "id": "c1", "kind": kind, "args": args}).encode()
+
 _STATUS = p.status("dev1", "online", boot="b")
 _TELEMETRY = p.telemetry("dev1", "b", 1, [_model_entry([1.0])], interval_s=5.0)
 _EVENT = p.event("dev1", "b", 1, "install", "ok")
@@ -155,16 +160,14 @@ _REPLY = p.reply("c-1", "dev1", True)
         (p.parse_event, _bad(_EVENT, kind=_DROP), "missing field 'kind'"),
         (p.parse_event, _bad(_EVENT, data=[]), "event: data"),
         (p.parse_command, json.dumps({"v": 1, "id": "c#1", "kind": "describe", "args": {}}).encode(), "cmd.id"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "reboot", "args": {}}).encode(), "unknown kind 'reboot'"),
+        (p.parse_command, _cmd("reboot", {}), "unknown kind 'reboot'"),
         (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "describe"}).encode(), "missing field 'args'"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "deploy", "args": {"url": "https://x", "size": 1}}).encode(),
+        (p.parse_command, _cmd("deploy", {"url": "https://x", "size": 1}),
          "missing field 'sha256'"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "deploy",
-                                      "args": {"url": "https://x", "sha256": "AB" * 32, "size": 1}}).encode(), "sha256"),
+        (p.parse_command, _cmd("deploy", {"url": "https://x", "sha256": "AB" * 32, "size": 1}), "sha256"),
         (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "deploy",
                                       "args": {"url": "ftp://x", "sha256": SHA, "size": 1}}).encode(), "url must be"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "deploy",
-                                      "args": {"url": "https://x", "sha256": SHA, "size": 0}}).encode(), "size must be > 0"),
+        (p.parse_command, _cmd("deploy", {"url": "https://x", "sha256": SHA, "size": 0}), "size must be > 0"),
         (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "benchmark", "args": {"runs": 0}}).encode(), "runs"),
         (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "configure",
                                       "args": {"telemetry_interval_s": 0}}).encode(), "telemetry_interval_s"),
@@ -207,7 +210,7 @@ def test_decode_counts_bytes_not_characters_for_str_payloads() -> None:
 def test_decode_rejects_nan_and_infinity() -> None:
     for const in ("NaN", "Infinity", "-Infinity"):
         with pytest.raises(ProtocolError, match="not JSON"):
-            p.decode('{"v": 1, "ts": %s}' % const)
+            p.decode(f'{{"v": 1, "ts": {const}}}')
 
 
 def test_encode_refuses_nan() -> None:

@@ -8,7 +8,6 @@ import threading
 
 import numpy as np
 import pytest
-
 from edgefleet.sdk.errors import ProtocolError
 from edgefleet.sdk.sketch import DDSketch, LatencyRecorder
 

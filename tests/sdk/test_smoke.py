@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import numpy as np
-
 from edgefleet.sdk.bundle import extract_bundle, verify_bundle
 from edgefleet.sdk.runtime import Model
 
