@@ -1,0 +1,257 @@
+"""The accuracy gate: every candidate against the FP32 original, per output tensor, at each output's own scale.
+
+One cosine over a whole tensor hides collapse: a detector whose boxes (0-320) and class scores (0-1) share a tensor
+keeps cosine 0.9996 while every class score falls to zero. So each output is judged on its own, and an output of
+rank >= 3 also channel by channel (axis 1): a channel whose reference carries signal must keep its direction
+(channel cosine) and its energy (norm ratio within [1/2, 2]), or it counts as collapsed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+from edgefleet.sdk.errors import ConfigError
+
+__all__ = ["Budget", "CandidateAccuracy", "OutputMetrics", "evaluate", "is_classifier_output", "parse_budget"]
+
+_METRICS = {"cosine": "min_cosine", "top1": "min_top1", "channel_cosine": "min_channel_cosine",
+            "max_abs": "max_abs", "max_rel": "max_rel", "mean_rel": "mean_rel"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a candidate must keep, per output; ``per_output`` overrides by output name.
+
+    Defaults: cosine >= 0.99 per output, no collapsed channel, top-1 agreement >= 99% on classifier outputs. Absolute
+    and relative error limits are off unless asked for (``max_rel`` is relative to the output's largest magnitude).
+    """
+
+    min_cosine: float = 0.99
+    min_top1: float = 0.99
+    min_channel_cosine: float = 0.9
+    max_abs: float | None = None
+    max_rel: float | None = None
+    mean_rel: float | None = None
+    per_output: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for f in ("min_cosine", "min_top1", "min_channel_cosine"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or not -1.0 <= v <= 1.0:
+                raise ConfigError(f"accuracy budget {f} must be in [-1, 1], got {v!r}")
+        for f in ("max_abs", "max_rel", "mean_rel"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, (int, float)) or v < 0):
+                raise ConfigError(f"accuracy budget {f} must be >= 0, got {v!r}")
+
+    def for_output(self, name: str) -> Budget:
+        """The budget that applies to one output (its overrides merged in)."""
+        over = self.per_output.get(name)
+        return replace(self, per_output={}, **over) if over else self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        d = asdict(self)
+        d["per_output"] = {k: dict(v) for k, v in self.per_output.items()}
+        return d
+
+
+def parse_budget(items: Sequence[str], base: Budget | None = None) -> Budget:
+    """Parse ``METRIC=VALUE`` or ``OUTPUT:METRIC=VALUE`` items (metrics: cosine, top1, channel_cosine, max_abs,
+    max_rel, mean_rel) into a Budget; unknown metrics and bad numbers are ConfigErrors."""
+    budget = base or Budget()
+    glob: dict[str, float] = {}
+    per: dict[str, dict[str, float]] = {k: dict(v) for k, v in budget.per_output.items()}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"accuracy budget {item!r}: expected METRIC=VALUE, e.g. cosine=0.995")
+        output, _, metric = key.strip().rpartition(":")
+        if metric not in _METRICS:
+            raise ConfigError(f"accuracy budget {item!r}: unknown metric {metric!r}; known: {', '.join(_METRICS)}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ConfigError(f"accuracy budget {item!r}: {value!r} is not a number") from None
+        if not math.isfinite(v):
+            raise ConfigError(f"accuracy budget {item!r}: value must be finite")
+        if output:
+            per.setdefault(output, {})[_METRICS[metric]] = v
+        else:
+            glob[_METRICS[metric]] = v
+    return replace(budget, **glob, per_output=per)
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    """How one output of a candidate compares with the FP32 original over all validation samples."""
+
+    name: str
+    cosine: float
+    min_sample_cosine: float
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    scale: float
+    top1: float | None = None
+    worst_channel: int | None = None
+    worst_channel_cosine: float | None = None
+    collapsed_channels: tuple[int, ...] = ()
+    failures: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when the output is within its budget."""
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (floats rounded for reading)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = float(f"{v:.6g}")
+        d["collapsed_channels"] = list(self.collapsed_channels)
+        d["failures"] = list(self.failures)
+        return d
+
+    def summary(self) -> str:
+        """One short line of the numbers that matter."""
+        parts = [f"cos {self.cosine:.5f}", f"max_abs {self.max_abs:.3g}", f"max_rel {self.max_rel:.3g}"]
+        if self.top1 is not None:
+            parts.append(f"top1 {self.top1:.1%}")
+        if self.worst_channel_cosine is not None:
+            parts.append(f"worst ch{self.worst_channel} cos {self.worst_channel_cosine:.4f}")
+        if self.collapsed_channels:
+            parts.append(f"{len(self.collapsed_channels)} collapsed channel(s)")
+        return f"{self.name}: " + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class CandidateAccuracy:
+    """All outputs of one candidate."""
+
+    outputs: tuple[OutputMetrics, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every output is within budget."""
+        return all(o.ok for o in self.outputs)
+
+    @property
+    def failures(self) -> list[str]:
+        """Every broken limit, prefixed with its output."""
+        return [f"{o.name}: {f}" for o in self.outputs for f in o.failures]
+
+    def worst_cosine(self) -> float:
+        """Lowest output cosine (a single number to rank candidates by)."""
+        return min(o.cosine for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"ok": self.ok, "outputs": [o.to_dict() for o in self.outputs], "failures": self.failures}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def is_classifier_output(ref: np.ndarray) -> bool:
+    """A ``(batch, classes)`` float output with at least two classes: top-1 agreement applies."""
+    return ref.ndim == 2 and ref.shape[1] >= 2 and ref.dtype.kind == "f"
+
+
+def _channels(got: list[np.ndarray], ref: list[np.ndarray]) -> tuple[int | None, float | None, tuple[int, ...], int]:
+    """Per channel (axis 1) cosine and norm ratio over all samples; returns worst channel, its cosine, collapsed
+    channels (cosine below 0.5 of the budget's meaning is judged later), and channel count."""
+    c = ref[0].shape[1]
+    g = np.concatenate([np.moveaxis(x, 1, 0).reshape(c, -1) for x in got], axis=1).astype(np.float64)
+    r = np.concatenate([np.moveaxis(x, 1, 0).reshape(c, -1) for x in ref], axis=1).astype(np.float64)
+    worst, worst_cos = None, None
+    collapsed = []
+    for ch in range(c):
+        rn = float(np.linalg.norm(r[ch]))
+        if rn == 0.0 or not np.any(np.abs(r[ch] - r[ch].mean()) > 0):
+            continue  # a constant reference channel carries no signal to lose
+        cos = _cos(g[ch], r[ch])
+        ratio = float(np.linalg.norm(g[ch])) / rn
+        if worst_cos is None or cos < worst_cos:
+            worst, worst_cos = ch, cos
+        if not 0.5 <= ratio <= 2.0:
+            collapsed.append(ch)
+    return worst, worst_cos, tuple(collapsed), c
+
+
+def evaluate(
+    got: Sequence[Mapping[str, np.ndarray]], ref: Sequence[Mapping[str, np.ndarray]], budget: Budget,
+    classifier_outputs: Sequence[str] | None = None,
+) -> CandidateAccuracy:
+    """Compare a candidate's outputs with the original's over the same samples, output by output."""
+    if len(got) != len(ref) or not ref:
+        raise ValueError(f"need the same non-zero number of samples, got {len(got)} and {len(ref)}")
+    results = []
+    for name in ref[0]:
+        b = budget.for_output(name)
+        rs = [np.asarray(r[name]) for r in ref]
+        gs = [np.asarray(g[name]) for g in got]
+        if rs[0].dtype.kind not in "fc":
+            same = all(np.array_equal(x, y) for x, y in zip(gs, rs, strict=True))
+            results.append(OutputMetrics(name, 1.0 if same else 0.0, 1.0 if same else 0.0, 0.0 if same else math.inf,
+                                         0.0, 0.0, 0.0, 0.0, failures=() if same else ("non-float output differs",)))
+            continue
+        if any(x.shape != y.shape for x, y in zip(gs, rs, strict=True)):
+            results.append(OutputMetrics(name, 0.0, 0.0, math.inf, math.inf, math.inf, math.inf, 0.0,
+                                         failures=("shape differs from the original",)))
+            continue
+        a = np.concatenate([x.astype(np.float64).ravel() for x in gs])
+        r = np.concatenate([x.astype(np.float64).ravel() for x in rs])
+        failures: list[str] = []
+        if not np.all(np.isfinite(a)):
+            failures.append("NaN or Inf in output")
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        diff = np.abs(a - r)
+        scale = float(np.max(np.abs(r))) if r.size else 0.0
+        mean_ref = float(np.mean(np.abs(r))) if r.size else 0.0
+        max_abs = float(diff.max()) if diff.size else 0.0
+        mean_abs = float(diff.mean()) if diff.size else 0.0
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+        mean_rel = mean_abs / mean_ref if mean_ref > 0 else (0.0 if mean_abs == 0 else math.inf)
+        cosine = _cos(a, r)
+        min_sample = min(_cos(x.astype(np.float64).ravel(), y.astype(np.float64).ravel()) for x, y in zip(gs, rs, strict=True))
+        top1 = None
+        classifier = name in classifier_outputs if classifier_outputs is not None else is_classifier_output(rs[0])
+        if classifier and rs[0].ndim >= 2:
+            gi = np.concatenate([np.argmax(x.reshape(-1, x.shape[-1]), axis=-1) for x in gs])
+            ri = np.concatenate([np.argmax(y.reshape(-1, y.shape[-1]), axis=-1) for y in rs])
+            top1 = float(np.mean(gi == ri))
+        worst = worst_cos = None
+        collapsed: tuple[int, ...] = ()
+        if rs[0].ndim >= 3 and rs[0].shape[1] > 1:
+            worst, worst_cos, collapsed, _ = _channels(gs, rs)
+            if worst_cos is not None and worst_cos < b.min_channel_cosine:
+                low = sorted({worst, *collapsed} - {None})  # type: ignore[arg-type]
+                failures.append(f"channel {worst} cosine {worst_cos:.4f} < {b.min_channel_cosine} (channels {low})")
+            if collapsed:
+                failures.append(f"channel(s) {list(collapsed)[:8]} collapsed (norm ratio outside [0.5, 2])")
+        if cosine < b.min_cosine:
+            failures.append(f"cosine {cosine:.5f} < {b.min_cosine}")
+        if top1 is not None and top1 < b.min_top1:
+            failures.append(f"top-1 agreement {top1:.1%} < {b.min_top1:.1%}")
+        if b.max_abs is not None and max_abs > b.max_abs:
+            failures.append(f"max abs error {max_abs:.4g} > {b.max_abs}")
+        if b.max_rel is not None and max_rel > b.max_rel:
+            failures.append(f"max rel error {max_rel:.4g} > {b.max_rel}")
+        if b.mean_rel is not None and mean_rel > b.mean_rel:
+            failures.append(f"mean rel error {mean_rel:.4g} > {b.mean_rel}")
+        results.append(OutputMetrics(name, cosine, min_sample, max_abs, mean_abs, max_rel, mean_rel, scale, top1,
+                                     worst, worst_cos, collapsed, tuple(failures)))
+    return CandidateAccuracy(tuple(results))

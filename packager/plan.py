@@ -1,0 +1,276 @@
+"""What to try for a target: facts about the model, the offline optimization level, and the candidate list.
+
+The candidates come from the profile's ``precisions`` (its order is the expected speed order on that device) and
+its ``[quantization]`` preset; the model decides between dynamic INT8 (weights mostly in MatMul) and static QDQ
+(convolutions), and whether transformer fusion applies.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgefleet.devices.profile import Profile
+from edgefleet.sdk.bundle import TensorSpec
+from edgefleet.sdk.errors import ConfigError
+
+__all__ = ["Candidate", "ModelFacts", "candidates_for", "inspect_model", "offline_level", "precision_choices"]
+
+CPU = "CPUExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+COREML = "CoreMLExecutionProvider"
+
+precision_choices = ("auto", "fp32", "fp16", "bf16", "f16", "int8")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the packager needs to know about a model to plan for it."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int
+    ops: dict[str, int]
+    matmul_share: float
+    conv_share: float
+    transformer: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        top = dict(sorted(self.ops.items(), key=lambda kv: -kv[1])[:12])
+        return {"opset": self.opset, "top_ops": top, "matmul_weight_share": round(self.matmul_share, 3),
+                "conv_weight_share": round(self.conv_share, 3), "transformer": self.transformer,
+                "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.inputs],
+                "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.outputs]}
+
+
+def _dims(vi: Any) -> tuple[int | str | None, ...]:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return ()
+    out: list[int | str | None] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs and outputs of a model as ORT reports them (initializers that are also inputs excluded)."""
+    import onnxruntime as ort
+    from edgefleet.sdk.runtime import dtype_from_ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=[CPU])
+
+    def spec(a: Any) -> TensorSpec:
+        return TensorSpec(a.name, dtype_from_ort(a.type), tuple(d if isinstance(d, int) else (d or None) for d in a.shape))
+
+    return tuple(spec(i) for i in sess.get_inputs()), tuple(spec(o) for o in sess.get_outputs())
+
+
+def inspect_model(path: Path) -> ModelFacts:
+    """Op counts, where the weights are (MatMul/Gemm vs Conv) and whether it looks like a transformer."""
+    import numpy as np
+    import onnx
+
+    m = onnx.load(str(path))
+    g = m.graph
+    ops = Counter(n.op_type for n in g.node)
+    sizes = {i.name: int(np.prod(i.dims)) if i.dims else 1 for i in g.initializer}
+    for n in g.node:  # Constant nodes carry weights too (common in exported models)
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.t.dims:
+                    sizes[n.output[0]] = int(np.prod(a.t.dims))
+    mm = conv = 0
+    attention_matmul = 0
+    for n in g.node:
+        w = sum(sizes.get(i, 0) for i in n.input)
+        if n.op_type in ("MatMul", "Gemm", "Attention", "MultiHeadAttention"):
+            mm += w
+            if n.op_type == "MatMul" and all(i not in sizes for i in n.input[:2]):
+                attention_matmul += 1
+        elif n.op_type in ("Conv", "ConvTranspose"):
+            conv += w
+    total = max(mm + conv, 1)
+    layer_norm = ops.get("LayerNormalization", 0) + ops.get("SkipLayerNormalization", 0) + (
+        1 if ops.get("ReduceMean", 0) >= 2 and ops.get("Sqrt", 0) >= 1 else 0)
+    transformer = bool(ops.get("Attention", 0) or (attention_matmul >= 2 and ops.get("Softmax", 0) >= 1 and layer_norm))
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    inputs, outputs = io_specs(path)
+    return ModelFacts(inputs, outputs, opset, dict(ops), mm / total, conv / total, transformer)
+
+
+def offline_level(profile: Profile, host_cpu_profile: str | None) -> tuple[str, str]:
+    """The ORT optimization level whose result may be saved into this target's bundle, and why.
+
+    Layout-level ("all") results hold NCHWc kernels blocked for the build host's vector width: valid only for the
+    CPU EP of the same ISA class. Other EPs get "basic" (EP-independent rewrites): extended fusions emit
+    com.microsoft ops that OpenVINO, TensorRT and CoreML do not take, which would split the graph back onto the CPU EP.
+    """
+    level = profile.session.graph_optimization_level
+    if profile.primary_provider != CPU:
+        return "basic", (f"{profile.primary_provider} compiles the graph itself; only EP-independent (basic) rewrites "
+                         f"are saved, the device applies the rest")
+    if level in ("all", "layout"):
+        if host_cpu_profile == profile.name:
+            return level, f"this host is a {profile.name} machine (same ISA class): layout-level results are valid there"
+        return "extended", (f"layout-level results are tied to the build host's ISA ({host_cpu_profile or 'unknown'}), "
+                            f"not {profile.name}'s; saved at extended, the device's session applies '{level}' at load")
+    return level, f"the profile's level ({level})"
+
+
+@dataclass
+class Candidate:
+    """One way to build the bundle for a target: extra steps after the base, provider option overrides, and the
+    steps that make a CPU-EP stand-in for accuracy when the target's EP cannot run here."""
+
+    name: str
+    precision: str
+    steps: list[tuple[str, dict[str, Any]]]
+    provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    proxy_steps: list[tuple[str, dict[str, Any]]] | None = None
+    proxy_possible: bool = True
+    why: str = ""
+    int8: str = ""  # "static" | "dynamic" | ""
+
+
+def _ov_hint(profile: Profile, precision: str) -> dict[str, dict[str, str]]:
+    import json
+
+    ov = profile.extra.get("openvino", {})
+    hints = dict(ov.get("precision_hints") or {"fp32": "f32"})
+    device = str(ov.get("device") or next((p.options.get("device_type") for p in profile.providers
+                                           if p.name == OPENVINO), "CPU") or "CPU")
+    hint = hints.get(precision)
+    if hint is None:
+        raise ConfigError(f"profile {profile.name} has no OpenVINO precision hint for {precision!r} "
+                          f"(has {sorted(hints)})")
+    # load_config takes a JSON *string* in onnxruntime-openvino 1.24 (a file path is a JSON parse error, and the EP
+    # then silently fails to register); the EP's own precision=FP16 is rejected on the CPU device.
+    return {OPENVINO: {"load_config": json.dumps({device: {"INFERENCE_PRECISION_HINT": hint}}, sort_keys=True)}}
+
+
+def candidates_for(
+    profile: Profile, facts: ModelFacts, precision: str, have_calibration: bool, opt_level: str,
+) -> tuple[list[Candidate], list[str]]:
+    """Candidates in expected-fastest-first order for ``precision`` (``auto`` = every precision the profile lists),
+    and notes on what was skipped and why."""
+    if precision not in precision_choices:
+        raise ConfigError(f"precision must be one of {precision_choices}, got {precision!r}")
+    primary = profile.primary_provider
+    wanted: Sequence[str]
+    if precision == "auto":
+        wanted = profile.precisions
+    else:
+        alias = {"fp16": "f16"} if primary == OPENVINO else {}
+        p = alias.get(precision, precision)
+        if p not in profile.precisions:
+            raise ConfigError(f"target {profile.name} does not support precision {precision!r} "
+                              f"(it supports {', '.join(profile.precisions)})")
+        wanted = [p]
+    q = profile.quantization
+    post_opt = [("optimize", {"level": opt_level})] if primary == CPU else []
+    needs_upgrade = q.per_channel and facts.opset < 13
+    upgrade = [("upgrade_opset", {"opset": 13})] if needs_upgrade else []
+    notes: list[str] = []
+    out: list[Candidate] = []
+    for p in wanted:
+        if p == "int8":
+            static = Candidate(
+                "int8-static", "int8",
+                [*upgrade, ("quantize_static", {
+                    "format": q.format, "activation_type": q.activation_type, "weight_type": q.weight_type,
+                    "per_channel": q.per_channel, "reduce_range": q.reduce_range, "method": q.calibration_method,
+                    "symmetric_activations": primary == TENSORRT,
+                })], why=f"static {q.format.upper()} {q.activation_type}/{q.weight_type} "
+                         f"{'per-channel ' if q.per_channel else ''}{q.calibration_method}"
+                         f"{' reduce_range' if q.reduce_range else ''}: {q.reason}".rstrip(": "),
+                int8="static")
+            dynamic = Candidate(
+                "int8-dynamic", "int8",
+                [("quantize_dynamic", {"weight_type": q.weight_type, "reduce_range": q.reduce_range})],
+                why="dynamic INT8 on MatMul weights (activations quantized at run time)", int8="dynamic")
+            order: list[Candidate] = []
+            if primary == CPU:
+                if facts.matmul_share >= 0.5:
+                    order = [dynamic, static]
+                elif facts.matmul_share >= 0.2:
+                    order = [static, dynamic]
+                else:
+                    order = [static]
+                    notes.append(f"int8-dynamic skipped: only {facts.matmul_share:.0%} of the weights are in MatMul "
+                                 f"(dynamic INT8 would leave the convolutions in FP32)")
+            else:
+                order = [static]  # QDQ is what OpenVINO and TensorRT turn into their own INT8 kernels
+            for c in order:
+                if c.int8 == "static" and not have_calibration:
+                    if precision == "int8":
+                        raise ConfigError(f"static INT8 for {profile.name} needs calibration data (--calibration)")
+                    notes.append("int8-static skipped: no calibration data (--calibration)")
+                    continue
+                c.steps = [*c.steps, *post_opt]
+                if primary == TENSORRT:
+                    c.provider_options = {TENSORRT: {"trt_fp16_enable": "True"}}
+                    c.why += "; explicit QDQ INT8 on TensorRT, FP16 for the layers left in float"
+                if primary == OPENVINO:
+                    c.provider_options = _ov_hint(profile, "fp32")
+                out.append(c)
+        elif p == "fp32":
+            opts: dict[str, dict[str, str]] = {}
+            if primary == OPENVINO:
+                opts = _ov_hint(profile, "fp32")
+            elif primary == TENSORRT:
+                opts = {TENSORRT: {"trt_fp16_enable": "False"}}
+            out.append(Candidate("fp32", "fp32", list(post_opt), opts, why="FP32: the original precision"))
+        elif p in ("bf16", "f16") and primary == OPENVINO:
+            out.append(Candidate(f"{p}", p, [], _ov_hint(profile, p), proxy_possible=False,
+                                 why=f"OpenVINO inference precision hint {p} through load_config (weights stay FP32)"))
+        elif p == "fp16":
+            if primary == TENSORRT:
+                out.append(Candidate("fp16", "fp16", [], {TENSORRT: {"trt_fp16_enable": "True"}},
+                                     proxy_steps=[("fp16", {"keep_io_types": True})],
+                                     why="TensorRT FP16 by builder flag (trt_fp16_enable) on FP32 weights: TensorRT "
+                                         "picks per layer, no weight conversion"))
+            else:
+                out.append(Candidate("fp16", "fp16", [("fp16", {"keep_io_types": True})],
+                                     why=f"FP16 weights and compute with FP32 inputs/outputs kept, for {primary}"))
+        else:
+            notes.append(f"precision {p} is not built for {primary}")
+    if not out:
+        raise ConfigError(f"no candidate to build for {profile.name} with precision {precision}: {'; '.join(notes)}")
+    return out, notes
+
+
+def trt_shape_options(inputs: Sequence[TensorSpec], sample: dict[str, Any], max_batch: int) -> dict[str, str]:
+    """TensorRT optimization-profile options for inputs with symbolic dims (otherwise TRT rebuilds per shape).
+
+    opt = the validation sample's shape; min/max = 1 and ``max_batch`` on a symbolic dim 0 (batch), the sample's
+    value on other symbolic dims (a model with free spatial dims gets one fixed-size profile; say so if that matters).
+    """
+    mins, opts, maxs = [], [], []
+    for t in inputs:
+        if all(isinstance(d, int) for d in t.shape) or not t.shape:
+            continue
+        shape = list(sample[t.name].shape)
+        lo = [1 if (i == 0 and not isinstance(d, int)) else s for i, (d, s) in enumerate(zip(t.shape, shape, strict=True))]
+        hi = [max(max_batch, s) if (i == 0 and not isinstance(d, int)) else s
+              for i, (d, s) in enumerate(zip(t.shape, shape, strict=True))]
+        mins.append(f"{t.name}:{'x'.join(map(str, lo))}")
+        opts.append(f"{t.name}:{'x'.join(map(str, shape))}")
+        maxs.append(f"{t.name}:{'x'.join(map(str, hi))}")
+    if not opts:
+        return {}
+    return {"trt_profile_min_shapes": ",".join(mins), "trt_profile_opt_shapes": ",".join(opts),
+            "trt_profile_max_shapes": ",".join(maxs)}
