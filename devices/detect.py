@@ -51,7 +51,7 @@ def _read(path: str) -> str:
 
 
 def _cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = "", set()
+    model, flags = "", set[str]()
     for line in _read("/proc/cpuinfo").splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()

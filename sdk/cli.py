@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -173,4 +172,4 @@ def bundle_verify(path: Path, trust: tuple[Path, ...], run_selftest: bool, allow
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
