@@ -1,0 +1,146 @@
+"""One controller process: store + MQTT ingest + deployments + HTTP, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from edgefleet.sdk.keys import TrustedKeys
+from edgefleet.sdk.protocol import check_id
+
+from ._mqtt import publish_command
+from .deploy import BundleLibrary, Deployer
+from .http import make_app
+from .ingest import Ingestor
+from .store import Store, open_store
+
+__all__ = ["Controller", "ControllerConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ControllerConfig:
+    """Everything ``edgefleet fleet serve`` takes."""
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    db: str = "edgefleet-fleet.db"
+    fleet: str = "default"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    bundles_dir: Path = Path("edgefleet-bundles")
+    trust: list[Path] = field(default_factory=list)
+    client_id: str = ""
+    share_group: str = "edgefleet"
+    public_url: str = ""  # how agents reach this controller's /bundles (default: http://HOST:PORT)
+
+    def __post_init__(self) -> None:
+        check_id("fleet", self.fleet)
+        if not self.client_id:
+            # Stable per host and db so a restarted controller resumes its persistent session (queued messages).
+            self.client_id = f"edgefleet-ctl-{socket.gethostname()}-{abs(hash(os.path.abspath(self.db))) % 10**8}"[:64]
+            self.client_id = "".join(c if c.isalnum() or c in "_.-" else "-" for c in self.client_id)
+
+
+class Controller:
+    """Runs a controller; ``start()``/``stop()`` from a thread or ``serve_forever()`` from the CLI."""
+
+    def __init__(self, config: ControllerConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.port = config.http_port
+        self.store = store or open_store(config.db)
+        trusted = TrustedKeys.from_paths(config.trust) if config.trust else TrustedKeys()
+        self.library = BundleLibrary(config.bundles_dir, trusted)
+        self.ingest = Ingestor(self.store, broker=config.broker, fleet=config.fleet, client_id=config.client_id,
+                               share_group=config.share_group)
+        self.deployer = Deployer(self.store, config.fleet, self.library, self._publish, self.public_url)
+        self.app = make_app(self.store, config.fleet, self.deployer, self.ingest)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def public_url(self) -> str:
+        """Base URL agents download bundles from."""
+        c = self.config
+        return (c.public_url or f"http://{c.http_host}:{self.port}").rstrip("/")
+
+    @property
+    def url(self) -> str:
+        """Base URL of the HTTP API."""
+        return f"http://{self.config.http_host}:{self.port}"
+
+    def _publish(self, device: str, cmd: dict[str, Any]) -> None:
+        publish_command(self.ingest.client, self.config.fleet, device, cmd)
+
+    async def _start_http(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.http_host, self.config.http_port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        self.deployer.public_url = self.public_url
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        """Start ingest and the HTTP server in a background thread (port 0 picks a free port)."""
+        self.ingest.start(timeout_s)
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._start_http())
+            except BaseException as exc:  # noqa: BLE001 - reported to start() below
+                self._error = exc
+                self._started.set()
+                return
+            self._started.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="controller-http", daemon=True)
+        self._thread.start()
+        self._started.wait(timeout_s)
+        if self._error is not None:
+            self.ingest.stop()
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop rollouts, HTTP and ingest (flushing what was received)."""
+        self.deployer.stop()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        self.ingest.stop()
+        self.store.close()
+
+    def serve_forever(self) -> None:
+        """Run until interrupted (Ctrl-C / SIGTERM)."""
+        import signal
+
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        self.start()
+        log.warning("controller %s: fleet %s, broker %s, http %s", self.config.client_id, self.config.fleet,
+                    self.config.broker, self.url)
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()

@@ -1,0 +1,462 @@
+"""The controller's HTTP side (aiohttp): dashboard, JSON REST API, server-sent events, /metrics, bundle downloads.
+
+Every read goes to the store (never to state kept by this process), so with several controllers behind a load
+balancer each page shows the whole fleet. Store calls are blocking SQLite calls and run in a thread. Bad input is a
+4xx with a JSON body ``{"error": "<one line>"}``. See docs/api.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from edgefleet.sdk.errors import BundleError, EdgefleetError, InputError
+from edgefleet.sdk.sketch import DDSketch
+
+from .deploy import Deployer, RolloutPolicy, Selector
+from .ingest import Ingestor
+from .store import Store
+
+__all__ = ["MAX_UPLOAD", "make_app", "metrics_text"]
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD = 4 << 30  # bundles are model files: large, but not unbounded
+_SSE_MAX_ROWS = 2000  # above this many changed devices per tick, SSE says "refresh" instead of sending rows
+
+StoreKey = web.AppKey("store", Store)
+FleetKey = web.AppKey("fleet", str)
+DeployerKey = web.AppKey("deployer", Deployer)
+IngestKey = web.AppKey("ingest", Ingestor)
+HubKey = web.AppKey("hub", "_Hub")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":"), default=str))
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except (InputError, BundleError) as exc:
+        return _error(400 if isinstance(exc, InputError) else 422, str(exc).splitlines()[0])
+    except EdgefleetError as exc:
+        return _error(400, str(exc).splitlines()[0])
+
+
+def _num(request: web.Request, key: str, default: float, lo: float = -math.inf, hi: float = math.inf) -> float:
+    raw = request.query.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        val = float(raw)
+    except ValueError:
+        raise InputError(f"query parameter {key} must be a number, got {raw[:40]!r}") from None
+    if not lo <= val <= hi or math.isnan(val):
+        raise InputError(f"query parameter {key} must be in [{lo:g}, {hi:g}], got {raw[:40]!r}")
+    return val
+
+
+async def _run(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    return await asyncio.to_thread(fn, *args, **kw)
+
+
+def _pcts(sk: DDSketch) -> dict[str, float | None]:
+    return {"p50": sk.quantile(0.5), "p95": sk.quantile(0.95), "p99": sk.quantile(0.99), "mean": sk.mean}
+
+
+# -- REST -----------------------------------------------------------------------------------------------------------
+
+async def index(request: web.Request) -> web.FileResponse:
+    """The dashboard page."""
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def api_devices(request: web.Request) -> web.Response:
+    """Every known device with status and latest window per model."""
+    since = _num(request, "changed_since", 0.0, 0.0)
+    now = time.time()
+    devices = await _run(request.app[StoreKey].devices, request.app[FleetKey], since)
+    return _json({"fleet": request.app[FleetKey], "now": now, "devices": devices})
+
+
+async def api_device(request: web.Request) -> web.Response:
+    """One device."""
+    dev = await _run(request.app[StoreKey].device, request.app[FleetKey], request.match_info["device"])
+    if dev is None:
+        return _error(404, f"no device {request.match_info['device'][:64]!r}")
+    return _json(dev)
+
+
+async def api_telemetry(request: web.Request) -> web.Response:
+    """Telemetry windows in a time range (device timestamps, seconds since the epoch)."""
+    now = time.time()
+    since = _num(request, "since", now - 3600, 0.0)
+    until = _num(request, "until", math.inf, 0.0)
+    if until < since:
+        raise InputError(f"until ({until:g}) is before since ({since:g})")
+    limit = int(_num(request, "limit", 5000, 1, 100_000))
+    device = request.match_info.get("device") or request.query.get("device")
+    rows = await _run(request.app[StoreKey].windows, request.app[FleetKey], device, since, until,
+                      request.query.get("name"), request.query.get("version"), limit)
+    return _json({"since": since, "until": None if math.isinf(until) else until, "windows": rows})
+
+
+async def api_versions(request: web.Request) -> web.Response:
+    """Fleet-wide p50/p95/p99 per (model, version) from merged sketches over the last ``window`` seconds."""
+    window = _num(request, "window", 900.0, 60.0, 30 * 86400.0)
+    stats = await _run(request.app[StoreKey].version_stats, request.app[FleetKey], time.time() - window)
+    return _json({"window_s": window, "versions": [
+        {"name": s["name"], "version": s["version"], "count": s["count"], "errors": s["errors"], **_pcts(s["sketch"])}
+        for s in stats]})
+
+
+async def api_events(request: web.Request) -> web.Response:
+    """Recent events (``since`` is the controller's receive time)."""
+    since = _num(request, "since", 0.0, 0.0)
+    rows = await _run(request.app[StoreKey].events, request.app[FleetKey], request.query.get("device"), since,
+                      int(_num(request, "limit", 200, 1, 5000)))
+    return _json({"events": rows})
+
+
+async def api_ingest(request: web.Request) -> web.Response:
+    """This controller's ingest counters and the store's row counts."""
+    ing = request.app[IngestKey]
+    counts = await _run(request.app[StoreKey].counts, request.app[FleetKey])
+    return _json({"client_id": ing.client_id, "connected": ing.connected, "backlog": ing.backlog,
+                  **ing.stats.snapshot(), "store": counts})
+
+
+async def api_deployments(request: web.Request) -> web.Response:
+    """Deployments, newest first."""
+    limit = int(_num(request, "limit", 100, 1, 10_000))
+    return _json({"deployments": await _run(request.app[StoreKey].deployments, request.app[FleetKey], limit)})
+
+
+async def api_deployment(request: web.Request) -> web.Response:
+    """One deployment with every target."""
+    dep = await _run(request.app[StoreKey].deployment, request.match_info["id"])
+    if dep is None or dep["fleet"] != request.app[FleetKey]:
+        return _error(404, f"no deployment {request.match_info['id'][:64]!r}")
+    return _json(dep)
+
+
+async def _body_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeError) as exc:
+        raise InputError(f"request body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InputError("request body must be a JSON object")
+    return body
+
+
+async def api_create_deployment(request: web.Request) -> web.Response:
+    """Create a deployment: ``{"bundles": [sha256...], "to": [selector...], "canary": pct, ...}``."""
+    body = await _body_json(request)
+    bundles = body.get("bundles")
+    to = body.get("to")
+    if not isinstance(bundles, list) or not all(isinstance(b, str) for b in bundles) or not bundles:
+        raise InputError("bundles must be a non-empty list of bundle sha256 ids (upload with POST /api/bundles)")
+    if isinstance(to, str):
+        to = [to]
+    if not isinstance(to, list) or not all(isinstance(t, str) for t in to):
+        raise InputError("to must be a selector string or a list of them")
+    kw: dict[str, Any] = {}
+    for key, field, typ in (("canary", "canary_pct", float), ("max_p95_regression", "max_p95_regression", float),
+                            ("max_error_increase", "max_error_increase", float), ("observe_s", "observe_s", float),
+                            ("min_samples", "min_samples", int), ("install_timeout_s", "install_timeout_s", float),
+                            ("baseline_s", "baseline_s", float)):
+        if key in body:
+            val = body[key]
+            if isinstance(val, bool) or not isinstance(val, (int, float)):
+                raise InputError(f"{key} must be a number, got {val!r}")
+            kw[field] = typ(val)
+    policy = RolloutPolicy(**kw)
+    selector = Selector.parse(to)
+    dep = await _run(request.app[DeployerKey].create, bundles, selector, policy)
+    request.app[HubKey].poke()
+    return _json(dep, 201)
+
+
+async def api_rollback(request: web.Request) -> web.Response:
+    """Roll back a deployment's active devices (optionally only ``{"devices": [...]}``)."""
+    body = await _body_json(request) if request.can_read_body else {}
+    devices = body.get("devices")
+    if devices is not None and (not isinstance(devices, list) or not all(isinstance(d, str) for d in devices)):
+        raise InputError("devices must be a list of device ids")
+    sent = await _run(request.app[DeployerKey].rollback, request.match_info["id"], devices)
+    return _json({"deployment": request.match_info["id"], "rollback_sent": sent})
+
+
+async def api_upload_bundle(request: web.Request) -> web.Response:
+    """Upload a bundle (raw body); it is verified with the controller's trusted keys before it is kept."""
+    library = request.app[DeployerKey].library
+    if request.content_length is not None and request.content_length > MAX_UPLOAD:
+        return _error(413, f"bundle of {request.content_length} bytes is over the {MAX_UPLOAD}-byte limit")
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".efb", dir=library.root)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if size > MAX_UPLOAD:
+                    return _error(413, f"bundle is over the {MAX_UPLOAD}-byte limit")
+                fh.write(chunk)
+        if size == 0:
+            raise InputError("empty upload: send the bundle file as the request body")
+        stored = await _run(library.add, tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return _json({"sha256": stored.sha256, "size": stored.size, "name": stored.name, "version": stored.version,
+                  "target": stored.target, "key_id": stored.key_id, "url": f"/bundles/{stored.filename}"}, 201)
+
+
+async def bundle_file(request: web.Request) -> web.StreamResponse:
+    """A stored bundle by content hash, with HTTP Range support (agents resume interrupted downloads)."""
+    name = request.match_info["name"]
+    if not name.endswith(".efb"):
+        return _error(404, "bundles are served as <sha256>.efb")
+    path = request.app[DeployerKey].library.path(name[:-4])
+    if not path.exists():
+        return _error(404, f"no bundle {name[:16]}…")
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
+                                           "Cache-Control": "public, max-age=31536000, immutable"})
+
+
+# -- /metrics -------------------------------------------------------------------------------------------------------
+
+def _esc(v: Any) -> str:
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**kv: Any) -> str:
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}"
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "NaN"
+    return repr(float(v))
+
+
+def metrics_text(fleet: str, devices: list[dict[str, Any]], versions: list[dict[str, Any]],
+                 totals: list[dict[str, Any]], ingest: dict[str, Any], backlog: int) -> str:
+    """The Prometheus text exposition (format 0.0.4) of the fleet."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_: str) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+
+    family("edgefleet_device_online", "gauge", "1 when the device's retained status is online.")
+    for d in devices:
+        out.append(f"edgefleet_device_online{_labels(fleet=fleet, device=d['device'], profile=d['profile'])} "
+                   f"{1 if d['state'] == 'online' else 0}")
+    family("edgefleet_device_last_seen_timestamp_seconds", "gauge", "When the controller last stored telemetry.")
+    for d in devices:
+        if d["last_seen"]:
+            out.append(f"edgefleet_device_last_seen_timestamp_seconds{_labels(fleet=fleet, device=d['device'])} "
+                       f"{_fmt(d['last_seen'])}")
+    per_model = [(d, m) for d in devices for m in d["models"]]
+    family("edgefleet_device_latency_ms", "gauge", "Latency quantile over the device's latest telemetry window.")
+    for d, m in per_model:
+        for q, key in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")):
+            out.append("edgefleet_device_latency_ms" + _labels(fleet=fleet, device=d["device"], model=m["name"],
+                       version=m["version"], quantile=q) + f" {_fmt(m[key])}")
+    family("edgefleet_device_throughput_rps", "gauge", "Requests per second over the latest window.")
+    for d, m in per_model:
+        out.append("edgefleet_device_throughput_rps" + _labels(fleet=fleet, device=d["device"], model=m["name"],
+                   version=m["version"]) + f" {_fmt(m['throughput'])}")
+    family("edgefleet_device_errors", "gauge", "Failed requests in the latest window.")
+    for d, m in per_model:
+        out.append("edgefleet_device_errors" + _labels(fleet=fleet, device=d["device"], model=m["name"],
+                   version=m["version"]) + f" {m['errors']}")
+    family("edgefleet_device_process_rss_mb", "gauge", "Agent process resident memory (MB).")
+    for d in devices:
+        rss = (d.get("process") or {}).get("rss_mb")
+        if isinstance(rss, (int, float)):
+            out.append(f"edgefleet_device_process_rss_mb{_labels(fleet=fleet, device=d['device'])} {_fmt(rss)}")
+    family("edgefleet_model_latency_ms", "summary", "Fleet-wide latency per model version: quantiles from merged "
+           "sketches over the last 5 minutes; _count and _sum over all stored telemetry.")
+    tot = {(t["name"], t["version"]): t for t in totals}
+    for v in versions:
+        sk: DDSketch = v["sketch"]
+        lbl = dict(fleet=fleet, model=v["name"], version=v["version"])
+        for q in (0.5, 0.9, 0.95, 0.99):
+            out.append(f"edgefleet_model_latency_ms{_labels(**lbl, quantile=q)} {_fmt(sk.quantile(q))}")
+    for (name, version), t in sorted(tot.items()):
+        lbl = dict(fleet=fleet, model=name, version=version)
+        out.append(f"edgefleet_model_latency_ms_count{_labels(**lbl)} {int(t['count'] or 0)}")
+        out.append(f"edgefleet_model_latency_ms_sum{_labels(**lbl)} {_fmt(t['sum_ms'] or 0.0)}")
+    family("edgefleet_model_errors_total", "counter", "Failed requests per model version, all stored telemetry.")
+    for (name, version), t in sorted(tot.items()):
+        out.append(f"edgefleet_model_errors_total{_labels(fleet=fleet, model=name, version=version)} "
+                   f"{int(t['errors'] or 0)}")
+    family("edgefleet_ingest_received_total", "counter", "MQTT messages this controller received, per channel.")
+    for ch, n in sorted(ingest["received"].items()):
+        out.append(f"edgefleet_ingest_received_total{_labels(channel=ch)} {n}")
+    family("edgefleet_ingest_stored_total", "counter", "New rows this controller stored, per channel.")
+    for ch, n in sorted(ingest["stored"].items()):
+        out.append(f"edgefleet_ingest_stored_total{_labels(channel=ch)} {n}")
+    family("edgefleet_ingest_duplicates_total", "counter", "Replayed messages ignored (de-duplicated), per channel.")
+    for ch, n in sorted(ingest["duplicates"].items()):
+        out.append(f"edgefleet_ingest_duplicates_total{_labels(channel=ch)} {n}")
+    family("edgefleet_ingest_rejected_total", "counter", "Malformed, oversized or unknown-version payloads dropped.")
+    for r in ingest["rejected"]:
+        out.append(f"edgefleet_ingest_rejected_total{_labels(channel=r['channel'], reason=r['reason'])} {r['count']}")
+    family("edgefleet_ingest_backlog", "gauge", "Messages received but not yet written.")
+    out.append(f"edgefleet_ingest_backlog {backlog}")
+    return "\n".join(out) + "\n"
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus scrape endpoint."""
+    store, fleet, ing = request.app[StoreKey], request.app[FleetKey], request.app[IngestKey]
+
+    def build() -> str:
+        return metrics_text(fleet, store.devices(fleet), store.version_stats(fleet, time.time() - 300),
+                            store.version_totals(fleet), ing.stats.snapshot(), ing.backlog)
+
+    text = await _run(build)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+# -- server-sent events ---------------------------------------------------------------------------------------------
+
+class _Hub:
+    """Polls the store once a second and fans changes out to SSE clients (works with several controllers)."""
+
+    def __init__(self, store: Store, fleet: str, period_s: float = 1.0) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.period_s = period_s
+        self.clients: set[asyncio.Queue[tuple[str, str]]] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        since = time.time()
+        dep_sig = ""
+        ev_since = since
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.period_s)
+            self._wake.clear()
+            if not self.clients:
+                since = ev_since = time.time()
+                continue
+            try:
+                now = time.time()
+                changed = await _run(self.store.devices, self.fleet, since - 2.0)
+                # Re-read a 2 s overlap: a row committed by another controller just before `since` is not missed.
+                since = now
+                if len(changed) > _SSE_MAX_ROWS:
+                    self._send("refresh", json.dumps({"changed": len(changed)}))
+                elif changed:
+                    self._send("devices", json.dumps({"now": now, "devices": changed}, separators=(",", ":")))
+                deps = await _run(self.store.deployments, self.fleet, 20)
+                sig = json.dumps([(d["id"], d["state"], d["progress"], d["updated"]) for d in deps])
+                if sig != dep_sig:
+                    dep_sig = sig
+                    self._send("deployments", json.dumps({"deployments": deps}, separators=(",", ":"), default=str))
+                evs = await _run(self.store.events, self.fleet, None, ev_since, 100)
+                if evs:
+                    ev_since = evs[-1]["received"]
+                    self._send("events", json.dumps({"events": evs}, separators=(",", ":")))
+            except Exception:  # noqa: BLE001 - a failing poll (e.g. store busy) must not end live updates
+                log.exception("live update poll failed")
+
+    def _send(self, kind: str, data: str) -> None:
+        for q in list(self.clients):
+            if q.qsize() > 50:  # a stalled browser tab: drop its backlog and tell it to refetch
+                while not q.empty():
+                    q.get_nowait()
+                q.put_nowait(("refresh", "{}"))
+            else:
+                q.put_nowait((kind, data))
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``devices`` (changed rows), ``refresh``, ``deployments``, ``events``."""
+    hub = request.app[HubKey]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    q: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    hub.clients.add(q)
+    hub.poke()
+    try:
+        await resp.write(b"retry: 2000\n: connected\n\n")
+        while True:
+            try:
+                kind, data = await asyncio.wait_for(q.get(), 15.0)
+                await resp.write(f"event: {kind}\ndata: {data}\n\n".encode())
+            except asyncio.TimeoutError:
+                await resp.write(b": keepalive\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        hub.clients.discard(q)
+    return resp
+
+
+async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    hub = app[HubKey]
+    task = asyncio.create_task(hub.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor) -> web.Application:
+    """The aiohttp application of one controller."""
+    app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+    app[StoreKey] = store
+    app[FleetKey] = fleet
+    app[DeployerKey] = deployer
+    app[IngestKey] = ingest
+    app[HubKey] = _Hub(store, fleet)
+    app.cleanup_ctx.append(_hub_ctx)
+    r = app.router
+    r.add_get("/", index)
+    r.add_static("/static/", STATIC, append_version=False)
+    r.add_get("/api/devices", api_devices)
+    r.add_get("/api/devices/{device}", api_device)
+    r.add_get("/api/devices/{device}/telemetry", api_telemetry)
+    r.add_get("/api/telemetry", api_telemetry)
+    r.add_get("/api/versions", api_versions)
+    r.add_get("/api/events", api_events)
+    r.add_get("/api/ingest", api_ingest)
+    r.add_get("/api/deployments", api_deployments)
+    r.add_post("/api/deployments", api_create_deployment)
+    r.add_get("/api/deployments/{id}", api_deployment)
+    r.add_post("/api/deployments/{id}/rollback", api_rollback)
+    r.add_post("/api/bundles", api_upload_bundle)
+    r.add_get("/api/stream", stream)
+    r.add_get("/bundles/{name}", bundle_file)
+    r.add_get("/metrics", metrics)
+    return app

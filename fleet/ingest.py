@@ -1,0 +1,252 @@
+"""Ingest: what agents publish, from MQTT into the store, with nothing lost, doubled or able to stop it.
+
+One paho-mqtt MQTT 5 client per controller holds a persistent session and subscribes to
+
+* ``edgefleet/v1/<fleet>/+/status`` plainly: statuses are retained and small, and every controller must know every
+  device (for the dashboard, selectors and Last Will offline notices);
+* ``$share/<group>/edgefleet/v1/<fleet>/+/{telemetry,events,reply}``: the broker gives each message to one controller
+  of the group, so controllers split the ingest.
+
+Messages are acknowledged by hand, only after the batch holding them is committed: a controller that dies loses
+nothing (the broker redelivers), and what it had already committed is de-duplicated on ``(device, boot, seq)``.
+The network thread only queues; a writer thread validates with :mod:`edgefleet.sdk.protocol`, writes batches in one
+transaction and acks. A payload that is malformed, oversized, of an unknown protocol version or about another device
+is counted per channel and reason, logged once per (device, channel), acked and dropped: it never stops ingest.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgefleet.sdk.errors import ProtocolError
+from edgefleet.sdk.protocol import (
+    MAX_PAYLOAD,
+    check_id,
+    parse_event,
+    parse_reply,
+    parse_status,
+    parse_telemetry,
+    parse_topic,
+    subscription,
+)
+
+from ._mqtt import make_client, parse_broker_url, session_properties, wait_connected
+from .store import Batch, Store, WriteResult
+
+__all__ = ["IngestStats", "Ingestor"]
+
+log = logging.getLogger(__name__)
+
+_SHARED_CHANNELS = ("telemetry", "events", "reply")
+_MAX_LOGGED = 10_000  # distinct (device, channel) pairs remembered for log-once; bounded against id floods
+
+
+@dataclass
+class IngestStats:
+    """Counters of one controller's ingest (exported on /metrics)."""
+
+    received: Counter[str] = field(default_factory=Counter)  # per channel
+    stored: Counter[str] = field(default_factory=Counter)  # new rows per channel
+    duplicates: Counter[str] = field(default_factory=Counter)  # replays ignored per channel
+    rejected: Counter[tuple[str, str]] = field(default_factory=Counter)  # per (channel, reason)
+    rejected_devices: Counter[str] = field(default_factory=Counter)  # per device id ("?" when the topic is bad)
+    batches: int = 0
+    write_errors: int = 0
+    last_batch_s: float = 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able copy."""
+        return {
+            "received": dict(self.received), "stored": dict(self.stored), "duplicates": dict(self.duplicates),
+            "rejected": [{"channel": c, "reason": r, "count": n} for (c, r), n in sorted(self.rejected.items())],
+            "rejected_total": sum(self.rejected.values()), "batches": self.batches, "write_errors": self.write_errors,
+        }
+
+
+def _reason(exc: ProtocolError, size: int) -> str:
+    if size > MAX_PAYLOAD:
+        return "oversized"
+    if "unsupported version" in str(exc):
+        return "version"
+    return "malformed"
+
+
+_PARSERS: dict[str, Callable[[bytes], dict[str, Any]]] = {
+    "status": parse_status, "telemetry": parse_telemetry, "events": parse_event, "reply": parse_reply,
+}
+_BATCH_FIELD = {"status": "statuses", "telemetry": "telemetry", "events": "events", "reply": "replies"}
+
+
+class Ingestor:
+    """Subscribe, validate, batch, write, ack. ``start()`` returns once subscribed; ``stop()`` flushes."""
+
+    def __init__(self, store: Store, *, broker: str, fleet: str, client_id: str, share_group: str = "edgefleet",
+                 batch_max: int = 2000, session_expiry_s: int = 3600,
+                 on_write: Callable[[WriteResult], None] | None = None) -> None:
+        self.store = store
+        self.fleet = check_id("fleet", fleet)
+        self.client_id = check_id("client id", client_id)
+        self.share_group = check_id("share group", share_group)
+        self.broker = parse_broker_url(broker)
+        self.batch_max = batch_max
+        self.session_expiry_s = session_expiry_s
+        self.on_write = on_write
+        self.stats = IngestStats()
+        self._q: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue(maxsize=100_000)
+        self._logged: set[tuple[str, str]] = set()
+        self._running = threading.Event()
+        self._subscribed = threading.Event()
+        self._writer: threading.Thread | None = None
+        self.client = make_client(self.broker, client_id, manual_ack=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+
+    # lifecycle -----------------------------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Connect with a persistent session, subscribe, and start the writer thread."""
+        self._running.set()
+        self._writer = threading.Thread(target=self._write_loop, name=f"ingest-writer-{self.client_id}", daemon=True)
+        self._writer.start()
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False,
+                                  properties=session_properties(self.session_expiry_s))
+        self.client.loop_start()
+        wait_connected(self._subscribed, self.broker, timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Disconnect, then write and ack what is queued (un-acked messages stay in the broker's session)."""
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._running.clear()
+        if self._writer is not None:
+            self._writer.join(timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        """True while subscribed to the broker."""
+        return self._subscribed.is_set()
+
+    @property
+    def backlog(self) -> int:
+        """Messages received but not yet written."""
+        return self._q.qsize()
+
+    # paho callbacks (network thread) -------------------------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self.broker, reason_code)
+            return
+        opts = SubscribeOptions(qos=1)
+        subs = [(subscription(self.fleet, "status"), opts)]
+        subs += [(subscription(self.fleet, ch, self.share_group), opts) for ch in _SHARED_CHANNELS]
+        client.subscribe(subs)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        bad = [rc for rc in reason_codes if rc.is_failure]
+        if bad:
+            log.error("broker %s refused subscriptions: %s", self.broker, bad)
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._subscribed.clear()
+        if self._running.is_set():
+            log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Only queue: validation and SQLite run in the writer thread so the network loop keeps up with the broker.
+        self._q.put((msg.topic, msg.payload, msg.mid, msg.qos))
+
+    # writer thread -------------------------------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while self._running.is_set() or not self._q.empty():
+            try:
+                items = [self._q.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while len(items) < self.batch_max:
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            self._flush(items)
+
+    def _flush(self, items: list[tuple[str, bytes, int, int]]) -> None:
+        batch = Batch(self.fleet)
+        for topic_name, payload, _mid, _qos in items:
+            self._parse_into(batch, topic_name, payload)
+        if len(batch):
+            delay = 0.1
+            while True:
+                try:
+                    result = self.store.write(batch)
+                    break
+                except Exception:  # noqa: BLE001 - any store failure: keep the messages un-acked and retry
+                    self.stats.write_errors += 1
+                    log.exception("store write of %d messages failed; retrying in %.1f s", len(batch), delay)
+                    if not self._running.is_set() and delay > 5:
+                        return  # shutting down: leave them un-acked, the broker redelivers to the session
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            self._count(batch, result)
+            if self.on_write is not None:
+                self.on_write(result)
+        for _topic, _payload, mid, qos in items:
+            if qos > 0:
+                self.client.ack(mid, qos)
+        self.stats.batches += 1
+        self.stats.last_batch_s = time.time()
+
+    def _count(self, batch: Batch, result: WriteResult) -> None:
+        s = self.stats
+        for channel, sent, new in (("status", len(batch.statuses), result.statuses),
+                                   ("telemetry", len(batch.telemetry), result.telemetry),
+                                   ("events", len(batch.events), result.events),
+                                   ("reply", len(batch.replies), result.replies)):
+            s.stored[channel] += new
+            if channel != "status":  # a status not newer than the stored one is not a duplicate, just stale
+                s.duplicates[channel] += sent - new
+
+    def _parse_into(self, batch: Batch, topic_name: str, payload: bytes) -> None:
+        try:
+            t = parse_topic(topic_name)
+        except ProtocolError as exc:
+            self._reject("?", "topic", "malformed", exc)
+            return
+        if t.fleet != self.fleet:
+            return
+        self.stats.received[t.channel] += 1
+        parse = _PARSERS.get(t.channel)
+        if parse is None:
+            return  # cmd: the controller's own commands; not subscribed, but a wildcard broker bridge may send them
+        if t.channel == "status" and not payload:
+            return  # an empty retained payload is how an operator clears a device's retained status
+        try:
+            obj = parse(payload)
+            if obj["device"] != t.device:
+                raise ProtocolError(f"{t.channel}: payload is about device {obj['device']!r} but came on "
+                                    f"{t.device!r}'s topic")
+        except ProtocolError as exc:
+            self._reject(t.device, t.channel, _reason(exc, len(payload)), exc)
+            return
+        getattr(batch, _BATCH_FIELD[t.channel]).append(obj)
+
+    def _reject(self, device: str, channel: str, reason: str, exc: Exception) -> None:
+        self.stats.rejected[(channel, reason)] += 1
+        self.stats.rejected_devices[device] += 1
+        key = (device, channel)
+        if key not in self._logged and len(self._logged) < _MAX_LOGGED:
+            self._logged.add(key)
+            log.warning("dropped %s %s payload from device %s: %s (further ones from it are counted, not logged)",
+                        reason, channel, device, exc)

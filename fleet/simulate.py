@@ -1,0 +1,326 @@
+"""Simulated devices: realistic status, telemetry, events and replies over a real broker, without inference.
+
+Each simulated device announces itself with a retained ``online`` status (a Last Will of ``offline`` when it has its
+own connection), publishes one telemetry record per interval with a valid latency sketch per model whose latencies
+follow a log-normal around a per-profile median, and answers ``deploy``/``rollback`` commands the way an agent does:
+download the bundle (checking size and sha256), read its signed manifest, report downloading → verifying → self-test
+→ active as events, then exactly one reply; after that its telemetry reports the new version. ``slow`` makes given
+versions slower so a canary rollout has a regression to catch. Used by ``edgefleet fleet simulate``, tests and bench.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import tarfile
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgefleet.sdk.errors import EdgefleetError, ProtocolError
+from edgefleet.sdk.protocol import (
+    check_id,
+    encode,
+    event,
+    parse_command,
+    reply,
+    status,
+    telemetry,
+    topic,
+)
+from edgefleet.sdk.sketch import DDSketch
+
+from ._mqtt import make_client, parse_broker_url, session_properties, wait_connected
+
+__all__ = ["PROFILE_LATENCY_MS", "SimDevice", "Simulator"]
+
+log = logging.getLogger(__name__)
+
+# Median latency (ms) of a small vision model per device profile, and the EPs that would serve it there: plausible
+# orders of magnitude (GPU/NPU < x86 CPU < Raspberry Pi), not measurements.
+PROFILE_LATENCY_MS: dict[str, tuple[float, list[str]]] = {
+    "x86-cpu": (9.0, ["CPUExecutionProvider"]),
+    "x86-cpu-vnni": (6.0, ["CPUExecutionProvider"]),
+    "intel-openvino-cpu": (5.0, ["OpenVINOExecutionProvider"]),
+    "intel-openvino-gpu": (3.5, ["OpenVINOExecutionProvider"]),
+    "jetson-orin": (2.5, ["TensorrtExecutionProvider", "CUDAExecutionProvider"]),
+    "nvidia-gpu": (1.2, ["CUDAExecutionProvider"]),
+    "apple-silicon": (2.0, ["CoreMLExecutionProvider"]),
+    "raspberry-pi-5": (38.0, ["CPUExecutionProvider"]),
+}
+_POOL = 32  # pre-built sketches per (profile, factor): building one per record would dominate the simulator's CPU
+
+
+@dataclass
+class SimDevice:
+    """One simulated device's identity and what it is running."""
+
+    device: str
+    profile: str
+    model: str = "detector"
+    version: str = "1.0.0"
+    tags: list[str] = field(default_factory=list)
+    boot: str = ""
+    seq: int = 0
+    previous: list[str] = field(default_factory=list)  # versions to roll back to, newest last
+
+    def description(self) -> dict[str, Any]:
+        """The status description an agent would publish."""
+        providers = PROFILE_LATENCY_MS.get(self.profile, (10.0, ["CPUExecutionProvider"]))[1]
+        return {"profile": self.profile, "tags": self.tags, "providers": providers,
+                "ort": {"version": "1.20.1", "flavour": "sim"}, "agent_version": "sim",
+                "bundles": [{"name": self.model, "version": self.version, "target": self.profile,
+                             "providers": providers}]}
+
+
+class _SketchPool:
+    """Pre-built latency windows per (profile, slowdown) so thousands of devices cost little CPU to simulate."""
+
+    def __init__(self, seed: int, per_window: int) -> None:
+        self._rng = random.Random(seed)
+        self._per_window = per_window
+        self._pools: dict[tuple[str, float], list[dict[str, Any]]] = {}
+
+    def window(self, profile: str, factor: float, errors_rate: float = 0.002) -> dict[str, Any]:
+        key = (profile, factor)
+        pool = self._pools.get(key)
+        if pool is None:
+            median = PROFILE_LATENCY_MS.get(profile, (10.0, []))[0] * factor
+            pool = []
+            for _ in range(_POOL):
+                sk = DDSketch()
+                n = self._rng.randint(self._per_window // 2, self._per_window)
+                for _ in range(n):
+                    sk.add(self._rng.lognormvariate(0.0, 0.25) * median)
+                errors = sum(1 for _ in range(n) if self._rng.random() < errors_rate)
+                pool.append({"count": n, "errors": errors, "sketch": sk.to_dict()})
+            self._pools[key] = pool
+        return pool[self._rng.randrange(_POOL)]
+
+
+class Simulator:
+    """Run ``devices`` simulated devices against a broker; ``start()`` then ``stop()`` (or use as a context)."""
+
+    def __init__(self, broker: str, fleet: str, devices: list[SimDevice], *, interval_s: float = 1.0,
+                 slow: Mapping[str, float] | None = None, error_rates: Mapping[str, float] | None = None,
+                 per_window: int = 50, own_connections: int = 200, connections: int = 4, seed: int = 0,
+                 answer_commands: bool = True, client_prefix: str = "sim") -> None:
+        self.broker = parse_broker_url(broker)
+        self.fleet = check_id("fleet", fleet)
+        self.devices = {d.device: d for d in devices}
+        self.interval_s = interval_s
+        self.slow = dict(slow or {})
+        self.error_rates = dict(error_rates or {})
+        self.answer_commands = answer_commands
+        self.sent = 0
+        self.commands: list[dict[str, Any]] = []
+        self._pool = _SketchPool(seed, per_window)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        # Few devices: one connection each, so each has its own Last Will. Many (bench): a few shared connections,
+        # since a broker connection per simulated device would measure the simulator, not the controller.
+        ids = sorted(self.devices)
+        n_conn = len(ids) if len(ids) <= own_connections else max(1, connections)
+        self._groups = [ids[i::n_conn] for i in range(n_conn)]
+        self._own = n_conn == len(ids)
+        self._clients: list[mqtt.Client] = []
+        self._client_devices: dict[int, list[str]] = {}
+        self._prefix = client_prefix
+        for d in devices:
+            d.boot = d.boot or f"b{random.Random(d.device).randrange(16**8):08x}{int(time.time())}"
+
+    # lifecycle -----------------------------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Connect every device connection and publish births; telemetry starts on ``run_telemetry``."""
+        events = []
+        for i, group in enumerate(self._groups):
+            cid = f"{self._prefix}-{group[0]}" if self._own else f"{self._prefix}-{i}-{len(self._groups)}"
+            client = make_client(self.broker, cid[:64])
+            client.max_inflight_messages_set(1000)
+            client.max_queued_messages_set(0)
+            if self._own:
+                client.will_set(topic(self.fleet, group[0], "status"),
+                                encode(status(group[0], "offline", boot=self.devices[group[0]].boot, reason="lost")),
+                                qos=1, retain=True)
+            connected = threading.Event()
+            client.on_connect = self._make_on_connect(group, connected)
+            client.on_message = self._on_message
+            client.user_data_set(client)
+            client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False,
+                                 properties=session_properties(3600))
+            client.loop_start()
+            self._clients.append(client)
+            events.append(connected)
+        for e in events:
+            wait_connected(e, self.broker, timeout_s)
+
+    def _make_on_connect(self, group: list[str], connected: threading.Event) -> Any:
+        def on_connect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+            if rc.is_failure:
+                return
+            for dev in group:
+                d = self.devices[dev]
+                client.publish(topic(self.fleet, dev, "status"),
+                               encode(status(dev, "online", boot=d.boot, description=d.description())),
+                               qos=1, retain=True)
+            if self.answer_commands:
+                client.subscribe([(topic(self.fleet, dev, "cmd"), SubscribeOptions(qos=1)) for dev in group])
+            connected.set()
+        return on_connect
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """Stop telemetry; graceful: publish ``offline`` statuses, else drop connections (Last Will fires)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+        for client, group in zip(self._clients, self._groups, strict=True):
+            if graceful:
+                for dev in group:
+                    client.publish(topic(self.fleet, dev, "status"),
+                                   encode(status(dev, "offline", boot=self.devices[dev].boot, reason="shutdown")),
+                                   qos=1, retain=True).wait_for_publish(5)
+                client.disconnect()
+            else:
+                client._sock_close()  # no DISCONNECT packet: the broker sees a lost connection and sends the will
+            client.loop_stop()
+
+    def __enter__(self) -> Simulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # telemetry -----------------------------------------------------------------------------------------------------
+    def record(self, d: SimDevice, ts: float | None = None) -> bytes:
+        """The next telemetry payload of one device (advances its seq)."""
+        factor = self.slow.get(d.version, 1.0)
+        w = self._pool.window(d.profile, factor, self.error_rates.get(d.version, 0.002))
+        providers = PROFILE_LATENCY_MS.get(d.profile, (10.0, ["CPUExecutionProvider"]))[1]
+        d.seq += 1
+        models = [{"name": d.model, "version": d.version, "count": w["count"], "errors": w["errors"],
+                   "providers": providers, "sketch": w["sketch"]}]
+        return encode(telemetry(d.device, d.boot, d.seq, models, interval_s=self.interval_s, ts=ts,
+                                process={"cpu_percent": round(random.uniform(2, 30), 1), "rss_mb": 180}))
+
+    def publish_round(self) -> int:
+        """Publish one telemetry record for every device now; returns how many."""
+        n = 0
+        for client, group in zip(self._clients, self._groups, strict=True):
+            for dev in group:
+                with self._lock:
+                    payload = self.record(self.devices[dev])
+                client.publish(topic(self.fleet, dev, "telemetry"), payload, qos=1)
+                n += 1
+        with self._lock:
+            self.sent += n
+        return n
+
+    def run_telemetry(self, *, rounds: int | None = None, duration_s: float | None = None) -> threading.Thread:
+        """Publish a round every interval in a background thread, until stopped or the count/time bound is hit."""
+        def loop() -> None:
+            end = time.monotonic() + duration_s if duration_s is not None else None
+            done = 0
+            next_at = time.monotonic()
+            while not self._stop.is_set() and (rounds is None or done < rounds) and (end is None or time.monotonic() < end):
+                self.publish_round()
+                done += 1
+                next_at += self.interval_s
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+        t = threading.Thread(target=loop, name="sim-telemetry", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return t
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every published message has been handed to the broker."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(len(c._out_messages) == 0 for c in self._clients):
+                return
+            time.sleep(0.02)
+
+    # commands ------------------------------------------------------------------------------------------------------
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        dev = msg.topic.split("/")[3]
+        try:
+            cmd = parse_command(msg.payload)
+        except ProtocolError as exc:
+            log.warning("sim %s: bad command: %s", dev, exc)
+            return
+        with self._lock:
+            self.commands.append({"device": dev, **cmd})
+        # Off the network thread: a deploy downloads over HTTP, which must not block MQTT keepalives.
+        threading.Thread(target=self._handle, args=(client, dev, cmd), daemon=True).start()
+
+    def _emit(self, client: mqtt.Client, d: SimDevice, kind: str, message: str, data: dict[str, Any],
+              level: str = "info") -> None:
+        d.seq += 1
+        client.publish(topic(self.fleet, d.device, "events"),
+                       encode(event(d.device, d.boot, d.seq, kind, message, level=level, data=data)), qos=1)
+
+    def _handle(self, client: mqtt.Client, dev: str, cmd: dict[str, Any]) -> None:
+        d = self.devices[dev]
+        cid = cmd["id"]
+        try:
+            if cmd["kind"] == "deploy":
+                result = self._deploy(client, d, cid, cmd["args"])
+            elif cmd["kind"] == "rollback":
+                with self._lock:
+                    if not d.previous:
+                        raise EdgefleetError("nothing to roll back to")
+                    old, d.version = d.version, d.previous.pop()
+                self._emit(client, d, "rollback", f"rolled back {d.model} {old} -> {d.version}",
+                           {"cmd_id": cid, "state": "rolled-back", "version": d.version})
+                result = {"name": d.model, "version": d.version}
+            else:
+                result = {"description": d.description()}
+            payload = reply(cid, dev, True, result=result)
+        except EdgefleetError as exc:
+            payload = reply(cid, dev, False, code=exc.code, message=str(exc), step=cmd["kind"])
+        client.publish(topic(self.fleet, dev, "status"),
+                       encode(status(dev, "online", boot=d.boot, description=d.description())), qos=1, retain=True)
+        client.publish(topic(self.fleet, dev, "reply"), encode(payload), qos=1)
+
+    def _deploy(self, client: mqtt.Client, d: SimDevice, cid: str, args: dict[str, Any]) -> dict[str, Any]:
+        self._emit(client, d, "deploy.downloading", "downloading bundle", {"cmd_id": cid, "state": "downloading"})
+        try:
+            with urllib.request.urlopen(args["url"], timeout=30) as resp:
+                data = resp.read(args["size"] + 1)
+        except OSError as exc:
+            self._emit(client, d, "deploy.failed", f"download failed: {exc}", {"cmd_id": cid, "state": "failed"},
+                       "error")
+            raise EdgefleetError(f"download failed: {exc}") from exc
+        self._emit(client, d, "deploy.verifying", "verifying bundle", {"cmd_id": cid, "state": "verifying"})
+        if len(data) != args["size"] or hashlib.sha256(data).hexdigest() != args["sha256"]:
+            raise EdgefleetError(f"bundle size/sha256 differ from the command ({len(data)} bytes)")
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            member = tf.extractfile("manifest.json")
+            manifest = json.loads(member.read()) if member else {}
+        if manifest.get("target") != d.profile:
+            raise EdgefleetError(f"bundle target {manifest.get('target')!r} is not this device's {d.profile!r}")
+        self._emit(client, d, "deploy.selftest", "self-test", {"cmd_id": cid, "state": "self-test"})
+        with self._lock:
+            d.previous.append(d.version)
+            d.model, d.version = manifest["name"], manifest["version"]
+        self._emit(client, d, "deploy.active", f"{d.model} {d.version} active", {"cmd_id": cid, "state": "active"})
+        return {"name": d.model, "version": d.version}
+
+
+def make_devices(n: int, *, prefix: str = "sim", profiles: list[str] | None = None, model: str = "detector",
+                 version: str = "1.0.0", tags: list[str] | None = None) -> list[SimDevice]:
+    """``n`` simulated devices cycling through ``profiles`` (default: every profile in PROFILE_LATENCY_MS)."""
+    profs = profiles or list(PROFILE_LATENCY_MS)
+    width = max(4, len(str(n)))
+    return [SimDevice(f"{prefix}-{i:0{width}d}", profs[i % len(profs)], model=model, version=version,
+                      tags=list(tags or [])) for i in range(n)]

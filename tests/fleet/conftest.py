@@ -1,0 +1,93 @@
+"""Fleet test fixtures: controllers on free ports against the module's real Mosquitto, a raw MQTT publisher."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from edgefleet.fleet._mqtt import make_client
+from edgefleet.fleet.controller import Controller, ControllerConfig
+
+_fleet_ids = itertools.count()
+
+
+@pytest.fixture
+def fleet_id() -> str:
+    """A fleet id unique within the test session, so tests sharing a broker never see each other's devices."""
+    return f"t{next(_fleet_ids)}-{int(time.time() * 1000) % 10**8}"
+
+
+@pytest.fixture
+def trust_file(signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test signing key's public key as a file, for ``--trust``."""
+    p = tmp_path_factory.mktemp("trust") / "fleet.pub"
+    if not p.exists():
+        p.write_bytes(signing_key.public.to_pem())
+    return p
+
+
+ControllerFactory = Callable[..., Controller]
+
+
+@pytest.fixture
+def controller_factory(mosquitto, tmp_path: Path, fleet_id: str, trust_file: Path) -> Iterator[ControllerFactory]:
+    """Start controllers (HTTP on a free port) for this test's fleet; all are stopped at the end."""
+    started: list[Controller] = []
+
+    def factory(name: str = "ctl", **kw: Any) -> Controller:
+        cfg = ControllerConfig(broker=mosquitto.url, db=str(kw.pop("db", tmp_path / "fleet.db")), fleet=fleet_id,
+                               http_port=0, bundles_dir=tmp_path / f"bundles-{name}", trust=[trust_file],
+                               client_id=f"{fleet_id}-{name}", **kw)
+        c = Controller(cfg)
+        c.start()
+        started.append(c)
+        return c
+
+    yield factory
+    for c in started:
+        c.stop()
+
+
+class Publisher:
+    """A plain MQTT 5 client that publishes raw payloads at QoS 1 and waits until the broker has them."""
+
+    def __init__(self, url: str, client_id: str) -> None:
+        self.client = make_client(url, client_id)
+        self.client.max_inflight_messages_set(500)
+        ready = threading.Event()
+        self.client.on_connect = lambda *a: ready.set()
+        from edgefleet.fleet._mqtt import parse_broker_url
+
+        b = parse_broker_url(url)
+        self.client.connect(b.host, b.port)
+        self.client.loop_start()
+        if not ready.wait(10):
+            raise RuntimeError("publisher could not connect")
+        self._infos: list[mqtt.MQTTMessageInfo] = []
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self._infos.append(self.client.publish(topic, payload, qos=1, retain=retain))
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        for info in self._infos:
+            info.wait_for_publish(timeout_s)
+        self._infos.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def publisher(mosquitto, fleet_id: str) -> Iterator[Publisher]:
+    """A raw publisher connected to the test broker."""
+    p = Publisher(mosquitto.url, f"{fleet_id}-pub")
+    yield p
+    p.close()

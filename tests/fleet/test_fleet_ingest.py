@@ -1,0 +1,113 @@
+"""Ingest against a real Mosquitto: rows stored = messages sent, replays de-duplicated, bad input counted and skipped."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from edgefleet.fleet.simulate import Simulator, make_devices
+from edgefleet.sdk.protocol import MAX_PAYLOAD, encode, event, status, telemetry, topic
+from edgefleet.sdk.sketch import DDSketch
+
+from _fleet_util import wait_until
+
+pytestmark = pytest.mark.mosquitto
+
+
+def _record(device: str, seq: int, boot: str = "boot1", latency: float = 5.0) -> bytes:
+    sk = DDSketch()
+    for i in range(10):
+        sk.add(latency + i * 0.1)
+    models = [{"name": "m", "version": "1.0.0", "count": 10, "errors": 1, "providers": ["CPUExecutionProvider"],
+               "sketch": sk.to_dict()}]
+    return encode(telemetry(device, boot, seq, models, interval_s=1.0))
+
+
+def test_ingest_stores_one_row_per_message_and_ignores_replays(controller_factory, publisher, fleet_id) -> None:
+    ctl = controller_factory()
+    payloads = [(topic(fleet_id, f"dev{d}", "telemetry"), _record(f"dev{d}", s)) for d in range(5) for s in range(40)]
+    for t, p in payloads:
+        publisher.publish(t, p)
+    publisher.flush()
+    wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 200, what="200 telemetry rows")
+    # Replay the first 50 exactly (as a reconnecting agent re-sending un-acked messages would).
+    for t, p in payloads[:50]:
+        publisher.publish(t, p)
+    publisher.flush()
+    wait_until(lambda: ctl.ingest.stats.duplicates["telemetry"] == 50, what="50 duplicates counted")
+    counts = ctl.store.counts(fleet_id)
+    assert counts["telemetry"] == 200
+    assert counts["windows"] == 200
+    assert counts["devices"] == 5
+    # Derived views count each window once: the replay did not inflate the fleet-wide totals.
+    totals = ctl.store.version_totals(fleet_id)
+    assert [(t["name"], t["version"], t["count"], t["errors"]) for t in totals] == [("m", "1.0.0", 2000, 200)]
+
+
+def test_ingest_counts_bad_payloads_logs_once_and_keeps_going(controller_factory, publisher, fleet_id, caplog) -> None:
+    ctl = controller_factory()
+    caplog.set_level(logging.WARNING, logger="edgefleet.fleet.ingest")
+    tel = topic(fleet_id, "bad1", "telemetry")
+    bad = [
+        (tel, b"{not json"),
+        (tel, b'{"v": 2, "device": "bad1"}'),
+        (tel, b"[1,2,3]"),
+        (tel, b'{"v":1,"device":"bad1","boot":"b","seq":1,"ts":1,"interval_s":1,"models":[{"name":"m"}]}'),
+        (tel, b"x" * (MAX_PAYLOAD + 10)),
+        (tel, _record("someone-else", 1)),  # payload about another device than the topic's
+        (topic(fleet_id, "bad1", "events"), b'{"v":1,"device":"bad1","kind":"x"}'),
+        (topic(fleet_id, "bad1", "status"), b'{"v":1,"device":"bad1","state":"sideways"}'),
+    ]
+    for i, (t, p) in enumerate(bad):
+        publisher.publish(t, p)
+        publisher.publish(topic(fleet_id, "good", "telemetry"), _record("good", i))
+    publisher.publish(topic(fleet_id, "good", "events"),
+                      encode(event("good", "boot1", 1, "install", "installed m 1.0.0")))
+    publisher.flush()
+    wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == len(bad), what="every good record stored")
+    wait_until(lambda: ctl.ingest.stats.snapshot()["rejected_total"] == len(bad), what="every bad payload counted")
+    rejected = {(r["channel"], r["reason"]): r["count"] for r in ctl.ingest.stats.snapshot()["rejected"]}
+    assert rejected[("telemetry", "version")] == 1
+    assert rejected[("telemetry", "oversized")] == 1
+    assert rejected[("telemetry", "malformed")] == 4
+    assert rejected[("events", "malformed")] == 1
+    assert rejected[("status", "malformed")] == 1
+    wait_until(lambda: ctl.store.counts(fleet_id)["events"] == 1, what="the good event stored")
+    logged = [r for r in caplog.records if "bad1" in r.getMessage()]
+    # Once per (device, channel): 6 bad telemetry payloads, 1 event, 1 status from bad1 → 3 log lines.
+    assert len(logged) == 3, [r.getMessage() for r in logged]
+
+
+def test_status_birth_and_last_will_reach_the_store(controller_factory, mosquitto, fleet_id) -> None:
+    ctl = controller_factory()
+    devs = make_devices(3, prefix="w", profiles=["jetson-orin", "raspberry-pi-5"], tags=["lab"])
+    sim = Simulator(mosquitto.url, fleet_id, devs, interval_s=0.2, client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        wait_until(lambda: sum(d["state"] == "online" for d in ctl.store.devices(fleet_id)) == 3, what="3 online")
+        by_id = {d["device"]: d for d in ctl.store.devices(fleet_id)}
+        assert by_id["w-0000"]["profile"] == "jetson-orin"
+        assert by_id["w-0001"]["profile"] == "raspberry-pi-5"
+        assert by_id["w-0000"]["tags"] == ["lab"]
+    finally:
+        sim.stop(graceful=False)  # drop the connections: the broker publishes each device's Last Will
+    wait_until(lambda: all(d["state"] == "offline" for d in ctl.store.devices(fleet_id)), timeout_s=30,
+               what="Last Will offline statuses")
+    # The will carries no description: the profile learnt from the birth is kept.
+    assert {d["profile"] for d in ctl.store.devices(fleet_id)} == {"jetson-orin", "raspberry-pi-5"}
+
+
+def test_status_older_than_stored_one_is_ignored(controller_factory, publisher, fleet_id) -> None:
+    ctl = controller_factory()
+    st = topic(fleet_id, "o1", "status")
+    new = status("o1", "online", boot="b2", description={"profile": "x86-cpu"})
+    old = {**status("o1", "offline", boot="b1"), "ts": new["ts"] - 100}
+    publisher.publish(st, encode(new))
+    publisher.flush()
+    wait_until(lambda: (ctl.store.device(fleet_id, "o1") or {}).get("state") == "online", what="online")
+    publisher.publish(st, encode(old))
+    publisher.publish(topic(fleet_id, "marker", "status"), encode(status("marker", "online")))
+    publisher.flush()
+    wait_until(lambda: ctl.store.device(fleet_id, "marker"), what="marker status stored after the stale one")
+    d = ctl.store.device(fleet_id, "o1")
+    assert d is not None and d["state"] == "online" and d["boot"] == "b2"
