@@ -1,0 +1,223 @@
+"""Commands from the controller: deploy, rollback, remove, benchmark, describe, configure.
+
+Each command is journaled by id before it is acknowledged to the broker, executed once on a single worker thread (so
+installs never overlap), and answered by exactly one reply stored in the outbox in the same transaction that marks it
+done. A command id seen before is neither executed nor answered again. Errors are translated here, once: the reply
+carries the error's stable ``code``, the ``step`` that failed and a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from edgefleet.sdk import protocol
+from edgefleet.sdk.errors import EdgefleetError, ProtocolError
+
+from .installer import Installer, InstallError
+from .journal import Journal, JournalEntry
+from .registry import Registry
+from .spool import Spool
+
+__all__ = ["CommandFailed", "Dispatcher"]
+
+log = logging.getLogger("edgefleet.agent.commands")
+
+
+class CommandFailed(EdgefleetError):
+    """A command that cannot be carried out as asked; ``step`` says where."""
+
+    def __init__(self, code: str, step: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.step = step
+
+
+def _props_of(message: Any) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    p = getattr(message, "properties", None)
+    corr = getattr(p, "CorrelationData", None) if p is not None else None
+    if corr:
+        props["correlation"] = bytes(corr).hex()
+    rt = getattr(p, "ResponseTopic", None) if p is not None else None
+    if isinstance(rt, str) and rt and not any(ch in rt for ch in "+#") and len(rt) <= 256:
+        props["response_topic"] = rt
+    return props
+
+
+class Dispatcher:
+    """Receives, journals, executes and answers commands."""
+
+    def __init__(self, device: str, journal: Journal, spool: Spool, installer: Installer, registry: Registry, *,
+                 reply_topic: str, wake_sender: Callable[[], None], describe: Callable[[], dict[str, Any]],
+                 configure: Callable[[Mapping[str, Any]], dict[str, Any]],
+                 event: Callable[..., None], changed: Callable[[], None]) -> None:
+        self.device = device
+        self.journal = journal
+        self.spool = spool
+        self.installer = installer
+        self.registry = registry
+        self.reply_topic = reply_topic
+        self.wake_sender = wake_sender
+        self.describe = describe
+        self.configure = configure
+        self.event = event
+        self.changed = changed
+        self.busy = threading.Event()
+        self._queue: queue.Queue[JournalEntry | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="commands", daemon=True)
+
+    # -- receiving (MQTT network thread) ------------------------------------------------------------------------------
+
+    def receive(self, message: Any) -> None:
+        """Validate, journal and queue one ``cmd`` message; an invalid one gets an error reply if it has an id."""
+        payload = bytes(message.payload)
+        props = _props_of(message)
+        try:
+            cmd = protocol.parse_command(payload)
+        except ProtocolError as exc:
+            cmd_id = _salvage_id(payload)
+            if cmd_id is None:
+                log.warning("dropped a command without a usable id", extra={"error": str(exc)})
+                return
+            if self.journal.receive(cmd_id, "invalid", payload, props):
+                self._reply(cmd_id, props, None, CommandFailed(exc.code, "parse", str(exc)))
+            return
+        if not self.journal.receive(cmd["id"], cmd["kind"], payload, props):
+            log.info("duplicate command ignored", extra={"id": cmd["id"], "kind": cmd["kind"]})
+            return
+        self._queue.put(JournalEntry(cmd["id"], cmd["kind"], payload, props, "pending"))
+
+    # -- executing (worker thread) ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Queue commands left pending by a previous run (it died while executing them), then start the worker."""
+        for entry in self.journal.pending():
+            log.info("resuming a command interrupted by a restart", extra={"id": entry.id, "kind": entry.kind})
+            self._queue.put(entry)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the current command (up to ``timeout``); queued ones stay pending in the journal for next time."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def idle(self) -> bool:
+        """No command running or queued."""
+        return self._queue.empty() and not self.busy.is_set()
+
+    def _work(self) -> None:
+        while True:
+            entry = self._queue.get()
+            if entry is None:
+                return
+            self.busy.set()
+            try:
+                self._execute(entry)
+            except Exception:
+                log.exception("command worker error", extra={"id": entry.id})
+            finally:
+                self.busy.clear()
+
+    def _execute(self, entry: JournalEntry) -> None:
+        t0 = time.perf_counter()
+        try:
+            cmd = protocol.parse_command(entry.payload)
+            if "expires" in cmd and time.time() > float(cmd["expires"]):
+                raise CommandFailed("expired", "receive", f"command expired {time.time() - cmd['expires']:.0f} s ago")
+            result = self._run(cmd["kind"], cmd["args"])
+            error: EdgefleetError | None = None
+        except InstallError as exc:
+            result, error = None, CommandFailed(exc.code, exc.step, str(exc.cause))
+        except CommandFailed as exc:
+            result, error = None, exc
+        except EdgefleetError as exc:
+            result, error = None, CommandFailed(exc.code, entry.kind, str(exc))
+        except Exception as exc:
+            log.exception("command raised", extra={"id": entry.id})
+            result, error = None, CommandFailed("edgefleet", entry.kind, f"{type(exc).__name__}: {exc}")
+        level = "info" if error is None else "error"
+        step = getattr(error, "step", "")
+        ms = round((time.perf_counter() - t0) * 1e3, 1)
+        log.log(logging.INFO if error is None else logging.ERROR, "command done",
+                extra={"id": entry.id, "kind": entry.kind, "ok": error is None, "ms": ms,
+                       **({"error": str(error), "step": step} if error else {})})
+        if entry.kind in ("deploy", "rollback", "remove"):
+            data = dict(result or {}) if error is None else {"step": step, "code": error.code}
+            msg = f"{entry.kind} ok" if error is None else f"{entry.kind} failed at {step}: {error}"
+            self.event(entry.kind, msg, level=level, data={"command": entry.id, **data})
+            if error is None:
+                self.changed()
+        self._reply(entry.id, entry.props, result, error)
+
+    def _run(self, kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        if kind == "deploy":
+            return self.installer.install(args["url"], args["sha256"], int(args["size"])).to_dict()
+        if kind == "rollback":
+            return self.installer.rollback(self._model_name(args, "rollback")).to_dict()
+        if kind == "remove":
+            name = args["name"]
+            return {"name": name, "removed": self.installer.remove(name)}
+        if kind == "benchmark":
+            name = self._model_name(args, "benchmark")
+            model = self.registry.get(name)
+            if model is None:
+                raise CommandFailed("not_found", "benchmark", f"no model named {name!r} is serving")
+            runs = int(args.get("runs", 100))
+            res = model.benchmark(runs)
+            return {"name": name, "version": model.version, "providers": list(model.placement.serving),
+                    **res.to_dict()}
+        if kind == "describe":
+            return self.describe()
+        if kind == "configure":
+            return self.configure(args)
+        raise CommandFailed("protocol", "parse", f"unknown command kind {kind!r}")
+
+    def _model_name(self, args: Mapping[str, Any], step: str) -> str:
+        name = args.get("name")
+        if isinstance(name, str) and name:
+            return name
+        names = [n for n, _ in self.registry.items()]
+        if len(names) == 1:
+            return names[0]
+        raise CommandFailed("protocol", step, f"args.name is required when {len(names)} models are installed "
+                                              f"({', '.join(names) or 'none'})")
+
+    # -- replying -----------------------------------------------------------------------------------------------------
+
+    def _reply(self, cmd_id: str, props: Mapping[str, Any], result: Mapping[str, Any] | None,
+               error: EdgefleetError | None) -> None:
+        if error is None:
+            msg = protocol.reply(cmd_id, self.device, True, result=result or {})
+        else:
+            msg = protocol.reply(cmd_id, self.device, False, code=error.code, message=str(error),
+                                 step=getattr(error, "step", ""))
+        payload = protocol.encode(msg)
+        out_props = {"correlation": props["correlation"]} if props.get("correlation") else {}
+        # The reply and the "done" mark commit together: after a crash a command is either still pending (and runs
+        # again) or answered, never answered twice and never silently dropped.
+        with self.spool.db.tx() as c:
+            self.spool.add("reply", self.reply_topic, payload, out_props, c)
+            rt = props.get("response_topic")
+            if rt and rt != self.reply_topic:
+                self.spool.add("reply", rt, payload, out_props, c)
+            self.journal.finish(cmd_id, c)
+        self.wake_sender()
+
+
+def _salvage_id(payload: bytes) -> str | None:
+    try:
+        obj = json.loads(payload)
+        return protocol.check_id("cmd.id", obj.get("id")) if isinstance(obj, dict) else None
+    except (ValueError, UnicodeError):
+        return None

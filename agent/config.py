@@ -1,0 +1,299 @@
+"""Agent configuration: one TOML file, every value overridable by a command-line flag.
+
+A malformed file is refused with a :class:`ConfigError` naming the file, the key and the reason, so an operator can
+fix it without reading code. The format is documented in docs/agent.md; unknown keys are errors (a typo must not
+silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from edgefleet.sdk.errors import ConfigError
+from edgefleet.sdk.protocol import check_id
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["AgentConfig", "ApiConfig", "BrokerConfig", "load_config", "parse_config"]
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How to reach the MQTT broker."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 60.0
+    client_id: str = ""
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The local Open Inference Protocol endpoint (empty ``listen`` disables it)."""
+
+    listen: str = "127.0.0.1:8080"
+    max_body_bytes: int = 64 << 20
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind, or None when the API is disabled."""
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything ``edgefleet agent run`` needs."""
+
+    device: str
+    fleet: str
+    data_dir: Path
+    trusted_keys: tuple[Path, ...]
+    broker: BrokerConfig = BrokerConfig()
+    api: ApiConfig = ApiConfig()
+    profile: str = "auto"
+    profiles_dirs: tuple[Path, ...] = ()
+    accept_targets: tuple[str, ...] = ()
+    allow_fallback: bool = False
+    telemetry_interval_s: float = 10.0
+    spool_max_records: int = 10_000
+    max_bundle_bytes: int = 4 << 30
+    download_timeout_s: float = 30.0
+    log_level: str = "info"
+    source: str = ""
+
+
+# section -> key -> (type, check) ; the check returns an error reason or "".
+_SECTIONS: dict[str, set[str]] = {
+    "agent": {"device", "fleet", "data_dir", "trusted_keys", "profile", "profiles_dirs", "accept_targets",
+              "allow_fallback", "log_level"},
+    "mqtt": {"url", "ca_file", "cert_file", "key_file", "username", "password", "keepalive_s", "session_expiry_s",
+             "reconnect_min_s", "reconnect_max_s", "client_id"},
+    "telemetry": {"interval_s", "spool_max_records"},
+    "api": {"listen", "max_body_bytes"},
+    "install": {"max_bundle_bytes", "download_timeout_s"},
+}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Reader:
+    """Typed access to one config mapping that names ``section.key`` in every error."""
+
+    def __init__(self, data: Mapping[str, Any], source: str) -> None:
+        self.data = data
+        self.source = source
+
+    def err(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {reason}")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        section, _, name = key.partition(".")
+        return self.data.get(section, {}).get(name, default)
+
+    def str(self, key: str, default: str = "") -> str:
+        v = self.get(key, default)
+        if not isinstance(v, str):
+            raise self.err(key, f"must be a string, got {v!r}")
+        return v
+
+    def num(self, key: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
+        v = self.get(key, default)
+        ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok_type:
+            raise self.err(key, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+        if not lo <= v <= hi:
+            raise self.err(key, f"must be in {lo:g}..{hi:g}, got {v!r}")
+        return int(v) if integer else float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool):
+            raise self.err(key, f"must be true or false, got {v!r}")
+        return v
+
+    def str_list(self, key: str) -> list[str]:
+        v = self.get(key, [])
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise self.err(key, f"must be a string or a list of strings, got {v!r}")
+        return v
+
+
+def _parse_broker(r: _Reader, base: Path) -> BrokerConfig:
+    url = r.str("mqtt.url", BrokerConfig.url)
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise r.err("mqtt.url", f"scheme must be mqtt:// or mqtts://, got {url!r}")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise r.err("mqtt.url", f"bad port in {url!r}: {exc}") from exc
+    if not parts.hostname:
+        raise r.err("mqtt.url", f"no host in {url!r}")
+    paths = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = r.str(f"mqtt.{key}")
+        if value:
+            p = _resolve(value, base)
+            if not p.is_file():
+                raise r.err(f"mqtt.{key}", f"file {p} does not exist")
+            paths[key] = str(p)
+    if paths and not tls:
+        raise r.err("mqtt.url", "ca_file/cert_file/key_file are set but the URL is not mqtts://")
+    if bool(paths.get("cert_file")) != bool(paths.get("key_file")):
+        raise r.err("mqtt.cert_file", "cert_file and key_file go together (client certificate authentication)")
+    keepalive = r.num("mqtt.keepalive_s", BrokerConfig.keepalive_s, 1, 65535, integer=True)
+    lo = r.num("mqtt.reconnect_min_s", BrokerConfig.reconnect_min_s, 0.01, 3600)
+    hi = r.num("mqtt.reconnect_max_s", BrokerConfig.reconnect_max_s, 0.01, 3600)
+    if hi < lo:
+        raise r.err("mqtt.reconnect_max_s", f"must be >= reconnect_min_s ({lo:g}), got {hi:g}")
+    return BrokerConfig(
+        url=url, host=parts.hostname, port=port, tls=tls, ca_file=paths.get("ca_file", ""),
+        cert_file=paths.get("cert_file", ""), key_file=paths.get("key_file", ""),
+        username=r.str("mqtt.username") or unquote(parts.username or ""),
+        password=r.str("mqtt.password") or unquote(parts.password or ""),
+        keepalive_s=keepalive,
+        session_expiry_s=r.num("mqtt.session_expiry_s", BrokerConfig.session_expiry_s, 0, 0xFFFFFFFF, integer=True),
+        reconnect_min_s=lo, reconnect_max_s=hi, client_id=r.str("mqtt.client_id"),
+    )
+
+
+def _resolve(value: str, base: Path) -> Path:
+    # Relative paths in a config file are relative to the file, so a config directory can be moved as a whole.
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<config>", base: Path | None = None) -> AgentConfig:
+    """Validate a parsed TOML mapping (sections agent, mqtt, telemetry, api, install) into an AgentConfig."""
+    base = base or Path.cwd()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: must be a TOML table")
+    for section, table in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]; sections are {', '.join(_SECTIONS)}")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        unknown = sorted(set(table) - _SECTIONS[section])
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                              f"[{section}] takes {', '.join(sorted(_SECTIONS[section]))}")
+    r = _Reader(data, source)
+    ids = {}
+    for key in ("agent.device", "agent.fleet"):
+        value = r.get(key)
+        if value is None:
+            raise r.err(key, "is required")
+        try:
+            ids[key] = check_id(key, value)
+        except ValueError as exc:
+            raise r.err(key, str(exc)) from exc
+    data_dir = r.str("agent.data_dir")
+    if not data_dir:
+        raise r.err("agent.data_dir", "is required (where the agent keeps bundles, caches and its queue)")
+    keys = [_resolve(k, base) for k in r.str_list("agent.trusted_keys")]
+    if not keys:
+        raise r.err("agent.trusted_keys", "is required: the public key file(s) or directory whose signatures to trust")
+    for k in keys:
+        if not k.exists():
+            raise r.err("agent.trusted_keys", f"{k} does not exist")
+    targets = tuple(r.str_list("agent.accept_targets"))
+    for t in targets:
+        try:
+            check_id("agent.accept_targets", t)
+        except ValueError as exc:
+            raise r.err("agent.accept_targets", str(exc)) from exc
+    level = r.str("agent.log_level", "info").lower()
+    if level not in _LOG_LEVELS:
+        raise r.err("agent.log_level", f"must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
+    listen = r.str("api.listen", ApiConfig.listen)
+    if listen:
+        _, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise r.err("api.listen", f"must be host:port (port 0 picks a free one) or \"\" to disable, got {listen!r}")
+    return AgentConfig(
+        device=ids["agent.device"],
+        fleet=ids["agent.fleet"],
+        data_dir=_resolve(data_dir, base),
+        trusted_keys=tuple(keys),
+        broker=_parse_broker(r, base),
+        api=ApiConfig(listen=listen, max_body_bytes=r.num("api.max_body_bytes", ApiConfig.max_body_bytes, 1024,
+                                                          1 << 34, integer=True)),
+        profile=r.str("agent.profile", "auto") or "auto",
+        profiles_dirs=tuple(_resolve(d, base) for d in r.str_list("agent.profiles_dirs")),
+        accept_targets=targets,
+        allow_fallback=r.bool("agent.allow_fallback", False),
+        telemetry_interval_s=r.num("telemetry.interval_s", 10.0, 0.1, 3600),
+        spool_max_records=r.num("telemetry.spool_max_records", 10_000, 10, 10_000_000, integer=True),
+        max_bundle_bytes=r.num("install.max_bundle_bytes", AgentConfig.max_bundle_bytes, 1, 1 << 40, integer=True),
+        download_timeout_s=r.num("install.download_timeout_s", 30.0, 0.1, 3600),
+        log_level=level,
+        source=source,
+    )
+
+
+# Flag name -> dotted config key, for ``edgefleet agent run`` overrides.
+FLAG_KEYS = {
+    "device": "agent.device", "fleet": "agent.fleet", "data_dir": "agent.data_dir",
+    "trusted_keys": "agent.trusted_keys",
+    "profile": "agent.profile", "broker": "mqtt.url", "keepalive": "mqtt.keepalive_s",
+    "telemetry_interval": "telemetry.interval_s", "api": "api.listen", "log_level": "agent.log_level",
+}
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None) -> AgentConfig:
+    """Read ``path`` (may be None: flags only), apply ``overrides`` (dotted keys such as ``mqtt.url``), validate."""
+    data: dict[str, dict[str, Any]] = {}
+    source = "<flags>"
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        base = p.resolve().parent
+        try:
+            loaded = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeError) as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in loaded.items()}
+    for dotted, value in (overrides or {}).items():
+        if value is None or value == ():
+            continue
+        section, _, key = dotted.partition(".")
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        table[key] = list(value) if isinstance(value, tuple) else value
+    return parse_config(data, source, base)
+
+
+def with_runtime_port(cfg: AgentConfig, port: int) -> AgentConfig:
+    """The config with the API port actually bound (``api.listen`` may ask for port 0)."""
+    addr = cfg.api.address
+    if addr is None:
+        return cfg
+    return replace(cfg, api=replace(cfg.api, listen=f"{addr[0]}:{port}"))

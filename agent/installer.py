@@ -1,0 +1,265 @@
+"""Install a bundle so the device is never left without a working model.
+
+Steps, in order, each named in the reply when it fails: ``download`` (resume, size cap, sha256) → ``verify``
+(signature and manifest) → ``compatibility`` (target, ONNX Runtime version, providers offered) → ``extract``
+(every hash again, into ``store/<digest>`` via a staging rename) → ``session`` (on the device's provider, building
+the OpenVINO / TensorRT cache into the data dir now, not at the first request) → ``selftest`` (the bundle's
+validation set within its tolerances) → ``activate`` (one atomic pointer write, then the in-memory swap). Until
+``activate`` nothing that serves has changed; a failure or a kill before it leaves the old bundle serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgefleet.sdk.errors import (
+    BundleCompatibilityError,
+    BundleError,
+    EdgefleetError,
+    ModelError,
+    SelfTestError,
+    TransportError,
+)
+
+from .download import fetch
+from .registry import Registry
+from .store import Store
+
+if TYPE_CHECKING:
+    from edgefleet.sdk.keys import TrustedKeys
+    from edgefleet.sdk.runtime import Model
+
+__all__ = ["STEPS", "InstallError", "InstallResult", "Installer"]
+
+log = logging.getLogger("edgefleet.agent.installer")
+STEPS = ("download", "verify", "compatibility", "extract", "session", "selftest", "activate")
+
+
+def _failpoint(name: str) -> None:
+    """Crash-test hook: SIGKILL this process when $EDGEFLEET_AGENT_FAILPOINT names this point (tests only)."""
+    if os.environ.get("EDGEFLEET_AGENT_FAILPOINT") == name:
+        log.warning("failpoint reached: killing the agent", extra={"failpoint": name})
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InstallError(EdgefleetError):
+    """An install step failed; ``step`` names it and ``code`` is the underlying error's code."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        self.step = step
+        self.cause = cause
+        self.code = getattr(cause, "code", "edgefleet")
+        super().__init__(f"{step} failed: {cause}")
+
+
+@dataclass
+class InstallResult:
+    """What an install did, for the reply and the install-time figures."""
+
+    name: str
+    version: str
+    digest: str
+    previous: str | None
+    providers: list[str]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    selftest: dict[str, Any] = field(default_factory=dict)
+    already_active: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the reply."""
+        return dict(self.__dict__)
+
+
+class Installer:
+    """Runs the install steps against one store and registry (one install at a time: the command worker)."""
+
+    def __init__(self, store: Store, registry: Registry, trusted: TrustedKeys, *, targets: tuple[str, ...],
+                 allow_fallback: bool = False, timeout_s: float = 30.0, ca_file: str = "",
+                 max_bundle_bytes: int = 4 << 30, on_step: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.store = store
+        self.registry = registry
+        self.trusted = trusted
+        self.targets = targets
+        self.allow_fallback = allow_fallback
+        self.timeout_s = timeout_s
+        self.ca_file = ca_file
+        self.max_bundle_bytes = max_bundle_bytes
+        self.on_step = on_step or (lambda step, data: None)
+
+    def open_model(self, digest: str, *, verify_files: bool = True) -> Model:
+        """Create the session for an installed bundle, with its provider cache under the data dir."""
+        from edgefleet.sdk.runtime import Model
+
+        return Model.open(self.store.path(digest), self.trusted, verify_files=verify_files,
+                          allow_fallback=self.allow_fallback, cache_dir=self.store.cache_dir(digest))
+
+    def install(self, url: str, sha256: str, size: int) -> InstallResult:
+        """Download, verify, extract, open, self-test and activate; InstallError naming the failing step."""
+        from edgefleet.sdk.bundle import extract_bundle, read_manifest, version_key
+        from edgefleet.sdk.runtime import ort_info
+
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def lap(step: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timings[step] = round((now - t) * 1000.0, 3)
+            t = now
+
+        if size > self.max_bundle_bytes:
+            raise InstallError("download", TransportError(
+                f"bundle is {size} bytes, over install.max_bundle_bytes ({self.max_bundle_bytes})"))
+        part = self.store.download_path(sha256)
+        try:
+            fetch(url, part, size, sha256, timeout_s=self.timeout_s, ca_file=self.ca_file)
+        except TransportError as exc:
+            raise InstallError("download", exc) from exc
+        lap("download")
+        _failpoint("after-download")
+        try:
+            try:
+                vm = read_manifest(part, self.trusted)
+            except BundleError as exc:
+                raise InstallError("verify", exc) from exc
+            m = vm.manifest
+            lap("verify")
+            self.on_step("verified", {"name": m.name, "version": m.version, "digest": vm.digest, "key_id": vm.key_id})
+            try:
+                if m.target not in self.targets:
+                    raise BundleCompatibilityError(
+                        f"bundle {m.name} {m.version} is for target {m.target!r}; this device accepts "
+                        f"{', '.join(repr(x) for x in self.targets)}")
+                ort = ort_info()
+                if version_key(ort.version) < version_key(m.min_ort_version):
+                    raise BundleCompatibilityError(
+                        f"bundle needs ONNX Runtime >= {m.min_ort_version}, this device has {ort.version}")
+                missing = [p.name for p in m.providers if p.name not in ort.providers]
+                if missing and not self.allow_fallback:
+                    raise BundleCompatibilityError(
+                        f"bundle asks for {', '.join(missing)}, but ONNX Runtime {ort.version} ({ort.flavour}) "
+                        f"here offers only {', '.join(ort.providers)}")
+            except BundleCompatibilityError as exc:
+                raise InstallError("compatibility", exc) from exc
+            lap("compatibility")
+            current = self.store.pointers().get(m.name)
+            if current is not None and current.active == vm.digest and self.registry.get(m.name) is not None:
+                model = self.registry.get(m.name)
+                return InstallResult(m.name, m.version, vm.digest, current.previous,
+                                     list(model.placement.serving) if model else [], timings, already_active=True)
+            dest = self.store.path(vm.digest)
+            try:
+                if not dest.exists():
+                    # extract_bundle checks every size and hash again while it writes, into a staging dir it renames
+                    extract_bundle(part, self.trusted, dest)
+            except BundleError as exc:
+                raise InstallError("extract", exc) from exc
+            except OSError as exc:
+                raise InstallError("extract", BundleError(f"cannot write {dest}: {exc.strerror or exc}")) from exc
+            lap("extract")
+            _failpoint("after-extract")
+        finally:
+            # The archive is no longer needed once extracted or refused; a refused one must not be resumed either.
+            part.unlink(missing_ok=True)
+        try:
+            try:
+                model = self.open_model(vm.digest, verify_files=False)
+                model.warmup(1)
+            except EdgefleetError as exc:
+                raise InstallError("session", exc) from exc
+            except Exception as exc:
+                raise InstallError("session", ModelError(f"first run failed: {exc}")) from exc
+            lap("session")
+            self.on_step("session", {"name": m.name, "providers": list(model.placement.serving),
+                                     "session_ms": round(model.session_ms, 3)})
+            try:
+                report = model.self_test()
+            except EdgefleetError as exc:
+                raise InstallError("selftest", exc) from exc
+            if not report.ok:
+                raise InstallError("selftest", SelfTestError(
+                    f"{report.samples} samples on {', '.join(model.placement.serving)}: "
+                    f"{'; '.join(report.to_dict()['failures'])}"))
+            lap("selftest")
+            _failpoint("after-selftest")
+        except InstallError:
+            if vm.digest not in self.store.referenced():
+                self.store.collect()
+            raise
+        try:
+            pointer = self.store.activate(m.name, vm.digest)
+        except OSError as exc:
+            raise InstallError("activate", exc) from exc
+        _failpoint("after-activate")
+        self.registry.put(m.name, model)
+        lap("activate")
+        self.store.collect()
+        log.info("installed", extra={"model": m.name, "version": m.version, "digest": vm.digest,
+                                     "providers": list(model.placement.serving), "timings_ms": timings})
+        return InstallResult(m.name, m.version, vm.digest, pointer.previous, list(model.placement.serving), timings,
+                             report.to_dict())
+
+    def load_all(self) -> list[tuple[str, str, str]]:
+        """At start-up, open every active bundle; a broken one falls back to its previous. Returns problems."""
+        problems: list[tuple[str, str, str]] = []
+        for name, ptr in self.store.pointers().items():
+            try:
+                self.registry.put(name, self.open_model(ptr.active))
+                continue
+            except EdgefleetError as exc:
+                problems.append((name, ptr.active, str(exc)))
+                log.error("active bundle does not open", extra={"model": name, "digest": ptr.active, "error": str(exc)})
+            if ptr.previous is not None:
+                try:
+                    self.registry.put(name, self.open_model(ptr.previous))
+                    self.store.rollback(name)
+                    log.warning("serving the previous bundle instead", extra={"model": name, "digest": ptr.previous})
+                except EdgefleetError as exc:
+                    problems.append((name, ptr.previous, str(exc)))
+        self.registry.ready.set()
+        return problems
+
+    def rollback(self, name: str) -> InstallResult:
+        """Serve ``name``'s previous bundle again (opened and self-tested first); the current one becomes previous."""
+        ptr = self.store.pointers().get(name)
+        if ptr is None or ptr.previous is None:
+            raise InstallError("rollback", KeyError(f"model {name!r} has no previous bundle to roll back to"))
+        try:
+            model = self.open_model(ptr.previous)
+            report = model.self_test()
+        except EdgefleetError as exc:
+            raise InstallError("session", exc) from exc
+        if not report.ok:
+            raise InstallError("selftest", SelfTestError("; ".join(report.to_dict()["failures"])))
+        new = self.store.rollback(name)
+        self.registry.put(name, model)
+        return InstallResult(name, model.version, new.active, new.previous, list(model.placement.serving),
+                             selftest=report.to_dict())
+
+    def remove(self, name: str) -> str:
+        """Stop serving ``name`` and delete its bundles; returns the digest that was active."""
+        try:
+            ptr = self.store.remove(name)
+        except KeyError:
+            raise InstallError("remove", KeyError(f"no model named {name!r} is installed")) from None
+        self.registry.pop(name)
+        self.store.collect()
+        return ptr.active
+
+
+def bundle_file(path: Path) -> tuple[str, int]:
+    """sha256 and size of a local bundle file (for building deploy commands in tests and tools)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest(), path.stat().st_size

@@ -1,0 +1,179 @@
+"""The agent's MQTT link: paho-mqtt 2.x, MQTT 5, a persistent session, Last Will and retained birth.
+
+* Last Will: retained ``status`` = offline, set before every connect, so a dead device shows offline within 1.5×
+  keepalive (the broker's keepalive timeout).
+* Birth: on every CONNACK a retained ``status`` = online with the device description.
+* Persistent session: ``clean_start=False`` and a Session Expiry Interval, with a stable client id, so QoS 1
+  commands sent while the device is offline are queued by the broker and delivered on reconnect.
+* Reconnect: our own network loop, with exponential backoff and jitter (half fixed, half random) so a fleet that
+  lost its broker does not reconnect in lock-step.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from edgefleet.sdk import protocol
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .config import BrokerConfig
+
+__all__ = ["MqttLink", "backoff_delay"]
+
+log = logging.getLogger("edgefleet.agent.mqtt")
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random | None = None) -> float:
+    """Delay before reconnect attempt ``attempt`` (0-based): min(hi, lo·2^n), half fixed and half random."""
+    cap = min(hi, lo * (2 ** min(attempt, 30)))
+    return cap / 2 + (rng or random).uniform(0, cap / 2)
+
+
+class MqttLink:
+    """One MQTT connection for one device: status, command subscription, publishing."""
+
+    def __init__(self, broker: BrokerConfig, fleet: str, device: str, boot: str, *,
+                 describe: Callable[[], dict[str, Any]], on_command: Callable[[paho.MQTTMessage], None],
+                 on_connected: Callable[[bool], None] | None = None,
+                 on_published: Callable[[], None] | None = None) -> None:
+        self.broker = broker
+        self.fleet = fleet
+        self.device = device
+        self.boot = boot
+        self.describe = describe
+        self.on_command = on_command
+        self.on_connected = on_connected or (lambda up: None)
+        self.on_published = on_published or (lambda: None)
+        self.connected = threading.Event()
+        self.connects = 0
+        self._stop = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        client_id = broker.client_id or f"edgefleet-{fleet}-{device}"
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        if broker.username:
+            c.username_pw_set(broker.username, broker.password or None)
+        if broker.tls:
+            c.tls_set(ca_certs=broker.ca_file or None, certfile=broker.cert_file or None,
+                      keyfile=broker.key_file or None)
+        # The will goes in the CONNECT packet: set it before connecting (and it stays for every reconnect).
+        offline = protocol.encode(protocol.status(device, "offline", boot=boot, reason="connection lost"))
+        c.will_set(self.topic("status"), offline, qos=1, retain=True)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = broker.session_expiry_s
+        c.connect_async(broker.host, broker.port, keepalive=broker.keepalive_s, clean_start=False, properties=props)
+        self.client = c
+
+    def topic(self, channel: str) -> str:
+        """This device's topic for ``channel``."""
+        return protocol.topic(self.fleet, self.device, channel)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background (and keep reconnecting)."""
+        self._thread.start()
+
+    def stop(self, reason: str = "shutdown", timeout: float = 3.0) -> None:
+        """Publish a retained offline status, disconnect cleanly (no will) and stop the network thread."""
+        self._closing = True
+        if self.connected.is_set():
+            payload = protocol.encode(protocol.status(self.device, "offline", boot=self.boot, reason=reason))
+            info = self.client.publish(self.topic("status"), payload, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("offline status not acknowledged", extra={"error": str(exc)})
+            self.client.disconnect()
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                self.client.reconnect()
+            except (OSError, ValueError) as exc:
+                delay = backoff_delay(attempt, self.broker.reconnect_min_s, self.broker.reconnect_max_s)
+                log.warning("broker unreachable", extra={"broker": self.broker.url, "error": str(exc),
+                                                         "retry_in_s": round(delay, 2)})
+                attempt += 1
+                self._stop.wait(delay)
+                continue
+            connects = self.connects
+            while not self._stop.is_set():
+                rc = self.client.loop(timeout=0.2)
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    break
+            if self._stop.is_set():
+                break
+            attempt = 0 if self.connects > connects else attempt + 1
+            delay = backoff_delay(attempt, self.broker.reconnect_min_s, self.broker.reconnect_max_s)
+            log.warning("connection lost", extra={"broker": self.broker.url, "retry_in_s": round(delay, 2)})
+            self._stop.wait(delay)
+
+    # -- publishing ---------------------------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, props: dict[str, Any] | None = None, *,
+                retain: bool = False) -> paho.MQTTMessageInfo | None:
+        """Publish at QoS 1; paho's message info, or None when not connected (the caller keeps the message)."""
+        if not self.connected.is_set():
+            return None
+        p = Properties(PacketTypes.PUBLISH)
+        p.ContentType = "application/json"
+        if props and props.get("correlation"):
+            p.CorrelationData = bytes.fromhex(props["correlation"])
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=p)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            return None
+        # NO_CONN still queues a QoS 1 message inside paho, which sends it after reconnecting: keep tracking it.
+        return info
+
+    # -- callbacks (paho network thread) ------------------------------------------------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection", extra={"reason": str(reason)})
+            return
+        self.connects += 1
+        client.subscribe(self.topic("cmd"), qos=1)
+        birth = protocol.status(self.device, "online", boot=self.boot, description=self.describe())
+        client.publish(self.topic("status"), protocol.encode(birth), qos=1, retain=True)
+        self.connected.set()
+        log.info("connected", extra={"broker": self.broker.url, "session_present": bool(flags.session_present)})
+        self.on_connected(True)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connected.clear()
+        if not self._closing:
+            log.warning("disconnected", extra={"reason": str(reason)})
+        self.on_connected(False)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        # Runs before paho sends the PUBACK: whatever on_command stores on disk is safe once the broker drops it.
+        try:
+            self.on_command(message)
+        except Exception:
+            log.exception("command handling failed", extra={"topic": message.topic})
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker refused a message", extra={"mid": mid, "reason": str(reason)})
+        self.on_published()
+
+    def republish_status(self) -> None:
+        """Publish the birth message again (the description changed: a model was installed or removed)."""
+        if self.connected.is_set():
+            birth = protocol.status(self.device, "online", boot=self.boot, description=self.describe())
+            self.client.publish(self.topic("status"), protocol.encode(birth), qos=1, retain=True)
