@@ -125,17 +125,20 @@ class CheckModel(Step):
         if not model.is_file():
             raise InputError(f"model {model} does not exist")
         ext = check_external_data(model)
+        head = onnx.load(str(model), load_external_data=False)
+        opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), None)
+        newest = config.max_opset or onnx.defs.onnx_opset_version()
+        if opset is None:
+            raise InputError(f"{model}: no default-domain opset import")
+        # Before the checker: an opset from the future would otherwise surface as a confusing checker message.
+        if not MIN_OPSET <= opset <= newest:
+            raise InputError(f"{model}: opset {opset} is not supported "
+                             f"(this packager takes opset {MIN_OPSET}..{newest})")
         try:
             onnx.checker.check_model(str(model), full_check=False)
         except onnx.checker.ValidationError as exc:
             raise InputError(f"{model}: invalid ONNX model: {str(exc).splitlines()[0]}") from exc
         proto = _load(model)
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-        newest = config.max_opset or onnx.defs.onnx_opset_version()
-        if opset is None:
-            raise InputError(f"{model}: no default-domain opset import")
-        if not MIN_OPSET <= opset <= newest:
-            raise InputError(f"{model}: opset {opset} is not supported (this packager takes opset {MIN_OPSET}..{newest})")
         try:
             proto = shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
         except Exception as exc:  # noqa: BLE001 - inference is best effort; the checker already passed

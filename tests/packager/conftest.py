@@ -1,0 +1,37 @@
+"""Fixtures for packager tests: small models built with onnx.helper, real photos, real shipped models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from packager_models import encoder_samples, make_convnet, make_encoder, photo_samples
+
+
+@pytest.fixture(scope="session")
+def convnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64x64 RGB conv classifier (opset 17)."""
+    return make_convnet(tmp_path_factory.mktemp("convnet") / "convnet.onnx")
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[dict[str, np.ndarray]]:
+    """12 real photos (skimage.data) as convnet inputs."""
+    return photo_samples(12, 64)
+
+
+@pytest.fixture(scope="session")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-layer BERT-style encoder."""
+    return make_encoder(tmp_path_factory.mktemp("encoder") / "encoder.onnx")
+
+
+@pytest.fixture(scope="session")
+def encoder_data() -> list[dict[str, np.ndarray]]:
+    """Embedding-like encoder inputs."""
+    return encoder_samples(10)

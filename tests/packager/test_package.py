@@ -1,0 +1,229 @@
+"""package(): real ORT sessions on test-built and real shipped models; bundles verify, load, run and self-test."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from edgefleet.devices.profile import get_profile
+from edgefleet.packager import PackageOptions, package
+from edgefleet.packager.plan import offline_level
+from edgefleet.sdk.bundle import extract_bundle, verify_bundle
+from edgefleet.sdk.errors import AccuracyBudgetError, ConfigError, InputError
+from edgefleet.sdk.runtime import Model
+from packager_models import shipped_model
+
+FAST = PackageOptions(latency_rounds=3)
+NO_TIMING = PackageOptions(measure=False)
+
+
+def _open(bundle: Path, trusted, tmp_path: Path) -> Model:
+    dest = tmp_path / f"x-{bundle.stem}"
+    extract_bundle(bundle, trusted, dest)
+    return Model.open(dest, trusted, cache_dir=tmp_path / "cache")
+
+
+def _bundle_model(bundle: Path) -> onnx.ModelProto:
+    with tarfile.open(bundle) as tf:
+        data = tf.extractfile("model/model.onnx").read()  # type: ignore[union-attr]
+    return onnx.load_from_string(data)
+
+
+def test_package_x86_cpu_bundle_verifies_loads_and_passes_self_test(convnet, photos, signing_key, trusted, tmp_path):
+    [res] = package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path / "out", calibration=photos[:8],
+                    validation=photos[8:], options=FAST)
+    assert res.path == tmp_path / "out" / "convnet-1.0.0-x86-cpu-vnni.efb"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [res.path.name]
+    vm = verify_bundle(res.path, trusted)
+    assert vm.manifest.target == "x86-cpu-vnni" and vm.manifest.validation.samples == 4
+    model = _open(res.path, trusted, tmp_path)
+    report = model.self_test()
+    assert report.ok, report.to_dict()
+    assert model.placement.serving == ("CPUExecutionProvider",)
+    # the choice is the fastest measured candidate within budget (or one within timing noise of it)
+    rep = res.report
+    ok = [c for c in rep["candidates"] if c["within_budget"]]
+    chosen = next(c for c in rep["candidates"] if c["name"] == rep["chosen"]["name"])
+    assert chosen["within_budget"] and chosen["latency_ms"] <= 1.031 * min(c["latency_ms"] for c in ok)
+    assert vm.manifest.precision == chosen["precision"]
+    assert {c["name"] for c in rep["candidates"]} >= {"int8-static", "fp32"}
+    assert rep["measured_here"] is True and rep["not_measured"] == []
+    assert rep["data"]["calibration_samples"] == 8 and rep["data"]["validation_samples"] == 4
+
+
+def test_package_report_is_in_the_bundle_and_matches(convnet, photos, signing_key, trusted, tmp_path):
+    [res] = package(convnet, ["x86-cpu"], key=signing_key, out_dir=tmp_path, calibration=photos[:8], options=FAST)
+    with tarfile.open(res.path) as tf:
+        inside = json.loads(tf.extractfile("report.json").read())  # type: ignore[union-attr]
+    assert inside["chosen"] == res.report["chosen"]
+    assert [s["step"] for s in inside["base_steps"]] == ["check", "optimize"]
+    assert inside["sizes"]["original"] == convnet.stat().st_size
+    assert all("latency_ms" in c and "accuracy" in c for c in inside["candidates"])
+
+
+def test_package_picks_int8_when_it_fits(convnet, photos, signing_key, trusted, tmp_path):
+    [res] = package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
+                    validation=photos[8:], precision="int8", options=FAST)
+    assert res.manifest.precision == "int8"
+    ops = {n.op_type for n in _bundle_model(res.path).graph.node}
+    assert ops & {"QLinearConv", "DequantizeLinear", "QuantizeLinear"}, ops
+    assert _open(res.path, trusted, tmp_path).self_test().ok
+
+
+def test_package_auto_without_timing_takes_first_candidate_within_budget(convnet, photos, signing_key, tmp_path):
+    [res] = package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
+                    validation=photos[8:], options=NO_TIMING)
+    assert res.report["chosen"]["name"] == "int8-static"
+    assert "latency not measured" in res.report["chosen"]["why"]
+    assert all(c["latency_ms"] is None for c in res.report["candidates"])
+
+
+def test_package_auto_falls_back_to_fp32_when_int8_is_over_budget(convnet, photos, signing_key, trusted, tmp_path):
+    [res] = package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
+                    validation=photos[8:], budget=["cosine=0.9999999"], options=NO_TIMING)
+    assert res.manifest.precision == "fp32"
+    int8 = [c for c in res.report["candidates"] if c["precision"] == "int8"]
+    assert int8 and not any(c["within_budget"] for c in int8)
+    assert any("-excl" in c["name"] for c in int8)  # sensitive nodes were excluded before INT8 was given up
+
+
+def test_package_refuses_int8_when_budget_too_tight_listing_every_candidate(convnet, photos, signing_key, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(AccuracyBudgetError) as err:
+        package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=out, calibration=photos[:8],
+                validation=photos[8:], precision="int8", budget=["cosine=0.9999999"], options=NO_TIMING)
+    msg = str(err.value)
+    assert "no candidate within the accuracy budget" in msg and "cosine >= 0.9999999" in msg
+    assert "int8-static: OVER budget" in msg and "int8-static-excl" in msg
+    assert list(out.iterdir()) == []
+
+
+def test_package_static_int8_without_calibration_is_refused(convnet, signing_key, tmp_path):
+    with pytest.raises(ConfigError, match="static INT8 for x86-cpu-vnni needs calibration data"):
+        package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path / "out", precision="int8")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_package_unknown_target_is_refused(convnet, signing_key, tmp_path):
+    with pytest.raises(ConfigError, match="unknown target 'toaster'"):
+        package(convnet, ["toaster"], key=signing_key, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_package_writes_nothing_when_a_later_target_fails(convnet, photos, signing_key, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="apple-silicon does not support precision 'int8'"):
+        package(convnet, ["x86-cpu-vnni", "apple-silicon"], key=signing_key, out_dir=out, calibration=photos[:8],
+                precision="int8", options=NO_TIMING)
+    assert list(out.iterdir()) == []
+
+
+def test_package_wrong_calibration_shape_is_refused(convnet, signing_key, tmp_path):
+    bad = [{"image": np.zeros((1, 3, 32, 32), np.float32)} for _ in range(8)]
+    with pytest.raises(InputError, match="dim 2 must be 64"):
+        package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path / "out", calibration=bad)
+
+
+def test_package_too_few_calibration_samples_is_refused(convnet, photos, signing_key, tmp_path):
+    with pytest.raises(InputError, match="at least 8 needed"):
+        package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path / "out", calibration=photos[:3])
+
+
+def test_package_without_key_is_refused(convnet, tmp_path):
+    with pytest.raises(ConfigError, match="no signing key"):
+        package(convnet, ["x86-cpu-vnni"], key=None, out_dir=tmp_path / "out")
+
+
+def test_package_nvidia_gpu_bundle_built_not_run(convnet, photos, signing_key, trusted, tmp_path):
+    [res] = package(convnet, ["nvidia-gpu"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
+                    validation=photos[8:])
+    m = verify_bundle(res.path, trusted).manifest
+    assert [p.name for p in m.providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                             "CPUExecutionProvider"]
+    trt = dict(m.providers[0].options)
+    assert m.precision == "fp16" and trt["trt_fp16_enable"] == "True"
+    assert trt["trt_engine_cache_path"] == "{cache_dir}/trt" and trt["trt_timing_cache_enable"] == "True"
+    assert trt["trt_profile_min_shapes"] == "image:1x3x64x64"
+    assert trt["trt_profile_opt_shapes"] == "image:1x3x64x64"
+    assert trt["trt_profile_max_shapes"] == "image:8x3x64x64"
+    # FP16 on TensorRT is a builder flag: the weights in the bundle stay FP32
+    weights = {i.data_type for i in _bundle_model(res.path).graph.initializer if i.name.endswith(".w")}
+    assert weights == {onnx.TensorProto.FLOAT}
+    assert m.session.graph_optimization_level == "basic"
+    assert "TensorrtExecutionProvider is not available" in res.report["not_measured"][0]
+    fp16 = next(c for c in res.report["candidates"] if c["name"] == "fp16")
+    assert fp16["accuracy_on"].startswith("CPU EP stand-in") and fp16["within_budget"]
+
+
+def test_package_jetson_orin_int8_bundle_built_not_run_is_symmetric_s8s8(convnet, photos, signing_key, trusted,
+                                                                          tmp_path):
+    [res] = package(convnet, ["jetson-orin"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
+                    validation=photos[8:], precision="int8")
+    m = verify_bundle(res.path, trusted).manifest
+    assert m.precision == "int8" and m.providers[0].name == "TensorrtExecutionProvider"
+    model = _bundle_model(res.path)
+    zero_points = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert zero_points
+    # TensorRT takes only symmetric signed INT8: every activation zero point is an int8 zero
+    assert all(inits[z].dtype == np.int8 and not inits[z].any() for z in zero_points)
+
+
+def test_package_apple_silicon_bundle_built_not_run_is_fp16_with_fp32_io(convnet, photos, signing_key, trusted,
+                                                                       tmp_path):
+    [res] = package(convnet, ["apple-silicon"], key=signing_key, out_dir=tmp_path, validation=photos[8:])
+    m = verify_bundle(res.path, trusted).manifest
+    assert m.precision == "fp16" and m.providers[0].name == "CoreMLExecutionProvider"
+    assert dict(m.providers[0].options)["ModelFormat"] == "MLProgram"
+    assert m.inputs[0].dtype == "float32" and m.outputs[0].dtype == "float32"
+    weights = {i.data_type for i in _bundle_model(res.path).graph.initializer if i.name.endswith(".w")}
+    assert weights == {onnx.TensorProto.FLOAT16}
+
+
+def test_package_transformer_is_fused_and_tries_dynamic_int8_first(encoder, encoder_data, signing_key, trusted,
+                                                                    tmp_path):
+    import onnxruntime as ort
+
+    [res] = package(encoder, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path, calibration=encoder_data[:8],
+                    validation=encoder_data[8:], options=FAST)
+    fuse = next(s for s in res.report["base_steps"] if s["step"] == "fuse_transformer")
+    assert fuse["notes"]["fused"]["Attention"] == 2
+    assert res.report["candidates"][0]["name"] == "int8-dynamic"
+    major, minor = ort.__version__.split(".")[:2]
+    assert res.manifest.min_ort_version == f"{major}.{minor}.0"  # contrib ops: needs an ORT as new as the builder's
+    assert _open(res.path, trusted, tmp_path).self_test().ok
+
+
+def test_offline_level_is_layout_only_for_the_hosts_own_cpu_class():
+    vnni, avx2, ov = get_profile("x86-cpu-vnni"), get_profile("x86-cpu"), get_profile("intel-openvino-cpu")
+    assert offline_level(vnni, "x86-cpu-vnni")[0] == "all"
+    level, why = offline_level(avx2, "x86-cpu-vnni")
+    assert level == "extended" and "tied to the build host's ISA" in why
+    assert offline_level(ov, "x86-cpu-vnni")[0] == "basic"
+
+
+def test_package_magika_real_model_keeps_top1(signing_key, trusted, tmp_path):
+    from packager_models import magika_samples
+
+    data = magika_samples(12)
+    [res] = package(shipped_model("magika"), ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path, name="magika",
+                    calibration=data[:8], validation=data[8:], options=FAST)
+    assert res.path.name == "magika-1.0.0-x86-cpu-vnni.efb"
+    chosen = next(c for c in res.report["candidates"] if c["name"] == res.report["chosen"]["name"])
+    assert chosen["accuracy"]["outputs"][0]["top1"] == 1.0
+    assert _open(res.path, trusted, tmp_path).self_test().ok
+
+
+def test_package_silero_vad_real_model_runs_and_self_tests(signing_key, trusted, tmp_path):
+    from packager_models import silero_samples
+
+    data = silero_samples(10)
+    [res] = package(shipped_model("silero-vad"), ["x86-cpu"], key=signing_key, out_dir=tmp_path, name="silero-vad",
+                    calibration=data[:8], validation=data[8:], options=FAST)
+    m = _open(res.path, trusted, tmp_path)
+    assert [t.name for t in m.manifest.inputs] == ["input", "state", "sr"]
+    assert m.self_test().ok
