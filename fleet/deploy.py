@@ -19,7 +19,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -104,6 +103,7 @@ class StoredBundle:
 
     @property
     def filename(self) -> str:
+        """The file name it is stored and served under."""
         return f"{self.sha256}.efb"
 
 
@@ -121,8 +121,11 @@ class BundleLibrary:
             raise InputError(f"bundle id must be 64 lowercase hex digits, got {sha256[:70]!r}")
         return self.root / f"{sha256}.efb"
 
-    def add(self, source: str | Path) -> StoredBundle:
-        """Verify a bundle completely (signature by a trusted key, manifest, sizes, hashes), then store it."""
+    def add(self, source: str | Path, label: str | None = None) -> StoredBundle:
+        """Verify a bundle completely (signature by a trusted key, manifest, sizes, hashes), then store it.
+
+        ``label`` names the bundle in error messages (default: the source path).
+        """
         src = Path(source)
         if len(self.trusted) == 0:
             raise BundleError("the controller trusts no signing keys (--trust): it cannot verify any bundle")
@@ -136,7 +139,11 @@ class BundleLibrary:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            vm = verify_bundle(tmp, self.trusted)
+            try:
+                vm = verify_bundle(tmp, self.trusted)
+            except BundleError as exc:
+                # Name what the operator gave us, not the controller's private temporary copy.
+                raise type(exc)(str(exc).replace(str(tmp), label or str(src))) from exc
             sha = h.hexdigest()
             os.replace(tmp, self.path(sha))
         except BaseException:
@@ -453,9 +460,3 @@ class Deployer:
             verdicts.append(compare(label, baseline, new[sha], policy))
         return verdicts
 
-
-def copy_bundle(src: str | Path, dst_dir: str | Path) -> Path:
-    """Copy a bundle into a directory (helper for the CLI's offline checks)."""
-    out = Path(dst_dir) / Path(src).name
-    shutil.copyfile(src, out)
-    return out

@@ -223,7 +223,7 @@ async def api_upload_bundle(request: web.Request) -> web.Response:
                 fh.write(chunk)
         if size == 0:
             raise InputError("empty upload: send the bundle file as the request body")
-        stored = await _run(library.add, tmp)
+        stored = await _run(library.add, tmp, "uploaded bundle")
     finally:
         Path(tmp).unlink(missing_ok=True)
     return _json({"sha256": stored.sha256, "size": stored.size, "name": stored.name, "version": stored.version,

@@ -1,0 +1,262 @@
+"""CLI: ``edgefleet fleet serve|top|simulate`` and ``edgefleet deploy``, ``deployments``, ``rollback``.
+
+``deploy``, ``deployments`` and ``rollback`` are thin clients of a running controller's HTTP API (``--controller``):
+the controller holds the trusted keys, verifies bundles and drives rollouts, so any operator machine can use them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgefleet.sdk.errors import EdgefleetError, InputError, TransportError
+
+__all__ = ["deploy", "deployments", "fleet", "rollback"]
+
+_DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
+_controller_option = click.option("--controller", default=_DEFAULT_CONTROLLER, show_default=True,
+                                  envvar="EDGEFLEET_CONTROLLER", help="Base URL of a running controller.")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+
+
+def _fraction(value: str, what: str) -> float:
+    """``20%`` → 0.2; ``0.2`` → 0.2."""
+    v = value.strip()
+    try:
+        return float(v[:-1]) / 100.0 if v.endswith("%") else float(v)
+    except ValueError:
+        raise click.BadParameter(f"{what} must be a fraction like 0.2 or a percentage like 20%, got {value!r}") from None
+
+
+def _percent(value: str) -> float:
+    """``10%`` or ``10`` → 10.0 (percent of devices)."""
+    v = value.strip().rstrip("%")
+    try:
+        return float(v)
+    except ValueError:
+        raise click.BadParameter(f"canary must be a percentage like 10%, got {value!r}") from None
+
+
+def _request(base: str, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
+             timeout_s: float = 120.0) -> Any:
+    req = urllib.request.Request(base.rstrip("/") + path, data=body, method=method,
+                                 headers={"Content-Type": content_type} if body is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            msg = ""
+        raise InputError(f"controller refused ({exc.code}): {msg or exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise TransportError(f"cannot reach the controller at {base}: {getattr(exc, 'reason', exc)}") from exc
+
+
+# -- fleet group ----------------------------------------------------------------------------------------------------
+
+@click.group()
+def fleet() -> None:
+    """Run the fleet controller, watch the fleet live, simulate devices."""
+
+
+@fleet.command("serve")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL (mqtt:// or mqtts://).")
+@click.option("--db", default="edgefleet-fleet.db", show_default=True, help="SQLite file (shared by controllers on one host).")
+@click.option("--http", "http_addr", default="127.0.0.1:8080", show_default=True, help="HOST:PORT for the dashboard and API.")
+@click.option("--bundles", "bundles_dir", default="edgefleet-bundles", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Directory of verified bundles served to agents.")
+@click.option("--trust", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Trusted public key file or directory of *.pub (repeatable); bundles must be signed by one.")
+@click.option("--fleet", "fleet_id", default="default", show_default=True, help="Fleet id (topic level).")
+@click.option("--client-id", default="", help="MQTT client id (default: stable per host and db, for the session).")
+@click.option("--share-group", default="edgefleet", show_default=True,
+              help="Shared-subscription group: controllers in one group split the ingest.")
+@click.option("--public-url", default="", help="Base URL agents download bundles from (default: http://HOST:PORT).")
+def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...], fleet_id: str,
+          client_id: str, share_group: str, public_url: str) -> None:
+    """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads."""
+    from .controller import Controller, ControllerConfig
+
+    host, _, port = http_addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"--http must be HOST:PORT, got {http_addr!r}")
+    cfg = ControllerConfig(broker=broker, db=db, fleet=fleet_id, http_host=host, http_port=int(port),
+                           bundles_dir=bundles_dir, trust=list(trust), client_id=client_id, share_group=share_group,
+                           public_url=public_url)
+    ctl = Controller(cfg)
+    click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {db}", err=True)
+    ctl.serve_forever()
+
+
+@fleet.command("top")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL.")
+@click.option("--fleet", "fleet_id", default="default", show_default=True, help="Fleet id.")
+@click.option("--duration", type=float, default=None, help="Exit after this many seconds (default: until Ctrl-C).")
+@click.option("--sort", "sort_key", type=click.Choice(["device", "p95", "p99", "throughput", "errors", "last_seen"]),
+              default="device", show_default=True, help="Column to sort by (latency/errors descending).")
+@click.option("--limit", type=int, default=50, show_default=True, help="Rows shown.")
+def top(broker: str, fleet_id: str, duration: float | None, sort_key: str, limit: int) -> None:
+    """A live terminal view of the fleet straight from MQTT (no controller needed)."""
+    from .top import run_top
+
+    run_top(broker, fleet_id, duration_s=duration, sort_key=sort_key, limit=limit)
+
+
+@fleet.command("simulate")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL.")
+@click.option("--fleet", "fleet_id", default="default", show_default=True, help="Fleet id.")
+@click.option("--devices", "n", type=click.IntRange(1, 100_000), default=10, show_default=True, help="How many devices.")
+@click.option("--interval", type=click.FloatRange(0.01, 3600), default=1.0, show_default=True,
+              help="Seconds between telemetry records of each device.")
+@click.option("--profiles", default="", help="Comma-separated profiles to cycle through (default: all).")
+@click.option("--prefix", default="sim", show_default=True, help="Device id prefix.")
+@click.option("--model", default="detector", show_default=True, help="Model name the devices report.")
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Model version they start with.")
+@click.option("--tag", "tags", multiple=True, help="Tag every device (repeatable).")
+@click.option("--slow", multiple=True, help="VERSION=FACTOR: that version's latency is FACTOR times slower.")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+def simulate(broker: str, fleet_id: str, n: int, interval: float, profiles: str, prefix: str, model: str,
+             version: str, tags: tuple[str, ...], slow: tuple[str, ...], duration: float | None) -> None:
+    """Simulated devices publishing realistic telemetry (and answering deploy/rollback) to a real broker."""
+    from .simulate import PROFILE_LATENCY_MS, Simulator, make_devices
+
+    profs = [p.strip() for p in profiles.split(",") if p.strip()] or None
+    for p in profs or []:
+        if p not in PROFILE_LATENCY_MS:
+            raise click.BadParameter(f"unknown profile {p!r}; known: {', '.join(PROFILE_LATENCY_MS)}")
+    factors = {}
+    for s in slow:
+        v, _, f = s.partition("=")
+        try:
+            factors[v] = float(f)
+        except ValueError:
+            raise click.BadParameter(f"--slow must be VERSION=FACTOR, got {s!r}") from None
+    sim = Simulator(broker, fleet_id, make_devices(n, prefix=prefix, profiles=profs, model=model, version=version,
+                                                  tags=list(tags)), interval_s=interval, slow=factors)
+    sim.start()
+    click.echo(f"simulating {n} devices in fleet {fleet_id} every {interval:g} s (Ctrl-C to stop)", err=True)
+    t = sim.run_telemetry(duration_s=duration)
+    try:
+        while t.is_alive():
+            t.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+    click.echo(f"published {sim.sent} telemetry records", err=True)
+
+
+# -- deployments ----------------------------------------------------------------------------------------------------
+
+def _print_deployment(dep: dict[str, Any]) -> None:
+    b = ", ".join(f"{x['name']} {x['version']} ({x['target']})" for x in dep["bundles"])
+    click.echo(f"deployment {dep['id']}: {dep['state']}  {b}")
+    click.echo(f"  to {','.join(dep['selector'])}  canary {dep['canary_pct']:g}%  "
+               f"max p95 regression {dep['max_p95_regression']:.0%}")
+    if dep.get("message"):
+        click.echo(f"  {dep['message']}")
+    prog = dep.get("progress") or {}
+    click.echo("  " + "  ".join(f"{k}: {v}" for k, v in sorted(prog.items())))
+    for t in dep.get("targets", []):
+        extra = f"  ({t['reason']})" if t.get("reason") else ""
+        ver = f"{t['previous_version'] or '-'} → {t['version']}" if t["version"] else "-"
+        click.echo(f"  {t['device']:<24} {t['profile']:<20} {t['phase']:<7} {t['state']:<12} {ver}{extra}")
+
+
+@click.command("deploy")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--to", "to", multiple=True, required=True,
+              help="Devices: ids, tag:NAME, profile:NAME or all (repeatable or comma-separated).")
+@click.option("--canary", default="0", show_default=True, help="Percent of devices that install first, e.g. 10%.")
+@click.option("--max-p95-regression", default="20%", show_default=True, help="Halt if canary p95 rises by more.")
+@click.option("--max-error-increase", default="1%", show_default=True, help="Halt if the error rate rises by more.")
+@click.option("--observe", "observe_s", type=float, default=60.0, show_default=True,
+              help="Seconds of canary telemetry to collect before judging.")
+@click.option("--min-samples", type=int, default=200, show_default=True, help="Canary requests needed to judge.")
+@click.option("--wait/--no-wait", default=False, help="Wait until the deployment finishes and show it.")
+@_controller_option
+@_json_option
+def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_regression: str,
+           max_error_increase: str, observe_s: float, min_samples: int, wait: bool, controller: str,
+           as_json: bool) -> None:
+    """Deploy BUNDLES (one per target profile) to the selected devices, optionally staged with canaries.
+
+    Each selected device gets the bundle whose target is its profile, or is listed as having none. The controller
+    verifies every bundle with its trusted keys before anything is sent.
+    """
+    ids = []
+    for b in bundles:
+        up = _request(controller, "POST", "/api/bundles", b.read_bytes(), "application/octet-stream")
+        ids.append(up["sha256"])
+        if not as_json:
+            click.echo(f"uploaded {b.name}: {up['name']} {up['version']} for {up['target']} (signed by {up['key_id']})")
+    body = {"bundles": ids, "to": list(to), "canary": _percent(canary),
+            "max_p95_regression": _fraction(max_p95_regression, "--max-p95-regression"),
+            "max_error_increase": _fraction(max_error_increase, "--max-error-increase"),
+            "observe_s": observe_s, "min_samples": min_samples}
+    dep = _request(controller, "POST", "/api/deployments", json.dumps(body).encode())
+    if wait:
+        while dep["state"] in ("canary", "observing", "rolling-out"):
+            time.sleep(1.0)
+            dep = _request(controller, "GET", f"/api/deployments/{dep['id']}")
+    if as_json:
+        click.echo(json.dumps(dep, indent=2))
+    else:
+        _print_deployment(dep)
+
+
+@click.group("deployments")
+def deployments() -> None:
+    """List and show deployments of a running controller."""
+
+
+@deployments.command("list")
+@_controller_option
+@_json_option
+def deployments_list(controller: str, as_json: bool) -> None:
+    """Deployments, newest first, with per-state device counts."""
+    deps = _request(controller, "GET", "/api/deployments")["deployments"]
+    if as_json:
+        click.echo(json.dumps(deps, indent=2))
+        return
+    if not deps:
+        click.echo("no deployments")
+    for d in deps:
+        b = ", ".join(f"{x['name']} {x['version']}" for x in d["bundles"])
+        prog = " ".join(f"{k}={v}" for k, v in sorted(d["progress"].items()))
+        click.echo(f"{d['id']}  {d['state']:<12} {b:<30} {prog}")
+
+
+@deployments.command("show")
+@click.argument("dep_id")
+@_controller_option
+@_json_option
+def deployments_show(dep_id: str, controller: str, as_json: bool) -> None:
+    """One deployment: policy, canary decision and every device's state."""
+    dep = _request(controller, "GET", f"/api/deployments/{urllib.request.quote(dep_id)}")
+    if as_json:
+        click.echo(json.dumps(dep, indent=2))
+    else:
+        _print_deployment(dep)
+
+
+@click.command("rollback")
+@click.argument("dep_id")
+@click.option("--device", "devices", multiple=True, help="Only these devices (default: every active one).")
+@_controller_option
+def rollback(dep_id: str, devices: tuple[str, ...], controller: str) -> None:
+    """Roll the devices of deployment DEP_ID back to the bundle they ran before."""
+    body = json.dumps({"devices": list(devices)} if devices else {}).encode()
+    res = _request(controller, "POST", f"/api/deployments/{urllib.request.quote(dep_id)}/rollback", body)
+    sent = res["rollback_sent"]
+    if not sent:
+        raise EdgefleetError(f"no active device in deployment {dep_id} to roll back")
+    click.echo(f"rollback sent to {len(sent)} device(s): {', '.join(sent)}")

@@ -1,0 +1,204 @@
+// edgefleet dashboard: plain JS, no build step. Data from the controller's REST API, live updates over SSE.
+// The table renders one page of the sorted, filtered rows, so 10,000 devices cost one page of DOM, not 10,000 rows.
+"use strict";
+
+const PAGE = 100;
+const state = {
+  devices: new Map(),   // device id -> row from /api/devices
+  sortKey: "device", asc: true, filter: "", page: 0,
+  selected: null, chart: null, chartData: null,
+  flash: new Set(), renderQueued: false, lastRefresh: 0,
+};
+const $ = (sel) => document.querySelector(sel);
+
+function fmt(v, digits = 2) { return v === null || v === undefined ? "–" : Number(v).toFixed(digits); }
+function ago(ts) {
+  if (!ts) return "–";
+  const s = Math.max(0, Date.now() / 1000 - ts);
+  return s < 60 ? `${s.toFixed(0)}s` : s < 3600 ? `${(s / 60).toFixed(0)}m` : `${(s / 3600).toFixed(1)}h`;
+}
+function esc(s) { return String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c])); }
+
+// One flat view of a device row, for sorting, filtering and display.
+function view(d) {
+  const m = (d.models && d.models[0]) || {};
+  return {
+    device: d.device, online: d.state === "online" ? 1 : 0, profile: d.profile || "",
+    serving: (m.providers || []).map((p) => p.replace("ExecutionProvider", "")).join(","),
+    bundle: m.name ? `${m.name} ${m.version}` : "", p50: m.p50 ?? null, p95: m.p95 ?? null, p99: m.p99 ?? null,
+    throughput: m.throughput ?? null, errors: m.errors ?? null, last_seen: d.last_seen || 0,
+    more: d.models && d.models.length > 1 ? d.models.length - 1 : 0,
+  };
+}
+
+function rows() {
+  const f = state.filter.toLowerCase();
+  let out = [];
+  for (const d of state.devices.values()) {
+    const v = view(d);
+    if (f) {
+      const hay = `${v.device} ${v.profile} ${v.serving} ${v.bundle} ${v.online ? "online" : "offline"}`.toLowerCase();
+      if (!f.split(/\s+/).every((w) => hay.includes(w))) continue;
+    }
+    out.push(v);
+  }
+  const k = state.sortKey, dir = state.asc ? 1 : -1;
+  out.sort((a, b) => {
+    const x = a[k], y = b[k];
+    if (x === y) return a.device < b.device ? -1 : 1;
+    if (x === null) return 1;
+    if (y === null) return -1;
+    return (x < y ? -1 : 1) * dir;
+  });
+  return out;
+}
+
+function render() {
+  state.renderQueued = false;
+  const all = rows();
+  const pages = Math.max(1, Math.ceil(all.length / PAGE));
+  state.page = Math.min(state.page, pages - 1);
+  const slice = all.slice(state.page * PAGE, (state.page + 1) * PAGE);
+  const html = slice.map((v) => `<tr data-device="${esc(v.device)}" class="${v.device === state.selected ? "selected" : ""}${state.flash.has(v.device) ? " flash" : ""}">`
+    + `<td>${esc(v.device)}</td><td><span class="dot${v.online ? " online" : ""}" title="${v.online ? "online" : "offline"}"></span></td>`
+    + `<td>${esc(v.profile)}</td><td>${esc(v.serving)}</td><td>${esc(v.bundle)}${v.more ? ` <span class="muted">+${v.more}</span>` : ""}</td>`
+    + `<td class="num p50">${fmt(v.p50)}</td><td class="num p95">${fmt(v.p95)}</td><td class="num p99">${fmt(v.p99)}</td>`
+    + `<td class="num">${fmt(v.throughput, 1)}</td><td class="num">${v.errors ?? "–"}</td><td class="num">${ago(v.last_seen)}</td></tr>`).join("");
+  $("#devices tbody").innerHTML = html;
+  state.flash.clear();
+  const online = [...state.devices.values()].filter((d) => d.state === "online").length;
+  $("#summary").textContent = `${state.devices.size} devices, ${online} online`;
+  $("#count").textContent = all.length === state.devices.size ? "" : `${all.length} match`;
+  $("#page").textContent = ` ${state.page + 1} / ${pages} `;
+  document.querySelectorAll("#devices th").forEach((th) => {
+    th.classList.toggle("sorted", th.dataset.key === state.sortKey);
+    th.classList.toggle("asc", th.dataset.key === state.sortKey && state.asc);
+  });
+  document.body.dataset.rendered = String(Date.now());
+}
+function queueRender() {
+  if (!state.renderQueued) { state.renderQueued = true; requestAnimationFrame(render); }
+}
+
+async function getJSON(url) {
+  const r = await fetch(url);
+  if (!r.ok) throw new Error(`${url}: ${r.status}`);
+  return r.json();
+}
+
+async function loadDevices() {
+  const data = await getJSON("/api/devices");
+  $("#fleet").textContent = `fleet ${data.fleet}`;
+  state.devices = new Map(data.devices.map((d) => [d.device, d]));
+  render();
+  document.body.dataset.ready = "1";
+}
+
+// -- per-device chart ------------------------------------------------------------------------------------------------
+async function selectDevice(id) {
+  state.selected = id;
+  $("#chart-device").textContent = id;
+  const since = Date.now() / 1000 - 900;
+  const data = await getJSON(`/api/devices/${encodeURIComponent(id)}/telemetry?since=${since}&limit=2000`);
+  const w = data.windows.filter((x) => !data.windows.length || x.name === data.windows[data.windows.length - 1].name);
+  state.chartData = [w.map((x) => x.ts), w.map((x) => x.p50), w.map((x) => x.p95), w.map((x) => x.p99)];
+  drawChart();
+  queueRender();
+}
+function drawChart() {
+  const el = $("#chart");
+  const width = Math.max(300, el.clientWidth - 10);
+  if (state.chart) state.chart.destroy();
+  state.chart = new uPlot({
+    width, height: 220, scales: { x: { time: true } },
+    axes: [{ stroke: "#7d8a96", grid: { stroke: "#26313c" } }, { stroke: "#7d8a96", grid: { stroke: "#26313c" }, label: "ms" }],
+    series: [{}, { label: "p50", stroke: "#3fb950" }, { label: "p95", stroke: "#d29922" }, { label: "p99", stroke: "#f85149" }],
+  }, state.chartData, el);
+}
+function appendPoint(d) {
+  if (!state.chart || d.device !== state.selected || !d.models || !d.models.length) return;
+  const m = d.models[0], ts = d.telemetry_ts, cd = state.chartData;
+  if (!ts || (cd[0].length && ts <= cd[0][cd[0].length - 1])) return;
+  cd[0].push(ts); cd[1].push(m.p50); cd[2].push(m.p95); cd[3].push(m.p99);
+  if (cd[0].length > 2000) cd.forEach((a) => a.shift());
+  state.chart.setData(cd);
+}
+
+// -- versions, deployments, events -----------------------------------------------------------------------------------
+async function loadVersions() {
+  const data = await getJSON("/api/versions?window=900");
+  $("#versions tbody").innerHTML = data.versions.map((v) => `<tr><td>${esc(v.name)}</td><td>${esc(v.version)}</td>`
+    + `<td class="num">${v.count}</td><td class="num">${v.errors}</td><td class="num">${fmt(v.p50)}</td>`
+    + `<td class="num">${fmt(v.p95)}</td><td class="num">${fmt(v.p99)}</td></tr>`).join("");
+}
+const STATES = ["active", "downloading", "verifying", "self-test", "pending", "failed", "rolled-back", "skipped"];
+function renderDeployments(deps) {
+  if (!deps.length) return;
+  $("#deployments").innerHTML = deps.slice(0, 8).map((d) => {
+    const total = Object.values(d.progress).reduce((a, b) => a + b, 0) || 1;
+    const bar = STATES.filter((s) => d.progress[s]).map((s) => `<span class="s-${s}" style="width:${100 * d.progress[s] / total}%" title="${s}: ${d.progress[s]}"></span>`).join("");
+    const counts = STATES.filter((s) => d.progress[s]).map((s) => `${s} ${d.progress[s]}`).join(" · ");
+    const bundles = d.bundles.map((b) => `${esc(b.name)} ${esc(b.version)} (${esc(b.target)})`).join(", ");
+    return `<div class="dep" data-id="${esc(d.id)}"><div><span class="state ${esc(d.state)}">${esc(d.state)}</span> ${bundles}`
+      + ` <span class="muted">${esc(d.id)}${d.canary_pct ? `, canary ${d.canary_pct}%` : ""}</span></div>`
+      + `<div class="bar">${bar}</div><div class="muted">${counts}</div>${d.message ? `<div>${esc(d.message)}</div>` : ""}</div>`;
+  }).join("");
+}
+function addEvents(evs) {
+  const ol = $("#events");
+  for (const e of evs) {
+    const li = document.createElement("li");
+    li.className = e.level;
+    li.textContent = `${new Date(e.ts * 1000).toLocaleTimeString()} ${e.device} ${e.kind}: ${e.message}`;
+    ol.prepend(li);
+  }
+  while (ol.children.length > 200) ol.lastChild.remove();
+}
+
+// -- live updates ----------------------------------------------------------------------------------------------------
+function connect() {
+  const es = new EventSource("/api/stream");
+  es.onopen = () => { $("#live").textContent = "live"; $("#live").className = "pill on"; };
+  es.onerror = () => { $("#live").textContent = "reconnecting"; $("#live").className = "pill off"; };
+  es.addEventListener("devices", (ev) => {
+    const data = JSON.parse(ev.data);
+    for (const d of data.devices) {
+      const old = state.devices.get(d.device);
+      if (!old || old.telemetry_ts !== d.telemetry_ts || old.state !== d.state) state.flash.add(d.device);
+      state.devices.set(d.device, d);
+      appendPoint(d);
+    }
+    queueRender();
+  });
+  es.addEventListener("refresh", () => {
+    // Too many changes to stream row by row (a large fleet): refetch, at most every 5 s.
+    if (Date.now() - state.lastRefresh > 5000) { state.lastRefresh = Date.now(); loadDevices(); }
+  });
+  es.addEventListener("deployments", (ev) => renderDeployments(JSON.parse(ev.data).deployments));
+  es.addEventListener("events", (ev) => addEvents(JSON.parse(ev.data).events));
+}
+
+// -- wiring ----------------------------------------------------------------------------------------------------------
+document.querySelectorAll("#devices th").forEach((th) => th.addEventListener("click", () => {
+  const k = th.dataset.key;
+  state.asc = state.sortKey === k ? !state.asc : ["device", "profile", "serving", "bundle"].includes(k);
+  state.sortKey = k;
+  render();
+}));
+$("#filter").addEventListener("input", (e) => { state.filter = e.target.value.trim(); state.page = 0; render(); });
+$("#prev").addEventListener("click", () => { state.page = Math.max(0, state.page - 1); render(); });
+$("#next").addEventListener("click", () => { state.page += 1; render(); });
+$("#devices tbody").addEventListener("click", (e) => {
+  const tr = e.target.closest("tr");
+  if (tr) selectDevice(tr.dataset.device);
+});
+window.addEventListener("resize", () => { if (state.chartData) drawChart(); });
+
+loadDevices().then(() => {
+  connect();
+  loadVersions();
+  setInterval(loadVersions, 5000);
+  setInterval(queueRender, 5000);  // keep "last seen" ages current without new data
+  getJSON("/api/deployments").then((d) => renderDeployments(d.deployments));
+  getJSON("/api/events?limit=50").then((d) => addEvents(d.events));
+}).catch((err) => { $("#summary").textContent = `error: ${err.message}`; });
