@@ -226,7 +226,8 @@ def evaluate(
         max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
         mean_rel = mean_abs / mean_ref if mean_ref > 0 else (0.0 if mean_abs == 0 else math.inf)
         cosine = _cos(a, r)
-        min_sample = min(_cos(x.astype(np.float64).ravel(), y.astype(np.float64).ravel()) for x, y in zip(gs, rs, strict=True))
+        min_sample = min(_cos(x.astype(np.float64).ravel(), y.astype(np.float64).ravel())
+                         for x, y in zip(gs, rs, strict=True))
         top1 = None
         classifier = name in classifier_outputs if classifier_outputs is not None else is_classifier_output(rs[0])
         if classifier and rs[0].ndim >= 2:

@@ -495,8 +495,8 @@ def package(
                               say, synthetic)
             chosen, report = tb.build()
             say(f"{prof.name}: chose {chosen.cand.name}; writing bundle")
-            bundle, manifest = _write(prof, chosen, report, facts, val, refs, opts, bundle_name, signing_key, staging, src,
-                            data_note, calib, t_start)
+            bundle, manifest = _write(prof, chosen, report, facts, val, refs, opts, bundle_name, signing_key,
+                                      staging, src, data_note, calib, t_start)
             results.append((prof, manifest, report, bundle))
         final: list[PackageResult] = []
         for prof, manifest, report, bundle in results:

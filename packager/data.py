@@ -42,7 +42,8 @@ def _load_npy(path: Path) -> np.ndarray:
         raise InputError(f"{path}: not a readable .npy file: {exc}") from exc
 
 
-def load_samples(path: str | os.PathLike[str], inputs: Sequence[TensorSpec], what: str, min_samples: int = 1) -> list[Feed]:
+def load_samples(path: str | os.PathLike[str], inputs: Sequence[TensorSpec], what: str,
+                 min_samples: int = 1) -> list[Feed]:
     """Read samples from ``path`` and check them against ``inputs``; ``what`` names the data in errors."""
     p = Path(path)
     names = [t.name for t in inputs]
@@ -97,7 +98,8 @@ def check_samples(samples: Sequence[Feed], inputs: Sequence[TensorSpec], what: s
         for spec in inputs:
             arr = feed[spec.name]
             if arr.dtype.kind == "O" or str(arr.dtype) != spec.dtype:
-                raise InputError(f"{what} {where}: input {spec.name!r} has dtype {arr.dtype}, model expects {spec.dtype}")
+                raise InputError(f"{what} {where}: input {spec.name!r} has dtype {arr.dtype}, "
+                                 f"model expects {spec.dtype}")
             if arr.ndim != len(spec.shape):
                 raise InputError(f"{what} {where}: input {spec.name!r} has shape {list(arr.shape)}, model expects "
                                  f"rank {len(spec.shape)} {list(spec.shape)}")

@@ -74,7 +74,8 @@ def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]
     sess = ort.InferenceSession(str(path), so, providers=[CPU])
 
     def spec(a: Any) -> TensorSpec:
-        return TensorSpec(a.name, dtype_from_ort(a.type), tuple(d if isinstance(d, int) else (d or None) for d in a.shape))
+        dims = tuple(d if isinstance(d, int) else (d or None) for d in a.shape)
+        return TensorSpec(a.name, dtype_from_ort(a.type), dims)
 
     return tuple(spec(i) for i in sess.get_inputs()), tuple(spec(o) for o in sess.get_outputs())
 
@@ -125,7 +126,8 @@ def offline_level(profile: Profile, host_cpu_profile: str | None) -> tuple[str, 
                          f"are saved, the device applies the rest")
     if level in ("all", "layout"):
         if host_cpu_profile == profile.name:
-            return level, f"this host is a {profile.name} machine (same ISA class): layout-level results are valid there"
+            return level, (f"this host is a {profile.name} machine (same ISA class): "
+                           f"layout-level results are valid there")
         return "extended", (f"layout-level results are tied to the build host's ISA ({host_cpu_profile or 'unknown'}), "
                             f"not {profile.name}'s; saved at extended, the device's session applies '{level}' at load")
     return level, f"the profile's level ({level})"
@@ -264,9 +266,9 @@ def trt_shape_options(inputs: Sequence[TensorSpec], sample: dict[str, Any], max_
         if all(isinstance(d, int) for d in t.shape) or not t.shape:
             continue
         shape = list(sample[t.name].shape)
-        lo = [1 if (i == 0 and not isinstance(d, int)) else s for i, (d, s) in enumerate(zip(t.shape, shape, strict=True))]
-        hi = [max(max_batch, s) if (i == 0 and not isinstance(d, int)) else s
-              for i, (d, s) in enumerate(zip(t.shape, shape, strict=True))]
+        batch = [i == 0 and not isinstance(d, int) for i, d in enumerate(t.shape)]
+        lo = [1 if b else s for b, s in zip(batch, shape, strict=True)]
+        hi = [max(max_batch, s) if b else s for b, s in zip(batch, shape, strict=True)]
         mins.append(f"{t.name}:{'x'.join(map(str, lo))}")
         opts.append(f"{t.name}:{'x'.join(map(str, shape))}")
         maxs.append(f"{t.name}:{'x'.join(map(str, hi))}")

@@ -254,9 +254,11 @@ class OptimizeGraph(Step):
         out = out_dir / MODEL_FILE
         so = ort.SessionOptions()
         level = _LEVELS[config.level]
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        # "layout" is new in recent ORT; older ones call the same thing "all"
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level,
+                                              ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         so.optimized_model_filepath = str(out)
-        so.log_severity_level = 3  # the "hardware specific" warning for layout levels is expected: offline_level decides
+        so.log_severity_level = 3  # the "hardware specific" warning at layout levels is expected: offline_level rules
         if model.stat().st_size > _TWO_GB:
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", MODEL_FILE + ".data")
         before = _op_counts(model)

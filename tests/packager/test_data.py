@@ -65,7 +65,7 @@ def test_too_few_samples_are_refused(tmp_path: Path) -> None:
 def test_pickled_object_arrays_are_refused(tmp_path: Path) -> None:
     p = tmp_path / "c.npy"
     np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(InputError, match="not a readable .npy"):
+    with pytest.raises(InputError, match=r"not a readable \.npy"):
         load_samples(tmp_path, IMAGE, "calibration data")
 
 
@@ -73,5 +73,5 @@ def test_missing_path_and_empty_folder_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         load_samples(tmp_path / "nope.npz", IMAGE, "calibration data")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no .npz or .npy files"):
+    with pytest.raises(InputError, match=r"no \.npz or \.npy files"):
         load_samples(tmp_path / "empty", IMAGE, "calibration data")

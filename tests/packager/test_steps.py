@@ -42,7 +42,7 @@ def test_make_plan_refuses_unknown_config_key() -> None:
 
 
 def test_make_plan_refuses_bad_value() -> None:
-    with pytest.raises(ConfigError, match="optimize.level"):
+    with pytest.raises(ConfigError, match=r"optimize\.level"):
         make_plan([("optimize", {"level": "max"})])
 
 

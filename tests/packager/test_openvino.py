@@ -1,0 +1,80 @@
+"""The OpenVINO EP for real (run with .venv-openvino/bin/pytest -m openvino): candidates measured on it, bundles that
+run on it, precision through load_config, and the silent fallback of precision=FP16 caught by the runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgefleet.packager import PackageOptions, package
+from edgefleet.sdk.bundle import ProviderConfig, extract_bundle
+from edgefleet.sdk.errors import ProviderFallbackError
+from edgefleet.sdk.runtime import Model
+from edgefleet.sdk.testing import build_test_bundle
+
+pytestmark = pytest.mark.openvino
+OV = "OpenVINOExecutionProvider"
+
+
+def _open(bundle: Path, trusted, tmp_path: Path, **kw) -> Model:
+    dest = tmp_path / f"x-{bundle.stem}"
+    extract_bundle(bundle, trusted, dest)
+    return Model.open(dest, trusted, cache_dir=tmp_path / "cache", **kw)
+
+
+def _ov_bundle(model: Path, options: dict[str, str], key, tmp_path: Path, samples) -> Path:
+    return build_test_bundle(model, tmp_path / "ov.efb", key, target="intel-openvino-cpu",
+                             providers=(ProviderConfig(OV, options), ProviderConfig("CPUExecutionProvider")),
+                             samples=samples[:1])
+
+
+def test_package_intel_openvino_cpu_measures_every_candidate_on_the_openvino_ep(convnet, photos, signing_key,
+                                                                                trusted, tmp_path):
+    [res] = package(convnet, ["intel-openvino-cpu"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
+                    validation=photos[8:], options=PackageOptions(latency_rounds=3))
+    rep = res.report
+    assert rep["measured_here"] is True
+    names = {c["name"] for c in rep["candidates"]}
+    assert {"bf16", "f16", "int8-static", "fp32"} <= names
+    for c in rep["candidates"]:
+        assert c["accuracy_on"].startswith(OV) and c["latency_ms"] is not None, c
+    assert json.loads(dict(res.manifest.providers[0].options)["load_config"])["CPU"]["INFERENCE_PRECISION_HINT"]
+    model = _open(res.path, trusted, tmp_path)
+    assert model.placement.serving[0] == OV and not model.placement.fallback
+    assert model.self_test().ok
+
+
+def test_openvino_bf16_hint_through_load_config_really_changes_the_arithmetic(convnet, photos, signing_key,
+                                                                             trusted, tmp_path):
+    outs = {}
+    for hint in ("f32", "bf16"):
+        cfg = json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": hint}})
+        b = build_test_bundle(convnet, tmp_path / f"{hint}.efb", signing_key, target="intel-openvino-cpu",
+                              providers=(ProviderConfig(OV, {"device_type": "CPU", "load_config": cfg}),
+                                         ProviderConfig("CPUExecutionProvider")), samples=photos[:1])
+        m = _open(b, trusted, tmp_path)
+        assert m.placement.serving == (OV,)
+        outs[hint] = m.run(photos[0])["probs"]
+    diff = float(np.abs(outs["f32"] - outs["bf16"]).max())
+    assert 0 < diff < 0.05  # applied (bf16 rounds differently) yet close
+
+
+def test_openvino_load_config_as_file_path_is_a_silent_fallback_the_runtime_catches(convnet, photos, signing_key,
+                                                                                   trusted, tmp_path):
+    cfg = tmp_path / "ov.json"
+    cfg.write_text(json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "f16"}}))
+    b = _ov_bundle(convnet, {"device_type": "CPU", "load_config": str(cfg)}, signing_key, tmp_path, photos)
+    with pytest.raises(ProviderFallbackError, match="registered only"):
+        _open(b, trusted, tmp_path)
+
+
+def test_openvino_precision_fp16_option_is_a_silent_fallback_the_runtime_catches(convnet, photos, signing_key,
+                                                                                trusted, tmp_path):
+    b = _ov_bundle(convnet, {"device_type": "CPU", "precision": "FP16"}, signing_key, tmp_path, photos)
+    with pytest.raises(ProviderFallbackError, match=f"{OV} was asked for but ONNX Runtime registered only"):
+        _open(b, trusted, tmp_path)
+    # allowed to fall back, it runs, but says that the CPU EP serves it: ORT itself never complained
+    m = _open(b, trusted, tmp_path / "again", allow_fallback=True)
+    assert m.placement.fallback and m.placement.serving == ("CPUExecutionProvider",)
