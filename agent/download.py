@@ -27,6 +27,10 @@ log = logging.getLogger("edgefleet.agent.download")
 _CHUNK = 1 << 16
 
 
+class _Interrupted(TransportError):
+    """The server closed the connection before the end: the partial file is kept."""
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -100,8 +104,9 @@ def _http(url: str, dest: Path, have: int, size: int, timeout_s: float, ca_file:
         else:
             mode, written = "wb", 0
         length = resp.headers.get("Content-Length")
-        if length is not None and length.isdigit() and written + int(length) > size:
-            raise TransportError(f"{url}: server announces {written + int(length)} bytes, the command said {size}")
+        expected = written + int(length) if length is not None and length.isdigit() else None
+        if expected is not None and expected > size:
+            raise TransportError(f"{url}: server announces {expected} bytes, the command said {size}")
         try:
             with open(dest, mode) as fh:
                 while True:
@@ -116,6 +121,11 @@ def _http(url: str, dest: Path, have: int, size: int, timeout_s: float, ca_file:
                         progress(written)
                 fh.flush()
                 os.fsync(fh.fileno())
+            if expected is not None and written < expected:
+                # The connection closed early: keep the partial for the next attempt's Range request.
+                raise _Interrupted(f"{url}: download interrupted at {written} of {expected} bytes")
+        except _Interrupted:
+            raise
         except TransportError:
             dest.unlink(missing_ok=True)
             raise

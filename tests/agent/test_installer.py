@@ -1,0 +1,165 @@
+"""Installs in-process against a real store and real ORT sessions: every refusal names its step, the old bundle keeps
+serving, the store holds only what the pointers name, and downloads resume with HTTP Range."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _agent_util import sha_size
+from edgefleet.agent.installer import Installer, InstallError
+from edgefleet.agent.registry import Registry
+from edgefleet.agent.store import Store
+from edgefleet.sdk.keys import generate_keypair
+from edgefleet.sdk.testing import build_test_bundle
+from edgefleet.sdk.validation import save_validation
+
+X = np.ones((2, 16), np.float32)
+
+
+@pytest.fixture
+def installer(tmp_path: Path, trusted) -> Installer:
+    return Installer(Store(tmp_path / "data"), Registry(), trusted, targets=("x86-cpu",))
+
+
+def _install(inst: Installer, bundle: Path, url: str | None = None):
+    sha, size = sha_size(bundle)
+    return inst.install(url or bundle.as_uri(), sha, size)
+
+
+def _serving(inst: Installer) -> str:
+    model = inst.registry.get("testmodel")
+    assert model is not None
+    assert model.run({"x": X})["probs"].shape == (2, 4)
+    return model.version
+
+
+def _store_dirs(inst: Installer) -> set[str]:
+    return {p.name for p in inst.store.bundles.iterdir()}
+
+
+def test_install_then_upgrade_keeps_previous_and_rollback_swaps(installer: Installer, make_bundle, mlp_model) -> None:
+    r1 = _install(installer, make_bundle(mlp_model, version="1.0.0", filename="v1.efb"))
+    assert r1.providers == ["CPUExecutionProvider"] and r1.selftest["ok"]
+    assert (installer.store.cache_dir(r1.digest)).parent == installer.store.caches
+    r2 = _install(installer, make_bundle(mlp_model, version="2.0.0", filename="v2.efb"))
+    assert _serving(installer) == "2.0.0"
+    assert r2.previous == r1.digest
+    assert _store_dirs(installer) == {r1.digest, r2.digest}
+    ptrs = json.loads((installer.store.state / "pointers.json").read_text())["models"]["testmodel"]
+    assert ptrs == {"active": r2.digest, "previous": r1.digest}
+    back = installer.rollback("testmodel")
+    assert back.digest == r1.digest and _serving(installer) == "1.0.0"
+    r3 = _install(installer, make_bundle(mlp_model, version="3.0.0", filename="v3.efb"))
+    # only active + previous are kept
+    assert _store_dirs(installer) == {r3.digest, r1.digest}
+    assert not list(installer.store.downloads.iterdir())
+
+
+def test_same_bundle_twice_is_already_active(installer: Installer, make_bundle, mlp_model) -> None:
+    b = make_bundle(mlp_model)
+    _install(installer, b)
+    again = _install(installer, b)
+    assert again.already_active and _serving(installer) == "1.0.0"
+
+
+def test_bad_signature_refused_at_verify_old_still_serving(installer: Installer, make_bundle, mlp_model,
+                                                           tmp_path: Path) -> None:
+    _install(installer, make_bundle(mlp_model, filename="good.efb"))
+    other = generate_keypair(tmp_path / "other.key")
+    bad = build_test_bundle(mlp_model, tmp_path / "bad.efb", other, version="9.0.0")
+    with pytest.raises(InstallError) as err:
+        _install(installer, bad)
+    assert err.value.step == "verify" and err.value.code == "bundle.signature"
+    assert "untrusted key" in str(err.value)
+    assert _serving(installer) == "1.0.0"
+    assert len(_store_dirs(installer)) == 1 and not list(installer.store.downloads.iterdir())
+
+
+def test_failing_selftest_refused_old_still_serving(installer: Installer, make_bundle, mlp_model,
+                                                   tmp_path: Path) -> None:
+    good = _install(installer, make_bundle(mlp_model, filename="good.efb"))
+    # A validation set whose reference outputs are wrong: the device's outputs cannot match them.
+    rng = np.random.default_rng(1)
+    samples = [({"x": rng.standard_normal((1, 16)).astype(np.float32)},
+                {"probs": np.full((1, 4), 0.9, np.float32)}) for _ in range(2)]
+    save_validation(tmp_path / "wrong.npz", samples)
+    bad = make_bundle(mlp_model, version="2.0.0", filename="bad.efb",
+                      extra_files={"validation.npz": tmp_path / "wrong.npz"})
+    with pytest.raises(InstallError) as err:
+        _install(installer, bad)
+    assert err.value.step == "selftest" and err.value.code == "selftest"
+    assert "max abs error" in str(err.value)
+    assert _serving(installer) == "1.0.0"
+    assert _store_dirs(installer) == {good.digest}
+
+
+def test_other_target_refused_at_compatibility(installer: Installer, make_bundle, mlp_model) -> None:
+    with pytest.raises(InstallError) as err:
+        _install(installer, make_bundle(mlp_model, target="jetson-orin"))
+    assert err.value.step == "compatibility" and err.value.code == "bundle.compat"
+    assert "jetson-orin" in str(err.value) and "x86-cpu" in str(err.value)
+    assert installer.registry.get("testmodel") is None and not _store_dirs(installer)
+
+
+def test_missing_provider_refused_at_compatibility(installer: Installer, make_bundle, mlp_model) -> None:
+    from edgefleet.sdk.bundle import ProviderConfig
+
+    b = make_bundle(mlp_model, providers=(ProviderConfig("TensorrtExecutionProvider"),
+                                          ProviderConfig("CPUExecutionProvider")))
+    with pytest.raises(InstallError) as err:
+        _install(installer, b)
+    assert err.value.step == "compatibility" and "TensorrtExecutionProvider" in str(err.value)
+
+
+def test_wrong_sha_or_size_refused_at_download(installer: Installer, make_bundle, mlp_model) -> None:
+    b = make_bundle(mlp_model)
+    sha, size = sha_size(b)
+    with pytest.raises(InstallError) as err:
+        installer.install(b.as_uri(), "0" * 64, size)
+    assert err.value.step == "download" and "sha256" in str(err.value)
+    with pytest.raises(InstallError) as err:
+        installer.install(b.as_uri(), sha, size - 10)
+    assert err.value.step == "download" and "announced" in str(err.value)
+
+
+def test_http_download_resumes_with_range_after_a_cut(installer: Installer, make_bundle, mlp_model,
+                                                      bundle_server) -> None:
+    b = make_bundle(mlp_model, filename="resume.efb")
+    sha, size = sha_size(b)
+    server = bundle_server(cut_after=size // 3)
+    with pytest.raises(InstallError) as err:
+        installer.install(server.url("resume.efb"), sha, size)
+    assert err.value.step == "download" and "interrupted" in str(err.value)
+    part = installer.store.download_path(sha)
+    assert part.stat().st_size == size // 3
+    res = installer.install(server.url("resume.efb"), sha, size)
+    assert res.version == "1.0.0" and _serving(installer) == "1.0.0"
+    assert server.requests[-1]["range"] == f"bytes={size // 3}-"
+
+
+def test_http_server_sending_more_than_announced_is_cut(installer: Installer, make_bundle, mlp_model,
+                                                        bundle_server) -> None:
+    b = make_bundle(mlp_model, filename="big.efb")
+    sha, size = sha_size(b)
+    server = bundle_server()
+    with pytest.raises(InstallError) as err:
+        installer.install(server.url("big.efb"), sha, size // 2)
+    assert err.value.step == "download" and "announce" in str(err.value)
+    assert not installer.store.download_path(sha).exists()
+
+
+def test_store_recover_removes_staging_and_unreferenced(tmp_path: Path, installer: Installer, make_bundle,
+                                                        mlp_model) -> None:
+    r = _install(installer, make_bundle(mlp_model))
+    store = installer.store
+    (store.bundles / ".staging-abc-123").mkdir()
+    (store.bundles / ("f" * 64)).mkdir()
+    (store.downloads / ("e" * 64 + ".part")).write_bytes(b"x")
+    (store.state / ".pointers.json.123.tmp").write_text("{}")
+    report = Store(store.root).recover()
+    assert _store_dirs(installer) == {r.digest}
+    assert "f" * 64 in report["removed"] and not list(store.downloads.iterdir())
+    assert not list(store.state.glob(".*.tmp"))
