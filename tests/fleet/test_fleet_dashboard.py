@@ -1,0 +1,91 @@
+"""The dashboard in real headless Chromium (Playwright): it lists the fleet and changes live as telemetry arrives."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from _fleet_util import wait_until
+from edgefleet.fleet.simulate import Simulator, make_devices
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.mosquitto,
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (apt-get install chromium)"),
+]
+
+
+@pytest.fixture
+def page():
+    pw = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1500, "height": 900})
+            errors: list[str] = []
+            pg.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield pg
+            assert not errors, f"JavaScript errors on the page: {errors}"
+        finally:
+            browser.close()
+
+
+def test_dashboard_lists_devices_and_updates_live(controller_factory, mosquitto, fleet_id, page) -> None:
+    ctl = controller_factory()
+    devs = make_devices(6, prefix="ui", profiles=["x86-cpu", "jetson-orin", "raspberry-pi-5"])
+    sim = Simulator(mosquitto.url, fleet_id, devs, interval_s=0.05, client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        sim.run_telemetry(rounds=3).join(10)
+        sim.flush()
+        wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 18, what="18 telemetry rows")
+
+        page.goto(ctl.url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        rows = page.locator("#devices tbody tr")
+        assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.device)")) == [d.device for d in devs]
+        assert page.locator("#summary").inner_text() == "6 devices, 6 online"
+        pi = page.locator("tr[data-device='ui-0002']")
+        assert "raspberry-pi-5" in pi.inner_text() and "detector 1.0.0" in pi.inner_text()
+        page.wait_for_selector("#live.on", timeout=10_000)
+
+        # New telemetry on a slower version for one device: its row must change without a reload.
+        before = page.locator("tr[data-device='ui-0000'] td.p95").inner_text()
+        sim.devices["ui-0000"].version = "9.9.9"
+        sim.slow["9.9.9"] = 10.0
+        sim.publish_round()
+        page.wait_for_function(
+            "() => { const r = document.querySelector(\"tr[data-device='ui-0000']\");"
+            " return r && r.innerText.includes('detector 9.9.9'); }", timeout=10_000)
+        after = page.locator("tr[data-device='ui-0000'] td.p95").inner_text()
+        assert float(after) > 5 * float(before)
+
+        # Sorting by p95 (descending on first click of a numeric column) puts the slowed device first.
+        page.click("th[data-key='p95']")
+        first = page.locator("#devices tbody tr").first.get_attribute("data-device")
+        assert first == "ui-0000"
+        # Filtering by profile leaves only those devices.
+        page.fill("#filter", "jetson")
+        assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.device)")) == ["ui-0001", "ui-0004"]
+        page.fill("#filter", "")
+
+        # The per-device chart draws the device's latency history.
+        page.click("tr[data-device='ui-0000']")
+        page.wait_for_selector("#chart canvas", timeout=10_000)
+        assert page.locator("#chart-device").inner_text() == "ui-0000"
+        page.wait_for_function("() => document.querySelectorAll('#versions tbody tr').length >= 2", timeout=10_000)
+        versions = page.locator("#versions tbody").inner_text()
+        assert "1.0.0" in versions and "9.9.9" in versions
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "fleet-dashboard.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+    finally:
+        sim.stop()
