@@ -1,0 +1,161 @@
+"""Deployments end to end: refusals, per-profile bundle choice, a canary that halts and rolls back by itself."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from _fleet_util import wait_until
+from click.testing import CliRunner
+from edgefleet.fleet.deploy import RolloutPolicy, Selector, compare
+from edgefleet.fleet.simulate import Simulator, make_devices
+from edgefleet.sdk.cli import cli
+from edgefleet.sdk.errors import InputError
+from edgefleet.sdk.sketch import DDSketch
+
+pytestmark = pytest.mark.mosquitto
+
+
+@pytest.fixture
+def fleet(controller_factory, mosquitto, fleet_id):
+    """A controller and 10 simulated x86 devices plus 2 Raspberry Pis, sending telemetry every 0.1 s."""
+    ctl = controller_factory()
+    devs = make_devices(10, prefix="x", profiles=["x86-cpu"], model="testmodel", tags=["lab"])
+    devs += make_devices(2, prefix="pi", profiles=["raspberry-pi-5"], model="testmodel")
+    sim = Simulator(mosquitto.url, fleet_id, devs, interval_s=0.1, per_window=40, slow={"2.0.0": 2.0},
+                    client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    sim.run_telemetry(duration_s=120)
+    wait_until(lambda: len([d for d in ctl.store.devices(fleet_id) if d["models"]]) == 12, what="12 devices reporting")
+    yield ctl, sim
+    sim.stop()
+
+
+def _deploy(ctl, bundle, *to: str, extra: tuple[str, ...] = ()) -> object:
+    return CliRunner().invoke(cli, ["deploy", str(bundle), *[a for t in to for a in ("--to", t)], "--controller",
+                                    ctl.url, "--json", *extra])
+
+
+def test_deploy_refuses_a_selector_matching_nothing(fleet, mlp_model, make_bundle) -> None:
+    ctl, sim = fleet
+    res = _deploy(ctl, make_bundle(mlp_model), "tag:nonexistent")
+    assert res.exit_code == 1
+    assert "selector tag:nonexistent matches no device (12 known" in res.output
+    assert ctl.store.deployments(ctl.config.fleet) == [] and sim.commands == []
+
+
+def test_deploy_refuses_a_bundle_for_a_target_no_selected_device_has(fleet, mlp_model, make_bundle) -> None:
+    ctl, sim = fleet
+    res = _deploy(ctl, make_bundle(mlp_model, target="jetson-orin"), "tag:lab")
+    assert res.exit_code == 1
+    assert "is for target 'jetson-orin', but no selected device has that profile (selected profiles: x86-cpu)" \
+        in res.output
+    assert sim.commands == []
+
+
+def test_deploy_refuses_an_untrusted_bundle_before_sending_anything(fleet, mlp_model, tmp_path) -> None:
+    ctl, sim = fleet
+    from edgefleet.sdk.keys import generate_keypair
+    from edgefleet.sdk.testing import build_test_bundle
+
+    other = build_test_bundle(mlp_model, tmp_path / "rogue.efb", generate_keypair(tmp_path / "rogue.key"))
+    res = _deploy(ctl, other, "all")
+    assert res.exit_code == 1 and "controller refused (422): uploaded bundle: signed by untrusted key" in res.output
+    assert sim.commands == []
+
+
+def test_deploy_gives_each_device_its_profiles_bundle_and_lists_the_rest(fleet, mlp_model, make_bundle) -> None:
+    ctl, sim = fleet
+    res = _deploy(ctl, make_bundle(mlp_model, version="1.1.0"), "all", extra=("--wait",))
+    assert res.exit_code == 0, res.output
+    dep = json.loads(res.output)
+    assert dep["state"] == "completed", dep
+    by_dev = {t["device"]: t for t in dep["targets"]}
+    assert {d for d, t in by_dev.items() if t["state"] == "active"} == {f"x-{i:04d}" for i in range(10)}
+    assert by_dev["pi-0000"]["state"] == "skipped" and by_dev["pi-0000"]["reason"] == "no bundle for profile raspberry-pi-5"
+    assert by_dev["x-0003"]["previous_version"] == "1.0.0" and by_dev["x-0003"]["version"] == "1.1.0"
+    deploys = [c for c in sim.commands if c["kind"] == "deploy"]
+    assert sorted(c["device"] for c in deploys) == [f"x-{i:04d}" for i in range(10)]
+    # The command carries the bundle's URL, sha256 and size, and the URL serves exactly those bytes.
+    import hashlib
+    import urllib.request
+
+    args = deploys[0]["args"]
+    with urllib.request.urlopen(args["url"]) as r:
+        data = r.read()
+    assert len(data) == args["size"] and hashlib.sha256(data).hexdigest() == args["sha256"]
+    wait_until(lambda: all(sim.devices[f"x-{i:04d}"].version == "1.1.0" for i in range(10)), what="devices on 1.1.0")
+
+
+def test_canary_rollout_halts_and_rolls_back_on_p95_regression(fleet, mlp_model, make_bundle) -> None:
+    ctl, sim = fleet
+    time.sleep(1.0)  # baseline telemetry on 1.0.0 for every device
+    slow = make_bundle(mlp_model, version="2.0.0")  # the simulator runs 2.0.0 twice as slow
+    res = _deploy(ctl, slow, "profile:x86-cpu", extra=("--canary", "20%", "--observe", "1.5", "--min-samples", "200",
+                                                       "--wait"))
+    assert res.exit_code == 0, res.output
+    dep = json.loads(res.output)
+    assert dep["state"] == "halted", dep
+    assert "p95 regressed" in dep["message"] and "over the 20% limit" in dep["message"]
+    (verdict,) = dep["decision"]["canary"]
+    assert verdict["proceed"] is False and verdict["canary_p95"] > 1.5 * verdict["baseline_p95"]
+    canaries = [t for t in dep["targets"] if t["phase"] == "canary"]
+    rest = [t for t in dep["targets"] if t["phase"] == "rest"]
+    assert len(canaries) == 2 and len(rest) == 8  # ceil(20% of 10)
+    # The rest never got the bundle; the canaries got it, then a rollback, and run 1.0.0 again.
+    deployed_to = {c["device"] for c in sim.commands if c["kind"] == "deploy"}
+    assert deployed_to == {t["device"] for t in canaries}
+    wait_until(lambda: all(t["state"] == "rolled-back" for t in ctl.store.deployment(dep["id"])["targets"]
+                           if t["phase"] == "canary"), what="canaries rolled back")
+    assert all(sim.devices[t["device"]].version == "1.0.0" for t in canaries)
+    assert all(t["state"] == "pending" for t in ctl.store.deployment(dep["id"])["targets"] if t["phase"] == "rest")
+    shown = CliRunner().invoke(cli, ["deployments", "show", dep["id"], "--controller", ctl.url])
+    assert shown.exit_code == 0 and "halted" in shown.output and "rolled-back" in shown.output
+
+
+def test_canary_rollout_proceeds_when_latency_holds_and_rollback_command_reverts(fleet, mlp_model, make_bundle) -> None:
+    ctl, sim = fleet
+    time.sleep(1.0)
+    res = _deploy(ctl, make_bundle(mlp_model, version="1.2.0"), "tag:lab",
+                  extra=("--canary", "30%", "--observe", "1", "--min-samples", "100", "--wait"))
+    assert res.exit_code == 0, res.output
+    dep = json.loads(res.output)
+    assert dep["state"] == "completed", dep
+    assert dep["decision"]["canary"][0]["proceed"] is True
+    assert dep["progress"] == {"active": 10}
+    listed = CliRunner().invoke(cli, ["deployments", "list", "--controller", ctl.url])
+    assert dep["id"] in listed.output and "completed" in listed.output
+    rb = CliRunner().invoke(cli, ["rollback", dep["id"], "--device", "x-0005", "--controller", ctl.url])
+    assert rb.exit_code == 0 and "rollback sent to 1 device(s): x-0005" in rb.output
+    wait_until(lambda: sim.devices["x-0005"].version == "1.0.0", what="x-0005 back on 1.0.0")
+    wait_until(lambda: {t["device"]: t["state"] for t in ctl.store.deployment(dep["id"])["targets"]}["x-0005"]
+               == "rolled-back", what="x-0005 rolled-back in the store")
+
+
+def test_selector_parsing_and_matching() -> None:
+    dev = {"device": "cam-1", "profile": "jetson-orin", "tags": ["lobby", "eu"]}
+    assert Selector.parse(["cam-1"]).matches(dev)
+    assert Selector.parse(["tag:eu"]).matches(dev)
+    assert Selector.parse(["profile:x86-cpu,profile:jetson-orin"]).matches(dev)
+    assert not Selector.parse(["tag:us", "cam-2"]).matches(dev)
+    with pytest.raises(InputError, match="use a device id, tag:NAME, profile:NAME or all"):
+        Selector.parse(["zone:eu"])
+    with pytest.raises(InputError, match="empty selector"):
+        Selector.parse([" , "])
+
+
+def _windows(median: float, n: int, errors: int = 0) -> list[dict]:
+    sk = DDSketch()
+    for i in range(n):
+        sk.add(median * (0.8 + 0.4 * i / n))
+    return [{"sketch": sk.to_dict(), "errors": errors, "count": n}]
+
+
+def test_compare_halts_on_error_rise_and_passes_small_changes() -> None:
+    policy = RolloutPolicy(max_p95_regression=0.2, max_error_increase=0.01)
+    assert compare("b", _windows(10, 1000), _windows(11, 1000), policy).proceed
+    assert not compare("b", _windows(10, 1000), _windows(13, 1000), policy).proceed
+    d = compare("b", _windows(10, 1000, errors=1), _windows(10, 1000, errors=50), policy)
+    assert not d.proceed and "error rate rose" in d.reason
+    assert compare("b", [], _windows(10, 100), policy).proceed  # nothing to compare with: say so and proceed
