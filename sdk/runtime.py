@@ -214,12 +214,19 @@ class _InputCheck:
                                  f"(shape {list(self.spec.shape)})")
 
 
+# Provider options whose value is a directory the EP writes into (TensorRT engine/timing caches, OpenVINO cache_dir,
+# CoreML ModelCacheDirectory): created before the session so the EP never fails on a missing directory.
+_DIR_OPTION_SUFFIXES = ("_path", "cache_dir", "Directory")
+
+
 def _fill_options(p: ProviderConfig, cache_dir: Path) -> dict[str, str]:
+    """The provider's options with ``{cache_dir}`` filled in; directories named by them are created."""
     out = {}
     for k, v in p.options.items():
         if "{cache_dir}" in v:
             v = v.replace("{cache_dir}", str(cache_dir))
-            Path(v).mkdir(parents=True, exist_ok=True) if k.endswith(("_path", "cache_dir")) else None
+            if k.endswith(_DIR_OPTION_SUFFIXES):
+                Path(v).mkdir(parents=True, exist_ok=True)
         out[k] = v
     return out
 
