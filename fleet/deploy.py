@@ -238,7 +238,9 @@ def compare(bundle: str, baseline: Sequence[Mapping[str, Any]], canary: Sequence
 # -- the deployer ---------------------------------------------------------------------------------------------------
 
 def _active_version(dev: Mapping[str, Any], name: str) -> str:
-    for b in (dev.get("description") or {}).get("bundles") or []:
+    """The version of model ``name`` a device runs: from its description (agent: ``models``), else telemetry."""
+    desc = dev.get("description") or {}
+    for b in [*(desc.get("models") or []), *(desc.get("bundles") or [])]:
         if isinstance(b, dict) and b.get("name") == name:
             return str(b.get("version", ""))
     for m in dev.get("models") or []:
@@ -334,8 +336,9 @@ class Deployer:
         self.store.update_target(dep_id, t["device"], cmd_id=cmd["id"])
         self.publish(t["device"], cmd)
 
-    def _send_rollback(self, dep_id: str, device: str) -> None:
-        cmd = command("rollback")
+    def _send_rollback(self, dep_id: str, device: str, name: str) -> None:
+        # The model name tells an agent serving several models which one to roll back.
+        cmd = command("rollback", {"name": name} if name else {})
         self.store.update_target(dep_id, device, rollback_cmd_id=cmd["id"])
         self.publish(device, cmd)
 
@@ -348,7 +351,7 @@ class Deployer:
         sent = []
         for t in dep["targets"]:
             if t["state"] == "active" and (wanted is None or t["device"] in wanted):
-                self._send_rollback(dep_id, t["device"])
+                self._send_rollback(dep_id, t["device"], t["name"])
                 sent.append(t["device"])
         if wanted and not sent:
             raise InputError(f"none of {sorted(wanted)} is active in deployment {dep_id}")
@@ -384,7 +387,7 @@ class Deployer:
         self.store.update_deployment(dep_id, state="halted", message=why, decision=decision)
         for t in canaries:
             if t["state"] == "active":
-                self._send_rollback(dep_id, t["device"])
+                self._send_rollback(dep_id, t["device"], t["name"])
         log.warning("deployment %s halted: %s; rolling back %d canaries", dep_id, why,
                     sum(1 for t in canaries if t["state"] == "active"))
 

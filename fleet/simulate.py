@@ -78,8 +78,8 @@ class SimDevice:
         providers = PROFILE_LATENCY_MS.get(self.profile, (10.0, ["CPUExecutionProvider"]))[1]
         return {"profile": self.profile, "tags": self.tags, "providers": providers,
                 "ort": {"version": "1.20.1", "flavour": "sim"}, "agent_version": "sim",
-                "bundles": [{"name": self.model, "version": self.version, "target": self.profile,
-                             "providers": providers}]}
+                "models": [{"name": self.model, "version": self.version, "target": self.profile,
+                            "providers": providers}]}
 
 
 class _SketchPool:

@@ -237,7 +237,11 @@ def _dumps(obj: Any) -> str:
 
 
 def _event_target_state(ev: Mapping[str, Any]) -> str | None:
-    """Which deployment state an agent event reports, from ``data.state`` or the event kind (docs/fleet.md)."""
+    """Which deployment state an agent event reports: ``data.state`` if given, else from the kind and level.
+
+    The agent reports each deploy/rollback command's outcome as an event of that kind (level error on failure);
+    progress events (``data.state``: downloading, verifying, self-test) move the state on while it installs.
+    """
     data = ev.get("data") or {}
     state = data.get("state")
     if isinstance(state, str):
@@ -245,9 +249,11 @@ def _event_target_state(ev: Mapping[str, Any]) -> str | None:
         if state in _RANK:
             return state
     kind = str(ev.get("kind", "")).lower()
+    if ev.get("level") == "error" and ("deploy" in kind or "install" in kind):
+        return "failed"
     for needle, st in (("download", "downloading"), ("verif", "verifying"), ("self", "self-test"),
                        ("rollback", "rolled-back"), ("rolled", "rolled-back"), ("fail", "failed"),
-                       ("activ", "active"), ("install", "active")):
+                       ("activ", "active"), ("install", "active"), ("deploy", "active")):
         if needle in kind:
             return st
     return None
@@ -441,16 +447,22 @@ class SQLiteStore:
 
     def _apply_event(self, c: sqlite3.Connection, ev: Mapping[str, Any], now: float) -> None:
         data = ev.get("data") or {}
-        cmd_id = data.get("cmd_id") or data.get("cmd") or data.get("command_id")
+        cmd_id = data.get("command") or data.get("cmd_id") or data.get("cmd")
         if not isinstance(cmd_id, str) or not cmd_id:
             return
         state = _event_target_state(ev)
         if state is None:
             return
-        reason = ev["message"] if state in ("failed", "rolled-back") else ""
+        failed = ev.get("level") == "error"
+        reason = ev["message"] if failed or state in ("failed", "rolled-back") else ""
+        if failed and state != "failed":
+            state = "failed"
         self._move_target(c, "cmd_id", cmd_id, state, reason, now)
         if state == "rolled-back":
             self._move_target(c, "rollback_cmd_id", cmd_id, state, reason, now)
+        elif failed:
+            c.execute("UPDATE deployment_targets SET reason=?, updated=? WHERE rollback_cmd_id=?",
+                      (f"rollback failed: {reason}", now, cmd_id))
 
     def _apply_reply(self, c: sqlite3.Connection, rep: Mapping[str, Any], now: float) -> None:
         ok = rep["status"] == "ok"
