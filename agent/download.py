@@ -110,7 +110,8 @@ def _http(url: str, dest: Path, have: int, size: int, timeout_s: float, ca_file:
         try:
             with open(dest, mode) as fh:
                 while True:
-                    chunk = resp.read(min(_CHUNK, size - written + 1))
+                    # read1: whatever has arrived (up to the cap), so a slow link still makes resumable progress
+                    chunk = resp.read1(min(_CHUNK, size - written + 1))
                     if not chunk:
                         break
                     written += len(chunk)
