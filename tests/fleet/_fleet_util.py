@@ -19,3 +19,12 @@ def wait_until(pred: Callable[[], Any], timeout_s: float = 20.0, what: str = "co
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what} (last value {val!r})")
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,148 @@
+"""With real agents (``edgefleet agent run`` subprocesses): they appear with live latency, and a canary rollout of a
+deliberately slowed bundle halts and rolls back by itself."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _fleet_util import wait_until
+from click.testing import CliRunner
+from edgefleet.sdk.cli import cli
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
+
+EDGEFLEET = Path(sys.executable).with_name("edgefleet")
+
+
+def make_slow_mlp(path: Path, layers: int = 24, width: int = 512) -> Path:
+    """Same inputs and outputs as the test MLP, but ``layers`` extra width x width MatMuls: a slow model."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, width)) * 0.1).astype(np.float32), "w_in"),
+             numpy_helper.from_array((rng.standard_normal((width, 4)) * 0.1).astype(np.float32), "w_out")]
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h0"])]
+    for i in range(layers):
+        inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32),
+                                             f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{layers}", "w_out"], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=-1))
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+class Agent:
+    """One real agent process with its own data directory."""
+
+    def __init__(self, tmp: Path, device: str, broker: str, fleet: str, trust: Path) -> None:
+        self.device = device
+        self.data = tmp / device
+        self.data.mkdir()
+        self.log = open(tmp / f"{device}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(EDGEFLEET), "agent", "run", "--device", device, "--fleet", fleet, "--broker", broker,
+             "--data-dir", str(self.data), "--trust", str(trust), "--profile", "x86-cpu",
+             "--telemetry-interval", "0.3", "--api", "127.0.0.1:0", "--log-level", "warning"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def api(self) -> str:
+        runtime = self.data / "state" / "runtime.json"
+        wait_until(lambda: runtime.exists() or self.proc.poll() is not None, 30, what=f"{self.device} runtime.json")
+        if self.proc.poll() is not None:
+            pytest.fail(f"agent {self.device} exited: {(self.log.name and Path(self.log.name).read_text()[-3000:])}")
+        return json.loads(runtime.read_text())["api"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def _load(apis: list[str], stop: threading.Event, deadline_s: float) -> None:
+    """Inference requests to every agent's local API until stopped (bounded in time)."""
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16],
+                                   "data": [0.1 * i for i in range(16)]}]}).encode()
+    end = time.monotonic() + deadline_s
+    while not stop.is_set() and time.monotonic() < end:
+        for api in apis:
+            req = urllib.request.Request(f"http://{api}/v2/models/testmodel/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(req, timeout=5).read()
+            except OSError:
+                time.sleep(0.05)  # the model is being swapped (deploy/rollback): try again
+
+
+def test_real_agents_report_latency_and_a_slowed_canary_is_rolled_back(controller_factory, mosquitto, fleet_id,
+                                                                       trust_file, mlp_model, make_bundle,
+                                                                       tmp_path) -> None:
+    ctl = controller_factory()
+    agents = [Agent(tmp_path, f"agent-{i}", mosquitto.url, fleet_id, trust_file) for i in range(2)]
+    stop = threading.Event()
+    try:
+        wait_until(lambda: sum(d["state"] == "online" and d["profile"] == "x86-cpu"
+                               for d in ctl.store.devices(fleet_id)) == 2, 60, what="2 agents online (x86-cpu)")
+        fast = make_bundle(mlp_model, version="1.0.0", filename="fast.efb")
+        res = CliRunner().invoke(cli, ["deploy", str(fast), "--to", "all", "--controller", ctl.url, "--json", "--wait"])
+        assert res.exit_code == 0, res.output
+        first = json.loads(res.output)
+        assert first["state"] == "completed" and first["progress"] == {"active": 2}, first
+
+        load = threading.Thread(target=_load, args=([a.api for a in agents], stop, 120.0), daemon=True)
+        load.start()
+
+        def reporting() -> bool:
+            devs = ctl.store.devices(fleet_id)
+            return all(any(m["version"] == "1.0.0" and m["count"] > 0 and m["p95"] for m in d["models"])
+                       for d in devs) and len(devs) == 2
+        wait_until(reporting, 30, what="both agents reporting latency of 1.0.0")
+        with urllib.request.urlopen(f"{ctl.url}/api/devices") as r:
+            devs = json.loads(r.read())["devices"]
+        assert {d["device"] for d in devs} == {"agent-0", "agent-1"}
+        assert all(d["models"][0]["providers"] == ["CPUExecutionProvider"] for d in devs)
+        time.sleep(1.5)  # baseline windows on 1.0.0
+
+        slow = make_bundle(make_slow_mlp(tmp_path / "slow.onnx"), version="2.0.0", filename="slow.efb")
+        res = CliRunner().invoke(cli, ["deploy", str(slow), "--to", "profile:x86-cpu", "--canary", "50%",
+                                       "--observe", "2", "--min-samples", "50", "--controller", ctl.url, "--json",
+                                       "--wait"])
+        assert res.exit_code == 0, res.output
+        dep = json.loads(res.output)
+        assert dep["state"] == "halted", dep
+        assert "p95 regressed" in dep["message"], dep["message"]
+        (canary,) = [t for t in dep["targets"] if t["phase"] == "canary"]
+        (other,) = [t for t in dep["targets"] if t["phase"] == "rest"]
+        assert other["state"] == "pending" and other["cmd_id"] == ""  # the rest never received the slow bundle
+        wait_until(lambda: {t["device"]: t["state"] for t in ctl.store.deployment(dep["id"])["targets"]}
+                   [canary["device"]] == "rolled-back", 60, what="the canary rolled back")
+
+        def runs(version: str) -> bool:
+            d = ctl.store.device(fleet_id, canary["device"]) or {}
+            return any(m.get("version") == version for m in (d.get("description") or {}).get("models", []))
+        wait_until(lambda: runs("1.0.0"), 30, what="the canary's status showing 1.0.0 again")
+    finally:
+        stop.set()
+        for a in agents:
+            a.stop()
