@@ -50,7 +50,10 @@ def load_validation(path: str | os.PathLike[str]) -> list[Sample]:
                     raise BundleFormatError(f"{path}: unexpected validation key {key!r}")
                 idx = int(parts[0][1:])
                 sample = samples.setdefault(idx, ({}, {}))
-                sample[0 if parts[1] == "in" else 1][parts[2]] = data[key]
+                arr = data[key]
+                if not isinstance(arr, np.ndarray):  # NpzFile hands back raw bytes for a member that is not .npy
+                    raise BundleFormatError(f"{path}: validation entry {key!r} is not a numpy array")
+                sample[0 if parts[1] == "in" else 1][parts[2]] = arr
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise BundleFormatError(f"{path}: unreadable validation set: {exc}") from exc
     if sorted(samples) != list(range(len(samples))):

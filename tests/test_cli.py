@@ -247,3 +247,20 @@ def test_cli_component_not_installed_is_one_line_error(monkeypatch: pytest.Monke
     assert result.exit_code == 1
     assert "Error: 'ghost' needs a component that is not installed (edgefleet.ghost)" in result.output
 
+
+
+def test_cli_bundle_verify_run_cuda_bundle_errors_or_falls_back_when_allowed(mlp_model, make_bundle, pub: Path) -> None:
+    from edgefleet.sdk.bundle import ProviderConfig
+    from edgefleet.sdk.runtime import ort_info
+
+    if "CUDAExecutionProvider" in ort_info().providers:
+        pytest.skip("this machine has CUDA")
+    path = make_bundle(mlp_model, target="nvidia-gpu",
+                       providers=(ProviderConfig("CUDAExecutionProvider"), ProviderConfig("CPUExecutionProvider")))
+    result = _invoke("bundle", "verify", path, "--trust", pub, "--run")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1].startswith("Error: bundle testmodel 1.0.0 (nvidia-gpu) asks for "
+                                                     "CUDAExecutionProvider")
+    result = _invoke("bundle", "verify", path, "--trust", pub, "--run", "--allow-fallback")
+    assert result.exit_code == 0, result.output
+    assert "self-test OK on CPUExecutionProvider" in result.output

@@ -382,3 +382,23 @@ def test_bundle_verify_refuses_everything_when_no_keys_are_trusted(mlp_model, ma
 def test_bundle_error_codes_are_distinct_per_failure_kind() -> None:
     codes = {e.code for e in (BundleFormatError, BundleSignatureError, BundleIntegrityError, UnsafeArchiveError)}
     assert len(codes) == 4 and all(c.startswith("bundle.") for c in codes)
+
+
+@pytest.mark.parametrize("case", ["model_byte_flipped", "symlink_member", "dotdot_member", "size_differs_from_manifest",
+                                  "truncated_archive", "missing_file"])
+def test_extract_bundle_second_pass_refuses_on_its_own_when_first_pass_is_skipped(
+    case: str, good_members: list[Member], signing_key, trusted: TrustedKeys, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: the writing pass repeats every check, so a bundle changed after verification is refused."""
+    import edgefleet.sdk.bundle as bundle_mod
+
+    build, error, _ = CASES[case]
+    made = build(list(good_members), signing_key, tmp_path / "hostile.efb")
+    path = made[0] if isinstance(made, tuple) else made
+    monkeypatch.setattr(bundle_mod, "verify_bundle", lambda *a, **k: None)
+    dest = tmp_path / "store" / "bundle"
+    with pytest.raises(error):
+        extract_bundle(path, trusted, dest)
+    _assert_nothing_extracted(dest)
+    assert not (tmp_path / "evil.onnx").exists() and not (tmp_path / "store" / "evil.onnx").exists()

@@ -306,3 +306,53 @@ def test_model_open_raises_fallback_when_openvino_is_assigned_zero_nodes(make_bu
     assert model.placement.serving == ("CPUExecutionProvider",)
     out = model.run({"x": np.array([3, 1, 3, 2, 1, 3], np.float32)})
     np.testing.assert_array_equal(out["y"], [1, 2, 3])
+
+
+# -- ORT failures are ModelErrors -----------------------------------------------------------------------------------
+
+def test_model_run_translates_ort_failure_and_counts_error(make_bundle, trusted, tmp_path: Path) -> None:
+    from edgefleet.sdk.errors import ModelError
+
+    samples = [{"input": np.zeros((1, 512), np.float32), "state": np.zeros((2, 1, 128), np.float32),
+                "sr": np.array(16000, np.int64)}]
+    model = Model.open(_install(make_bundle(shipped("silero-vad"), samples=samples), trusted, tmp_path), trusted)
+    bad = {**samples[0], "state": np.zeros((2, 3, 128), np.float32)}  # passes the manifest check, not the graph
+    with pytest.raises(ModelError, match="inference failed"):
+        model.run(bad)
+    snap = model.recorder.take(now=1e12)
+    assert (snap.count, snap.errors) == (0, 1)
+
+
+def test_model_open_raises_model_error_when_signed_model_is_not_onnx(
+    mlp_model, make_bundle, trusted, signing_key, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from edgefleet.sdk.errors import ModelError
+
+    good = make_bundle(mlp_model)
+    dest = _install(good, trusted, tmp_path / "good")
+    (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07this is not a protobuf model" * 10)
+    vm = verify_bundle(good, trusted)
+    files = {n: dest / n for n in vm.manifest.files} | {"model/model.onnx": tmp_path / "garbage.onnx"}
+    out = tmp_path / "garbage.efb"
+    write_bundle(out, replace(vm.manifest, files={}), files, signing_key)
+    with pytest.raises(ModelError, match="cannot create an ONNX Runtime session"):
+        Model.open(_install(out, trusted, tmp_path / "bad"), trusted)
+
+
+def test_self_test_raises_when_sample_count_differs_from_manifest(
+    mlp_model, make_bundle, trusted, signing_key, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    good = make_bundle(mlp_model)
+    dest = _install(good, trusted, tmp_path / "good")
+    vm = verify_bundle(good, trusted)
+    assert vm.manifest.validation is not None
+    wrong = replace(vm.manifest, files={}, validation=replace(vm.manifest.validation, samples=5))
+    out = tmp_path / "wrong.efb"
+    write_bundle(out, wrong, {n: dest / n for n in vm.manifest.files}, signing_key)
+    model = Model.open(_install(out, trusted, tmp_path / "wrong"), trusted)
+    with pytest.raises(SelfTestError, match="validation set has 2 samples, manifest says 5"):
+        model.self_test()
