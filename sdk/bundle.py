@@ -77,8 +77,10 @@ def canonical_json(obj: Any) -> bytes:
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key for versions like ``1.10.2`` or ``2024.05-rc1``: numeric parts compare as numbers."""
-    parts = re.split(r"[.+-]", version)
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+    key = [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.+-]", version)]
+    while len(key) > 1 and key[-1] == (0, 0):  # "1.16" == "1.16.0": trailing zero parts do not make a version newer
+        key.pop()
+    return tuple(key)
 
 
 def _check_id(what: str, value: object, pattern: re.Pattern[str] = _ID_RE) -> str:
@@ -279,6 +281,8 @@ class Manifest:
             _check_relpath("manifest files", name)
             if name in (MANIFEST_NAME, SIGNATURES_NAME):
                 raise BundleFormatError(f"manifest: files must not list the reserved name {name!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise BundleFormatError("manifest: metadata must map strings to strings")
         lowered = [n.lower() for n in self.files]
         if len(set(lowered)) != len(lowered):
             raise BundleFormatError("manifest: files has names that differ only in case")

@@ -158,6 +158,9 @@ def test_version_key_orders_numeric_parts_as_numbers() -> None:
     assert version_key("1.10.0") > version_key("1.9.2")
     assert version_key("2024.05-rc1") < version_key("2024.06")
     assert sorted(["1.2", "1.10", "1.9"], key=version_key) == ["1.2", "1.9", "1.10"]
+    assert version_key("1.16") == version_key("1.16.0") < version_key("1.16.3")
+    assert version_key("1.16.3+cu118") > version_key("1.16.3")
+    assert version_key("0") == ((0, 0),)
 
 
 # -- tamper cases ---------------------------------------------------------------------------------------------------
@@ -307,6 +310,10 @@ def _unknown_manifest_field(m: list[Member], key: PrivateKey, out: Path) -> Path
     return write_members(out, resign(m, key, lambda d: d.update(evil=True)))
 
 
+def _metadata_not_strings(m: list[Member], key: PrivateKey, out: Path) -> Path:
+    return write_members(out, resign(m, key, lambda d: d.update(metadata={"epochs": 3})))
+
+
 def _schema_version_2(m: list[Member], key: PrivateKey, out: Path) -> Path:
     return write_members(out, resign(m, key, lambda d: d.update(schema_version=2)))
 
@@ -342,6 +349,7 @@ CASES: dict[str, tuple[Case, type[BundleError], str]] = {
     "not_a_tar": (_not_a_tar, BundleFormatError, "not a bundle"),
     "unknown_manifest_field": (_unknown_manifest_field, BundleFormatError, "unknown field(s) ['evil']"),
     "schema_version_2": (_schema_version_2, BundleFormatError, "schema_version 2 is not supported"),
+    "metadata_not_strings": (_metadata_not_strings, BundleFormatError, "metadata must map strings to strings"),
 }
 
 
