@@ -8,12 +8,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
+from edgefleet.sdk.errors import ConfigError, TransportError
+from edgefleet.sdk.protocol import encode, topic
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from edgefleet.sdk.errors import ConfigError, TransportError
-from edgefleet.sdk.protocol import encode, topic
 
 __all__ = ["BrokerURL", "command_properties", "make_client", "parse_broker_url", "publish_command", "wait_connected"]
 

@@ -11,10 +11,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
-
 from edgefleet.sdk.errors import EdgefleetError, InputError, TransportError
 
 __all__ = ["deploy", "deployments", "fleet", "rollback"]
@@ -31,7 +30,8 @@ def _fraction(value: str, what: str) -> float:
     try:
         return float(v[:-1]) / 100.0 if v.endswith("%") else float(v)
     except ValueError:
-        raise click.BadParameter(f"{what} must be a fraction like 0.2 or a percentage like 20%, got {value!r}") from None
+        raise click.BadParameter(
+            f"{what} must be a fraction like 0.2 or a percentage like 20%, got {value!r}") from None
 
 
 def _percent(value: str) -> float:
@@ -43,10 +43,12 @@ def _percent(value: str) -> float:
         raise click.BadParameter(f"canary must be a percentage like 10%, got {value!r}") from None
 
 
-def _request(base: str, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
-             timeout_s: float = 120.0) -> Any:
-    req = urllib.request.Request(base.rstrip("/") + path, data=body, method=method,
-                                 headers={"Content-Type": content_type} if body is not None else {})
+def _request(base: str, method: str, path: str, body: bytes | BinaryIO | None = None,
+             content_type: str = "application/json", timeout_s: float = 120.0, length: int | None = None) -> Any:
+    headers = {"Content-Type": content_type} if body is not None else {}
+    if length is not None:
+        headers["Content-Length"] = str(length)  # a file body is streamed, not read into memory
+    req = urllib.request.Request(base.rstrip("/") + path, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read() or b"null")
@@ -68,9 +70,12 @@ def fleet() -> None:
 
 
 @fleet.command("serve")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL (mqtt:// or mqtts://).")
-@click.option("--db", default="edgefleet-fleet.db", show_default=True, help="SQLite file (shared by controllers on one host).")
-@click.option("--http", "http_addr", default="127.0.0.1:8080", show_default=True, help="HOST:PORT for the dashboard and API.")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="MQTT broker URL (mqtt:// or mqtts://).")
+@click.option("--db", default="edgefleet-fleet.db", show_default=True,
+              help="SQLite file (shared by controllers on one host).")
+@click.option("--http", "http_addr", default="127.0.0.1:8080", show_default=True,
+              help="HOST:PORT for the dashboard and API.")
 @click.option("--bundles", "bundles_dir", default="edgefleet-bundles", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Directory of verified bundles served to agents.")
 @click.option("--trust", multiple=True, type=click.Path(exists=True, path_type=Path),
@@ -113,7 +118,8 @@ def top(broker: str, fleet_id: str, duration: float | None, sort_key: str, limit
 @fleet.command("simulate")
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL.")
 @click.option("--fleet", "fleet_id", default="default", show_default=True, help="Fleet id.")
-@click.option("--devices", "n", type=click.IntRange(1, 100_000), default=10, show_default=True, help="How many devices.")
+@click.option("--devices", "n", type=click.IntRange(1, 100_000), default=10, show_default=True,
+              help="How many devices.")
 @click.option("--interval", type=click.FloatRange(0.01, 3600), default=1.0, show_default=True,
               help="Seconds between telemetry records of each device.")
 @click.option("--profiles", default="", help="Comma-separated profiles to cycle through (default: all).")
@@ -192,16 +198,20 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_
     Each selected device gets the bundle whose target is its profile, or is listed as having none. The controller
     verifies every bundle with its trusted keys before anything is sent.
     """
+    # Check every option before uploading anything.
+    body: dict[str, Any] = {"to": list(to), "canary": _percent(canary),
+                            "max_p95_regression": _fraction(max_p95_regression, "--max-p95-regression"),
+                            "max_error_increase": _fraction(max_error_increase, "--max-error-increase"),
+                            "observe_s": observe_s, "min_samples": min_samples}
     ids = []
     for b in bundles:
-        up = _request(controller, "POST", "/api/bundles", b.read_bytes(), "application/octet-stream")
+        with open(b, "rb") as fh:
+            up = _request(controller, "POST", "/api/bundles", fh, "application/octet-stream",
+                          length=b.stat().st_size)
         ids.append(up["sha256"])
         if not as_json:
             click.echo(f"uploaded {b.name}: {up['name']} {up['version']} for {up['target']} (signed by {up['key_id']})")
-    body = {"bundles": ids, "to": list(to), "canary": _percent(canary),
-            "max_p95_regression": _fraction(max_p95_regression, "--max-p95-regression"),
-            "max_error_increase": _fraction(max_error_increase, "--max-error-increase"),
-            "observe_s": observe_s, "min_samples": min_samples}
+    body["bundles"] = ids
     dep = _request(controller, "POST", "/api/deployments", json.dumps(body).encode())
     if wait:
         while dep["state"] in ("canary", "observing", "rolling-out"):

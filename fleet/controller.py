@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-
 from edgefleet.sdk.keys import TrustedKeys
 from edgefleet.sdk.protocol import check_id
 

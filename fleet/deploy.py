@@ -394,7 +394,7 @@ class Deployer:
     def _run(self, dep_id: str, policy: RolloutPolicy) -> None:
         try:
             self._rollout(dep_id, policy)
-        except Exception as exc:  # noqa: BLE001 - a rollout thread must leave a visible state, never die silently
+        except Exception as exc:
             log.exception("deployment %s failed", dep_id)
             self.store.update_deployment(dep_id, state="failed", message=f"controller error: {exc}")
 

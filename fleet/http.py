@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-
 from edgefleet.sdk.errors import BundleError, EdgefleetError, InputError
 from edgefleet.sdk.sketch import DDSketch
 
@@ -386,7 +385,7 @@ class _Hub:
                 if evs:
                     ev_since = evs[-1]["received"]
                     self._send("events", json.dumps({"events": evs}, separators=(",", ":")))
-            except Exception:  # noqa: BLE001 - a failing poll (e.g. store busy) must not end live updates
+            except Exception:
                 log.exception("live update poll failed")
 
     def _send(self, kind: str, data: str) -> None:

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from edgefleet.sdk.errors import ProtocolError
 from edgefleet.sdk.protocol import (
     MAX_PAYLOAD,
@@ -39,6 +37,7 @@ from edgefleet.sdk.protocol import (
     parse_topic,
     subscription,
 )
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ._mqtt import make_client, parse_broker_url, session_properties, wait_connected
 from .store import Batch, Store, WriteResult
@@ -192,7 +191,7 @@ class Ingestor:
                 try:
                     result = self.store.write(batch)
                     break
-                except Exception:  # noqa: BLE001 - any store failure: keep the messages un-acked and retry
+                except Exception:
                     self.stats.write_errors += 1
                     log.exception("store write of %d messages failed; retrying in %.1f s", len(batch), delay)
                     if not self._running.is_set() and delay > 5:

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from edgefleet.sdk.errors import EdgefleetError, ProtocolError
 from edgefleet.sdk.protocol import (
     check_id,
@@ -38,6 +36,7 @@ from edgefleet.sdk.protocol import (
     topic,
 )
 from edgefleet.sdk.sketch import DDSketch
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ._mqtt import make_client, parse_broker_url, session_properties, wait_connected
 
@@ -232,7 +231,8 @@ class Simulator:
             end = time.monotonic() + duration_s if duration_s is not None else None
             done = 0
             next_at = time.monotonic()
-            while not self._stop.is_set() and (rounds is None or done < rounds) and (end is None or time.monotonic() < end):
+            while (not self._stop.is_set() and (rounds is None or done < rounds)
+                   and (end is None or time.monotonic() < end)):
                 self.publish_round()
                 done += 1
                 next_at += self.interval_s

@@ -140,7 +140,8 @@ class Store(Protocol):
         """Row counts: telemetry messages, windows, events, replies, devices."""
         ...
 
-    def events(self, fleet: str, device: str | None = None, since: float = 0.0, limit: int = 500) -> list[dict[str, Any]]:
+    def events(self, fleet: str, device: str | None = None, since: float = 0.0,
+               limit: int = 500) -> list[dict[str, Any]]:
         """Recent events, newest last."""
         ...
 
@@ -227,7 +228,8 @@ _MIGRATIONS: tuple[tuple[int, str, str], ...] = (
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
-_DEVICE_COLS = "device, state, boot, status_ts, description, profile, tags, last_seen, summary, summary_ts, process, updated"
+_DEVICE_COLS = ("device, state, boot, status_ts, description, profile, tags, last_seen, summary, summary_ts, process, "
+                "updated")
 _TARGET_FIELDS = frozenset({"state", "reason", "cmd_id", "rollback_cmd_id", "activated", "previous_version"})
 _DEPLOYMENT_FIELDS = frozenset({"state", "decision", "message"})
 
@@ -279,7 +281,8 @@ class SQLiteStore:
             try:
                 # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so a writer takes the lock up front and
                 # never fails half-way with "database is locked" when another controller writes the same file.
-                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_ms / 1000)
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                       timeout=self._busy_ms / 1000)
                 conn.execute("PRAGMA journal_mode=WAL")
                 # NORMAL in WAL: a commit survives a crash of the controller; only an OS crash or power loss can
                 # drop the last commits, and agents' QoS 1 redelivery plus de-dup cover messages not yet acked.
@@ -413,8 +416,10 @@ class SQLiteStore:
                 "INSERT INTO devices (fleet, device, last_seen, summary, summary_ts, process, updated) "
                 "VALUES (?,?,?,?,?,?,?) ON CONFLICT(fleet, device) DO UPDATE SET "
                 "last_seen=max(devices.last_seen, excluded.last_seen), updated=excluded.updated, "
-                "summary=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.summary ELSE devices.summary END, "
-                "process=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.process ELSE devices.process END, "
+                "summary=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.summary "
+                "ELSE devices.summary END, "
+                "process=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.process "
+                "ELSE devices.process END, "
                 "summary_ts=max(devices.summary_ts, excluded.summary_ts)",
                 (fleet, dev, now, summary_json, ts, process_json, now),
             )
@@ -432,7 +437,9 @@ class SQLiteStore:
 
     @staticmethod
     def _move_target(c: sqlite3.Connection, where: str, arg: str, state: str, reason: str, now: float) -> None:
-        for row in c.execute(f"SELECT deployment_id, device, state FROM deployment_targets WHERE {where}=?", (arg,)).fetchall():
+        rows = c.execute(f"SELECT deployment_id, device, state FROM deployment_targets WHERE {where}=?",
+                         (arg,)).fetchall()
+        for row in rows:
             cur = row["state"]
             # Never move backwards (a late "downloading" event after the reply), never leave a terminal state,
             # except that a rollback may follow an install.
@@ -490,7 +497,8 @@ class SQLiteStore:
 
     def device(self, fleet: str, device: str) -> dict[str, Any] | None:
         """One device, or None."""
-        r = self._conn().execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE fleet=? AND device=?", (fleet, device)).fetchone()
+        r = self._conn().execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE fleet=? AND device=?",
+                                 (fleet, device)).fetchone()
         return self._device_row(r) if r else None
 
     def windows(self, fleet: str, device: str | None = None, since: float = 0.0, until: float = math.inf,
@@ -506,7 +514,8 @@ class SQLiteStore:
             ", sketch" if with_sketch else "")
         # The newest `limit` rows, returned oldest first: a chart wants the recent end of a long range.
         rows = self._conn().execute(
-            f"SELECT * FROM (SELECT {cols} FROM windows WHERE {' AND '.join(where)} ORDER BY ts DESC LIMIT ?) ORDER BY ts",
+            f"SELECT * FROM (SELECT {cols} FROM windows WHERE {' AND '.join(where)} ORDER BY ts DESC LIMIT ?) "
+            "ORDER BY ts",
             (*args, limit)).fetchall()
         out = []
         for r in rows:
@@ -545,14 +554,15 @@ class SQLiteStore:
             out[table] = int(c.execute(f"SELECT count(*) FROM {table} WHERE fleet=?", (fleet,)).fetchone()[0])
         return out
 
-    def events(self, fleet: str, device: str | None = None, since: float = 0.0, limit: int = 500) -> list[dict[str, Any]]:
+    def events(self, fleet: str, device: str | None = None, since: float = 0.0,
+               limit: int = 500) -> list[dict[str, Any]]:
         """The newest events received after ``since``, returned oldest first."""
         where, args = "fleet=? AND received>?", [fleet, since]
         if device:
             where += " AND device=?"
             args.append(device)
-        rows = self._conn().execute(f"SELECT * FROM (SELECT device, boot, seq, ts, received, kind, level, message, data "
-                                    f"FROM events WHERE {where} ORDER BY received DESC LIMIT ?) ORDER BY received",
+        rows = self._conn().execute("SELECT * FROM (SELECT device, boot, seq, ts, received, kind, level, message, "
+                                    f"data FROM events WHERE {where} ORDER BY received DESC LIMIT ?) ORDER BY received",
                                     (*args, limit)).fetchall()
         return [{**dict(r), "data": json.loads(r["data"])} for r in rows]
 

@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from edgefleet.sdk.errors import ProtocolError
+from edgefleet.sdk.protocol import check_id, parse_status, parse_telemetry, parse_topic, subscription
+from edgefleet.sdk.sketch import DDSketch
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
-
-from edgefleet.sdk.errors import ProtocolError
-from edgefleet.sdk.protocol import check_id, parse_status, parse_telemetry, parse_topic, subscription
-from edgefleet.sdk.sketch import DDSketch
 
 from ._mqtt import make_client, parse_broker_url, wait_connected
 from .store import window_quantiles

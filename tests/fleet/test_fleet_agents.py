@@ -54,7 +54,7 @@ class Agent:
         self.device = device
         self.data = tmp / device
         self.data.mkdir()
-        self.log = open(tmp / f"{device}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(tmp / f"{device}.log", "wb")
         self.proc = subprocess.Popen(
             [str(EDGEFLEET), "agent", "run", "--device", device, "--fleet", fleet, "--broker", broker,
              "--data-dir", str(self.data), "--trust", str(trust), "--profile", "x86-cpu",

@@ -1,15 +1,14 @@
-"""Ingest against a real Mosquitto: rows stored = messages sent, replays de-duplicated, bad input counted and skipped."""
+"""Ingest against a real Mosquitto: rows stored = messages sent, replays ignored, bad input counted and skipped."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+from _fleet_util import wait_until
 from edgefleet.fleet.simulate import Simulator, make_devices
 from edgefleet.sdk.protocol import MAX_PAYLOAD, encode, event, status, telemetry, topic
 from edgefleet.sdk.sketch import DDSketch
-
-from _fleet_util import wait_until
 
 pytestmark = pytest.mark.mosquitto
 

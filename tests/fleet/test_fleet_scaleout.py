@@ -46,7 +46,7 @@ def test_two_controller_processes_split_ingest_without_loss_or_duplicates(mosqui
     try:
         for name in ("a", "b"):
             port = _free_port()
-            log = open(tmp_path / f"ctl-{name}.log", "wb")  # noqa: SIM115 - closed with the process below
+            log = open(tmp_path / f"ctl-{name}.log", "wb")
             procs.append((subprocess.Popen(
                 [str(EDGEFLEET), "fleet", "serve", "--broker", mosquitto.url, "--db", str(db), "--fleet", fleet_id,
                  "--http", f"127.0.0.1:{port}", "--bundles", str(tmp_path / f"bundles-{name}"), "--trust",

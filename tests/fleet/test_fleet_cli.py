@@ -1,0 +1,91 @@
+"""``--help`` of every fleet command, ``fleet top`` against a real broker, the simulate command, CLI errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from click.testing import CliRunner
+from edgefleet.fleet.simulate import Simulator, make_devices
+from edgefleet.fleet.top import FleetView, run_top
+from edgefleet.sdk.cli import cli
+from rich.console import Console
+
+HELP = {
+    ("fleet",): "serve",
+    ("fleet", "serve"): "--share-group",
+    ("fleet", "top"): "straight from MQTT",
+    ("fleet", "simulate"): "--devices",
+    ("deploy",): "--max-p95-regression",
+    ("deployments",): "show",
+    ("deployments", "list"): "--controller",
+    ("deployments", "show"): "DEP_ID",
+    ("rollback",): "--device",
+}
+
+
+@pytest.mark.parametrize("args", sorted(HELP), ids=lambda a: "-".join(a))
+def test_help_of_every_fleet_command(args: tuple[str, ...]) -> None:
+    res = CliRunner().invoke(cli, [*args, "--help"])
+    assert res.exit_code == 0, res.output
+    assert HELP[args] in res.output
+
+
+def test_deploy_cli_reports_an_unreachable_controller_in_one_line(tmp_path) -> None:
+    bundle = tmp_path / "b.efb"
+    bundle.write_bytes(b"x")
+    res = CliRunner().invoke(cli, ["deploy", str(bundle), "--to", "all", "--controller", "http://127.0.0.1:9"])
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: cannot reach the controller at http://127.0.0.1:9")
+    res = CliRunner().invoke(cli, ["deploy", str(bundle), "--to", "all", "--max-p95-regression", "lots"])
+    assert res.exit_code == 2 and "must be a fraction like 0.2 or a percentage like 20%" in res.output
+
+
+@pytest.mark.mosquitto
+def test_fleet_top_shows_the_simulated_fleet_from_mqtt(mosquitto, fleet_id) -> None:
+    sim = Simulator(mosquitto.url, fleet_id, make_devices(3, prefix="top", profiles=["nvidia-gpu"]), interval_s=0.1,
+                    client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        sim.run_telemetry(duration_s=3.0)
+        out = io.StringIO()
+        view = run_top(mosquitto.url, fleet_id, duration_s=1.5, console=Console(file=out, width=200))
+    finally:
+        sim.stop()
+    text = out.getvalue()
+    for dev in ("top-0000", "top-0001", "top-0002"):
+        assert dev in text
+    assert "nvidia-gpu" in text and "CUDA" in text and "detector" in text
+    assert "3 devices, 3 online" in text
+    assert view.rejected == 0 and view.messages >= 6
+    (sk,) = view.versions.values()
+    assert sk.count > 0 and 0.5 < sk.quantile(0.5) < 5.0  # a simulated NVIDIA GPU: ~1.2 ms median
+
+
+def test_fleet_view_counts_bad_payloads_without_raising() -> None:
+    view = FleetView("f")
+    view.apply("edgefleet/v1/f/d1/telemetry", b"{broken")
+    view.apply("not/a/topic", b"{}")
+    view.apply("edgefleet/v1/f/d1/status", b'{"v":1,"device":"d1","state":"online","description":{"profile":"p"}}')
+    assert view.rejected == 2 and view.rows["d1"].profile == "p"
+
+
+@pytest.mark.mosquitto
+def test_simulate_command_publishes_the_requested_records(mosquitto, fleet_id) -> None:
+    seen = FleetView(fleet_id)
+    from edgefleet.fleet.top import watch
+
+    client = watch(mosquitto.url, fleet_id, seen)
+    try:
+        res = CliRunner().invoke(cli, ["fleet", "simulate", "--broker", mosquitto.url, "--fleet", fleet_id,
+                                       "--devices", "4", "--interval", "0.2", "--duration", "1", "--profiles",
+                                       "raspberry-pi-5"])
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert res.exit_code == 0, res.output
+    assert "published" in res.output
+    assert len(seen.rows) == 4 and all(r.profile == "raspberry-pi-5" for r in seen.rows.values())
+    assert all(r.state == "offline" for r in seen.rows.values())  # a clean stop publishes offline
+    bad = CliRunner().invoke(cli, ["fleet", "simulate", "--profiles", "toaster"])
+    assert bad.exit_code == 2 and "unknown profile 'toaster'" in bad.output

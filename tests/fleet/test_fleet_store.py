@@ -1,0 +1,123 @@
+"""The SQLite store on its own: migrations, de-duplication, derived views, quantiles, deployment state moves."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+
+import pytest
+from edgefleet.fleet.store import Batch, SQLiteStore, Store, open_store, window_quantiles
+from edgefleet.sdk.errors import ConfigError
+from edgefleet.sdk.protocol import event, reply, telemetry
+from edgefleet.sdk.sketch import DDSketch
+
+
+def _tel(device: str, seq: int, version: str = "1", latency: float = 5.0, boot: str = "b") -> dict:
+    sk = DDSketch()
+    for i in range(20):
+        sk.add(latency * (1 + i / 20))
+    models = [{"name": "m", "version": version, "count": 20, "errors": 0, "providers": ["CPUExecutionProvider"],
+               "sketch": sk.to_dict()}]
+    return telemetry(device, boot, seq, models, interval_s=2.0)
+
+
+def test_store_implements_the_interface_and_records_its_schema_version(tmp_path) -> None:
+    store = SQLiteStore(tmp_path / "f.db")
+    assert isinstance(store, Store)
+    assert store.schema_version() == 1
+    store.close()
+    # Opening again applies nothing twice; the file is in WAL mode.
+    again = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    assert isinstance(again, SQLiteStore)
+    assert again.schema_version() == 1
+    conn = sqlite3.connect(tmp_path / "f.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 1
+    conn.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
+    conn.commit()
+    conn.close()
+    again.close()
+    with pytest.raises(ConfigError, match="schema version 99, newer than this edgefleet"):
+        SQLiteStore(tmp_path / "f.db")
+    with pytest.raises(ConfigError, match="PostgreSQL stores are not implemented yet"):
+        open_store("postgresql://db/fleet")
+
+
+def test_store_write_deduplicates_on_device_boot_seq_within_and_across_batches(tmp_path) -> None:
+    store = SQLiteStore(tmp_path / "f.db")
+    b = Batch("f", telemetry=[_tel("d1", 1), _tel("d1", 2), _tel("d1", 1), _tel("d1", 1, boot="other")])
+    assert store.write(b).telemetry == 3
+    assert store.write(Batch("f", telemetry=[_tel("d1", 2), _tel("d2", 2)])).telemetry == 1
+    assert store.counts("f")["telemetry"] == 4
+    assert store.counts("f")["windows"] == 4
+    (total,) = store.version_totals("f")
+    assert total["count"] == 80
+    assert store.counts("other-fleet")["telemetry"] == 0
+
+
+def test_window_quantiles_match_ddsketch_quantile() -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        sk = DDSketch()
+        for _ in range(rng.randint(1, 400)):
+            sk.add(rng.choice([0.0, rng.lognormvariate(1.0, 1.2)]))
+        qs = (0.0, 0.25, 0.5, 0.9, 0.95, 0.99, 1.0)
+        assert window_quantiles(sk.to_dict(), qs) == [sk.quantile(q) for q in qs]
+    assert window_quantiles(DDSketch().to_dict()) == [None, None, None]
+
+
+def test_version_minutes_merge_sketches_across_devices_and_batches(tmp_path) -> None:
+    store = SQLiteStore(tmp_path / "f.db")
+    recs = [_tel(f"d{i}", 1, latency=2.0 + i) for i in range(6)]
+    store.write(Batch("f", telemetry=recs[:3]))
+    store.write(Batch("f", telemetry=recs[3:]))
+    (v,) = store.version_stats("f", since=0)
+    expected = DDSketch.merged(DDSketch.from_dict(r["models"][0]["sketch"]) for r in recs)
+    assert v["count"] == expected.count == 120
+    assert v["sketch"].quantile(0.95) == expected.quantile(0.95)
+
+
+def test_concurrent_writers_on_one_file_lose_nothing(tmp_path) -> None:
+    # Two store objects on one file stand in for two controller processes sharing it.
+    stores = [SQLiteStore(tmp_path / "f.db"), SQLiteStore(tmp_path / "f.db")]
+
+    def write(s: SQLiteStore, offset: int) -> None:
+        for k in range(40):
+            s.write(Batch("f", telemetry=[_tel(f"d{offset}", offset * 1000 + k * 5 + j) for j in range(5)]))
+
+    threads = [threading.Thread(target=write, args=(s, i)) for i, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert stores[0].counts("f")["telemetry"] == 400
+
+
+def test_deployment_targets_follow_events_and_replies_and_never_go_back(tmp_path) -> None:
+    store = SQLiteStore(tmp_path / "f.db")
+    store.create_deployment(
+        {"id": "dep1", "fleet": "f", "state": "rolling-out", "selector": ["all"], "canary_pct": 0,
+         "max_p95_regression": 0.2, "max_error_increase": 0.01, "bundles": []},
+        [{"device": "a", "profile": "x86-cpu", "phase": "rest", "state": "pending", "name": "m", "version": "2"},
+         {"device": "b", "profile": "x86-cpu", "phase": "rest", "state": "pending", "name": "m", "version": "2"}])
+    store.update_target("dep1", "a", cmd_id="c-a")
+    store.update_target("dep1", "b", cmd_id="c-b")
+    ev = event("a", "b", 1, "deploy.downloading", "downloading", data={"command": "c-a", "state": "downloading"})
+    store.write(Batch("f", events=[ev]))
+    assert {t["device"]: t["state"] for t in store.deployment("dep1")["targets"]}["a"] == "downloading"
+    store.write(Batch("f", replies=[reply("c-a", "a", True, result={}),
+                                    reply("c-b", "b", False, code="selftest", message="cosine 0.9 < 0.99",
+                                          step="self-test")]))
+    late = event("a", "b", 2, "deploy.verifying", "verifying", data={"command": "c-a", "state": "verifying"})
+    store.write(Batch("f", events=[late]))
+    targets = {t["device"]: t for t in store.deployment("dep1")["targets"]}
+    assert targets["a"]["state"] == "active" and targets["a"]["activated"] > 0
+    assert targets["b"]["state"] == "failed" and targets["b"]["reason"] == "selftest: cosine 0.9 < 0.99"
+    # A rollback command's ok reply moves an active target to rolled-back.
+    store.update_target("dep1", "a", rollback_cmd_id="r-a")
+    store.write(Batch("f", replies=[reply("r-a", "a", True, result={})]))
+    assert {t["device"]: t["state"] for t in store.deployment("dep1")["targets"]}["a"] == "rolled-back"
+    assert store.deployments("f")[0]["progress"] == {"rolled-back": 1, "failed": 1}
+    with pytest.raises(ValueError, match="unknown target field"):
+        store.update_target("dep1", "a", sha256="x")
