@@ -96,7 +96,11 @@ class Dispatcher:
     # -- executing (worker thread) ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Queue commands left pending by a previous run (it died while executing them), then start the worker."""
+        """Queue commands left pending by a previous run (it died while executing them), then start the worker.
+
+        Call before the MQTT link starts: a pending command received again from the broker after this point is a
+        duplicate id and is ignored by :meth:`receive`.
+        """
         for entry in self.journal.pending():
             log.info("resuming a command interrupted by a restart", extra={"id": entry.id, "kind": entry.kind})
             self._queue.put(entry)
@@ -130,6 +134,8 @@ class Dispatcher:
                 self.busy.clear()
 
     def _execute(self, entry: JournalEntry) -> None:
+        if self.journal.state(entry.id) != "pending":
+            return  # already answered (defence in depth: each id is queued once)
         t0 = time.perf_counter()
         try:
             cmd = protocol.parse_command(entry.payload)

@@ -167,9 +167,9 @@ class Agent:
             self.api.start()
         self._write_runtime()
         self.sender.start()
+        self.dispatcher.start()  # before the link: pending commands are queued once, from the journal
         self.link.start()
         self.reporter.start()
-        self.dispatcher.start()
         log.info("agent started", extra={"device": self.cfg.device, "fleet": self.cfg.fleet, "profile": self.profile,
                                          "boot": self.boot, "models": [n for n, _ in self.registry.items()],
                                          "api": f"{self.api.host}:{self.api.port}" if self.api else None})
