@@ -479,6 +479,10 @@ def _read_small(tf: tarfile.TarFile, path: Path, expected: str, cap: int) -> byt
     return data
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")  # NaN/Infinity: json accepts them, canonical JSON cannot hold them
+
+
 def _verify_header(raw: bytes, sig_raw: bytes, trusted: TrustedKeys, what: str) -> VerifiedManifest:
     """Signature first (over the raw bytes), then the manifest schema."""
     try:
@@ -489,8 +493,8 @@ def _verify_header(raw: bytes, sig_raw: bytes, trusted: TrustedKeys, what: str) 
         raise BundleSignatureError(f"{what}: {SIGNATURES_NAME} must be a list of signatures")
     key_id = trusted.verify(signatures, raw, what)
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeError) as exc:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeError, RecursionError) as exc:
         raise BundleFormatError(f"{what}: {MANIFEST_NAME} is not JSON: {exc}") from exc
     if canonical_json(data) != raw:
         raise BundleFormatError(f"{what}: {MANIFEST_NAME} is not in canonical form")

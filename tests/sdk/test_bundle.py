@@ -314,6 +314,12 @@ def _metadata_not_strings(m: list[Member], key: PrivateKey, out: Path) -> Path:
     return write_members(out, resign(m, key, lambda d: d.update(metadata={"epochs": 3})))
 
 
+def _manifest_with_infinity(m: list[Member], key: PrivateKey, out: Path) -> Path:
+    raw = m[0][1].replace(b'"max_abs":0.0001', b'"max_abs":Infinity')
+    assert raw != m[0][1]
+    return write_members(out, resign(m, key, raw=raw))
+
+
 def _schema_version_2(m: list[Member], key: PrivateKey, out: Path) -> Path:
     return write_members(out, resign(m, key, lambda d: d.update(schema_version=2)))
 
@@ -350,6 +356,7 @@ CASES: dict[str, tuple[Case, type[BundleError], str]] = {
     "unknown_manifest_field": (_unknown_manifest_field, BundleFormatError, "unknown field(s) ['evil']"),
     "schema_version_2": (_schema_version_2, BundleFormatError, "schema_version 2 is not supported"),
     "metadata_not_strings": (_metadata_not_strings, BundleFormatError, "metadata must map strings to strings"),
+    "manifest_with_infinity": (_manifest_with_infinity, BundleFormatError, "Infinity is not valid JSON"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import threading
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 from edgefleet.sdk.errors import ProtocolError
 from edgefleet.sdk.sketch import DDSketch, LatencyRecorder
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 QS = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
 
@@ -168,3 +171,21 @@ def test_latency_recorder_counts_every_record_across_threads() -> None:
     snap = rec.take(now=1.0)
     assert snap.count == 8000 == snap.sketch.count
     assert math.isclose(snap.sketch.sum, 4 * 200 * sum(0.5 + i for i in range(10)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(min_value=0.0, max_value=1e6, allow_nan=False), min_size=1, max_size=300),
+    cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=4),
+)
+def test_sketch_merge_of_any_split_equals_sketch_of_all(values: list[float], cuts: list[int]) -> None:
+    bounds = sorted({0, len(values), *(c % (len(values) + 1) for c in cuts)})
+    parts = [values[a:b] for a, b in itertools.pairwise(bounds)]
+    merged = DDSketch.merged(_sketch(np.array(p)) for p in parts)
+    whole = _sketch(np.array(values))
+    m, w = merged.to_dict(), whole.to_dict()
+    assert (m["counts"], m["offset"], m["zero"], m["count"], m["min"], m["max"]) == (
+        w["counts"], w["offset"], w["zero"], w["count"], w["min"], w["max"])
+    for q in (0.0, 0.5, 0.99, 1.0):
+        assert merged.quantile(q) == whole.quantile(q)
+    assert DDSketch.from_dict(json.loads(json.dumps(m))).to_dict() == m
