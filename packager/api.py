@@ -60,7 +60,7 @@ from .plan import (
     offline_level,
     trt_shape_options,
 )
-from .sensitivity import rank_nodes
+from .sensitivity import rank_nodes, with_data_movement_successors
 from .steps import StepRecord, make_plan, model_size, run_plan
 
 __all__ = ["PackageOptions", "PackageResult", "package"]
@@ -89,7 +89,7 @@ class PackageOptions:
     bundle_samples: int = 4
     sensitivity_rounds: tuple[float, ...] = (0.1, 0.3)
     trt_max_batch: int = 8
-    latency_rounds: int = 7
+    latency_rounds: int = 9
 
     def __post_init__(self) -> None:
         if self.bundle_samples < 1:
@@ -268,9 +268,9 @@ class _TargetBuild:
             "notes": self.notes,
             "measured_here": self.runs_here and opts.measure,
             "not_measured": [] if (self.runs_here and opts.measure) else [
-                f"{p.primary_provider} is not available in this ONNX Runtime "
-                f"({', '.join(self.available)}): latency not measured"
-                + ("; accuracy checked on a CPU-EP stand-in where one exists" if not self.runs_here else "")],
+                f"{p.primary_provider} is not available in this ONNX Runtime ({', '.join(self.available)}): latency "
+                f"not measured; accuracy checked on a CPU-EP stand-in where one exists"
+                if not self.runs_here else "latency not measured: timing turned off"],
             "session": {"config": _session_dict(p.session), "reason": p.session_reason},
         }
         return chosen, report
@@ -312,7 +312,7 @@ class _TargetBuild:
     def _measure(self, built: Sequence[_Built]) -> None:
         if not (self.runs_here and self.opts.measure):
             for b in built:
-                b.latency_note = f"{self.profile.primary_provider} does not run on this host"
+                b.latency_note = self._why_not_timed()
             return
         runners = {str(id(b)): b.runner for b in built if b.runner is not None and b.latency_ms is None}
         self.progress(f"{self.profile.name}: timing {len(runners)} candidate(s) on {self.profile.primary_provider}")
@@ -332,7 +332,8 @@ class _TargetBuild:
         quantized = next((r.path for r in failing.records if r.name.startswith("quantize_")), None)
         step_input = quantized or failing.model
         try:
-            ranked = rank_nodes(base, step_input, self.val[:2], self.work / "sens")
+            ranked = rank_nodes(base, step_input, self.val[:2], self.work / "sens",
+                                channel_floor=self.opts.budget.channel_floor)
         except Exception as exc:  # noqa: BLE001 - sensitivity is an aid; report and go on
             self.notes.append(f"sensitivity analysis failed: {exc}")
             return []
@@ -340,16 +341,18 @@ class _TargetBuild:
         if not ranked:
             return []
         out = []
-        ks = sorted({max(1, math.ceil(frac * len(ranked))) for frac in self.opts.sensitivity_rounds})
+        # the single worst node first (often one layer is the whole problem), then growing shares of the ranking
+        ks = sorted({1} | {max(1, math.ceil(frac * len(ranked))) for frac in self.opts.sensitivity_rounds})
         for k in ks:
-            exclude = [n for n, _ in ranked[:k]]
+            exclude = with_data_movement_successors(base, [n for n, _ in ranked[:k]])
             steps = []
             for n, cfg in failing.cand.steps:
                 if n in ("quantize_static", "quantize_dynamic"):
                     cfg = {**cfg, "nodes_to_exclude": exclude}
                 steps.append((n, cfg))
             c = replace(failing.cand, name=f"{failing.cand.name}-excl{k}", steps=steps,
-                        why=failing.cand.why + f"; {k} most sensitive node(s) kept in float: {', '.join(exclude[:5])}"
+                        why=failing.cand.why + f"; {k} most sensitive node(s) kept in float (with the data-movement "
+                            f"ops they feed): {', '.join(exclude[:5])}"
                             + ("..." if k > 5 else ""))
             self.progress(f"{self.profile.name}: candidate {c.name}")
             b = self._build_candidate(c, base, self.work / f"retry{k}")
@@ -358,6 +361,11 @@ class _TargetBuild:
             if b.ok:
                 break
         return out
+
+    def _why_not_timed(self) -> str:
+        if not self.runs_here:
+            return f"{self.profile.primary_provider} does not run on this host"
+        return "timing turned off (measure=False / --no-measure)"
 
     def _choose(self, built: Sequence[_Built]) -> tuple[_Built, str]:
         ok = [b for b in built if b.ok]
@@ -388,8 +396,7 @@ class _TargetBuild:
             return best, why
         first = ok[0]
         why = (f"first within budget in the expected-fastest order for {self.profile.name} "
-               f"({' > '.join(b.cand.name for b in built)}); latency not measured: "
-               f"{self.profile.primary_provider} does not run on this host")
+               f"({' > '.join(b.cand.name for b in built)}); latency not measured: {self._why_not_timed()}")
         return first, why
 
 

@@ -71,8 +71,8 @@ def run_all(runner: Runner, samples: Sequence[Mapping[str, np.ndarray]]) -> list
     return [runner.run(s) for s in samples]
 
 
-def interleaved_latency(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], rounds: int = 7,
-                        min_round_s: float = 0.05, warmup: int = 3) -> dict[str, float]:
+def interleaved_latency(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], rounds: int = 9,
+                        min_round_s: float = 0.03, warmup: int = 3) -> dict[str, float]:
     """Median latency in ms per runner, timed in interleaved rounds."""
     if not runners:
         return {}

@@ -14,9 +14,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["QUANTIZABLE", "rank_nodes"]
+__all__ = ["DATA_MOVEMENT", "QUANTIZABLE", "rank_nodes", "with_data_movement_successors"]
 
-QUANTIZABLE = ("Conv", "MatMul", "Gemm", "ConvTranspose", "Attention", "Gather")
+# Ops that only move or reshape data: a tensor kept in float by excluding its producer would be quantized again
+# at once if such a consumer stayed quantized, so they follow their producer out of quantization.
+DATA_MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Gather")
+
+# Static QDQ quantizes more than the weighted ops: Concat, Add, Mul, Sigmoid... carry Q/DQ pairs too, and a Concat
+# that joins boxes (0-320) with scores (0-1) under one scale is exactly where a detector's scores collapse.
+QUANTIZABLE: tuple[str, ...] | None = None
 
 
 def _exposed(path: Path, out_path: Path) -> list[str]:
@@ -52,15 +58,29 @@ def _outputs(path: Path, samples: Sequence[Mapping[str, np.ndarray]]) -> list[di
     return [dict(zip(names, sess.run(names, dict(s)), strict=True)) for s in samples]
 
 
-def _rel(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+def _rel(a: list[np.ndarray], b: list[np.ndarray], floor: float) -> float:
+    """Relative L2 error; for tensors of rank >= 3 the worst channel's (axis 1), since one tensor may mix scales
+    (boxes in pixels next to scores in 0-1) and a whole-tensor error would hide the small-scale channels' loss.
+    Channels peaking below ``floor`` are skipped, as the accuracy gate skips them: noise there is not a loss."""
+    if a[0].shape != b[0].shape:
+        return 0.0
+    if b[0].ndim >= 3 and b[0].shape[1] > 1:
+        c = b[0].shape[1]
+        x = np.concatenate([np.moveaxis(t, 1, 0).reshape(c, -1) for t in a], axis=1).astype(np.float64)
+        y = np.concatenate([np.moveaxis(t, 1, 0).reshape(c, -1) for t in b], axis=1).astype(np.float64)
+        num = np.sqrt(np.sum((x - y) ** 2, axis=1))
+        den = np.sqrt(np.sum(y**2, axis=1))
+        live = (den > 0) & (np.max(np.abs(y), axis=1) >= floor)
+        return float(np.max(num[live] / den[live])) if live.any() else 0.0
     num = sum(float(np.sum((x.astype(np.float64) - y.astype(np.float64)) ** 2)) for x, y in zip(a, b, strict=True))
     den = sum(float(np.sum(y.astype(np.float64) ** 2)) for y in b)
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def rank_nodes(fp32: Path, quantized: Path, samples: Sequence[Mapping[str, np.ndarray]], work: Path,
-               op_types: Sequence[str] = QUANTIZABLE) -> list[tuple[str, float]]:
-    """Nodes of ``fp32`` (by name) ordered from most to least sensitive, with the relative error each adds."""
+               op_types: Sequence[str] | None = QUANTIZABLE, channel_floor: float = 0.01) -> list[tuple[str, float]]:
+    """Nodes of ``fp32`` (by name; all op types unless ``op_types`` says) ordered from most to least sensitive,
+    with the relative error each adds."""
     import onnx
 
     work.mkdir(parents=True, exist_ok=True)
@@ -68,20 +88,47 @@ def rank_nodes(fp32: Path, quantized: Path, samples: Sequence[Mapping[str, np.nd
     _exposed(quantized, work / "q.onnx")
     ref = _outputs(work / "fp32.onnx", samples)
     got = _outputs(work / "q.onnx", samples)
-    common = set(ref[0]) & set(got[0])
+    # Compare what consumers see: in a QDQ model a tensor X reaches its consumers as X_DequantizeLinear_Output,
+    # while X itself may be a pre-quantization value (e.g. a Conv output whose Relu the quantizer folded away).
+    seen = {name: (name + "_DequantizeLinear_Output" if name + "_DequantizeLinear_Output" in got[0] else name)
+            for name in ref[0]}
+    common = {name for name, q in seen.items() if q in got[0]}
     err: dict[str, float] = {}
 
     def rel(name: str) -> float:
         if name not in err:
-            err[name] = _rel([g[name] for g in got], [r[name] for r in ref]) if name in common else 0.0
+            err[name] = (_rel([g[seen[name]] for g in got], [r[name] for r in ref], channel_floor)
+                         if name in common else 0.0)
         return err[name]
 
     m: Any = onnx.load(str(fp32), load_external_data=False)
     scores = []
     for n in m.graph.node:
-        if n.op_type not in op_types or not n.output or n.output[0] not in common:
+        if (op_types is not None and n.op_type not in op_types) or not n.output or n.output[0] not in common:
             continue
         inherited = max((rel(i) for i in n.input if i in common), default=0.0)
         scores.append((n.name, rel(n.output[0]) - inherited))
     scores.sort(key=lambda kv: -kv[1])
     return scores
+
+
+def with_data_movement_successors(model: Path, names: Sequence[str]) -> list[str]:
+    """``names`` plus every data-movement node fed (directly or through other such nodes) by one of them."""
+    import onnx
+
+    m: Any = onnx.load(str(model), load_external_data=False)
+    consumers: dict[str, list[Any]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    by_name = {n.name: n for n in m.graph.node}
+    out = list(dict.fromkeys(names))
+    todo = [by_name[n] for n in out if n in by_name]
+    while todo:
+        node = todo.pop()
+        for o in node.output:
+            for c in consumers.get(o, []):
+                if c.op_type in DATA_MOVEMENT and c.name not in out:
+                    out.append(c.name)
+                    todo.append(c)
+    return out

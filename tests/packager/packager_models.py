@@ -14,6 +14,7 @@ __all__ = [
     "encoder_samples",
     "magika_samples",
     "make_convnet",
+    "make_detector",
     "make_encoder",
     "nudenet_model",
     "photo_samples",
@@ -57,6 +58,43 @@ def make_convnet(path: Path, size: int = 64, classes: int = 10, opset: int = 17,
         nodes, "convnet", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgefleet-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_detector(path: Path, size: int = 64, classes: int = 6, seed: int = 0) -> Path:
+    """A YOLO-shaped toy detector: conv backbone, a box head scaled to pixels (0-``size``*5) and a sigmoid class
+    head, concatenated into one (batch, 4 + classes, N) tensor, the layout where INT8 collapses the class scores."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(_he(rng, 16, 3, 3, 3), "b0.w"),
+             numpy_helper.from_array(_he(rng, 32, 16, 3, 3), "b1.w"),
+             numpy_helper.from_array(_he(rng, 4, 32, 1, 1), "box.w"),
+             numpy_helper.from_array(_he(rng, classes, 32, 1, 1) * 0.5, "cls.w"),
+             numpy_helper.from_array(np.array(size * 5.0, np.float32), "pixels"),
+             numpy_helper.from_array(np.array([0, 4 + classes, -1], np.int64), "flat")]
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [2, 2]}
+    nodes = [
+        helper.make_node("Conv", ["image", "b0.w"], ["f0"], name="backbone0", **conv),
+        helper.make_node("Relu", ["f0"], ["f0r"], name="backbone0_relu"),
+        helper.make_node("Conv", ["f0r", "b1.w"], ["f1"], name="backbone1", **conv),
+        helper.make_node("Relu", ["f1"], ["f1r"], name="backbone1_relu"),
+        helper.make_node("Conv", ["f1r", "box.w"], ["box_raw"], name="box_head"),
+        helper.make_node("Sigmoid", ["box_raw"], ["box_unit"], name="box_sigmoid"),
+        helper.make_node("Mul", ["box_unit", "pixels"], ["boxes"], name="box_scale"),
+        helper.make_node("Conv", ["f1r", "cls.w"], ["cls_raw"], name="cls_head"),
+        helper.make_node("Sigmoid", ["cls_raw"], ["scores"], name="cls_sigmoid"),
+        helper.make_node("Concat", ["boxes", "scores"], ["joined"], name="concat", axis=1),
+        helper.make_node("Reshape", ["joined", "flat"], ["output0"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes, "detector", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 4 + classes, None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgefleet-tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

@@ -82,3 +82,14 @@ def test_parse_budget_sets_global_and_per_output_limits() -> None:
 def test_parse_budget_refuses_bad_items(item: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_budget([item])
+
+
+def test_gate_skips_channels_that_never_fire() -> None:
+    ref = np.zeros((1, 3, 50), np.float32)
+    ref[0, 0] = np.linspace(0, 300, 50)  # boxes
+    ref[0, 1] = np.linspace(0, 0.9, 50)  # a class that fires
+    ref[0, 2] = np.linspace(0, 0.004, 50)  # a class that never does: below the 0.01 floor
+    got = ref.copy()
+    got[0, 2] = 0.0
+    assert evaluate([{"o": got}], [{"o": ref}], Budget()).ok
+    assert not evaluate([{"o": got}], [{"o": ref}], Budget(channel_floor=0.0)).ok
