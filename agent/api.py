@@ -367,7 +367,7 @@ class ApiServer:
             from edgefleet.sdk.errors import ConfigError
 
             raise ConfigError(f"api.listen: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="api", daemon=True)
 
     @property

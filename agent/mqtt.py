@@ -113,7 +113,8 @@ class MqttLink:
                 continue
             connects = self.connects
             while not self._stop.is_set():
-                rc = self.client.loop(timeout=0.2)
+                # publishes from other threads wake paho's select through its socket pair: a long timeout is free
+                rc = self.client.loop(timeout=1.0)
                 if rc != paho.MQTT_ERR_SUCCESS:
                     break
             if self._stop.is_set():

@@ -165,7 +165,7 @@ class Sender:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(0.5)
+            self._wake.wait(1.0)
             self._wake.clear()
             try:
                 self._reap()
