@@ -279,7 +279,7 @@ class Manifest:
             raise BundleFormatError("manifest: inputs and outputs must not be empty")
         for name in self.files:
             _check_relpath("manifest files", name)
-            if name in (MANIFEST_NAME, SIGNATURES_NAME):
+            if name.lower() in (MANIFEST_NAME, SIGNATURES_NAME):  # any case: macOS and Windows fold case
                 raise BundleFormatError(f"manifest: files must not list the reserved name {name!r}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
             raise BundleFormatError("manifest: metadata must map strings to strings")

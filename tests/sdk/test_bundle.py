@@ -320,6 +320,15 @@ def _manifest_with_infinity(m: list[Member], key: PrivateKey, out: Path) -> Path
     return write_members(out, resign(m, key, raw=raw))
 
 
+def _reserved_name_in_other_case(m: list[Member], key: PrivateKey, out: Path) -> Path:
+    def mutate(d: dict) -> None:
+        d["files"]["Manifest.JSON"] = d["files"].pop("report.json")
+        d["report"] = None
+    data = dict((i.name, x) for i, x in m)["report.json"]
+    rest = [x for x in m[2:] if x[0].name != "report.json"]
+    return write_members(out, resign([*m[:2], *rest, member("Manifest.JSON", data)], key, mutate))
+
+
 def _schema_version_2(m: list[Member], key: PrivateKey, out: Path) -> Path:
     return write_members(out, resign(m, key, lambda d: d.update(schema_version=2)))
 
@@ -357,6 +366,7 @@ CASES: dict[str, tuple[Case, type[BundleError], str]] = {
     "schema_version_2": (_schema_version_2, BundleFormatError, "schema_version 2 is not supported"),
     "metadata_not_strings": (_metadata_not_strings, BundleFormatError, "metadata must map strings to strings"),
     "manifest_with_infinity": (_manifest_with_infinity, BundleFormatError, "Infinity is not valid JSON"),
+    "reserved_name_in_other_case": (_reserved_name_in_other_case, BundleFormatError, "reserved name 'Manifest.JSON'"),
 }
 
 
