@@ -286,6 +286,12 @@ class Manifest:
         lowered = [n.lower() for n in self.files]
         if len(set(lowered)) != len(lowered):
             raise BundleFormatError("manifest: files has names that differ only in case")
+        folded = set(lowered)
+        for name in lowered:  # "model" and "model/x" cannot both be extracted: one must be a directory
+            parts = name.split("/")
+            clash = next(("/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in folded), None)
+            if clash is not None:
+                raise BundleFormatError(f"manifest: file {clash!r} is also the directory of {name!r}")
         # A manifest with no files is a template for write_bundle, which fills them in; read manifests never are.
         for what, ref in (("model", self.model), ("report", self.report),
                           ("validation.file", self.validation.file if self.validation else None)):

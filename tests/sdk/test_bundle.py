@@ -329,6 +329,15 @@ def _reserved_name_in_other_case(m: list[Member], key: PrivateKey, out: Path) ->
     return write_members(out, resign([*m[:2], *rest, member("Manifest.JSON", data)], key, mutate))
 
 
+def _file_is_also_a_directory(m: list[Member], key: PrivateKey, out: Path) -> Path:
+    def mutate(d: dict) -> None:
+        d["files"]["model"] = d["files"].pop("report.json")
+        d["report"] = None
+    data = dict((i.name, x) for i, x in m)["report.json"]
+    rest = [x for x in m[2:] if x[0].name != "report.json"]
+    return write_members(out, resign([*m[:2], member("model", data), *rest], key, mutate))
+
+
 def _schema_version_2(m: list[Member], key: PrivateKey, out: Path) -> Path:
     return write_members(out, resign(m, key, lambda d: d.update(schema_version=2)))
 
@@ -367,6 +376,8 @@ CASES: dict[str, tuple[Case, type[BundleError], str]] = {
     "metadata_not_strings": (_metadata_not_strings, BundleFormatError, "metadata must map strings to strings"),
     "manifest_with_infinity": (_manifest_with_infinity, BundleFormatError, "Infinity is not valid JSON"),
     "reserved_name_in_other_case": (_reserved_name_in_other_case, BundleFormatError, "reserved name 'Manifest.JSON'"),
+    "file_is_also_a_directory": (_file_is_also_a_directory, BundleFormatError,
+                                 "file 'model' is also the directory of 'model/model.onnx'"),
 }
 
 
