@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from edgefleet.sdk.errors import ConfigError, EdgefleetError
 
 __all__ = ["demo", "run_demo"]
@@ -48,7 +47,8 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, what: str, timeo
                 return
         except OSError:
             if proc is not None and proc.poll() is not None:
-                raise EdgefleetError(f"{what} exited with code {proc.returncode} before listening on port {port}")
+                raise EdgefleetError(
+                    f"{what} exited with code {proc.returncode} before listening on port {port}") from None
             time.sleep(0.1)
     raise EdgefleetError(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
@@ -62,25 +62,26 @@ class _Processes:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process by the OS
-        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        with open(self.logdir / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
         self.procs.append((name, proc))
         return proc
 
     def stop_all(self, timeout: float = 10.0) -> list[str]:
-        """SIGTERM every child (agents publish offline and finish requests), SIGKILL what is left after ``timeout``."""
-        for _, p in reversed(self.procs):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout
+        """Stop children newest first (agents, then controller, then broker), so agents can still publish offline.
+
+        Each gets SIGTERM and ``timeout`` seconds to exit cleanly, then SIGKILL; returns the names that needed it.
+        """
         killed = []
         for name, p in reversed(self.procs):
+            if p.poll() is not None:
+                continue
             try:
-                p.wait(max(0.1, deadline - time.monotonic()))
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout)
+            except ProcessLookupError:
+                pass
             except subprocess.TimeoutExpired:
                 killed.append(name)
                 try:
@@ -145,8 +146,9 @@ def _data_sets(workdir: Path) -> tuple[Path, Path, list[Any]]:
     arr = np.stack(feats)
     calib, valid, load = arr[0::3][:96], arr[1::3][:64], arr[2::3]
     cpath, vpath = workdir / "calibration.npz", workdir / "validation.npz"
-    np.savez(cpath, bytes=calib)
-    np.savez(vpath, bytes=valid)
+    # Samples on axis 0, each with the model's batch dim of 1.
+    np.savez(cpath, bytes=calib[:, None, :])
+    np.savez(vpath, bytes=valid[:, None, :])
     return cpath, vpath, [row.tolist() for row in load]
 
 
@@ -215,18 +217,23 @@ def _fleet_rows(controller: str) -> list[dict[str, Any]]:
 
 
 def _print_table(say: Any, controller: str, agents: Sequence[_Agent]) -> None:
+    """One line per agent from the controller's view (what the agents reported over MQTT), plus the client's p50."""
     rows = {r.get("device"): r for r in _fleet_rows(controller) if isinstance(r, dict)}
-    say(f"{'device':<14} {'online':<7} {'provider serving':<26} {'bundle':<18} {'p50 ms':>7} {'p95 ms':>7} "
-        f"{'req/s':>7} {'errors':>6}")
+    say(f"{'device':<14} {'state':<8} {'provider serving':<18} {'bundle':<14} {'p50 ms':>7} {'p95 ms':>7} "
+        f"{'req/s':>6} {'errors':>6} {'client p50':>10}")
     for a in agents:
         r = rows.get(a.name, {})
-        lat = r.get("latency_ms") or {}
-        prov = ",".join(p.removesuffix("ExecutionProvider") for p in (r.get("providers") or [])) or "-"
-        bundle = f"{r.get('model', '-')} {r.get('version', '')}".strip()
-        p50, p95 = lat.get("p50"), lat.get("p95")
-        say(f"{a.name:<14} {'yes' if r.get('online') else 'no':<7} {prov:<26} {bundle[:18]:<18} "
-            f"{(f'{p50:.2f}' if p50 else '-'):>7} {(f'{p95:.2f}' if p95 else '-'):>7} "
-            f"{(r.get('throughput') or 0):>7.1f} {r.get('errors', 0):>6}")
+        m = next((m for m in r.get("models") or [] if m.get("name") == _MODEL_NAME), {})
+        prov = ",".join(p.removesuffix("ExecutionProvider") for p in (m.get("providers") or [])) or "-"
+        bundle = f"{m.get('version', '-')} {r.get('profile', '')}".strip()
+        lat = sorted(a.latencies[-200:])
+        client = f"{lat[len(lat) // 2]:.2f}" if lat else "-"
+        say(f"{a.name:<14} {r.get('state', '-'):<8} {prov:<18} {bundle[:14]:<14} {_fmt(m.get('p50')):>7} "
+            f"{_fmt(m.get('p95')):>7} {m.get('throughput') or 0:>6.1f} {m.get('errors', 0):>6} {client:>10}")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, (int, float)) else "-"
 
 
 def run_demo(workdir: Path, *, headless: bool, duration: float | None, http_port: int, rate: float,
@@ -245,7 +252,7 @@ def run_demo(workdir: Path, *, headless: bool, duration: float | None, http_port
     stop = threading.Event()
     agents: list[_Agent] = [
         _Agent("cpu-fp32", "x86-cpu", "fp32", venv_bin),
-        _Agent("cpu-int8", "x86-cpu-vnni", "int8", venv_bin),
+        _Agent("cpu-int8", "x86-cpu-vnni", "auto", venv_bin),
     ]
     if (ov_bin / "python").exists():
         agents.append(_Agent("openvino-cpu", "intel-openvino-cpu", "auto", ov_bin))
@@ -311,9 +318,10 @@ def run_demo(workdir: Path, *, headless: bool, duration: float | None, http_port
 
 @click.command("demo")
 @click.option("--headless", is_flag=True, help="Do not ask to open a browser; for CI and scripts.")
-@click.option("--duration", type=click.FloatRange(min=1), default=None, help="Seconds of load, then stop (default: until Ctrl-C).")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-data"), show_default=True,
-              help="Where keys, bundles, logs and the fleet database go.")
+@click.option("--duration", type=click.FloatRange(min=1), default=None,
+              help="Seconds of load, then stop (default: until Ctrl-C).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-data"),
+              show_default=True, help="Where keys, bundles, logs and the fleet database go.")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Dashboard port.")
 @click.option("--rate", type=click.FloatRange(min=0.1, max=500), default=20.0, show_default=True,
               help="Requests per second per agent.")
