@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from edgefleet.sdk.keys import TrustedKeys
     from edgefleet.sdk.runtime import Model
 
-__all__ = ["STEPS", "InstallError", "InstallResult", "Installer"]
+__all__ = ["STEPS", "InstallError", "InstallResult", "Installer", "NotInstalledError"]
 
 log = logging.getLogger("edgefleet.agent.installer")
 STEPS = ("download", "verify", "compatibility", "extract", "session", "selftest", "activate")
@@ -47,6 +47,12 @@ def _failpoint(name: str) -> None:
     if os.environ.get("EDGEFLEET_AGENT_FAILPOINT") == name:
         log.warning("failpoint reached: killing the agent", extra={"failpoint": name})
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NotInstalledError(EdgefleetError):
+    """The command names a model, or a previous bundle, that this device does not have."""
+
+    code = "not_found"
 
 
 class InstallError(EdgefleetError):
@@ -230,7 +236,8 @@ class Installer:
         """Serve ``name``'s previous bundle again (opened and self-tested first); the current one becomes previous."""
         ptr = self.store.pointers().get(name)
         if ptr is None or ptr.previous is None:
-            raise InstallError("rollback", KeyError(f"model {name!r} has no previous bundle to roll back to"))
+            what = "is not installed" if ptr is None else "has no previous bundle to roll back to"
+            raise InstallError("rollback", NotInstalledError(f"model {name!r} {what}"))
         try:
             model = self.open_model(ptr.previous)
             report = model.self_test()
@@ -248,7 +255,7 @@ class Installer:
         try:
             ptr = self.store.remove(name)
         except KeyError:
-            raise InstallError("remove", KeyError(f"no model named {name!r} is installed")) from None
+            raise InstallError("remove", NotInstalledError(f"no model named {name!r} is installed")) from None
         self.registry.pop(name)
         self.store.collect()
         return ptr.active

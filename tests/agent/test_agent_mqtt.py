@@ -4,6 +4,7 @@ refusals that keep the old bundle serving, commands queued while offline execute
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import numpy as np
@@ -51,6 +52,27 @@ def test_birth_describes_device_and_last_will_marks_offline_after_kill9(agent_fa
     off = w.wait_for("status", lambda s: s["state"] == "offline", timeout=1.5 * keepalive + 1.0)
     assert off["reason"] == "connection lost" and off["boot"] == birth["boot"]
     assert time.monotonic() - killed <= 1.5 * keepalive + 1.0
+    w.close()
+
+
+def test_last_will_fires_on_keepalive_when_agent_hangs_with_socket_open(agent_factory, mosquitto) -> None:
+    keepalive = 2
+    agent = agent_factory(keepalive=keepalive, start=False)
+    w = Watcher(mosquitto, agent.device)
+    agent.start()
+    birth = w.wait_for("status", lambda s: s["state"] == "online")
+    assert agent.proc is not None
+    # SIGSTOP: the TCP connection stays open, so only the broker's keepalive timeout (1.5x) can notice.
+    agent.proc.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        off = w.wait_for("status", lambda s: s["state"] == "offline", timeout=1.5 * keepalive + 1.5)
+        elapsed = time.monotonic() - stopped
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+        agent.kill()
+    assert off["reason"] == "connection lost" and off["boot"] == birth["boot"]
+    assert elapsed >= keepalive  # it really was the keepalive, not a closed socket
     w.close()
 
 

@@ -123,3 +123,23 @@ def test_agent_import_and_help_stay_light() -> None:
             "if m in sys.modules]\nprint(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_config_from_flags_only(tmp_path: Path, pubkey: Path) -> None:
+    cfg = load_config(None, {"agent.device": "d", "agent.fleet": "f", "agent.data_dir": str(tmp_path / "x"),
+                             "agent.trusted_keys": (str(pubkey),), "api.listen": ""})
+    assert cfg.api.address is None and cfg.data_dir == tmp_path / "x"
+
+
+def test_reconnect_backoff_grows_to_the_cap_with_jitter() -> None:
+    import random
+
+    from edgefleet.agent.mqtt import backoff_delay
+
+    rng = random.Random(1)
+    delays = [[backoff_delay(n, 0.5, 8.0, rng) for _ in range(200)] for n in range(8)]
+    for n, ds in enumerate(delays):
+        cap = min(8.0, 0.5 * 2**n)
+        assert all(cap / 2 <= d <= cap for d in ds)
+        assert max(ds) - min(ds) > cap / 4  # jittered, not lock-step
+    assert max(delays[7]) <= 8.0

@@ -163,3 +163,33 @@ def test_store_recover_removes_staging_and_unreferenced(tmp_path: Path, installe
     assert _store_dirs(installer) == {r.digest}
     assert "f" * 64 in report["removed"] and not list(store.downloads.iterdir())
     assert not list(store.state.glob(".*.tmp"))
+
+
+def test_rollback_and_remove_of_unknown_models_name_the_step(installer: Installer, make_bundle, mlp_model) -> None:
+    with pytest.raises(InstallError) as err:
+        installer.rollback("testmodel")
+    assert (err.value.step, err.value.code) == ("rollback", "not_found") and "not installed" in str(err.value)
+    _install(installer, make_bundle(mlp_model))
+    with pytest.raises(InstallError) as err:
+        installer.rollback("testmodel")
+    assert "no previous bundle" in str(err.value)
+    with pytest.raises(InstallError) as err:
+        installer.remove("other")
+    assert (err.value.step, err.value.code) == ("remove", "not_found")
+    digest = installer.remove("testmodel")
+    assert installer.registry.get("testmodel") is None
+    assert digest not in _store_dirs(installer) and not _store_dirs(installer)
+    assert installer.store.pointers() == {}
+
+
+def test_restart_serves_previous_when_active_bundle_was_tampered(installer: Installer, make_bundle, mlp_model,
+                                                                 trusted) -> None:
+    r1 = _install(installer, make_bundle(mlp_model, version="1.0.0", filename="v1.efb"))
+    r2 = _install(installer, make_bundle(mlp_model, version="2.0.0", filename="v2.efb"))
+    (installer.store.path(r2.digest) / "model" / "model.onnx").write_bytes(b"garbage")
+    fresh = Installer(Store(installer.store.root), Registry(), trusted, targets=("x86-cpu",))
+    problems = fresh.load_all()
+    assert [(n, d) for n, d, _ in problems] == [("testmodel", r2.digest)]
+    assert "differs from the manifest" in problems[0][2]
+    assert _serving(fresh) == "1.0.0"
+    assert fresh.store.pointers()["testmodel"].active == r1.digest
