@@ -210,7 +210,8 @@ class Simulator:
         models = [{"name": d.model, "version": d.version, "count": w["count"], "errors": w["errors"],
                    "providers": providers, "sketch": w["sketch"]}]
         return encode(telemetry(d.device, d.boot, d.seq, models, interval_s=self.interval_s, ts=ts,
-                                process={"cpu_percent": round(random.uniform(2, 30), 1), "rss_mb": 180}))
+                                process={"cpu_percent": round(random.uniform(2, 30), 1),
+                                         "rss_bytes": 180 << 20}))
 
     def publish_round(self) -> int:
         """Publish one telemetry record for every device now; returns how many."""

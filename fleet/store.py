@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 from edgefleet.sdk.errors import ConfigError
 from edgefleet.sdk.sketch import DDSketch
 
@@ -40,6 +41,8 @@ __all__ = [
     "window_quantiles",
 ]
 
+_MAX_BINS = 4096  # as in DDSketch: a sketch JSON form never holds more buckets
+
 # Per-device deployment states, in the order a healthy install goes through them.
 DEPLOY_STATES = ("pending", "downloading", "verifying", "self-test", "active", "failed", "rolled-back", "skipped")
 TERMINAL_STATES = frozenset({"active", "failed", "rolled-back", "skipped"})
@@ -47,9 +50,9 @@ _RANK = {s: i for i, s in enumerate(DEPLOY_STATES)}
 
 
 def window_quantiles(sketch: Mapping[str, Any], qs: Sequence[float] = (0.5, 0.95, 0.99)) -> list[float | None]:
-    """Quantiles of a sketch in its JSON form, in one pass over the dense buckets.
+    """Quantiles of a sketch in its JSON form, with one cumulative sum over the dense buckets.
 
-    Same rule as :meth:`DDSketch.quantile` (tests check they agree), but without building the sketch and sorting its
+    Same rule as :meth:`DDSketch.quantile` (tests check they agree) without building the sketch and sorting its
     buckets once per quantile: ingest computes three quantiles for every model window it stores.
     """
     count = sketch["count"]
@@ -58,27 +61,73 @@ def window_quantiles(sketch: Mapping[str, Any], qs: Sequence[float] = (0.5, 0.95
     gamma_ln = math.log((1.0 + sketch["alpha"]) / (1.0 - sketch["alpha"]))
     gamma = math.exp(gamma_ln)
     lo, hi = float(sketch["min"]), float(sketch["max"])
-    ranks = [q * (count - 1) for q in qs]
-    out: list[float | None] = [None] * len(qs)
-    seen = sketch["zero"]
-    todo = 0
-    while todo < len(qs) and ranks[todo] < seen:
-        out[todo] = max(lo, 0.0)
-        todo += 1
-    offset = sketch["offset"]
-    for i, c in enumerate(sketch["counts"]):
-        if not c:
+    zero = sketch["zero"]
+    counts = sketch["counts"]
+    cum = np.array(counts, dtype=np.int64).cumsum() + zero if counts else np.zeros(0, np.int64)
+    out: list[float | None] = []
+    for q in qs:
+        rank = q * (count - 1)
+        if rank < zero:
+            out.append(max(lo, 0.0))
             continue
-        seen += c
-        while todo < len(qs) and seen > ranks[todo]:
-            value = 2.0 * math.exp((offset + i) * gamma_ln) / (gamma + 1.0)
-            out[todo] = min(max(value, lo), hi)
-            todo += 1
-        if todo == len(qs):
-            break
-    for j in range(todo, len(qs)):
-        out[j] = hi
+        i = int(np.searchsorted(cum, rank, side="right"))  # first bucket whose cumulative count exceeds rank
+        if i >= len(cum):
+            out.append(hi)
+            continue
+        value = 2.0 * math.exp((sketch["offset"] + i) * gamma_ln) / (gamma + 1.0)
+        out.append(min(max(value, lo), hi))
     return out
+
+
+class _DenseSum:
+    """Adds validated sketches in their JSON form (dense bucket arrays) without building DDSketch objects."""
+
+    __slots__ = ("alpha", "count", "counts", "hi", "lo", "max", "min", "sum", "zero")
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.lo = 0
+        self.counts: np.ndarray | None = None
+        self.zero = 0
+        self.count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, d: Mapping[str, Any]) -> None:
+        if d["alpha"] != self.alpha:
+            raise ValueError(f"cannot merge sketches with alpha {self.alpha} and {d['alpha']}")
+        c = d["counts"]
+        if c:
+            off = d["offset"]
+            if self.counts is None:
+                self.lo, self.counts = off, np.array(c, dtype=np.int64)
+            else:
+                lo, top = min(self.lo, off), max(self.lo + len(self.counts), off + len(c))
+                if lo != self.lo or top != self.lo + len(self.counts):
+                    grown = np.zeros(top - lo, np.int64)
+                    grown[self.lo - lo:self.lo - lo + len(self.counts)] = self.counts
+                    self.lo, self.counts = lo, grown
+                self.counts[off - self.lo:off - self.lo + len(c)] += np.asarray(c, dtype=np.int64)
+        self.zero += d["zero"]
+        self.count += d["count"]
+        self.sum += d["sum"]
+        if d["count"]:
+            self.min = min(self.min, d["min"])
+            self.max = max(self.max, d["max"])
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = self.counts if self.counts is not None else np.zeros(0, np.int64)
+        lo = self.lo
+        if len(counts) > _MAX_BINS:
+            # Same policy as DDSketch: fold the lowest buckets, the high quantiles keep their accuracy.
+            excess = len(counts) - _MAX_BINS
+            counts = counts[excess:].copy()
+            counts[0] += int(self.counts[:excess].sum()) if self.counts is not None else 0
+            lo += excess
+        return {"alpha": self.alpha, "count": self.count, "zero": self.zero, "sum": self.sum,
+                "min": self.min if self.count else None, "max": self.max if self.count else None,
+                "offset": lo if len(counts) else 0, "counts": counts.tolist()}
 
 
 @dataclass
@@ -114,8 +163,12 @@ class Store(Protocol):
         """Write a batch in one transaction; replays of stored messages are ignored."""
         ...
 
-    def devices(self, fleet: str, changed_since: float = 0.0) -> list[dict[str, Any]]:
+    def devices(self, fleet: str, changed_since: float = 0.0, full: bool = True) -> list[dict[str, Any]]:
         """Every known device with status and latest summary (only those changed after ``changed_since``)."""
+        ...
+
+    def devices_json(self, fleet: str, changed_since: float = 0.0) -> tuple[int, str]:
+        """``(n, JSON array text)`` of the compact device rows, for HTTP responses without re-encoding."""
         ...
 
     def device(self, fleet: str, device: str) -> dict[str, Any] | None:
@@ -234,8 +287,7 @@ _TARGET_FIELDS = frozenset({"state", "reason", "cmd_id", "rollback_cmd_id", "act
 _DEPLOYMENT_FIELDS = frozenset({"state", "decision", "message"})
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+_dumps = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: ingest encodes several values per message
 
 
 def _event_target_state(ev: Mapping[str, Any]) -> str | None:
@@ -387,9 +439,10 @@ class SQLiteStore:
         minutes: dict[tuple[str, str, int], list[Any]] = {}
         for t in records:
             dev, boot, seq, ts = t["device"], t["boot"], t["seq"], float(t["ts"])
+            process_json = _dumps(t.get("process", {}))
             cur = c.execute("INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?)",
                             (fleet, dev, boot, seq, ts, now, float(t["interval_s"]), int(t.get("dropped", 0)),
-                             _dumps(t.get("process", {})), _dumps(t.get("system", {}))))
+                             process_json, _dumps(t.get("system", {}))))
             if cur.rowcount != 1:
                 continue  # a replay: already stored, and already counted in the derived views
             new += 1
@@ -408,7 +461,7 @@ class SQLiteStore:
                 acc[1] += m["errors"]
                 acc[2].append(sk)
             if dev not in latest or ts >= latest[dev][0]:
-                latest[dev] = (ts, _dumps(summary), _dumps(t.get("process", {})))
+                latest[dev] = (ts, _dumps(summary), process_json)
         if windows:
             c.executemany("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", windows)
         for dev, (ts, summary_json, process_json) in latest.items():
@@ -426,13 +479,15 @@ class SQLiteStore:
         for (name, version, minute), (count, errors, sketches) in minutes.items():
             row = c.execute("SELECT count, errors, sketch FROM version_minutes WHERE fleet=? AND name=? AND version=? "
                             "AND minute=?", (fleet, name, version, minute)).fetchone()
-            merged = DDSketch.merged(DDSketch.from_dict(s) for s in sketches)
+            acc = _DenseSum(sketches[0]["alpha"])
+            for sk in sketches:
+                acc.add(sk)
             if row is not None:
-                merged.merge(DDSketch.from_dict(json.loads(row["sketch"])))
+                acc.add(json.loads(row["sketch"]))
                 count += row["count"]
                 errors += row["errors"]
             c.execute("INSERT OR REPLACE INTO version_minutes VALUES (?,?,?,?,?,?,?,?)",
-                      (fleet, name, version, minute, count, errors, merged.sum, _dumps(merged.to_dict())))
+                      (fleet, name, version, minute, count, errors, acc.sum, _dumps(acc.to_dict())))
         return new
 
     @staticmethod
@@ -489,11 +544,35 @@ class SQLiteStore:
                 "last_seen": r["last_seen"], "models": json.loads(r["summary"]), "telemetry_ts": r["summary_ts"],
                 "process": json.loads(r["process"]), "updated": r["updated"]}
 
-    def devices(self, fleet: str, changed_since: float = 0.0) -> list[dict[str, Any]]:
-        """Every known device (or those changed after ``changed_since``, controller clock), sorted by id."""
+    def devices(self, fleet: str, changed_since: float = 0.0, full: bool = True) -> list[dict[str, Any]]:
+        """Every known device (or those changed after ``changed_since``, controller clock), sorted by id.
+
+        ``full=False`` leaves out the status description (the bulk of a row), for lists of many devices.
+        """
         rows = self._conn().execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE fleet=? AND updated>? ORDER BY device",
                                     (fleet, changed_since)).fetchall()
-        return [self._device_row(r) for r in rows]
+        out = [self._device_row(r) for r in rows] if full else [self._compact_row(r) for r in rows]
+        return out
+
+    @staticmethod
+    def _compact_row(r: sqlite3.Row) -> dict[str, Any]:
+        return {"device": r["device"], "state": r["state"], "boot": r["boot"], "profile": r["profile"],
+                "tags": json.loads(r["tags"]), "last_seen": r["last_seen"], "models": json.loads(r["summary"]),
+                "telemetry_ts": r["summary_ts"], "process": json.loads(r["process"]), "updated": r["updated"]}
+
+    def devices_json(self, fleet: str, changed_since: float = 0.0) -> tuple[int, str]:
+        """``(n, JSON array)`` of the compact rows of ``devices(full=False)``, built by SQLite itself.
+
+        The dashboard loads every device at once; building 10,000 rows' JSON in SQL (from columns that already hold
+        JSON) costs a fraction of decoding and re-encoding them in Python.
+        """
+        row = self._conn().execute(
+            "SELECT count(*), json_group_array(json_object('device', device, 'state', state, 'boot', boot, "
+            "'profile', profile, 'tags', json(tags), 'last_seen', last_seen, 'models', json(summary), "
+            "'telemetry_ts', summary_ts, 'process', json(process), 'updated', updated)) "
+            "FROM (SELECT * FROM devices WHERE fleet=? AND updated>? ORDER BY device)", (fleet, changed_since)
+        ).fetchone()
+        return int(row[0]), row[1]
 
     def device(self, fleet: str, device: str) -> dict[str, Any] | None:
         """One device, or None."""

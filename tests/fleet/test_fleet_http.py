@@ -58,6 +58,10 @@ def test_api_devices_lists_every_device_with_latest_window(running) -> None:
     data = json.loads(body)
     devs = {d["device"]: d for d in data["devices"]}
     assert sorted(devs) == ["h-0000", "h-0001", "h-0002", "h-0003"]
+    assert "description" not in devs["h-0000"]  # the list is compact; ?full=1 adds the status descriptions
+    status, body, _ = get(f"{ctl.url}/api/devices?full=1")
+    full = {d["device"]: d for d in json.loads(body)["devices"]}
+    assert full["h-0001"]["description"]["models"][0]["version"] == "1.0.0"
     assert devs["h-0001"]["profile"] == "jetson-orin" and devs["h-0001"]["state"] == "online"
     m = devs["h-0001"]["models"][0]
     assert m["name"] == "detector" and m["version"] == "1.0.0"
@@ -143,6 +147,7 @@ def test_metrics_is_prometheus_text_with_device_gauges_and_version_summaries(run
     assert count == sum(w["count"] for w in ctl.store.windows(ctl.config.fleet))
     assert [v for lbl, v in m["edgefleet_ingest_stored_total"] if lbl["channel"] == "telemetry"] == [20.0]
     assert all(not math.isnan(v) for _, v in m["edgefleet_device_throughput_rps"])
+    assert {lbl["device"]: v for lbl, v in m["edgefleet_device_process_rss_bytes"]}["h-0003"] == 180 * 2**20
 
 
 def test_bundle_upload_verifies_and_download_supports_range(running, mlp_model, make_bundle) -> None:
