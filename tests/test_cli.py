@@ -47,9 +47,8 @@ def _help_params() -> list:
         module = _COMMANDS[name][0]
         try:
             missing = _missing_module(module)
-        except Exception as exc:  # noqa: BLE001 - reported as a failing test below, not as a collection error
-            params.append(pytest.param((name,), id=name, marks=pytest.mark.xfail(
-                reason=f"{module} fails to import: {exc}", strict=True, raises=Exception)))
+        except Exception:  # noqa: BLE001 - a broken module fails its --help test below, not the collection
+            params.append(pytest.param((name,), id=name))
             continue
         if missing is not None:
             params.append(pytest.param((name,), id=name, marks=pytest.mark.skip(
