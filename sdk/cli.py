@@ -164,6 +164,8 @@ def bundle_verify(path: Path, trust: tuple[Path, ...], run_selftest: bool, allow
             dest = Path(tmp) / "bundle"
             extract_bundle(path, trusted, dest)
             model = Model.open(dest, trusted, allow_fallback=allow_fallback, cache_dir=Path(tmp) / "cache")
+            if model.placement.fallback:
+                click.echo(f"fallback: {model.placement.reason}")
             report = model.self_test()
             serving = ", ".join(model.placement.serving)
             if not report.ok:

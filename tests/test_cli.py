@@ -263,3 +263,4 @@ def test_cli_bundle_verify_run_cuda_bundle_errors_or_falls_back_when_allowed(mlp
     result = _invoke("bundle", "verify", path, "--trust", pub, "--run", "--allow-fallback")
     assert result.exit_code == 0, result.output
     assert "self-test OK on CPUExecutionProvider" in result.output
+    assert "fallback: bundle testmodel 1.0.0 (nvidia-gpu) asks for CUDAExecutionProvider" in result.output
