@@ -245,7 +245,7 @@ def evaluate(
         if rs[0].ndim >= 3 and rs[0].shape[1] > 1:
             worst, worst_cos, collapsed, _ = _channels(gs, rs, b.channel_floor)
             if worst_cos is not None and worst_cos < b.min_channel_cosine:
-                low = sorted({worst, *collapsed} - {None})  # type: ignore[arg-type]
+                low = sorted({*([] if worst is None else [worst]), *collapsed})
                 failures.append(f"channel {worst} cosine {worst_cos:.4f} < {b.min_channel_cosine} (channels {low})")
             if collapsed:
                 failures.append(f"channel(s) {list(collapsed)[:8]} collapsed (norm ratio outside [0.5, 2])")

@@ -331,6 +331,8 @@ class _TargetBuild:
         # compare against the quantizer's own output: the later CPU optimization fuses QDQ away and renames tensors
         quantized = next((r.path for r in failing.records if r.name.startswith("quantize_")), None)
         step_input = quantized or failing.model
+        if step_input is None:
+            return []
         try:
             ranked = rank_nodes(base, step_input, self.val[:2], self.work / "sens",
                                 channel_floor=self.opts.budget.channel_floor)
@@ -381,11 +383,12 @@ class _TargetBuild:
                                       f"({_budget_text(self.opts.budget)}):\n  {lines}")
         timed = [b for b in ok if b.latency_ms is not None]
         if timed:
-            fastest = min(timed, key=lambda b: b.latency_ms)  # type: ignore[arg-type,return-value]
+            lat = {id(b): float(b.latency_ms or 0.0) for b in timed}
+            fastest = min(timed, key=lambda b: lat[id(b)])
             # Within timing noise (3%) of the fastest, the most accurate precision wins: no speed, no reason to lose.
-            close = [b for b in timed if b.latency_ms <= fastest.latency_ms * (1 + _NOISE)]  # type: ignore[operator]
-            best = max(close, key=lambda b: (_SAFETY.get(b.cand.precision, 0.0) - (0.5 if "-excl" in b.cand.name
-                                                                                     else 0.0), -b.latency_ms))
+            close = [b for b in timed if lat[id(b)] <= lat[id(fastest)] * (1 + _NOISE)]
+            best = max(close, key=lambda b: (_SAFETY.get(b.cand.precision, 0.0)
+                                             - (0.5 if "-excl" in b.cand.name else 0.0), -lat[id(b)]))
             others = ", ".join(f"{b.cand.name} {b.latency_ms:.3f} ms" for b in timed if b is not best)
             rejected = [b.cand.name for b in built if not b.ok]
             lead = ("fastest within budget" if best is fastest else
@@ -439,8 +442,12 @@ def package(
     profiles_dir: Sequence[str | os.PathLike[str]] = (),
     options: PackageOptions | None = None,
     progress: Progress | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
 ) -> list[PackageResult]:
     """Optimize, quantize and validate ``model`` for each target and write one signed bundle per target.
+
+    ``model`` is an ONNX file, or a PyTorch model (TorchScript file or ``module:factory``, with ``input_shapes``):
+    that is exported to ONNX first, and Apple targets also get a native Core ML ``.mlpackage`` (FP16).
 
     Returns the results in target order. Bad input raises InputError/ConfigError, a budget no candidate meets raises
     AccuracyBudgetError listing every candidate; in every failure case nothing is left in ``out_dir``.
@@ -458,14 +465,34 @@ def package(
     signing_key = _resolve_key(key)
     profiles = load_profiles(profiles_dir)
     chosen_profiles = [get_profile(t, profiles_dir) for t in dict.fromkeys(targets)]
-    src = Path(model)
-    if not src.is_file():
-        raise InputError(f"model {src} does not exist or is not a file")
-    bundle_name = name or _safe_name(src)
+    from . import torch_input
+
+    torch_module = None
+    shapes: dict[str, tuple[int, ...]] = {}
+    if torch_input.is_torch_spec(str(model)):
+        shapes = _input_shapes(input_shapes)
+        if not shapes:
+            raise ConfigError("a PyTorch model needs its input shapes (--input-shape NAME=1x3x224x224)")
+        torch_module = torch_input.load_torch_model(str(model))
+        stem = str(model).rsplit(":", 1)[-1] if ":" in str(model) else Path(model).stem
+        bundle_name = name or _safe_name(Path(stem + ".onnx"))
+    else:
+        src = Path(model)
+        if not src.is_file():
+            raise InputError(f"model {src} does not exist or is not a file")
+        bundle_name = name or _safe_name(src)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".edgefleet-package-", dir=out))
     try:
+        if torch_module is not None:
+            say(f"export {model} to ONNX")
+            src = torch_input.export_onnx(torch_module, shapes, staging / "torch" / f"{bundle_name}.onnx")
+        coreml: dict[str, Any] | None = None
+        if torch_module is not None and any(p.primary_provider == "CoreMLExecutionProvider" for p in chosen_profiles):
+            say("convert to a Core ML .mlpackage (FP16)")
+            pkg = torch_input.convert_mlpackage(torch_module, shapes, staging / "coreml" / "model.mlpackage")
+            coreml = {"path": pkg, "check": torch_input.check_mlpackage(pkg, shapes)}
         say(f"check {src.name}")
         from .steps import CheckConfig, CheckModel
 
@@ -502,8 +529,12 @@ def package(
                               say, synthetic)
             chosen, report = tb.build()
             say(f"{prof.name}: chose {chosen.cand.name}; writing bundle")
+            extra = coreml if prof.primary_provider == "CoreMLExecutionProvider" else None
+            if torch_module is not None:
+                report["source"] = {"pytorch": str(model), "input_shapes": {k: list(v) for k, v in shapes.items()},
+                                    "exported_to": "ONNX (opset 17, symbolic batch dim)"}
             bundle, manifest = _write(prof, chosen, report, facts, val, refs, opts, bundle_name, signing_key,
-                                      staging, src, data_note, calib, t_start)
+                                      staging, src, data_note, calib, t_start, extra)
             results.append((prof, manifest, report, bundle))
         final: list[PackageResult] = []
         for prof, manifest, report, bundle in results:
@@ -513,6 +544,16 @@ def package(
         return final
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _input_shapes(given: Mapping[str, Sequence[int]] | Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    from .torch_input import parse_input_shapes
+
+    if given is None:
+        return {}
+    if isinstance(given, Mapping):
+        return {str(k): tuple(int(d) for d in v) for k, v in given.items()}
+    return parse_input_shapes([str(s) for s in given])
 
 
 def _safe_name(src: Path) -> str:
@@ -541,7 +582,7 @@ def _samples(data: str | os.PathLike[str] | Sequence[Feed] | None, inputs: Seque
 def _write(profile: Profile, chosen: _Built, report: dict[str, Any], facts: ModelFacts, val: list[Feed],
            refs: list[dict[str, np.ndarray]], opts: PackageOptions, bundle_name: str, key: PrivateKey,
            staging: Path, src: Path, data_note: list[str], calib: list[Feed] | None,
-           t_start: float) -> tuple[Path, Manifest]:
+           t_start: float, coreml: dict[str, Any] | None = None) -> tuple[Path, Manifest]:
     import onnxruntime as ort
 
     if chosen.model is None:  # only built candidates can pass the gate; a bug if this triggers
@@ -558,6 +599,14 @@ def _write(profile: Profile, chosen: _Built, report: dict[str, Any], facts: Mode
             files[f"model/{f.name}"] = f
     save_validation(files_dir / "validation.npz", list(zip(val[:n], refs[:n], strict=True)))
     files["validation.npz"] = files_dir / "validation.npz"
+    metadata = {}
+    if coreml is not None:
+        pkg: Path = coreml["path"]
+        for f in sorted(pkg.rglob("*")):
+            if f.is_file():
+                files[f"coreml/model.mlpackage/{f.relative_to(pkg).as_posix()}"] = f
+        metadata["coreml_package"] = "coreml/model.mlpackage"
+        report["coreml"] = coreml["check"]
     all_records = [*report["base_steps"], *[r.to_dict() for r in chosen.records]]
     contrib = any(r["step"] == "fuse_transformer" for r in all_records) or any(
         r["step"] == "optimize" and r["config"].get("level") not in ("basic", "disabled") for r in all_records)
@@ -581,7 +630,8 @@ def _write(profile: Profile, chosen: _Built, report: dict[str, Any], facts: Mode
         model="model/model.onnx", providers=chosen.providers, session=profile.session, inputs=inputs,
         outputs=outputs, files={}, min_ort_version=min_ort,
         validation=ValidationSpec("validation.npz", n, tol), report="report.json",
-        metadata={"packager": "edgefleet", "candidate": chosen.cand.name, "source_sha256": report["model"]["sha256"]},
+        metadata={"packager": "edgefleet", "candidate": chosen.cand.name, "source_sha256": report["model"]["sha256"],
+                  **metadata},
     )
     path = staging / f"{bundle_name}-{opts.version}-{profile.name}.efb"
     vm: VerifiedManifest = write_bundle(path, manifest, files, key)

@@ -45,7 +45,7 @@ def _human(report: dict[str, Any], path: Path) -> list[str]:
 
 
 @click.command("package")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model")
 @click.option("-t", "--target", "targets", multiple=True, required=True,
               help="Target profile (repeatable), e.g. x86-cpu-vnni, intel-openvino-cpu, nvidia-gpu, apple-silicon.")
 @click.option("--precision", type=click.Choice(precision_choices), default="auto", show_default=True,
@@ -70,13 +70,19 @@ def _human(report: dict[str, Any], path: Path) -> list[str]:
               show_default=True, help="Output folder for the bundles.")
 @click.option("--profiles", "profiles_dir", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Extra profile folder (repeatable).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...",
+              help="For a PyTorch MODEL (TorchScript file or module:factory): input name and shape, repeatable.")
 @click.option("--no-measure", is_flag=True, help="Do not time candidates (pick by expected order).")
 @click.option("--json", "as_json", is_flag=True, help="Print the packaging reports as JSON.")
-def package(model: Path, targets: tuple[str, ...], precision: str, calibration: Path | None,
+def package(model: str, targets: tuple[str, ...], precision: str, calibration: Path | None,
             validation: Path | None, budget: tuple[str, ...], name: str | None, version: str,
             model_type: str | None, key: Path | None, out_dir: Path, profiles_dir: tuple[str, ...],
-            no_measure: bool, as_json: bool) -> None:
-    """Optimize, quantize and validate MODEL.onnx into one signed bundle per --target."""
+            input_shapes: tuple[str, ...], no_measure: bool, as_json: bool) -> None:
+    """Optimize, quantize and validate MODEL into one signed bundle per --target.
+
+    MODEL is an ONNX file, or a PyTorch model (a TorchScript file, or module:factory) with --input-shape: it is
+    exported to ONNX, and apple-silicon bundles also carry a native Core ML .mlpackage (FP16).
+    """
     from rich.console import Console
 
     from .api import PackageOptions
@@ -92,7 +98,8 @@ def package(model: Path, targets: tuple[str, ...], precision: str, calibration: 
 
         results = run(model, list(targets), key=key, out_dir=out_dir, calibration=calibration,
                       validation=validation, precision=precision, budget=list(budget), name=name, version=version,
-                      model_type=model_type, profiles_dir=profiles_dir, options=opts, progress=progress)
+                      model_type=model_type, profiles_dir=profiles_dir, options=opts, progress=progress,
+                      input_shapes=list(input_shapes) or None)
     if as_json:
         payload = [{"target": r.target, "bundle": str(r.path), "report": r.report} for r in results]
         click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))

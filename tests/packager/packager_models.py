@@ -269,3 +269,15 @@ def shipped_model(name: str) -> Path:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.shipped_model(name)
+
+
+def torch_classifier():
+    """A small PyTorch conv classifier (3x64x64 -> 10 classes), for the PyTorch input and Core ML paths."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10), torch.nn.Softmax(dim=-1),
+    ).eval()
