@@ -152,6 +152,7 @@ class Installer:
                     raise BundleCompatibilityError(
                         f"bundle asks for {', '.join(missing)}, but ONNX Runtime {ort.version} ({ort.flavour}) "
                         f"here offers only {', '.join(ort.providers)}")
+                self._check_not_rollback(m.name, m.version, vm.digest)
             except BundleCompatibilityError as exc:
                 raise InstallError("compatibility", exc) from exc
             lap("compatibility")
@@ -211,6 +212,32 @@ class Installer:
                                      "providers": list(model.placement.serving), "timings_ms": timings})
         return InstallResult(m.name, m.version, vm.digest, pointer.previous, list(model.placement.serving), timings,
                              report.to_dict())
+
+    def _check_not_rollback(self, name: str, version: str, digest: str) -> None:
+        """Refuse an older version than the active one, or the same version with other content (TUF rollback).
+
+        Going back is what the ``rollback`` command is for: it swaps to the previous bundle this device verified.
+        """
+        from edgefleet.sdk.bundle import read_installed, version_key
+
+        current = self.store.pointers().get(name)
+        if current is None or current.active == digest:
+            return
+        model = self.registry.get(name)
+        if model is not None and model.digest == current.active:
+            active = model.version
+        else:
+            try:
+                active = read_installed(self.store.path(current.active), self.trusted, verify_files=False
+                                        ).manifest.version
+            except BundleError:
+                return  # the active bundle is damaged: load_all reports it; do not block its replacement
+        if version_key(version) < version_key(active):
+            raise BundleCompatibilityError(f"bundle {name} {version} is older than the installed {active}: "
+                                           "refused (use the rollback command to go back)")
+        if version_key(version) == version_key(active):
+            raise BundleCompatibilityError(f"bundle {name} {version} has the installed version but other content "
+                                           f"(manifest {digest[:12]}…, installed {current.active[:12]}…): refused")
 
     def load_all(self) -> list[tuple[str, str, str]]:
         """At start-up, open every active bundle; a broken one falls back to its previous. Returns problems."""

@@ -63,6 +63,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt")
 DTYPES = frozenset(
     {"float32", "float16", "float64", "bfloat16", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
      "uint64", "bool", "string"}
@@ -279,6 +280,9 @@ class Manifest:
             raise BundleFormatError("manifest: inputs and outputs must not be empty")
         for name in self.files:
             _check_relpath("manifest files", name)
+            if name.lower().endswith(_PICKLE_SUFFIXES):
+                raise UnsafeArchiveError(f"manifest: {name!r} is a pickle; bundles never carry pickles (they run "
+                                         "code when loaded)")
             if name.lower() in (MANIFEST_NAME, SIGNATURES_NAME):  # any case: macOS and Windows fold case
                 raise BundleFormatError(f"manifest: files must not list the reserved name {name!r}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ._onnx_external import check_external_data
 from .bundle import Manifest, ProviderConfig, SessionConfig, TensorSpec, VerifiedManifest, read_installed, version_key
 from .errors import (
     BundleCompatibilityError,
@@ -301,6 +302,9 @@ class Model:
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         self._session_options = so
         self._providers = providers
+        if root is not None:
+            # Before ORT sees the model: old ORT builds follow external-data paths out of the bundle directory.
+            check_external_data(root, manifest.model, manifest.files)
         t0 = time.perf_counter()
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)

@@ -17,9 +17,12 @@ import numpy as np
 
 from ._fs import atomic_write_bytes
 from .bundle import Tolerance
-from .errors import BundleFormatError
+from .errors import BundleFormatError, UnsafeArchiveError
 
-__all__ = ["OutputCheck", "Sample", "compare_output", "load_validation", "save_validation"]
+__all__ = ["MAX_VALIDATION_BYTES", "OutputCheck", "Sample", "compare_output", "load_validation", "save_validation"]
+
+MAX_VALIDATION_BYTES = 256 << 20
+"""Cap on a validation set's uncompressed size: a deflated npz member can expand ~1000x (a zip bomb)."""
 
 Sample = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
@@ -37,10 +40,39 @@ def save_validation(path: str | os.PathLike[str], samples: Sequence[Sample]) -> 
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_validation(path: str | os.PathLike[str]) -> list[Sample]:
-    """Read a validation npz; object arrays (pickles) and malformed keys are refused."""
+def _check_sizes(path: str | os.PathLike[str], max_bytes: int) -> None:
+    """Refuse a bomb before numpy allocates: declared sizes over the cap, or a .npy header claiming more data
+    than its member holds (numpy would allocate what the header claims)."""
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        total = sum(i.file_size for i in infos)
+        if total > max_bytes:
+            raise UnsafeArchiveError(f"{path}: validation set expands to {total} bytes, over the cap of {max_bytes}")
+        for info in infos:
+            if not info.filename.endswith(".npy"):
+                continue
+            with z.open(info) as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(fh)
+                except ValueError:
+                    continue  # not a .npy at all: the loader below refuses it with its own message
+                header_len = fh.tell()
+            if dtype.hasobject:
+                continue  # an object array (a pickle): np.load(allow_pickle=False) below refuses it
+            claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if claimed != info.file_size - header_len:
+                raise UnsafeArchiveError(f"{path}: validation entry {info.filename!r} claims {claimed} bytes of "
+                                         f"data but holds {info.file_size - header_len}")
+
+
+def load_validation(path: str | os.PathLike[str], max_bytes: int = MAX_VALIDATION_BYTES) -> list[Sample]:
+    """Read a validation npz; object arrays (pickles), bombs and malformed keys are refused."""
     samples: dict[int, Sample] = {}
     try:
+        _check_sizes(path, max_bytes)
         with np.load(Path(path), allow_pickle=False) as data:
             for key in data.files:
                 parts = key.split("/", 2)
@@ -54,7 +86,9 @@ def load_validation(path: str | os.PathLike[str]) -> list[Sample]:
                 if not isinstance(arr, np.ndarray):  # NpzFile hands back raw bytes for a member that is not .npy
                     raise BundleFormatError(f"{path}: validation entry {key!r} is not a numpy array")
                 sample[0 if parts[1] == "in" else 1][parts[2]] = arr
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (BundleFormatError, UnsafeArchiveError):
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as exc:
         raise BundleFormatError(f"{path}: unreadable validation set: {exc}") from exc
     if sorted(samples) != list(range(len(samples))):
         raise BundleFormatError(f"{path}: validation samples are not numbered 0..{len(samples) - 1}")
