@@ -1,7 +1,7 @@
 """The command journal: which command ids were received and which are done, on disk.
 
-A command is journaled inside paho's ``on_message`` callback, i.e. before paho sends its PUBACK, so once the broker
-forgets a command the agent has it on disk. A command whose id is already journaled is never executed again
+A command is journaled inside paho's ``on_message`` callback and acknowledged (manual PUBACK) only then, so once
+the broker forgets a command the agent has it on disk. A command whose id is already journaled is never executed again
 (idempotent by id, also across restarts). A command that was pending when the agent died is executed again after
 restart; its reply goes through the outbox, so exactly one reply per id reaches the broker.
 """

@@ -58,6 +58,9 @@ class MqttLink:
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
         client_id = broker.client_id or f"edgefleet-{fleet}-{device}"
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        # We send the PUBACK of a command ourselves, after it is journaled: a command that could not be stored is
+        # redelivered by the broker instead of being lost.
+        c.manual_ack_set(True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -162,11 +165,13 @@ class MqttLink:
         self.on_connected(False)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        # Runs before paho sends the PUBACK: whatever on_command stores on disk is safe once the broker drops it.
         try:
             self.on_command(message)
         except Exception:
-            log.exception("command handling failed", extra={"topic": message.topic})
+            # Not acknowledged: the broker delivers it again after the next reconnect.
+            log.exception("command could not be journaled", extra={"topic": message.topic})
+            return
+        client.ack(message.mid, message.qos)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if getattr(reason, "is_failure", False):
