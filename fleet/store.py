@@ -50,32 +50,35 @@ _RANK = {s: i for i, s in enumerate(DEPLOY_STATES)}
 
 
 def window_quantiles(sketch: Mapping[str, Any], qs: Sequence[float] = (0.5, 0.95, 0.99)) -> list[float | None]:
-    """Quantiles of a sketch in its JSON form, with one cumulative sum over the dense buckets.
+    """Quantiles (ascending ``qs``) of a sketch in its JSON form, in one pass over the dense buckets.
 
     Same rule as :meth:`DDSketch.quantile` (tests check they agree) without building the sketch and sorting its
-    buckets once per quantile: ingest computes three quantiles for every model window it stores.
+    buckets once per quantile: ingest computes three quantiles for every model window it stores. (A plain loop beats
+    numpy here: a window has tens of buckets, numpy's per-call overhead dominates.)
     """
     count = sketch["count"]
+    n = len(qs)
     if not count:
-        return [None] * len(qs)
+        return [None] * n
     gamma_ln = math.log((1.0 + sketch["alpha"]) / (1.0 - sketch["alpha"]))
     gamma = math.exp(gamma_ln)
     lo, hi = float(sketch["min"]), float(sketch["max"])
-    zero = sketch["zero"]
-    counts = sketch["counts"]
-    cum = np.array(counts, dtype=np.int64).cumsum() + zero if counts else np.zeros(0, np.int64)
-    out: list[float | None] = []
-    for q in qs:
-        rank = q * (count - 1)
-        if rank < zero:
-            out.append(max(lo, 0.0))
-            continue
-        i = int(np.searchsorted(cum, rank, side="right"))  # first bucket whose cumulative count exceeds rank
-        if i >= len(cum):
-            out.append(hi)
-            continue
-        value = 2.0 * math.exp((sketch["offset"] + i) * gamma_ln) / (gamma + 1.0)
-        out.append(min(max(value, lo), hi))
+    ranks = [q * (count - 1) for q in qs]
+    out: list[float | None] = [hi] * n
+    seen = sketch["zero"]
+    todo = 0
+    while todo < n and ranks[todo] < seen:
+        out[todo] = max(lo, 0.0)
+        todo += 1
+    key = sketch["offset"]
+    for c in sketch["counts"]:
+        if todo == n:
+            break
+        seen += c
+        while todo < n and seen > ranks[todo]:
+            out[todo] = min(max(2.0 * math.exp(key * gamma_ln) / (gamma + 1.0), lo), hi)
+            todo += 1
+        key += 1
     return out
 
 
@@ -433,49 +436,63 @@ class SQLiteStore:
 
     @staticmethod
     def _write_telemetry(c: sqlite3.Connection, fleet: str, records: list[dict[str, Any]], now: float) -> int:
-        new = 0
-        windows: list[tuple[Any, ...]] = []
-        latest: dict[str, tuple[float, str, str]] = {}
-        minutes: dict[tuple[str, str, int], list[Any]] = {}
+        rows = []
         for t in records:
-            dev, boot, seq, ts = t["device"], t["boot"], t["seq"], float(t["ts"])
-            process_json = _dumps(t.get("process", {}))
-            cur = c.execute("INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (fleet, dev, boot, seq, ts, now, float(t["interval_s"]), int(t.get("dropped", 0)),
-                             process_json, _dumps(t.get("system", {}))))
-            if cur.rowcount != 1:
-                continue  # a replay: already stored, and already counted in the derived views
-            new += 1
-            interval = float(t["interval_s"]) or 1.0
+            process, system = t.get("process"), t.get("system")
+            rows.append((fleet, t["device"], t["boot"], t["seq"], float(t["ts"]), now, float(t["interval_s"]),
+                         int(t.get("dropped", 0)), _dumps(process) if process else "{}",
+                         _dumps(system) if system else "{}"))
+        insert = "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?)"
+        # Fast path: one executemany; when every row was new (the normal case) every record feeds the derived views.
+        # Otherwise (a replay in the batch) redo it row by row to learn which ones were new.
+        c.execute("SAVEPOINT telemetry_batch")
+        cur = c.executemany(insert, rows)
+        if cur.rowcount == len(rows):
+            fresh = list(zip(records, rows, strict=True))
+        else:
+            c.execute("ROLLBACK TO telemetry_batch")
+            fresh = [(t, row) for t, row in zip(records, rows, strict=True) if c.execute(insert, row).rowcount == 1]
+        c.execute("RELEASE telemetry_batch")
+        windows: list[tuple[Any, ...]] = []
+        latest: dict[str, tuple[float, list[dict[str, Any]], str]] = {}
+        encoded: dict[tuple[str, ...], str] = {}  # provider lists repeat across a fleet: encode each once
+        minutes: dict[tuple[str, str, int], list[Any]] = {}
+        for t, row in fresh:
+            dev, boot, seq, ts = row[1], row[2], row[3], row[4]
+            interval = row[6] or 1.0
             summary = []
             for m in t["models"]:
                 sk = m["sketch"]
                 p50, p95, p99 = window_quantiles(sk)
+                providers = m["providers"]
+                pkey = tuple(providers)
+                providers_json = encoded.get(pkey)
+                if providers_json is None:
+                    providers_json = encoded[pkey] = _dumps(providers)
                 windows.append((fleet, dev, boot, seq, ts, m["name"], m["version"], m["count"], m["errors"], interval,
-                                p50, p95, p99, _dumps(m["providers"]), _dumps(sk)))
+                                p50, p95, p99, providers_json, _dumps(sk)))
                 summary.append({"name": m["name"], "version": m["version"], "count": m["count"], "errors": m["errors"],
                                 "p50": p50, "p95": p95, "p99": p99, "throughput": m["count"] / interval,
-                                "providers": m["providers"]})
+                                "providers": providers})
                 acc = minutes.setdefault((m["name"], m["version"], int(ts // 60)), [0, 0, []])
                 acc[0] += m["count"]
                 acc[1] += m["errors"]
                 acc[2].append(sk)
             if dev not in latest or ts >= latest[dev][0]:
-                latest[dev] = (ts, _dumps(summary), process_json)
+                latest[dev] = (ts, summary, row[8])  # encoded once per device per batch, below
         if windows:
             c.executemany("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", windows)
-        for dev, (ts, summary_json, process_json) in latest.items():
-            c.execute(
-                "INSERT INTO devices (fleet, device, last_seen, summary, summary_ts, process, updated) "
-                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(fleet, device) DO UPDATE SET "
-                "last_seen=max(devices.last_seen, excluded.last_seen), updated=excluded.updated, "
-                "summary=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.summary "
-                "ELSE devices.summary END, "
-                "process=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.process "
-                "ELSE devices.process END, "
-                "summary_ts=max(devices.summary_ts, excluded.summary_ts)",
-                (fleet, dev, now, summary_json, ts, process_json, now),
-            )
+        c.executemany(
+            "INSERT INTO devices (fleet, device, last_seen, summary, summary_ts, process, updated) "
+            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(fleet, device) DO UPDATE SET "
+            "last_seen=max(devices.last_seen, excluded.last_seen), updated=excluded.updated, "
+            "summary=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.summary "
+            "ELSE devices.summary END, "
+            "process=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.process "
+            "ELSE devices.process END, "
+            "summary_ts=max(devices.summary_ts, excluded.summary_ts)",
+            [(fleet, dev, now, _dumps(summary), ts, process_json, now)
+             for dev, (ts, summary, process_json) in latest.items()])
         for (name, version, minute), (count, errors, sketches) in minutes.items():
             row = c.execute("SELECT count, errors, sketch FROM version_minutes WHERE fleet=? AND name=? AND version=? "
                             "AND minute=?", (fleet, name, version, minute)).fetchone()
@@ -488,7 +505,7 @@ class SQLiteStore:
                 errors += row["errors"]
             c.execute("INSERT OR REPLACE INTO version_minutes VALUES (?,?,?,?,?,?,?,?)",
                       (fleet, name, version, minute, count, errors, acc.sum, _dumps(acc.to_dict())))
-        return new
+        return len(fresh)
 
     @staticmethod
     def _move_target(c: sqlite3.Connection, where: str, arg: str, state: str, reason: str, now: float) -> None:
