@@ -249,7 +249,8 @@ class _TargetBuild:
         base_items.append(("optimize", {"level": "basic"}))
         self.progress(f"{p.name}: base ({', '.join(n for n, _ in base_items)})")
         base, base_records = run_plan(self.checked, self.work / "base", make_plan(base_items))
-        cands, skipped = candidates_for(p, self.facts, opts.precision, self.calib_file is not None, level)
+        cands, skipped = candidates_for(p, self.facts, opts.precision, self.calib_file is not None, level,
+                                        measurable=self.runs_here and opts.measure)
         self.notes.extend(skipped)
         built = []
         for i, c in enumerate(cands):
@@ -373,6 +374,9 @@ class _TargetBuild:
         ok = [b for b in built if b.ok]
         explicit = self.opts.precision != "auto"
         if not ok:
+            if all(b.error for b in built):
+                lines = "\n  ".join(b.line() for b in built)
+                raise PackagingError(f"{self.profile.name}: no candidate could be built or run:\n  {lines}")
             unverified = [b for b in built if b.accuracy is None and not b.error]
             if explicit and unverified:
                 b = unverified[0]

@@ -37,7 +37,7 @@ def test_package_intel_openvino_cpu_measures_every_candidate_on_the_openvino_ep(
     rep = res.report
     assert rep["measured_here"] is True
     names = {c["name"] for c in rep["candidates"]}
-    assert {"bf16", "f16", "int8-static", "fp32"} <= names
+    assert {"bf16", "f16", "int8-static", "int8-static-s8", "fp32"} <= names
     for c in rep["candidates"]:
         assert c["accuracy_on"].startswith(OV) and c["latency_ms"] is not None, c
     assert json.loads(dict(res.manifest.providers[0].options)["load_config"])["CPU"]["INFERENCE_PRECISION_HINT"]
