@@ -8,10 +8,12 @@ their input. Every step is listed in :data:`STEPS`; a plan is a list of ``(step 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,6 +54,23 @@ def _save(model: Any, out_dir: Path) -> Path:
     onnx.save_model(model, str(out), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=MODEL_FILE + ".data" if big else None)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_tool() -> Iterator[None]:
+    """Keep a third-party tool's chatter out of stdout (``--json`` prints the report there) and its root-logger
+    advice ("consider pre-processing...") out of the user's terminal; both go to our debug log instead."""
+    buf = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        root.setLevel(level)
+        if buf.getvalue():
+            log.debug("tool output: %s", buf.getvalue()[-2000:])
 
 
 def _load(path: Path) -> Any:
@@ -212,8 +231,9 @@ class FuseTransformer(Step):
         from onnxruntime.transformers import optimizer
 
         try:
-            opt = optimizer.optimize_model(str(model), model_type=config.model_type, num_heads=config.num_heads,
-                                           hidden_size=config.hidden_size, opt_level=0)
+            with _quiet_tool():
+                opt = optimizer.optimize_model(str(model), model_type=config.model_type, num_heads=config.num_heads,
+                                               hidden_size=config.hidden_size, opt_level=0)
         except Exception as exc:
             raise PackagingError(f"transformer fusion ({config.model_type}) failed: {exc}") from exc
         stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
@@ -318,9 +338,10 @@ class QuantizeDynamic(Step):
         out_dir.mkdir(parents=True, exist_ok=True)
         out = out_dir / MODEL_FILE
         try:
-            quantize_dynamic(model, out, weight_type=_qtype(config.weight_type), per_channel=config.per_channel,
-                             reduce_range=config.reduce_range, op_types_to_quantize=list(config.op_types),
-                             nodes_to_exclude=list(config.nodes_to_exclude))
+            with _quiet_tool():
+                quantize_dynamic(model, out, weight_type=_qtype(config.weight_type), per_channel=config.per_channel,
+                                 reduce_range=config.reduce_range, op_types_to_quantize=list(config.op_types),
+                                 nodes_to_exclude=list(config.nodes_to_exclude))
         except Exception as exc:
             raise PackagingError(f"dynamic quantization failed: {exc}") from exc
         self.notes = {"weight_type": config.weight_type, "excluded": list(config.nodes_to_exclude)}
@@ -388,14 +409,15 @@ class QuantizeStatic(Step):
         if config.method == "percentile":
             extra["CalibPercentile"] = 99.999
         try:
-            quantize_static(
-                model, out, _Reader(Path(config.calibration)),
-                quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
-                activation_type=_qtype(config.activation_type), weight_type=_qtype(config.weight_type),
-                per_channel=config.per_channel, reduce_range=config.reduce_range, calibrate_method=method,
-                op_types_to_quantize=list(config.op_types) or None,
-                nodes_to_exclude=list(config.nodes_to_exclude), extra_options=extra,
-            )
+            with _quiet_tool():
+                quantize_static(
+                    model, out, _Reader(Path(config.calibration)),
+                    quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
+                    activation_type=_qtype(config.activation_type), weight_type=_qtype(config.weight_type),
+                    per_channel=config.per_channel, reduce_range=config.reduce_range, calibrate_method=method,
+                    op_types_to_quantize=list(config.op_types) or None,
+                    nodes_to_exclude=list(config.nodes_to_exclude), extra_options=extra,
+                )
         except Exception as exc:
             raise PackagingError(f"static quantization failed: {exc}") from exc
         self.notes = {"format": config.format, "activation_type": config.activation_type,

@@ -34,16 +34,18 @@ def test_package_help_lists_the_options() -> None:
         assert opt in result.output
 
 
-def test_package_cli_json_report_and_bundle(convnet, calib_npz, key_file, trusted, tmp_path) -> None:
+@pytest.mark.parametrize("target", ["x86-cpu-vnni", "jetson-orin"])  # jetson: entropy calibration, which prints
+def test_package_cli_json_report_and_bundle(target, convnet, calib_npz, key_file, trusted, tmp_path) -> None:
     from edgefleet.sdk.bundle import verify_bundle
     from edgefleet.sdk.keys import TrustedKeys
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["package", str(convnet), "-t", "x86-cpu-vnni", "--calibration", str(calib_npz),
-                                      "--key", str(key_file), "-o", str(out), "--json", "--no-measure"])
+    result = CliRunner().invoke(cli, ["package", str(convnet), "-t", target, "--calibration", str(calib_npz),
+                                      "--key", str(key_file), "-o", str(out), "--json", "--no-measure",
+                                      "--precision", "int8"])
     assert result.exit_code == 0, result.output
-    [entry] = json.loads(result.stdout)
-    assert entry["target"] == "x86-cpu-vnni" and Path(entry["bundle"]).is_file()
+    [entry] = json.loads(result.stdout)  # stdout is the JSON and nothing else
+    assert entry["target"] == target and Path(entry["bundle"]).is_file()
     assert entry["report"]["chosen"]["name"] in {c["name"] for c in entry["report"]["candidates"]}
     vm = verify_bundle(entry["bundle"], TrustedKeys.from_paths([key_file.with_suffix(".pub")]))
     assert vm.manifest.precision == entry["report"]["chosen"]["precision"]
