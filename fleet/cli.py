@@ -85,8 +85,10 @@ def fleet() -> None:
 @click.option("--share-group", default="edgefleet", show_default=True,
               help="Shared-subscription group: controllers in one group split the ingest.")
 @click.option("--public-url", default="", help="Base URL agents download bundles from (default: http://HOST:PORT).")
+@click.option("--retention-days", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Delete telemetry, events and replies older than this (hourly); 0 keeps everything.")
 def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...], fleet_id: str,
-          client_id: str, share_group: str, public_url: str) -> None:
+          client_id: str, share_group: str, public_url: str, retention_days: float) -> None:
     """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads."""
     from .controller import Controller, ControllerConfig
 
@@ -95,7 +97,7 @@ def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[
         raise click.BadParameter(f"--http must be HOST:PORT, got {http_addr!r}")
     cfg = ControllerConfig(broker=broker, db=db, fleet=fleet_id, http_host=host, http_port=int(port),
                            bundles_dir=bundles_dir, trust=list(trust), client_id=client_id, share_group=share_group,
-                           public_url=public_url)
+                           public_url=public_url, retention_days=retention_days)
     ctl = Controller(cfg)
     click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {db}", err=True)
     ctl.serve_forever()
@@ -270,3 +272,20 @@ def rollback(dep_id: str, devices: tuple[str, ...], controller: str) -> None:
     if not sent:
         raise EdgefleetError(f"no active device in deployment {dep_id} to roll back")
     click.echo(f"rollback sent to {len(sent)} device(s): {', '.join(sent)}")
+
+
+@fleet.command("enroll")
+@click.argument("device")
+@click.option("--fleet", "fleet_id", required=True, help="Fleet id the device belongs to.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Enrollment directory: broker password file, ACL and per-device credentials.")
+@click.option("--cert", is_flag=True, help="Issue a client certificate from the fleet CA instead of a password.")
+@click.option("--controller", "as_controller", is_flag=True,
+              help="Enroll a controller account (reads every device's channels, writes their cmd).")
+def enroll_cmd(device: str, fleet_id: str, out_dir: Path, cert: bool, as_controller: bool) -> None:
+    """Issue MQTT credentials for DEVICE and rewrite the Mosquitto password file and ACL that confine it."""
+    from .enroll import enroll
+
+    res = enroll(out_dir, device, fleet_id, cert=cert, role="controller" if as_controller else "device")
+    click.echo(f"enrolled {res.role} {res.name} in fleet {res.fleet} ({res.auth}); credentials in "
+               f"{res.credentials_dir}; broker config lines in {out_dir / 'mosquitto.conf'}")

@@ -7,11 +7,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from edgefleet.sdk.errors import ConfigError
 from edgefleet.sdk.keys import TrustedKeys
 from edgefleet.sdk.protocol import check_id
 
@@ -40,9 +42,12 @@ class ControllerConfig:
     client_id: str = ""
     share_group: str = "edgefleet"
     public_url: str = ""  # how agents reach this controller's /bundles (default: http://HOST:PORT)
+    retention_days: float = 30.0  # telemetry, events and replies older than this are deleted hourly; 0 keeps all
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
+        if not self.retention_days >= 0:
+            raise ConfigError(f"retention_days must be >= 0, got {self.retention_days}")
         if not self.client_id:
             # Stable per host and db so a restarted controller resumes its persistent session (queued messages).
             self.client_id = f"edgefleet-ctl-{socket.gethostname()}-{abs(hash(os.path.abspath(self.db))) % 10**8}"[:64]
@@ -67,6 +72,8 @@ class Controller:
         self._runner: web.AppRunner | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._pruner: threading.Thread | None = None
 
     @property
     def public_url(self) -> str:
@@ -116,9 +123,28 @@ class Controller:
         if self._error is not None:
             self.ingest.stop()
             raise self._error
+        if self.config.retention_days > 0:
+            self._pruner = threading.Thread(target=self._prune_loop, name="controller-retention", daemon=True)
+            self._pruner.start()
+
+    def _prune_loop(self, period_s: float = 3600.0) -> None:
+        # Every controller of a group may prune: deletes are idempotent and chunked, so they never block ingest long.
+        while not self._stopping.is_set():
+            try:
+                cut = time.time() - self.config.retention_days * 86400.0
+                removed = self.store.prune(self.config.fleet, cut)
+                if any(removed.values()):
+                    log.info("retention: deleted %s", removed)
+            except Exception:  # a failed prune is retried next period; ingest must go on
+                log.exception("retention prune failed")
+            if self._stopping.wait(period_s):
+                return
 
     def stop(self) -> None:
         """Stop rollouts, HTTP and ingest (flushing what was received)."""
+        self._stopping.set()
+        if self._pruner is not None:
+            self._pruner.join(30)
         self.deployer.stop()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -196,6 +196,10 @@ class Store(Protocol):
         """Row counts: telemetry messages, windows, events, replies, devices."""
         ...
 
+    def prune(self, fleet: str, before: float, chunk: int = 5000) -> dict[str, int]:
+        """Delete time series older than ``before`` (retention); deployments and devices are kept."""
+        ...
+
     def events(self, fleet: str, device: str | None = None, since: float = 0.0,
                limit: int = 500) -> list[dict[str, Any]]:
         """Recent events, newest last."""
@@ -280,6 +284,10 @@ _MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             PRIMARY KEY (deployment_id, device));
         CREATE INDEX targets_cmd ON deployment_targets(cmd_id);
         CREATE INDEX targets_rollback_cmd ON deployment_targets(rollback_cmd_id);
+    """),
+    (2, "time indexes for retention", """
+        CREATE INDEX telemetry_ts ON telemetry(fleet, ts);
+        CREATE INDEX windows_ts ON windows(fleet, ts);
     """),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -634,6 +642,37 @@ class SQLiteStore:
             a[2].merge(DDSketch.from_dict(json.loads(r["sketch"])))
         return [{"name": n, "version": v, "count": a[0], "errors": a[1], "sketch": a[2]}
                 for (n, v), a in sorted(acc.items())]
+
+    def prune(self, fleet: str, before: float, chunk: int = 5000) -> dict[str, int]:
+        """Delete telemetry, windows, minute sketches, events and replies older than ``before``; counts per table.
+
+        Deletes run in small transactions so ingest (and other controllers) keep writing in between.
+        """
+        minute = int(before // 60)
+        jobs = {
+            "telemetry": ("DELETE FROM telemetry WHERE (fleet, device, boot, seq) IN (SELECT fleet, device, boot, seq "
+                          "FROM telemetry WHERE fleet=? AND ts<? LIMIT ?)", (fleet, before)),
+            "windows": ("DELETE FROM windows WHERE rowid IN (SELECT rowid FROM windows WHERE fleet=? AND ts<? LIMIT ?)",
+                        (fleet, before)),
+            "version_minutes": ("DELETE FROM version_minutes WHERE (fleet, name, version, minute) IN (SELECT fleet, "
+                                "name, version, minute FROM version_minutes WHERE fleet=? AND minute<? LIMIT ?)",
+                                (fleet, minute)),
+            "events": ("DELETE FROM events WHERE (fleet, device, boot, seq) IN (SELECT fleet, device, boot, seq "
+                       "FROM events WHERE fleet=? AND received<? LIMIT ?)", (fleet, before)),
+            "replies": ("DELETE FROM replies WHERE cmd_id IN (SELECT cmd_id FROM replies WHERE fleet=? AND "
+                        "received<? LIMIT ?)", (fleet, before)),
+        }
+        out = {}
+        for table, (sql, args) in jobs.items():
+            total = 0
+            while True:
+                with self._tx() as c:
+                    n = c.execute(sql, (*args, chunk)).rowcount
+                total += n
+                if n < chunk:
+                    break
+            out[table] = total
+        return out
 
     def version_totals(self, fleet: str) -> list[dict[str, Any]]:
         """Per (model, version), over all time: request count, errors and latency sum in ms (for /metrics)."""

@@ -89,3 +89,16 @@ def test_simulate_command_publishes_the_requested_records(mosquitto, fleet_id) -
     assert all(r.state == "offline" for r in seen.rows.values())  # a clean stop publishes offline
     bad = CliRunner().invoke(cli, ["fleet", "simulate", "--profiles", "toaster"])
     assert bad.exit_code == 2 and "unknown profile 'toaster'" in bad.output
+
+
+def test_fleet_modules_import_only_the_sdk_and_no_onnx() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import edgefleet.fleet.cli, edgefleet.fleet.controller, edgefleet.fleet.top, edgefleet.fleet.simulate\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime')\n"
+            "       or (m.startswith('edgefleet.') and not m.startswith(('edgefleet.sdk', 'edgefleet.fleet')))]\n"
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

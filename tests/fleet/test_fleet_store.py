@@ -25,15 +25,15 @@ def _tel(device: str, seq: int, version: str = "1", latency: float = 5.0, boot: 
 def test_store_implements_the_interface_and_records_its_schema_version(tmp_path) -> None:
     store = SQLiteStore(tmp_path / "f.db")
     assert isinstance(store, Store)
-    assert store.schema_version() == 1
+    assert store.schema_version() == 2
     store.close()
     # Opening again applies nothing twice; the file is in WAL mode.
     again = open_store(f"sqlite:///{tmp_path / 'f.db'}")
     assert isinstance(again, SQLiteStore)
-    assert again.schema_version() == 1
+    assert again.schema_version() == 2
     conn = sqlite3.connect(tmp_path / "f.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 1
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2]
     conn.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
     conn.commit()
     conn.close()
@@ -121,3 +121,32 @@ def test_deployment_targets_follow_events_and_replies_and_never_go_back(tmp_path
     assert store.deployments("f")[0]["progress"] == {"rolled-back": 1, "failed": 1}
     with pytest.raises(ValueError, match="unknown target field"):
         store.update_target("dep1", "a", sha256="x")
+
+
+def test_store_migrates_a_version_1_database_and_keeps_its_rows(tmp_path) -> None:
+    from edgefleet.fleet import store as store_mod
+
+    conn = sqlite3.connect(tmp_path / "old.db")
+    conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL)")
+    for stmt in store_mod._MIGRATIONS[0][2].split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.execute("INSERT INTO schema_migrations VALUES (1, 'initial schema', 0)")
+    conn.execute("INSERT INTO telemetry VALUES ('f','d','b',1,5.0,5.0,1.0,0,'{}','{}')")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(tmp_path / "old.db")
+    assert store.schema_version() == 2
+    assert store.counts("f")["telemetry"] == 1
+
+
+def test_prune_deletes_only_what_is_older_than_the_cut(tmp_path) -> None:
+    store = SQLiteStore(tmp_path / "f.db")
+    old = [{**_tel("d1", s), "ts": 1000.0 + s} for s in range(30)]
+    new = [_tel("d1", 100 + s) for s in range(5)]
+    store.write(Batch("f", telemetry=old + new, events=[event("d1", "b", 1, "install", "x")]))
+    removed = store.prune("f", before=2000.0, chunk=7)  # several chunks
+    assert removed["telemetry"] == 30 and removed["windows"] == 30
+    assert store.counts("f")["telemetry"] == 5 and store.counts("f")["windows"] == 5
+    assert store.counts("f")["events"] == 1  # received now: newer than the cut
+    assert len(store.devices("f")) == 1  # devices and deployments are not time series: kept
