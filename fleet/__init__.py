@@ -1,1 +1,38 @@
-"""edgefleet.fleet."""
+"""edgefleet.fleet: the controller (ingest, store, deployments, dashboard, API) and the operator's tools.
+
+Modules, one idea each: ``store`` (the Store interface and SQLite), ``ingest`` (MQTT into the store), ``deploy``
+(selectors, bundle library, canary rollouts), ``http`` (dashboard, REST, SSE, /metrics, bundle downloads),
+``controller`` (one process wiring them), ``top`` (terminal view from MQTT), ``simulate`` (simulated devices),
+``cli``. Imports ``edgefleet.sdk`` only; names load lazily so ``import edgefleet.fleet`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "Controller",
+    "ControllerConfig",
+    "Deployer",
+    "Ingestor",
+    "RolloutPolicy",
+    "SQLiteStore",
+    "Selector",
+    "Simulator",
+    "Store",
+    "open_store",
+]
+
+_WHERE = {
+    "Controller": "controller", "ControllerConfig": "controller", "Deployer": "deploy", "RolloutPolicy": "deploy",
+    "Selector": "deploy", "Ingestor": "ingest", "SQLiteStore": "store", "Store": "store", "open_store": "store",
+    "Simulator": "simulate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgefleet.fleet' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

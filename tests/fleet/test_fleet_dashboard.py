@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -88,5 +89,42 @@ def test_dashboard_lists_devices_and_updates_live(controller_factory, mosquitto,
         shot = ARTIFACTS / "fleet-dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
+    finally:
+        sim.stop()
+
+
+def test_dashboard_shows_deployment_progress_and_a_halted_canary(controller_factory, mosquitto, fleet_id, page,
+                                                                  mlp_model, make_bundle) -> None:
+    import json
+    import urllib.request
+
+    ctl = controller_factory()
+    devs = make_devices(4, prefix="dp", profiles=["x86-cpu"], model="testmodel")
+    sim = Simulator(mosquitto.url, fleet_id, devs, interval_s=0.1, per_window=40, slow={"2.0.0": 3.0},
+                    client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        sim.run_telemetry(duration_s=60)
+        wait_until(lambda: len([d for d in ctl.store.devices(fleet_id) if d["models"]]) == 4, what="4 reporting")
+        page.goto(ctl.url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        time.sleep(1.0)  # baseline on 1.0.0
+        data = make_bundle(mlp_model, version="2.0.0").read_bytes()
+        up = urllib.request.Request(f"{ctl.url}/api/bundles", data=data, method="POST")
+        sha = json.loads(urllib.request.urlopen(up).read())["sha256"]
+        body = json.dumps({"bundles": [sha], "to": ["all"], "canary": 25, "observe_s": 1, "min_samples": 50}).encode()
+        req = urllib.request.Request(f"{ctl.url}/api/deployments", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        dep = json.loads(urllib.request.urlopen(req).read())
+        # The panel follows the rollout live (SSE) until the canary is halted and rolled back.
+        page.wait_for_selector(f".dep[data-id='{dep['id']}'] .state.halted", timeout=30_000)
+        page.wait_for_function(
+            f"() => document.querySelector(\".dep[data-id='{dep['id']}']\").innerText.includes('rolled-back 1')",
+            timeout=30_000)
+        text = page.locator(f".dep[data-id='{dep['id']}']").inner_text()
+        assert "testmodel 2.0.0 (x86-cpu)" in text and "p95 regressed" in text and "pending 3" in text
+        assert page.locator(f".dep[data-id='{dep['id']}'] .bar span.s-rolled-back").count() == 1
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "fleet-dashboard-deployment.png"), full_page=True)
     finally:
         sim.stop()
