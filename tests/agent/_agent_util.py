@@ -351,3 +351,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def magika_model() -> Path:
+    """magika's pretrained ONNX model from its PyPI package (same lookup as tests/conftest.py shipped_model)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("magika")
+    if spec is None or not spec.origin:
+        pytest.skip("magika is not installed (make installs it with --no-deps)")
+    found = sorted(Path(spec.origin).parent.glob("models/*/model.onnx"))
+    if not found:
+        pytest.skip("magika ships no models/*/model.onnx")
+    return found[-1]
