@@ -6,7 +6,6 @@ Runtime, onnx or the quantization tools.
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -140,5 +139,4 @@ def install_service(config_path: Path, user: str, output: Path, gpu: bool) -> No
         return
     atomic_write_text(output, unit)
     click.echo(f"wrote {output}; enable with: systemctl daemon-reload && systemctl enable --now {output.stem}")
-    if os.geteuid() != 0 if hasattr(os, "geteuid") else False:
-        click.echo(f"note: the unit runs as user {user!r}; create it and give it {data_dir}", err=True)
+    click.echo(f"note: the unit runs as user {user!r}: create it and let it write {data_dir}", err=True)

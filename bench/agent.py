@@ -180,7 +180,9 @@ def bench_api(api: str, model_name: str, model_path: Path, inp: str, x: np.ndarr
     import onnxruntime as ort
     import tritonclient.http as tc
 
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1  # as the bundle's session: no idle spinning threads fighting across the processes
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
     host, port = api.split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.connect()
@@ -236,6 +238,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000, help="interleaved API calls for the small model")
     args = ap.parse_args()
 
+    from edgefleet.sdk.bundle import SessionConfig
     from edgefleet.sdk.keys import generate_keypair
     from edgefleet.sdk.runtime import ort_info
     from edgefleet.sdk.testing import build_test_bundle
@@ -283,7 +286,8 @@ def main() -> None:
             results["install"] = []
             results["api"] = []
             for name, path, inp, x, dtype, calls in models:
-                bundle = build_test_bundle(path, tmp / f"{name}.efb", key, name=name)
+                bundle = build_test_bundle(path, tmp / f"{name}.efb", key, name=name,
+                                           session=SessionConfig(intra_op_num_threads=1))
                 raw = bundle.read_bytes()
                 sha, size = hashlib.sha256(raw).hexdigest(), len(raw)
                 t_cmd, t_reply, reply = ctl.call("deploy", {"url": bundle.as_uri(), "sha256": sha, "size": size})
@@ -356,7 +360,9 @@ def render(r: dict[str, Any]) -> str:
         f"With no model the agent has not loaded ONNX Runtime (ORT mapped: {idle['onnxruntime_loaded']}): host facts "
         "for the birth message come from a short-lived probe process.", "",
         "## Local API against a bare `InferenceSession.run`", "",
-        "Same model file; the bare session runs in the benchmark process, the API in the agent process; the four "
+        "Same model file, one intra-op thread on both sides (two processes with spinning thread pools on a shared "
+        "2-core machine would mostly measure each other); the bare session runs in the benchmark process, the API in "
+        "the agent process; the four "
         "kinds of call are interleaved with the order rotated every round; medians and p90 in µs. `binary` and `json` "
         "are a keep-alive `http.client` connection with the binary tensor extension or JSON tensors; `tritonclient` "
         "is `tritonclient.http` (its own client-side cost included).", "",
