@@ -389,7 +389,9 @@ def render(r: dict[str, Any]) -> str:
                      f"{i['command_to_serving_ms']:.1f} ms | {i['bare_session_ms']:.1f} ms | {steps} |")
     lines += ["", "An install does more than create a session: it checks the download's sha256, verifies the "
               "signature, hashes every file again while extracting, creates the session with its provider cache, "
-              "runs a warm-up and the self-test, and fsyncs the store and the pointer file.", ""]
+              "runs a warm-up and the self-test, and fsyncs the store and the pointer file. The first install also "
+              "pays the agent's one-time import of ONNX Runtime (inside its compatibility step): an agent with no "
+              "model never loads it.", ""]
     return "\n".join(lines)
 
 
