@@ -66,8 +66,9 @@ def test_last_will_fires_on_keepalive_when_agent_hangs_with_socket_open(agent_fa
     agent.proc.send_signal(signal.SIGSTOP)
     stopped = time.monotonic()
     try:
-        # 1.5x keepalive, plus Mosquitto's granularity: whole-second clocks, checked once a second (measured 4-5 s)
-        off = w.wait_for("status", lambda s: s["state"] == "offline", timeout=1.5 * keepalive + 3.0)
+        # 1.5x keepalive is the spec; Mosquitto 2.0 counts whole seconds, checks about once a second and runs late
+        # on a loaded machine (measured 4-7 s here): the bound is generous, the lower bound below is the point.
+        off = w.wait_for("status", lambda s: s["state"] == "offline", timeout=1.5 * keepalive + 6.0)
         elapsed = time.monotonic() - stopped
     finally:
         agent.proc.send_signal(signal.SIGCONT)
