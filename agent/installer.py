@@ -162,8 +162,9 @@ class Installer:
                 return InstallResult(m.name, m.version, vm.digest, current.previous,
                                      list(model.placement.serving) if model else [], timings, already_active=True)
             dest = self.store.path(vm.digest)
+            reused = dest.exists()  # e.g. the previous bundle deployed again: re-hash its files before trusting them
             try:
-                if not dest.exists():
+                if not reused:
                     # extract_bundle checks every size and hash again while it writes, into a staging dir it renames
                     extract_bundle(part, self.trusted, dest)
             except BundleError as exc:
@@ -177,7 +178,7 @@ class Installer:
             part.unlink(missing_ok=True)
         try:
             try:
-                model = self.open_model(vm.digest, verify_files=False)
+                model = self.open_model(vm.digest, verify_files=reused)
                 model.warmup(1)
             except EdgefleetError as exc:
                 raise InstallError("session", exc) from exc

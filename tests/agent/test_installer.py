@@ -44,7 +44,8 @@ def test_install_then_upgrade_keeps_previous_and_rollback_swaps(installer: Insta
     r1 = _install(installer, make_bundle(mlp_model, version="1.0.0", filename="v1.efb"))
     assert r1.providers == ["CPUExecutionProvider"] and r1.selftest["ok"]
     assert (installer.store.cache_dir(r1.digest)).parent == installer.store.caches
-    r2 = _install(installer, make_bundle(mlp_model, version="2.0.0", filename="v2.efb"))
+    b2 = make_bundle(mlp_model, version="2.0.0", filename="v2.efb")
+    r2 = _install(installer, b2)
     assert _serving(installer) == "2.0.0"
     assert r2.previous == r1.digest
     assert _store_dirs(installer) == {r1.digest, r2.digest}
@@ -52,6 +53,12 @@ def test_install_then_upgrade_keeps_previous_and_rollback_swaps(installer: Insta
     assert ptrs == {"active": r2.digest, "previous": r1.digest}
     back = installer.rollback("testmodel")
     assert back.digest == r1.digest and _serving(installer) == "1.0.0"
+    # forward again to the bundle kept as previous: its directory is reused after its files are re-hashed
+    (installer.store.path(r2.digest) / "report.json").write_text("{}")
+    with pytest.raises(InstallError) as err:
+        _install(installer, b2)
+    assert err.value.step == "session" and err.value.code == "bundle.integrity"
+    assert _serving(installer) == "1.0.0"
     r3 = _install(installer, make_bundle(mlp_model, version="3.0.0", filename="v3.efb"))
     # only active + previous are kept
     assert _store_dirs(installer) == {r3.digest, r1.digest}
