@@ -199,3 +199,39 @@ def test_commands_sent_while_offline_run_once_after_reconnect(agent_factory, mos
     # the configured interval survived the restart
     assert w.payloads("telemetry")[-1]["interval_s"] == 0.2
     w.close()
+
+
+def test_benchmark_rollback_remove_configure_and_expiry_over_mqtt(agent_factory, mosquitto, make_bundle,
+                                                                  mlp_model) -> None:
+    agent = agent_factory(start=False)
+    w = Watcher(mosquitto, agent.device)
+    agent.start()
+    for v in ("1.0.0", "2.0.0"):
+        assert w.wait_reply(_deploy(w, make_bundle(mlp_model, version=v, filename=f"{v}.efb")))["status"] == "ok"
+    bench = w.wait_reply(w.send("benchmark", {"runs": 20}))
+    assert bench["status"] == "ok", bench
+    b = bench["result"]
+    assert b["runs"] == 20 and b["version"] == "2.0.0" and 0 < b["p50_ms"] <= b["p99_ms"]
+    assert b["providers"] == ["CPUExecutionProvider"]
+
+    back = w.wait_reply(w.send("rollback", {"name": "testmodel"}))
+    assert back["status"] == "ok" and back["result"]["version"] == "1.0.0" and back["result"]["selftest"]["ok"]
+    assert _infer(agent.api)["model_version"] == "1.0.0"
+
+    gone = w.wait_reply(w.send("remove", {"name": "testmodel"}))
+    assert gone["status"] == "ok"
+    assert http_json("GET", f"http://{agent.api}/v2/models/testmodel")[0] == 404
+    w.wait_for("status", lambda s: s["state"] == "online" and s["description"]["models"] == []
+               and s["ts"] > gone["ts"] - 1)
+    assert not [p for p in (agent.data_dir / "store").iterdir()]
+
+    again = w.wait_reply(w.send("rollback", {"name": "testmodel"}))
+    assert again["error"]["step"] == "rollback" and again["error"]["code"] == "not_found"
+    bad_conf = w.wait_reply(w.send("configure", {"telemetry_interval_s": 1.0, "colour": "red"}))
+    assert bad_conf["error"]["step"] == "configure" and "colour" in bad_conf["error"]["message"]
+    expired = protocol.command("describe", cmd_id="old-1")
+    expired["expires"] = time.time() - 60
+    w.send_raw(protocol.encode(expired))
+    reply = w.wait_reply("old-1")
+    assert reply["error"]["code"] == "expired" and reply["error"]["step"] == "receive"
+    w.close()
