@@ -111,7 +111,7 @@ class _Reader:
         section, _, name = key.partition(".")
         return self.data.get(section, {}).get(name, default)
 
-    def str(self, key: str, default: str = "") -> str:
+    def text(self, key: str, default: str = "") -> str:
         v = self.get(key, default)
         if not isinstance(v, str):
             raise self.err(key, f"must be a string, got {v!r}")
@@ -126,13 +126,13 @@ class _Reader:
             raise self.err(key, f"must be in {lo:g}..{hi:g}, got {v!r}")
         return int(v) if integer else float(v)
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         v = self.get(key, default)
         if not isinstance(v, bool):
             raise self.err(key, f"must be true or false, got {v!r}")
         return v
 
-    def str_list(self, key: str) -> list[str]:
+    def texts(self, key: str) -> list[str]:
         v = self.get(key, [])
         if isinstance(v, str):
             v = [v]
@@ -142,7 +142,7 @@ class _Reader:
 
 
 def _parse_broker(r: _Reader, base: Path) -> BrokerConfig:
-    url = r.str("mqtt.url", BrokerConfig.url)
+    url = r.text("mqtt.url", BrokerConfig.url)
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise r.err("mqtt.url", f"scheme must be mqtt:// or mqtts://, got {url!r}")
@@ -155,7 +155,7 @@ def _parse_broker(r: _Reader, base: Path) -> BrokerConfig:
         raise r.err("mqtt.url", f"no host in {url!r}")
     paths = {}
     for key in ("ca_file", "cert_file", "key_file"):
-        value = r.str(f"mqtt.{key}")
+        value = r.text(f"mqtt.{key}")
         if value:
             p = _resolve(value, base)
             if not p.is_file():
@@ -173,11 +173,11 @@ def _parse_broker(r: _Reader, base: Path) -> BrokerConfig:
     return BrokerConfig(
         url=url, host=parts.hostname, port=port, tls=tls, ca_file=paths.get("ca_file", ""),
         cert_file=paths.get("cert_file", ""), key_file=paths.get("key_file", ""),
-        username=r.str("mqtt.username") or unquote(parts.username or ""),
-        password=r.str("mqtt.password") or unquote(parts.password or ""),
+        username=r.text("mqtt.username") or unquote(parts.username or ""),
+        password=r.text("mqtt.password") or unquote(parts.password or ""),
         keepalive_s=keepalive,
         session_expiry_s=r.num("mqtt.session_expiry_s", BrokerConfig.session_expiry_s, 0, 0xFFFFFFFF, integer=True),
-        reconnect_min_s=lo, reconnect_max_s=hi, client_id=r.str("mqtt.client_id"),
+        reconnect_min_s=lo, reconnect_max_s=hi, client_id=r.text("mqtt.client_id"),
     )
 
 
@@ -211,25 +211,25 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: Path |
             ids[key] = check_id(key, value)
         except ValueError as exc:
             raise r.err(key, str(exc)) from exc
-    data_dir = r.str("agent.data_dir")
+    data_dir = r.text("agent.data_dir")
     if not data_dir:
         raise r.err("agent.data_dir", "is required (where the agent keeps bundles, caches and its queue)")
-    keys = [_resolve(k, base) for k in r.str_list("agent.trusted_keys")]
+    keys = [_resolve(k, base) for k in r.texts("agent.trusted_keys")]
     if not keys:
         raise r.err("agent.trusted_keys", "is required: the public key file(s) or directory whose signatures to trust")
     for k in keys:
         if not k.exists():
             raise r.err("agent.trusted_keys", f"{k} does not exist")
-    targets = tuple(r.str_list("agent.accept_targets"))
+    targets = tuple(r.texts("agent.accept_targets"))
     for t in targets:
         try:
             check_id("agent.accept_targets", t)
         except ValueError as exc:
             raise r.err("agent.accept_targets", str(exc)) from exc
-    level = r.str("agent.log_level", "info").lower()
+    level = r.text("agent.log_level", "info").lower()
     if level not in _LOG_LEVELS:
         raise r.err("agent.log_level", f"must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
-    listen = r.str("api.listen", ApiConfig.listen)
+    listen = r.text("api.listen", ApiConfig.listen)
     if listen:
         _, sep, port = listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -242,10 +242,10 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: Path |
         broker=_parse_broker(r, base),
         api=ApiConfig(listen=listen, max_body_bytes=r.num("api.max_body_bytes", ApiConfig.max_body_bytes, 1024,
                                                           1 << 34, integer=True)),
-        profile=r.str("agent.profile", "auto") or "auto",
-        profiles_dirs=tuple(_resolve(d, base) for d in r.str_list("agent.profiles_dirs")),
+        profile=r.text("agent.profile", "auto") or "auto",
+        profiles_dirs=tuple(_resolve(d, base) for d in r.texts("agent.profiles_dirs")),
         accept_targets=targets,
-        allow_fallback=r.bool("agent.allow_fallback", False),
+        allow_fallback=r.flag("agent.allow_fallback", False),
         telemetry_interval_s=r.num("telemetry.interval_s", 10.0, 0.1, 3600),
         spool_max_records=r.num("telemetry.spool_max_records", 10_000, 10, 10_000_000, integer=True),
         max_bundle_bytes=r.num("install.max_bundle_bytes", AgentConfig.max_bundle_bytes, 1, 1 << 40, integer=True),

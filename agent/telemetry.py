@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,7 @@ class Reporter:
     """Builds a record every ``interval_s`` and stores it in the outbox (the sender publishes it)."""
 
     def __init__(self, device: str, boot: str, topic: str, registry: Registry, spool: Spool, *, interval_s: float,
-                 wake_sender: Any, status: Any = None) -> None:
+                 wake_sender: Callable[[], None], status: Callable[[], dict[str, Any]] | None = None) -> None:
         import psutil
 
         self.device = device
@@ -84,7 +85,7 @@ class Reporter:
         self.registry = registry
         self.spool = spool
         self.wake_sender = wake_sender
-        self.status = status or (lambda: {})
+        self.status: Callable[[], dict[str, Any]] = status or dict
         self._interval = interval_s
         self._proc = psutil.Process(os.getpid())
         self._proc.cpu_percent(None)
