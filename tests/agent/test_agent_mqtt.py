@@ -235,3 +235,29 @@ def test_benchmark_rollback_remove_configure_and_expiry_over_mqtt(agent_factory,
     reply = w.wait_reply("old-1")
     assert reply["error"]["code"] == "expired" and reply["error"]["step"] == "receive"
     w.close()
+
+
+def test_mqtt5_response_topic_gets_a_copy_with_correlation_data(agent_factory, mosquitto) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    agent = agent_factory(start=False)
+    w = Watcher(mosquitto, agent.device)
+    got: list = []
+    w.client.message_callback_add(f"ctl/responses/{agent.device}", lambda c, u, m: got.append(m))
+    w.client.subscribe(f"ctl/responses/{agent.device}", qos=1)
+    agent.start()
+    w.wait_for("status", lambda s: s["state"] == "online")
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = f"ctl/responses/{agent.device}"
+    props.CorrelationData = b"\x00\x01req-7"
+    cmd = protocol.command("describe", cmd_id="rr-1")
+    w.client.publish(protocol.topic("testfleet", agent.device, "cmd"), protocol.encode(cmd), qos=1,
+                     properties=props).wait_for_publish(10)
+    on_channel = w.wait_reply("rr-1")
+    wait_until(lambda: got, 10, what="reply on the response topic")
+    time.sleep(0.3)
+    assert len(got) == 1 and len(w.replies("rr-1")) == 1
+    assert json.loads(got[0].payload) == on_channel
+    assert got[0].properties.CorrelationData == b"\x00\x01req-7"
+    w.close()
