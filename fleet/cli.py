@@ -190,11 +190,13 @@ def _print_deployment(dep: dict[str, Any]) -> None:
               help="Seconds of canary telemetry to collect before judging.")
 @click.option("--min-samples", type=int, default=200, show_default=True, help="Canary requests needed to judge.")
 @click.option("--wait/--no-wait", default=False, help="Wait until the deployment finishes and show it.")
+@click.option("--wait-timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
+              help="With --wait: give up waiting after this many seconds (the rollout goes on).")
 @_controller_option
 @_json_option
 def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_regression: str,
-           max_error_increase: str, observe_s: float, min_samples: int, wait: bool, controller: str,
-           as_json: bool) -> None:
+           max_error_increase: str, observe_s: float, min_samples: int, wait: bool, wait_timeout: float,
+           controller: str, as_json: bool) -> None:
     """Deploy BUNDLES (one per target profile) to the selected devices, optionally staged with canaries.
 
     Each selected device gets the bundle whose target is its profile, or is listed as having none. The controller
@@ -216,7 +218,11 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_
     body["bundles"] = ids
     dep = _request(controller, "POST", "/api/deployments", json.dumps(body).encode())
     if wait:
+        deadline = time.monotonic() + wait_timeout
         while dep["state"] in ("canary", "observing", "rolling-out"):
+            if time.monotonic() > deadline:
+                raise TransportError(f"deployment {dep['id']} still {dep['state']} after {wait_timeout:g} s; "
+                                     f"follow it with: edgefleet deployments show {dep['id']}")
             time.sleep(1.0)
             dep = _request(controller, "GET", f"/api/deployments/{dep['id']}")
     if as_json:

@@ -90,7 +90,7 @@ class Ingestor:
     """Subscribe, validate, batch, write, ack. ``start()`` returns once subscribed; ``stop()`` flushes."""
 
     def __init__(self, store: Store, *, broker: str, fleet: str, client_id: str, share_group: str = "edgefleet",
-                 batch_max: int = 2000, session_expiry_s: int = 3600,
+                 batch_max: int = 500, session_expiry_s: int = 3600,
                  on_write: Callable[[WriteResult], None] | None = None) -> None:
         self.store = store
         self.fleet = check_id("fleet", fleet)
