@@ -18,7 +18,7 @@ import numpy as np
 from edgefleet.sdk.bundle import Manifest, ProviderConfig, SessionConfig, TensorSpec
 from edgefleet.sdk.errors import EdgefleetError, ModelError
 
-__all__ = ["Runner", "cpu_session", "interleaved_latency", "run_all"]
+__all__ = ["Runner", "cpu_session", "interleaved_latency", "interleaved_times", "run_all"]
 
 
 class Runner:
@@ -74,6 +74,13 @@ def run_all(runner: Runner, samples: Sequence[Mapping[str, np.ndarray]]) -> list
 def interleaved_latency(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], rounds: int = 9,
                         min_round_s: float = 0.03, warmup: int = 3) -> dict[str, float]:
     """Median latency in ms per runner, timed in interleaved rounds."""
+    times = interleaved_times(runners, feed, rounds, min_round_s, warmup)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def interleaved_times(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], rounds: int = 9,
+                      min_round_s: float = 0.03, warmup: int = 3) -> dict[str, list[float]]:
+    """Every timed run in ms per runner, timed in interleaved rounds."""
     if not runners:
         return {}
     per_run: dict[str, int] = {}
@@ -92,4 +99,4 @@ def interleaved_latency(runners: Mapping[str, Runner], feed: Mapping[str, np.nda
                 t0 = time.perf_counter()
                 sess.run(names, f)
                 times[name].append((time.perf_counter() - t0) * 1000.0)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
