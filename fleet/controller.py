@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -50,7 +51,8 @@ class ControllerConfig:
             raise ConfigError(f"retention_days must be >= 0, got {self.retention_days}")
         if not self.client_id:
             # Stable per host and db so a restarted controller resumes its persistent session (queued messages).
-            self.client_id = f"edgefleet-ctl-{socket.gethostname()}-{abs(hash(os.path.abspath(self.db))) % 10**8}"[:64]
+            db_key = hashlib.sha256(os.path.abspath(self.db).encode()).hexdigest()[:8]  # hash() varies per process
+            self.client_id = f"edgefleet-ctl-{socket.gethostname()}-{db_key}"[-64:]
             self.client_id = "".join(c if c.isalnum() or c in "_.-" else "-" for c in self.client_id)
 
 

@@ -262,6 +262,7 @@ class Deployer:
         self.poll_s = poll_s
         self._threads: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
+        self._bundles: dict[str, StoredBundle] = {}  # verified once per deployment, not once per device
 
     def create(self, bundle_ids: Sequence[str], selector: Selector, policy: RolloutPolicy,
                *, start: bool = True) -> dict[str, Any]:
@@ -269,6 +270,7 @@ class Deployer:
         if not bundle_ids:
             raise InputError("give at least one bundle")
         bundles = [self.library.get(b) for b in dict.fromkeys(bundle_ids)]
+        self._bundles.update((b.sha256, b) for b in bundles)
         by_target: dict[str, StoredBundle] = {}
         for b in bundles:
             if b.target in by_target:
@@ -329,7 +331,7 @@ class Deployer:
 
     # commands ------------------------------------------------------------------------------------------------------
     def _send_deploy(self, dep_id: str, t: Mapping[str, Any]) -> None:
-        b = self.library.get(t["sha256"])
+        b = self._bundles.get(t["sha256"]) or self.library.get(t["sha256"])
         cmd = command("deploy", {"url": f"{self.public_url}/bundles/{b.filename}", "sha256": b.sha256,
                                  "size": b.size})
         # The command id is stored before publishing, so a fast reply always finds its target.

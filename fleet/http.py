@@ -425,8 +425,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 await resp.write(f"event: {kind}\ndata: {data}\n\n".encode())
             except asyncio.TimeoutError:
                 await resp.write(b": keepalive\n\n")
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the browser went away
     finally:
         hub.clients.discard(q)
     return resp

@@ -12,6 +12,8 @@ nothing (the broker redelivers), and what it had already committed is de-duplica
 The network thread only queues; a writer thread validates with :mod:`edgefleet.sdk.protocol`, writes batches in one
 transaction and acks. A payload that is malformed, oversized, of an unknown protocol version or about another device
 is counted per channel and reason, logged once per (device, channel), acked and dropped: it never stops ingest.
+A valid message the store still cannot take (say a ``seq`` beyond 64 bits) is isolated the same way (``unstorable``);
+a store that fails altogether is retried with backoff, the messages staying un-acked.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class Ingestor:
         self.session_expiry_s = session_expiry_s
         self.on_write = on_write
         self.stats = IngestStats()
-        self._q: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue(maxsize=100_000)
+        self._q: queue.Queue[tuple[str, bytes, int, int, int]] = queue.Queue(maxsize=100_000)
+        self._gen = 0  # connection generation: message ids are only meaningful within one connection
         self._logged: set[tuple[str, str]] = set()
         self._running = threading.Event()
         self._subscribed = threading.Event()
@@ -146,6 +149,7 @@ class Ingestor:
         if reason_code.is_failure:
             log.error("broker %s refused the connection: %s", self.broker, reason_code)
             return
+        self._gen += 1
         opts = SubscribeOptions(qos=1)
         subs = [(subscription(self.fleet, "status"), opts)]
         subs += [(subscription(self.fleet, ch, self.share_group), opts) for ch in _SHARED_CHANNELS]
@@ -165,7 +169,7 @@ class Ingestor:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # Only queue: validation and SQLite run in the writer thread so the network loop keeps up with the broker.
-        self._q.put((msg.topic, msg.payload, msg.mid, msg.qos))
+        self._q.put((msg.topic, msg.payload, msg.mid, msg.qos, self._gen))
 
     # writer thread -------------------------------------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -181,31 +185,63 @@ class Ingestor:
                     break
             self._flush(items)
 
-    def _flush(self, items: list[tuple[str, bytes, int, int]]) -> None:
+    def _flush(self, items: list[tuple[str, bytes, int, int, int]]) -> None:
         batch = Batch(self.fleet)
-        for topic_name, payload, _mid, _qos in items:
+        for topic_name, payload, _mid, _qos, _gen in items:
             self._parse_into(batch, topic_name, payload)
-        if len(batch):
-            delay = 0.1
-            while True:
-                try:
-                    result = self.store.write(batch)
-                    break
-                except Exception:
-                    self.stats.write_errors += 1
-                    log.exception("store write of %d messages failed; retrying in %.1f s", len(batch), delay)
-                    if not self._running.is_set() and delay > 5:
-                        return  # shutting down: leave them un-acked, the broker redelivers to the session
-                    time.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-            self._count(batch, result)
-            if self.on_write is not None:
-                self.on_write(result)
-        for _topic, _payload, mid, qos in items:
-            if qos > 0:
+        if len(batch) and not self._write(batch):
+            return  # shutting down while the store fails: leave them un-acked, the broker redelivers to the session
+        gen = self._gen
+        for _topic, _payload, mid, qos, item_gen in items:
+            # A message id from before a reconnect may now name another, unwritten message: never ack across.
+            if qos > 0 and item_gen == gen:
                 self.client.ack(mid, qos)
         self.stats.batches += 1
         self.stats.last_batch_s = time.time()
+
+    def _write(self, batch: Batch) -> bool:
+        """Write a batch; isolate messages the store cannot take; wait out a store outage. False: gave up (stop)."""
+        delay = 0.1
+        while True:
+            try:
+                result = self.store.write(batch)
+            except Exception as exc:  # noqa: BLE001 - decided below: poison message or store outage
+                self.stats.write_errors += 1
+                if self._store_ok():
+                    # The store works, so something in this batch cannot be stored (e.g. a seq beyond 64 bits):
+                    # write message by message and drop only what fails, or it would block ingest for ever.
+                    self._write_singly(batch)
+                    return True
+                log.error("store write of %d messages failed (%s); retrying in %.1f s", len(batch), exc, delay)
+                if not self._running.is_set() and delay > 5:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self._count(batch, result)
+            if self.on_write is not None:
+                self.on_write(result)
+            return True
+
+    def _store_ok(self) -> bool:
+        try:
+            self.store.write(Batch(self.fleet))  # an empty transaction: does the store commit at all?
+        except Exception:  # noqa: BLE001 - any failure means the store is not usable right now
+            return False
+        return True
+
+    def _write_singly(self, batch: Batch) -> None:
+        for field_name, channel in (("statuses", "status"), ("telemetry", "telemetry"), ("events", "events"),
+                                    ("replies", "reply")):
+            for obj in getattr(batch, field_name):
+                one = Batch(self.fleet, received=batch.received)
+                getattr(one, field_name).append(obj)
+                try:
+                    result = self.store.write(one)
+                except Exception as exc:  # noqa: BLE001 - this one message is unstorable: count, log once, drop
+                    self._reject(str(obj.get("device", "?")), channel, "unstorable", exc)
+                    continue
+                self._count(one, result)
 
     def _count(self, batch: Batch, result: WriteResult) -> None:
         s = self.stats

@@ -110,3 +110,19 @@ def test_status_older_than_stored_one_is_ignored(controller_factory, publisher, 
     wait_until(lambda: ctl.store.device(fleet_id, "marker"), what="marker status stored after the stale one")
     d = ctl.store.device(fleet_id, "o1")
     assert d is not None and d["state"] == "online" and d["boot"] == "b2"
+
+
+def test_a_valid_message_the_store_cannot_take_is_dropped_alone(controller_factory, publisher, fleet_id) -> None:
+    ctl = controller_factory()
+    huge = _record("big", 2**70)  # passes the schema (an int >= 0) but is beyond SQLite's 64-bit integers
+    for i in range(10):
+        publisher.publish(topic(fleet_id, "ok", "telemetry"), _record("ok", i))
+        if i == 5:
+            publisher.publish(topic(fleet_id, "big", "telemetry"), huge)
+    publisher.flush()
+    wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 10, what="the 10 storable records")
+    wait_until(lambda: ctl.ingest.stats.rejected[("telemetry", "unstorable")] == 1, what="the poison one counted")
+    # Ingest goes on afterwards.
+    publisher.publish(topic(fleet_id, "ok", "telemetry"), _record("ok", 99))
+    publisher.flush()
+    wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 11, what="ingest after the poison message")
