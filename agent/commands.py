@@ -24,9 +24,10 @@ from .journal import Journal, JournalEntry
 from .registry import Registry
 from .spool import Spool
 
-__all__ = ["CommandFailed", "Dispatcher"]
+__all__ = ["MAX_ATTEMPTS", "CommandFailed", "Dispatcher"]
 
 log = logging.getLogger("edgefleet.agent.commands")
+MAX_ATTEMPTS = 3  # executions of one command interrupted by the agent dying, before it is answered with an error
 
 
 class CommandFailed(EdgefleetError):
@@ -137,7 +138,13 @@ class Dispatcher:
         if self.journal.state(entry.id) != "pending":
             return  # already answered (defence in depth: each id is queued once)
         t0 = time.perf_counter()
+        attempts = self.journal.start(entry.id)
         try:
+            if attempts > MAX_ATTEMPTS:
+                # The agent died every time it ran this command (e.g. a model that crashes ONNX Runtime): answer
+                # instead of crash-looping; the old bundle is still what serves.
+                raise CommandFailed("crashloop", entry.kind, f"the agent stopped {attempts - 1} times while running "
+                                                             "this command; not trying again")
             cmd = protocol.parse_command(entry.payload)
             if "expires" in cmd and time.time() > float(cmd["expires"]):
                 raise CommandFailed("expired", "receive", f"command expired {time.time() - cmd['expires']:.0f} s ago")

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS commands (
     props TEXT NOT NULL DEFAULT '{}',
     state TEXT NOT NULL,           -- pending | done
     received REAL NOT NULL,
-    finished REAL
+    finished REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -52,6 +53,9 @@ class Database:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(_SCHEMA)
+            cols = {row[1] for row in self.conn.execute("PRAGMA table_info(commands)")}
+            if "attempts" not in cols:  # a data dir from before the column existed
+                self.conn.execute("ALTER TABLE commands ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
         except sqlite3.Error as exc:
             raise ConfigError(f"agent.data_dir: cannot open {self.path}: {exc}") from exc
 

@@ -55,6 +55,13 @@ class Journal:
             with self.db.tx() as conn:
                 run(conn)
 
+    def start(self, cmd_id: str) -> int:
+        """Count one more execution attempt (durably, before executing); returns the count including this one."""
+        with self.db.tx() as c:
+            c.execute("UPDATE commands SET attempts = attempts + 1 WHERE id=?", (cmd_id,))
+            row = c.execute("SELECT attempts FROM commands WHERE id=?", (cmd_id,)).fetchone()
+        return int(row[0]) if row else 0
+
     def pending(self) -> list[JournalEntry]:
         """Commands received but not finished (the agent died while running them), oldest first."""
         with self.db.lock:

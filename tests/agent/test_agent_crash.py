@@ -91,3 +91,28 @@ def test_sigkill_at_each_install_stage_leaves_old_or_new_serving(agent_factory, 
     assert pending == []
     assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
     w.close()
+
+
+def test_command_that_kills_the_agent_every_time_is_answered_not_retried_forever(agent_factory, mosquitto,
+                                                                                make_bundle, mlp_model) -> None:
+    from edgefleet.agent.commands import MAX_ATTEMPTS
+
+    agent = agent_factory(interval=5.0, start=False)
+    w = Watcher(mosquitto, agent.device)
+    agent.start(env={"EDGEFLEET_AGENT_FAILPOINT": "after-selftest"})
+    bundle = make_bundle(mlp_model, version="1.0.0")
+    sha, size = sha_size(bundle)
+    cid = w.send("deploy", {"url": bundle.as_uri(), "sha256": sha, "size": size}, cmd_id="poison-1")
+    assert agent.wait(30) == -9
+    for _ in range(MAX_ATTEMPTS - 1):  # systemd would restart it: each start runs the pending command and dies
+        agent.start(env={"EDGEFLEET_AGENT_FAILPOINT": "after-selftest"})
+        assert agent.wait(30) == -9
+    agent.start()
+    reply = w.wait_reply(cid)
+    assert reply["status"] == "error" and reply["error"]["code"] == "crashloop"
+    assert f"stopped {MAX_ATTEMPTS} times" in reply["error"]["message"]
+    assert http_json("GET", f"http://{agent.api}/v2/models/testmodel")[0] == 404
+    assert [p.name for p in (agent.data_dir / "store").iterdir()] == []
+    assert agent.terminate() == 0
+    assert len(w.replies(cid)) == 1
+    w.close()
