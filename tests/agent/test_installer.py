@@ -200,3 +200,17 @@ def test_restart_serves_previous_when_active_bundle_was_tampered(installer: Inst
     assert "differs from the manifest" in problems[0][2]
     assert _serving(fresh) == "1.0.0"
     assert fresh.store.pointers()["testmodel"].active == r1.digest
+
+
+def test_two_models_serve_side_by_side_and_upgrade_independently(installer: Installer, make_bundle,
+                                                                 mlp_model) -> None:
+    a1 = _install(installer, make_bundle(mlp_model, name="alpha", version="1.0.0", filename="a1.efb"))
+    b1 = _install(installer, make_bundle(mlp_model, name="beta", version="1.0.0", filename="b1.efb"))
+    a2 = _install(installer, make_bundle(mlp_model, name="alpha", version="2.0.0", filename="a2.efb"))
+    assert [n for n, _ in installer.registry.items()] == ["alpha", "beta"]
+    ptrs = installer.store.pointers()
+    assert (ptrs["alpha"].active, ptrs["alpha"].previous) == (a2.digest, a1.digest)
+    assert (ptrs["beta"].active, ptrs["beta"].previous) == (b1.digest, None)
+    assert _store_dirs(installer) == {a1.digest, a2.digest, b1.digest}
+    beta = installer.registry.get("beta")
+    assert beta is not None and beta.run({"x": X})["probs"].shape == (2, 4)
