@@ -98,7 +98,8 @@ def test_deploy_selftest_serve_and_telemetry_counts_then_sigterm(agent_factory, 
     raw = next(m for m in w.messages["reply"] if json.loads(m.payload)["id"] == cid)
     assert raw.properties.CorrelationData == b"corr-1"
     ev = w.wait_for("events", lambda e: e["kind"] == "deploy")
-    assert ev["level"] == "info" and ev["data"]["command"] == cid
+    protocol.parse_event(json.dumps(ev))
+    assert ev["level"] == "info" and ev["data"]["command"] == cid and ev["data"]["version"] == "1.0.0"
     w.wait_for("status", lambda s: [m["version"] for m in s["description"]["models"]] == ["1.0.0"]
                if s["state"] == "online" else False)
 
