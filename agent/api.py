@@ -156,7 +156,7 @@ def infer(model: Model, body: bytes, header_length: int | None) -> tuple[bytes, 
         head, binary = body, memoryview(b"")
     try:
         req = json.loads(head)
-    except (ValueError, UnicodeError) as exc:
+    except (ValueError, UnicodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past the stack
         raise HttpError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(req, dict):
         raise HttpError(400, "request body must be a JSON object")
@@ -280,7 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise HttpError(411, "chunked bodies are not supported: send Content-Length")
             length_s = self.headers.get("Content-Length")
-            if length_s is None or not length_s.isdigit():
+            if length_s is None or not (length_s.isascii() and length_s.isdigit()):  # "²".isdigit() is True
                 self.close_connection = True
                 raise HttpError(411, "Content-Length is required")
             length = int(length_s)
@@ -294,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise HttpError(400, f"body ended after {len(body)} of {length} bytes")
             hl = self.headers.get("Inference-Header-Content-Length")
-            if hl is not None and not hl.isdigit():
+            if hl is not None and not (hl.isascii() and hl.isdigit()):
                 raise HttpError(400, f"Inference-Header-Content-Length must be an integer, got {hl!r}")
             resp, headers = infer(model, body, int(hl) if hl is not None else None)
             self._send(200, resp, headers)
@@ -309,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._error(405, f"method {self.command} is not allowed")
 
-    do_PUT = do_DELETE = do_PATCH = _not_allowed
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed  # not http.server's 501 for client input
 
 
 class _Server(ThreadingHTTPServer):

@@ -113,7 +113,7 @@ def decode(data: bytes | bytearray | str, what: str = "payload") -> dict[str, An
     try:
         # NaN and Infinity are not JSON: refuse them rather than let them poison sums and sketches downstream.
         obj = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeError) as exc:
+    except (ValueError, UnicodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past the stack
         raise ProtocolError(f"{what}: not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: must be a JSON object")
@@ -138,7 +138,10 @@ def _num(obj: Mapping[str, Any], key: str, what: str, minimum: float = 0.0) -> f
     val = _req(obj, key, (int, float), what)
     if not val >= minimum:
         raise ProtocolError(f"{what}: field {key!r} must be >= {minimum}, got {val!r}")
-    return float(val)
+    try:
+        return float(val)
+    except OverflowError:  # a JSON integer of 309+ digits has no float
+        raise ProtocolError(f"{what}: field {key!r} is too large ({len(str(val))} digits)") from None
 
 
 def _int(obj: Mapping[str, Any], key: str, what: str, minimum: int = 0) -> int:

@@ -152,7 +152,7 @@ class DDSketch:
                 sk.max = float(d["max"])
                 if not (0.0 <= sk.min <= sk.max < math.inf):
                     raise ValueError(f"min {d['min']!r} and max {d['max']!r} are inconsistent")
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: float() of a 309-digit int
             raise ProtocolError(f"invalid latency sketch: {exc}") from exc
         return sk
 
