@@ -44,6 +44,7 @@ class ControllerConfig:
     share_group: str = "edgefleet"
     public_url: str = ""  # how agents reach this controller's /bundles (default: http://HOST:PORT)
     retention_days: float = 30.0  # telemetry, events and replies older than this are deleted hourly; 0 keeps all
+    rollout_lease_s: float = 30.0  # a rollout whose controller is silent this long is resumed by another one
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
@@ -67,7 +68,8 @@ class Controller:
         self.library = BundleLibrary(config.bundles_dir, trusted)
         self.ingest = Ingestor(self.store, broker=config.broker, fleet=config.fleet, client_id=config.client_id,
                                share_group=config.share_group)
-        self.deployer = Deployer(self.store, config.fleet, self.library, self._publish, self.public_url)
+        self.deployer = Deployer(self.store, config.fleet, self.library, self._publish, self.public_url,
+                                 owner=config.client_id, lease_s=config.rollout_lease_s)
         self.app = make_app(self.store, config.fleet, self.deployer, self.ingest)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -125,21 +127,27 @@ class Controller:
         if self._error is not None:
             self.ingest.stop()
             raise self._error
-        if self.config.retention_days > 0:
-            self._pruner = threading.Thread(target=self._prune_loop, name="controller-retention", daemon=True)
-            self._pruner.start()
+        self._pruner = threading.Thread(target=self._maintenance_loop, name="controller-maintenance", daemon=True)
+        self._pruner.start()
 
-    def _prune_loop(self, period_s: float = 3600.0) -> None:
-        # Every controller of a group may prune: deletes are idempotent and chunked, so they never block ingest long.
+    def _maintenance_loop(self, prune_every_s: float = 3600.0) -> None:
+        """Resume orphaned rollouts (every third of a lease) and apply retention (hourly)."""
+        next_prune = time.monotonic()
         while not self._stopping.is_set():
             try:
-                cut = time.time() - self.config.retention_days * 86400.0
-                removed = self.store.prune(self.config.fleet, cut)
-                if any(removed.values()):
-                    log.info("retention: deleted %s", removed)
-            except Exception:  # a failed prune is retried next period; ingest must go on
-                log.exception("retention prune failed")
-            if self._stopping.wait(period_s):
+                self.deployer.adopt()
+            except Exception:  # retried next round; ingest and HTTP must go on
+                log.exception("resuming orphaned rollouts failed")
+            if self.config.retention_days > 0 and time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + prune_every_s
+                try:
+                    # Every controller of a group may prune: deletes are idempotent and chunked.
+                    removed = self.store.prune(self.config.fleet, time.time() - self.config.retention_days * 86400.0)
+                    if any(removed.values()):
+                        log.info("retention: deleted %s", removed)
+                except Exception:  # retried next period
+                    log.exception("retention prune failed")
+            if self._stopping.wait(self.config.rollout_lease_s / 3):
                 return
 
     def stop(self) -> None:
@@ -147,7 +155,7 @@ class Controller:
         self._stopping.set()
         if self._pruner is not None:
             self._pruner.join(30)
-        self.deployer.stop()
+        self.deployer.stop()  # releases the leases of unfinished rollouts, for another controller to resume
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:

@@ -237,6 +237,10 @@ def compare(bundle: str, baseline: Sequence[Mapping[str, Any]], canary: Sequence
 
 # -- the deployer ---------------------------------------------------------------------------------------------------
 
+class _LeaseLost(Exception):
+    """Another controller holds this rollout's lease now (this one stalled past it)."""
+
+
 def _active_version(dev: Mapping[str, Any], name: str) -> str:
     """The version of model ``name`` a device runs: from its description (agent: ``models``), else telemetry."""
     desc = dev.get("description") or {}
@@ -253,7 +257,11 @@ class Deployer:
     """Plans deployments, sends commands and runs each rollout in a thread of this controller."""
 
     def __init__(self, store: Store, fleet: str, library: BundleLibrary, publish: Publish, public_url: str,
-                 *, poll_s: float = 0.5) -> None:
+                 *, owner: str = "controller", lease_s: float = 30.0, poll_s: float = 0.5) -> None:
+        if not lease_s > 2 * poll_s:
+            raise InputError(f"lease_s must be more than twice poll_s ({poll_s:g} s), got {lease_s:g}")
+        self.owner = owner
+        self.lease_s = lease_s
         self.store = store
         self.fleet = fleet
         self.library = library
@@ -306,22 +314,40 @@ class Deployer:
                       "state": "canary" if n_canary else "rolling-out", "selector": list(selector.terms),
                       "canary_pct": policy.canary_pct, "max_p95_regression": policy.max_p95_regression,
                       "max_error_increase": policy.max_error_increase,
-                      "bundles": [asdict(b) for b in bundles], "decision": {"policy": asdict(policy)}}
+                      "bundles": [asdict(b) for b in bundles], "decision": {"policy": asdict(policy)},
+                      "owner": self.owner, "lease_until": time.time() + self.lease_s}
         self.store.create_deployment(deployment, targets)
         if start:
-            t = threading.Thread(target=self._run, args=(dep_id, policy), name=f"rollout-{dep_id}", daemon=True)
-            self._threads[dep_id] = t
-            t.start()
+            self._start(dep_id, policy)
         dep = self.store.deployment(dep_id)
         if dep is None:  # pragma: no cover - just written
             raise InputError(f"deployment {dep_id} vanished")
         return dep
 
+    def _start(self, dep_id: str, policy: RolloutPolicy) -> None:
+        t = threading.Thread(target=self._run, args=(dep_id, policy), name=f"rollout-{dep_id}", daemon=True)
+        self._threads[dep_id] = t
+        t.start()
+
+    def adopt(self) -> list[str]:
+        """Resume rollouts whose controller stopped or died (lease expired); returns the deployment ids taken."""
+        if self._stop.is_set():
+            return []
+        now = time.time()
+        ids = self.store.claim_deployments(self.fleet, self.owner, now, now + self.lease_s)
+        for dep_id in ids:
+            dep = self.store.deployment(dep_id) or {}
+            policy = RolloutPolicy(**(dep.get("decision") or {}).get("policy", {}))
+            log.warning("resuming the rollout of deployment %s (state %s) from another controller", dep_id,
+                        dep.get("state"))
+            self._start(dep_id, policy)
+        return ids
+
     def stop(self) -> None:
-        """Stop rollout threads (their deployments stay in their current state)."""
+        """Stop rollout threads; their deployments keep their state and are released for another controller."""
         self._stop.set()
         for t in self._threads.values():
-            t.join(5)
+            t.join(10)
 
     def wait(self, dep_id: str, timeout_s: float) -> None:
         """Wait for a rollout thread to finish (tests, CLI)."""
@@ -331,7 +357,9 @@ class Deployer:
 
     # commands ------------------------------------------------------------------------------------------------------
     def _send_deploy(self, dep_id: str, t: Mapping[str, Any]) -> None:
-        b = self._bundles.get(t["sha256"]) or self.library.get(t["sha256"])
+        b = self._bundles.get(t["sha256"])
+        if b is None:  # a rollout resumed from another controller: verify its bundle once here
+            b = self._bundles[t["sha256"]] = self.library.get(t["sha256"])
         cmd = command("deploy", {"url": f"{self.public_url}/bundles/{b.filename}", "sha256": b.sha256,
                                  "size": b.size})
         # The command id is stored before publishing, so a fast reply always finds its target.
@@ -382,7 +410,7 @@ class Deployer:
                         self.store.update_target(dep_id, t["device"], state="failed",
                                                  reason=f"no result within {timeout_s:g} s (last state {t['state']})")
                 return self._targets(dep_id, phase)
-            self._stop.wait(self.poll_s)
+            self._pause(dep_id)
         return self._targets(dep_id, phase)
 
     def _halt(self, dep_id: str, canaries: Sequence[Mapping[str, Any]], why: str, decision: dict[str, Any]) -> None:
@@ -393,19 +421,35 @@ class Deployer:
         log.warning("deployment %s halted: %s; rolling back %d canaries", dep_id, why,
                     sum(1 for t in canaries if t["state"] == "active"))
 
+    def _pause(self, dep_id: str) -> None:
+        """Wait one poll period and renew this controller's lease on the rollout."""
+        self._stop.wait(self.poll_s)
+        if not self._stop.is_set() and not self.store.renew_lease(dep_id, self.owner, time.time() + self.lease_s):
+            raise _LeaseLost(dep_id)
+
     def _run(self, dep_id: str, policy: RolloutPolicy) -> None:
         try:
             self._rollout(dep_id, policy)
+        except _LeaseLost:
+            log.warning("deployment %s: another controller took over its rollout", dep_id)
         except Exception as exc:
             log.exception("deployment %s failed", dep_id)
             self.store.update_deployment(dep_id, state="failed", message=f"controller error: {exc}")
+        finally:
+            if self._stop.is_set():
+                # Stopping mid-rollout: release the lease so another controller resumes it at once.
+                self.store.renew_lease(dep_id, self.owner, 0.0)
 
     def _rollout(self, dep_id: str, policy: RolloutPolicy) -> None:
         dep = self.store.deployment(dep_id) or {}
         decision: dict[str, Any] = dict(dep.get("decision") or {})
         canaries = self._targets(dep_id, "canary")
-        if canaries:
+        # Resumed after the canaries passed: go straight to the rest (every step below is idempotent: commands go
+        # only to targets that have none yet).
+        if canaries and dep.get("state") != "rolling-out":
             canaries = self._install(dep_id, "canary", policy.install_timeout_s)
+            if self._stop.is_set():
+                return
             failed = [t for t in canaries if t["state"] != "active"]
             if failed:
                 why = f"{len(failed)} of {len(canaries)} canaries did not become active: " + "; ".join(
@@ -414,6 +458,8 @@ class Deployer:
                 return
             self.store.update_deployment(dep_id, state="observing", message="canaries active; comparing latency")
             verdicts = self._observe(dep_id, dep, canaries, policy)
+            if self._stop.is_set():
+                return
             decision["canary"] = [asdict(v) for v in verdicts]
             bad = [v for v in verdicts if not v.proceed]
             if bad:
@@ -424,6 +470,8 @@ class Deployer:
         if self._stop.is_set():
             return
         rest = self._install(dep_id, "rest", policy.install_timeout_s)
+        if self._stop.is_set():
+            return
         failed = [t for t in rest if t["state"] != "active"]
         final = "completed" if not failed else "completed-with-failures"
         self.store.update_deployment(dep_id, state=final, decision=decision,
@@ -446,7 +494,7 @@ class Deployer:
             elapsed = time.monotonic() - start
             if (enough and elapsed >= policy.observe_s) or elapsed >= 3 * policy.observe_s or self._stop.is_set():
                 break
-            self._stop.wait(self.poll_s)
+            self._pause(dep_id)
         verdicts = []
         for sha, ts in groups.items():
             label = f"{ts[0]['name']} {ts[0]['version']} ({ts[0]['profile']})"

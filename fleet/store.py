@@ -213,6 +213,14 @@ class Store(Protocol):
         """Change a deployment's state, decision or message."""
         ...
 
+    def renew_lease(self, dep_id: str, owner: str, until: float) -> bool:
+        """Extend ``owner``'s lease on a rollout; False when another controller took it over."""
+        ...
+
+    def claim_deployments(self, fleet: str, owner: str, now: float, until: float) -> list[str]:
+        """Atomically take over running rollouts whose lease has expired; returns their ids."""
+        ...
+
     def update_target(self, dep_id: str, device: str, **fields: Any) -> None:
         """Change one target's state, reason or command ids."""
         ...
@@ -289,7 +297,13 @@ _MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX telemetry_ts ON telemetry(fleet, ts);
         CREATE INDEX windows_ts ON windows(fleet, ts);
     """),
+    (3, "rollout leases", """
+        ALTER TABLE deployments ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+        ALTER TABLE deployments ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+    """),
 )
+# A deployment in one of these states has a rollout that some controller must be driving (it holds the lease).
+RUNNING_STATES = ("canary", "observing", "rolling-out")
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
 _DEVICE_COLS = ("device, state, boot, status_ts, description, profile, tags, last_seen, summary, summary_ts, process, "
@@ -712,15 +726,32 @@ class SQLiteStore:
         d = deployment
         now = time.time()
         with self._tx() as c:
-            c.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (d["id"], d["fleet"], d.get("created", now), now, d["state"], _dumps(d["selector"]),
                        float(d["canary_pct"]), float(d["max_p95_regression"]), float(d["max_error_increase"]),
-                       _dumps(d["bundles"]), _dumps(d.get("decision", {})), d.get("message", "")))
+                       _dumps(d["bundles"]), _dumps(d.get("decision", {})), d.get("message", ""),
+                       d.get("owner", ""), float(d.get("lease_until", 0.0))))
             c.executemany(
                 "INSERT INTO deployment_targets (deployment_id, device, profile, name, version, sha256, "
                 "previous_version, phase, state, reason, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [(d["id"], t["device"], t["profile"], t.get("name", ""), t.get("version", ""), t.get("sha256", ""),
                   t.get("previous_version", ""), t["phase"], t["state"], t.get("reason", ""), now) for t in targets])
+
+    def renew_lease(self, dep_id: str, owner: str, until: float) -> bool:
+        """Extend ``owner``'s lease on a deployment's rollout; False when another controller has taken it over."""
+        with self._tx() as c:
+            return c.execute("UPDATE deployments SET lease_until=? WHERE id=? AND owner=?",
+                             (until, dep_id, owner)).rowcount == 1
+
+    def claim_deployments(self, fleet: str, owner: str, now: float, until: float) -> list[str]:
+        """Take over running rollouts whose lease expired before ``now`` (their controller died); returns ids."""
+        marks = ",".join("?" * len(RUNNING_STATES))
+        with self._tx() as c:  # BEGIN IMMEDIATE: two controllers claiming at once cannot both win a deployment
+            ids = [r[0] for r in c.execute(f"SELECT id FROM deployments WHERE fleet=? AND state IN ({marks}) "
+                                           "AND lease_until<?", (fleet, *RUNNING_STATES, now))]
+            for dep_id in ids:
+                c.execute("UPDATE deployments SET owner=?, lease_until=? WHERE id=?", (owner, until, dep_id))
+        return ids
 
     def update_deployment(self, dep_id: str, **fields: Any) -> None:
         """Set state, decision (a dict) or message of a deployment."""

@@ -160,3 +160,33 @@ def test_compare_halts_on_error_rise_and_passes_small_changes() -> None:
     d = compare("b", _windows(10, 1000, errors=1), _windows(10, 1000, errors=50), policy)
     assert not d.proceed and "error rate rose" in d.reason
     assert compare("b", [], _windows(10, 100), policy).proceed  # nothing to compare with: say so and proceed
+
+
+def test_a_rollout_is_resumed_by_another_controller_when_its_own_stops(controller_factory, mosquitto, fleet_id,
+                                                                        mlp_model, make_bundle) -> None:
+    a = controller_factory("a", rollout_lease_s=1.5)
+    b = controller_factory("b", rollout_lease_s=1.5)  # same store file, same share group
+    devs = make_devices(6, prefix="r", profiles=["x86-cpu"], model="testmodel")
+    sim = Simulator(mosquitto.url, fleet_id, devs, interval_s=0.1, per_window=40, client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        sim.run_telemetry(duration_s=60)
+        wait_until(lambda: len([d for d in a.store.devices(fleet_id) if d["models"]]) == 6, what="6 reporting")
+        time.sleep(1.0)
+        sha = a.library.add(make_bundle(mlp_model, version="1.3.0")).sha256
+        b.library.add(a.library.path(sha))  # each controller serves from its own bundle directory
+        dep = a.deployer.create([sha], Selector.parse(["all"]), RolloutPolicy(canary_pct=34, observe_s=3,
+                                                                                min_samples=50))
+        assert dep["owner"] == a.config.client_id
+        wait_until(lambda: a.store.deployment(dep["id"])["state"] == "observing", what="canaries observed")
+        a.deployer.stop()  # controller a goes away mid-rollout
+        wait_until(lambda: b.store.deployment(dep["id"])["state"] == "completed", timeout_s=40,
+                   what="controller b finishing the rollout")
+        final = b.store.deployment(dep["id"])
+        assert final["owner"] == b.config.client_id
+        assert final["progress"] == {"active": 6}
+        # Each device got exactly one deploy command: nothing was sent twice by the takeover.
+        deploys = [c["device"] for c in sim.commands if c["kind"] == "deploy"]
+        assert sorted(deploys) == sorted(d.device for d in devs)
+    finally:
+        sim.stop()

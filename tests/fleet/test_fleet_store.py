@@ -25,15 +25,15 @@ def _tel(device: str, seq: int, version: str = "1", latency: float = 5.0, boot: 
 def test_store_implements_the_interface_and_records_its_schema_version(tmp_path) -> None:
     store = SQLiteStore(tmp_path / "f.db")
     assert isinstance(store, Store)
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     store.close()
     # Opening again applies nothing twice; the file is in WAL mode.
     again = open_store(f"sqlite:///{tmp_path / 'f.db'}")
     assert isinstance(again, SQLiteStore)
-    assert again.schema_version() == 2
+    assert again.schema_version() == 3
     conn = sqlite3.connect(tmp_path / "f.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2]
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3]
     conn.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
     conn.commit()
     conn.close()
@@ -136,7 +136,7 @@ def test_store_migrates_a_version_1_database_and_keeps_its_rows(tmp_path) -> Non
     conn.commit()
     conn.close()
     store = SQLiteStore(tmp_path / "old.db")
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     assert store.counts("f")["telemetry"] == 1
 
 
@@ -150,3 +150,18 @@ def test_prune_deletes_only_what_is_older_than_the_cut(tmp_path) -> None:
     assert store.counts("f")["telemetry"] == 5 and store.counts("f")["windows"] == 5
     assert store.counts("f")["events"] == 1  # received now: newer than the cut
     assert len(store.devices("f")) == 1  # devices and deployments are not time series: kept
+
+
+def test_rollout_leases_are_claimed_once_and_only_when_expired(tmp_path) -> None:
+    stores = [SQLiteStore(tmp_path / "f.db"), SQLiteStore(tmp_path / "f.db")]
+    stores[0].create_deployment(
+        {"id": "dep1", "fleet": "f", "state": "canary", "selector": ["all"], "canary_pct": 10,
+         "max_p95_regression": 0.2, "max_error_increase": 0.01, "bundles": [], "owner": "a", "lease_until": 100.0},
+        [])
+    assert stores[1].claim_deployments("f", "b", now=50.0, until=150.0) == []  # a's lease still runs
+    assert stores[1].claim_deployments("f", "b", now=101.0, until=150.0) == ["dep1"]
+    assert stores[0].claim_deployments("f", "c", now=102.0, until=160.0) == []  # b holds it now
+    assert not stores[0].renew_lease("dep1", "a", 200.0)  # a lost it
+    assert stores[1].renew_lease("dep1", "b", 200.0)
+    stores[1].update_deployment("dep1", state="completed")
+    assert stores[0].claim_deployments("f", "c", now=1e9, until=2e9) == []  # finished rollouts are never claimed
