@@ -171,10 +171,18 @@ def ingest_run(tmp: Path, broker: str, n_devices: int, n_messages: int, name: st
     (b) is the controller's own rate: the publisher and broker have finished before it starts. (a) is end to end on
     one machine, where publisher, broker and controller share the cores.
     """
-    sys.path.insert(0, str(ROOT))
+    ctl = Controller(tmp, broker, name)
+    try:
+        return _measure(ctl, broker, n_devices, n_messages, name, keep)
+    except BaseException:
+        ctl.stop()  # never leave a controller process behind when a run fails or times out
+        raise
+
+
+def _measure(ctl: Controller, broker: str, n_devices: int, n_messages: int, name: str,
+             keep: bool) -> tuple[dict[str, Any], Controller | None]:
     from edgefleet.fleet.simulate import Simulator, make_devices
 
-    ctl = Controller(tmp, broker, name)
     sim = Simulator(broker, ctl.fleet, make_devices(n_devices, prefix="dev"), interval_s=10.0, per_window=200,
                     own_connections=0, connections=1, client_prefix=f"bench-{name}")
     sim.start(timeout_s=30)
