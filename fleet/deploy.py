@@ -238,7 +238,7 @@ def compare(bundle: str, baseline: Sequence[Mapping[str, Any]], canary: Sequence
 # -- the deployer ---------------------------------------------------------------------------------------------------
 
 class _LeaseLost(Exception):
-    """Another controller holds this rollout's lease now (this one stalled past it)."""
+    """This controller no longer drives the rollout: another one took over, or an operator stopped it."""
 
 
 def _active_version(dev: Mapping[str, Any], name: str) -> str:
@@ -373,11 +373,19 @@ class Deployer:
         self.publish(device, cmd)
 
     def rollback(self, dep_id: str, devices: Sequence[str] | None = None) -> list[str]:
-        """Send rollback commands to a deployment's active devices (all, or those listed); returns who got one."""
+        """Send rollback commands to a deployment's active devices (all, or those listed); returns who got one.
+
+        Rolling back a whole deployment first moves it out of the running states, which stops its rollout (the
+        driving controller's next lease renewal fails), so no further device gets the bundle. A device that was
+        still installing at that moment ends active: roll it back once it is (``--device``).
+        """
         dep = self.store.deployment(dep_id)
         if dep is None:
             raise InputError(f"no deployment {dep_id!r}")
         wanted = set(devices) if devices else None
+        if wanted is None:
+            self.store.update_deployment(dep_id, state="rolled-back", message="rollback requested")
+            dep = self.store.deployment(dep_id) or dep
         sent = []
         for t in dep["targets"]:
             if t["state"] == "active" and (wanted is None or t["device"] in wanted):
@@ -386,7 +394,7 @@ class Deployer:
         if wanted and not sent:
             raise InputError(f"none of {sorted(wanted)} is active in deployment {dep_id}")
         if wanted is None:
-            self.store.update_deployment(dep_id, state="rolled-back", message=f"rollback sent to {len(sent)} devices")
+            self.store.update_deployment(dep_id, message=f"rollback sent to {len(sent)} devices")
         return sent
 
     # the rollout ---------------------------------------------------------------------------------------------------
@@ -431,7 +439,8 @@ class Deployer:
         try:
             self._rollout(dep_id, policy)
         except _LeaseLost:
-            log.warning("deployment %s: another controller took over its rollout", dep_id)
+            log.warning("deployment %s: no longer driven here (taken over by another controller, or rolled back)",
+                        dep_id)
         except Exception as exc:
             log.exception("deployment %s failed", dep_id)
             self.store.update_deployment(dep_id, state="failed", message=f"controller error: {exc}")

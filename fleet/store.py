@@ -738,10 +738,12 @@ class SQLiteStore:
                   t.get("previous_version", ""), t["phase"], t["state"], t.get("reason", ""), now) for t in targets])
 
     def renew_lease(self, dep_id: str, owner: str, until: float) -> bool:
-        """Extend ``owner``'s lease on a deployment's rollout; False when another controller has taken it over."""
+        """Extend ``owner``'s lease on a running rollout; False when another controller has taken it over or the
+        deployment is no longer running (an operator rolled it back)."""
+        marks = ",".join("?" * len(RUNNING_STATES))
         with self._tx() as c:
-            return c.execute("UPDATE deployments SET lease_until=? WHERE id=? AND owner=?",
-                             (until, dep_id, owner)).rowcount == 1
+            return c.execute(f"UPDATE deployments SET lease_until=? WHERE id=? AND owner=? AND state IN ({marks})",
+                             (until, dep_id, owner, *RUNNING_STATES)).rowcount == 1
 
     def claim_deployments(self, fleet: str, owner: str, now: float, until: float) -> list[str]:
         """Take over running rollouts whose lease expired before ``now`` (their controller died); returns ids."""

@@ -190,3 +190,21 @@ def test_a_rollout_is_resumed_by_another_controller_when_its_own_stops(controlle
         assert sorted(deploys) == sorted(d.device for d in devs)
     finally:
         sim.stop()
+
+
+def test_rolling_back_a_whole_deployment_stops_its_rollout(fleet, mlp_model, make_bundle) -> None:
+    ctl, sim = fleet
+    time.sleep(0.5)
+    sha = ctl.library.add(make_bundle(mlp_model, version="1.4.0")).sha256
+    dep = ctl.deployer.create([sha], Selector.parse(["tag:lab"]),
+                              RolloutPolicy(canary_pct=20, observe_s=30, min_samples=50))
+    wait_until(lambda: ctl.store.deployment(dep["id"])["state"] == "observing", what="canaries observed")
+    res = CliRunner().invoke(cli, ["rollback", dep["id"], "--controller", ctl.url])
+    assert res.exit_code == 0 and "rollback sent to 2 device(s)" in res.output, res.output
+    ctl.deployer.wait(dep["id"], 10)  # the rollout thread gives up at its next lease renewal
+    assert not ctl.deployer._threads[dep["id"]].is_alive()
+    wait_until(lambda: all(t["state"] in ("rolled-back", "pending") for t in ctl.store.deployment(dep["id"])["targets"]
+                           if t["phase"] != "none"), what="canaries rolled back, the rest untouched")
+    final = ctl.store.deployment(dep["id"])
+    assert final["state"] == "rolled-back" and final["progress"] == {"rolled-back": 2, "pending": 8}
+    assert len([c for c in sim.commands if c["kind"] == "deploy"]) == 2
