@@ -356,3 +356,20 @@ def test_self_test_raises_when_sample_count_differs_from_manifest(
     model = Model.open(_install(out, trusted, tmp_path / "wrong"), trusted)
     with pytest.raises(SelfTestError, match="validation set has 2 samples, manifest says 5"):
         model.self_test()
+
+
+def test_model_run_from_many_threads_gives_right_outputs_and_counts_every_call(mlp: Model) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    feeds = [rng.standard_normal((3, 16)).astype(np.float32) for _ in range(8)]
+    expected = [mlp.run({"x": x})["probs"] for x in feeds]
+    mlp.recorder.take(now=0.0)
+
+    def work(i: int) -> bool:
+        return all(np.array_equal(mlp.run({"x": feeds[(i + k) % 8]})["probs"], expected[(i + k) % 8])
+                   for k in range(100))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(work, range(8)))
+    assert mlp.recorder.take(now=1.0).count == 800
