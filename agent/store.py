@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,12 +153,13 @@ class Store:
             fsync_dir(parent)
         return sorted(set(removed))
 
-    def recover(self, keep_downloads: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+    def recover(self, keep_downloads: Iterable[str] = ()) -> dict[str, Any]:
         """Start-up clean-up after a crash: staging, unreferenced bundles, temp files, stale downloads."""
         removed = self.collect()
+        keep = set(keep_downloads)
         stale = []
         for f in self.downloads.iterdir():
-            if f.name.removesuffix(".part") not in keep_downloads:
+            if f.name.removesuffix(".part") not in keep:
                 stale.append(f.name)
                 f.unlink(missing_ok=True)
         for f in self.state.glob(".*.tmp"):
