@@ -41,6 +41,7 @@ $(OLD_VENV)/.installed: pyproject.toml Makefile
 	$(OLD_VENV)/bin/pip install $(PIP_FLAGS) -U pip
 	$(OLD_VENV)/bin/pip install $(PIP_FLAGS) 'onnxruntime==$(ORT_OLDEST)' 'numpy<2' 'onnx<1.17' 'pytest>=8' \
 		'pytest-timeout>=2.3' 'hypothesis>=6.100' -e .
+	$(OLD_VENV)/bin/pip install $(PIP_FLAGS) --no-deps $(SHIPPED_MODELS)
 	touch $@
 
 setup: $(VENV)/.installed system-deps
