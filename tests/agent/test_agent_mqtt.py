@@ -262,3 +262,19 @@ def test_mqtt5_response_topic_gets_a_copy_with_correlation_data(agent_factory, m
     assert json.loads(got[0].payload) == on_channel
     assert got[0].properties.CorrelationData == b"\x00\x01req-7"
     w.close()
+
+
+def test_profile_auto_uses_device_detection(agent_factory, mosquitto) -> None:
+    from edgefleet.devices.detect import detect
+    from edgefleet.devices.profile import load_profiles
+
+    expected = detect(load_profiles())
+    assert expected.profile is not None
+    agent = agent_factory(profile="auto", start=False)
+    w = Watcher(mosquitto, agent.device, channels=("status",))
+    agent.start()
+    d = w.wait_for("status", lambda s: s["state"] == "online")["description"]
+    assert d["profile"] == expected.profile.name
+    assert d["profile_reasons"] == expected.reasons
+    assert d["accept_targets"][0] == expected.profile.name
+    w.close()
