@@ -151,7 +151,9 @@ class Controller:
                 return
 
     def stop(self) -> None:
-        """Stop rollouts, HTTP and ingest (flushing what was received)."""
+        """Stop rollouts, HTTP and ingest (flushing what was received); a second call does nothing."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         if self._pruner is not None:
             self._pruner.join(30)

@@ -107,6 +107,7 @@ class Ingestor:
         self._gen = 0  # connection generation: message ids are only meaningful within one connection
         self._logged: set[tuple[str, str]] = set()
         self._running = threading.Event()
+        self._draining = threading.Event()
         self._subscribed = threading.Event()
         self._writer: threading.Thread | None = None
         self.client = make_client(self.broker, client_id, manual_ack=True)
@@ -127,12 +128,18 @@ class Ingestor:
         wait_connected(self._subscribed, self.broker, timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Disconnect, then write and ack what is queued (un-acked messages stay in the broker's session)."""
-        self.client.disconnect()
-        self.client.loop_stop()
+        """Stop taking messages, write and acknowledge those already queued, then disconnect.
+
+        Messages arriving meanwhile are left un-acknowledged: the broker keeps them in the persistent session and
+        delivers them after a restart (or to another controller of the group). So a graceful stop neither loses nor
+        duplicates anything; after a crash the un-acked ones come again and are de-duplicated.
+        """
+        self._draining.set()
         self._running.clear()
         if self._writer is not None:
             self._writer.join(timeout_s)
+        self.client.disconnect()
+        self.client.loop_stop()
 
     @property
     def connected(self) -> bool:
@@ -168,6 +175,8 @@ class Ingestor:
             log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._draining.is_set():
+            return  # stopping: not acked, so the broker redelivers it to this session or another controller
         # Only queue: validation and SQLite run in the writer thread so the network loop keeps up with the broker.
         self._q.put((msg.topic, msg.payload, msg.mid, msg.qos, self._gen))
 
