@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .errors import BundleFormatError, ModelError, UnsafeArchiveError
 
@@ -69,7 +70,7 @@ class _Reader:
                 return value, pos
             shift += 7
 
-    def fields(self, start: int, end: int):  # type: ignore[no-untyped-def]
+    def fields(self, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
         """Yield (field number, wire type, value or (start, end) of a length-delimited field)."""
         pos = start
         while pos < end:
@@ -138,16 +139,16 @@ def _tensor(r: _Reader, start: int, end: int, out: list[ExternalRef]) -> None:
     entries: dict[str, str] = {}
     for num, wt, v in r.fields(start, end):
         if num == 8 and wt == 2:
-            name = r.text(v)  # type: ignore[arg-type]
+            name = r.text(v)
         elif num == 14 and wt == 0:
             external = v == 1
         elif num == 13 and wt == 2:
             key = value = ""
-            for n2, w2, v2 in r.fields(*v):  # type: ignore[misc]
+            for n2, w2, v2 in r.fields(*v):
                 if n2 == 1 and w2 == 2:
-                    key = r.text(v2)  # type: ignore[arg-type]
+                    key = r.text(v2)
                 elif n2 == 2 and w2 == 2:
-                    value = r.text(v2)  # type: ignore[arg-type]
+                    value = r.text(v2)
             entries[key] = value
     if not external and not entries:
         return
@@ -172,7 +173,7 @@ def _walk(r: _Reader, kind: int, start: int, end: int, depth: int, out: list[Ext
         child = children.get(num)
         if child is None or wt != 2:
             continue
-        s, e = v  # type: ignore[misc]
+        s, e = v
         if child == _TENSOR:
             _tensor(r, s, e, out)
         else:
