@@ -129,9 +129,15 @@ class Client:
         return self.connected.is_set()
 
     def sub(self, *filters: str) -> None:
+        """Subscribe and wait for the SUBACKs: the broker holds the subscriptions before any traffic is sent."""
+        want = len(self.suback) + len(filters)
         for f in filters:
             self.c.subscribe(f, qos=1)
-        time.sleep(0.05 * len(filters) + 0.1)
+        deadline = time.monotonic() + 5
+        while len(self.suback) < want:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no SUBACK for {filters}")
+            time.sleep(0.005)
 
     def pub(self, topic_name: str, payload: bytes, retain: bool = False) -> Any:
         return self.c.publish(topic_name, payload, qos=1, retain=retain)
