@@ -317,6 +317,8 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, addr: tuple[str, int], registry: Registry, max_body: int) -> None:
+        if ":" in addr[0]:
+            self.address_family = socket.AF_INET6  # api.listen = "[::1]:8080"
         super().__init__(addr, _Handler)
         self.registry = registry
         self.max_body = max_body

@@ -170,3 +170,51 @@ def test_stop_finishes_inflight_requests_and_closes_idle_keepalive(served) -> No
     t.join(5)
     model.session = real
     assert result["r"][0] == 200
+
+
+def test_hostile_bodies_never_get_a_5xx(served) -> None:
+    """Random and structurally wrong requests: every answer is a 4xx with a JSON error, or a 200."""
+    import random
+
+    server, model = served
+    rng = random.Random(42)
+    values: list = [None, True, -1, 0, 2**70, 1.5, float("nan"), "x", "FP32", [], {}, [1, 16], [[1]], {"a": 1},
+                    [-1, 16], [1, 10**12], ["1", "16"], [0.5] * 16]
+    keys = ["name", "shape", "datatype", "data", "parameters"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    statuses = set()
+    for i in range(300):
+        kind = i % 3
+        if kind == 0:
+            body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))
+            headers = {}
+        else:
+            item = {k: rng.choice(values) for k in keys if rng.random() < 0.8}
+            if rng.random() < 0.5:
+                item.update({"name": "x", "datatype": "FP32"})
+            req = {"inputs": [item] if rng.random() < 0.9 else rng.choice(values)}
+            if rng.random() < 0.3:
+                req["outputs"] = rng.choice(values)
+            if rng.random() < 0.3:
+                req["parameters"] = rng.choice(values)
+            body = json.dumps(req).encode()
+            headers = {}
+            if kind == 2:
+                headers["Inference-Header-Content-Length"] = str(rng.randint(0, len(body) + 5))
+                body += bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 80)))
+        conn.request("POST", "/v2/models/testmodel/infer", body, headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        statuses.add(resp.status)
+        assert resp.status == 200 or 400 <= resp.status < 500, (resp.status, body[:200], payload[:200])
+        if resp.status != 200:
+            assert json.loads(payload)["error"]
+        if resp.getheader("Connection") == "close":
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    assert 400 in statuses
+    assert model.recorder.total_errors == 0
+    for method in ("HEAD", "OPTIONS"):
+        c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        c.request(method, "/v2")
+        assert c.getresponse().status == 405
