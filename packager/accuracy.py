@@ -29,13 +29,14 @@ class Budget:
     Defaults: cosine >= 0.99 per output, no collapsed channel, top-1 agreement >= 99% on classifier outputs. Absolute
     and relative error limits are off unless asked for (``max_rel`` is relative to the output's largest magnitude).
     Channels whose reference never reaches ``channel_floor`` in magnitude are not judged: measured on YOLOv8n, the
-    classes that never fire on the validation photos peak at 0.0002-0.009, where INT8's 1/255 step is all noise.
+    classes that never fire on the validation photos peak at 0.0002-0.018 (below any detection threshold), where
+    INT8's 1/255 step is noise; the classes that do fire peak at 0.17-0.82.
     """
 
     min_cosine: float = 0.99
     min_top1: float = 0.99
     min_channel_cosine: float = 0.9
-    channel_floor: float = 0.01
+    channel_floor: float = 0.05
     max_abs: float | None = None
     max_rel: float | None = None
     mean_rel: float | None = None

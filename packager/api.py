@@ -88,7 +88,7 @@ class PackageOptions:
     measure: bool = True
     min_calibration_samples: int = 8
     bundle_samples: int = 4
-    sensitivity_rounds: tuple[float, ...] = (0.1, 0.3)
+    sensitivity_rounds: tuple[float, ...] = (0.0, 0.0, 0.1)
     trt_max_batch: int = 8
     latency_rounds: int = 9
 
@@ -343,40 +343,43 @@ class _TargetBuild:
                                   f"slower ({failing.latency_ms:.3f} ms) than {best.cand.name} "
                                   f"({best.latency_ms:.3f} ms), which is within budget")
                 return []
-        self.progress(f"{self.profile.name}: {failing.cand.name} over budget, measuring per-node sensitivity")
-        # compare against the quantizer's own output: the later CPU optimization fuses QDQ away and renames tensors
-        quantized = next((r.path for r in failing.records if r.name.startswith("quantize_")), None)
-        step_input = quantized or failing.model
-        if step_input is None:
-            return []
-        try:
-            ranked = rank_nodes(base, step_input, self.val[:2], self.work / "sens",
-                                channel_floor=self.opts.budget.channel_floor)
-        except Exception as exc:  # noqa: BLE001 - sensitivity is an aid; report and go on
-            self.notes.append(f"sensitivity analysis failed: {exc}")
-            return []
-        ranked = [(n, s) for n, s in ranked if s > 0]
-        if not ranked:
-            return []
-        out = []
-        # the single worst node first (often one layer is the whole problem), then growing shares of the ranking
-        ks = sorted({1} | {max(1, math.ceil(frac * len(ranked))) for frac in self.opts.sensitivity_rounds})
-        for k in ks:
-            exclude = with_data_movement_successors(base, [n for n, _ in ranked[:k]])
+        out: list[_Built] = []
+        excluded: list[str] = []
+        current = failing
+        # Greedy and re-ranked each round (as NNCF's accuracy-control loop does): once a node is back in float the
+        # error moves, e.g. a detector's score Sigmoid first, then the Concat that re-quantizes its output with the
+        # boxes' scale. Round i adds the i-th entry of ``sensitivity_rounds`` (a share of the ranking, at least 1).
+        for i, frac in enumerate(self.opts.sensitivity_rounds):
+            self.progress(f"{self.profile.name}: {current.cand.name} over budget, measuring per-node sensitivity")
+            # the quantizer's own output: a later CPU optimization fuses QDQ away and renames tensors
+            quantized = next((r.path for r in current.records if r.name.startswith("quantize_")), None) or current.model
+            if quantized is None:
+                break
+            try:
+                ranked = rank_nodes(base, quantized, self.val[:4], self.work / f"sens{i}",
+                                    channel_floor=self.opts.budget.channel_floor)
+            except Exception as exc:  # noqa: BLE001 - sensitivity is an aid; report and go on
+                self.notes.append(f"sensitivity analysis failed: {exc}")
+                break
+            fresh = [n for n, s in ranked if s > 0 and n not in excluded]
+            if not fresh:
+                break
+            k = max(1, math.ceil(frac * len(fresh)))
+            excluded = with_data_movement_successors(base, [*excluded, *fresh[:k]])
             steps = []
             for n, cfg in failing.cand.steps:
                 if n in ("quantize_static", "quantize_dynamic"):
-                    cfg = {**cfg, "nodes_to_exclude": exclude}
+                    cfg = {**cfg, "nodes_to_exclude": excluded}
                 steps.append((n, cfg))
-            c = replace(failing.cand, name=f"{failing.cand.name}-excl{k}", steps=steps,
-                        why=failing.cand.why + f"; {k} most sensitive node(s) kept in float (with the data-movement "
-                            f"ops they feed): {', '.join(exclude[:5])}"
-                            + ("..." if k > 5 else ""))
+            c = replace(failing.cand, name=f"{failing.cand.name}-excl{len(excluded)}", steps=steps,
+                        why=failing.cand.why + f"; round {i + 1}: {len(excluded)} most sensitive node(s) kept in "
+                            f"float (with the data-movement and Concat ops they feed): {', '.join(excluded[:6])}"
+                            + ("..." if len(excluded) > 6 else ""))
             self.progress(f"{self.profile.name}: candidate {c.name}")
-            b = self._build_candidate(c, base, self.work / f"retry{k}")
-            self._measure([b])
-            out.append(b)
-            if b.ok:
+            current = self._build_candidate(c, base, self.work / f"retry{i}")
+            self._measure([current])
+            out.append(current)
+            if current.ok or current.model is None or current.accuracy is None:
                 break
         return out
 

@@ -59,7 +59,7 @@ def _human(report: dict[str, Any], path: Path) -> list[str]:
 @click.option("--accuracy-budget", "budget", multiple=True, metavar="[OUTPUT:]METRIC=VALUE",
               help="Accuracy limits (repeatable): cosine, top1, channel_cosine (minimums), max_abs, max_rel, "
                    "mean_rel (maximums), channel_floor (channels peaking below it are not judged). Default: "
-                   "cosine=0.99 top1=0.99 channel_cosine=0.9 channel_floor=0.01 on every output.")
+                   "cosine=0.99 top1=0.99 channel_cosine=0.9 channel_floor=0.05 on every output.")
 @click.option("--name", help="Bundle name (default: the model file's name).")
 @click.option("--version", "version", default="1.0.0", show_default=True, help="Bundle version.")
 @click.option("--model-type", help="Transformer type for fusion (bert, gpt2, vit, ...); default: detected.")

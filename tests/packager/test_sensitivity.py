@@ -40,8 +40,9 @@ def test_package_rescues_int8_by_excluding_the_most_sensitive_node(detector, pho
     cands = {c["name"]: c for c in res.report["candidates"]}
     plain = cands["int8-static"]["accuracy"]["outputs"][0]
     assert plain["cosine"] > 0.999 and plain["collapsed_channels"]  # high cosine, collapsed class scores
-    assert res.report["chosen"]["name"] == "int8-static-excl1"
-    assert "concat, flatten" in cands["int8-static-excl1"]["why"]
+    chosen = cands[res.report["chosen"]["name"]]
+    assert chosen["name"].startswith("int8-static-excl") and chosen["within_budget"]
+    assert "concat, flatten" in chosen["why"]  # the Concat that mixes scales, and the Reshape it feeds
     assert verify_bundle(res.path, trusted).manifest.precision == "int8"
 
 
