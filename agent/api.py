@@ -389,7 +389,14 @@ class ApiServer:
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop accepting, let in-flight requests finish (up to ``timeout``), close the socket; True if all did."""
         self._server.stopping = True
-        self._server.shutdown()
+        stopper = threading.Thread(target=self._server.shutdown, name="api-stop")
+        stopper.start()
+        try:
+            # wake the accept loop now instead of at its next poll (poll_interval is long to keep idle CPU low)
+            socket.create_connection((self.host, self.port), timeout=0.5).close()
+        except OSError:
+            pass
+        stopper.join()
         done = self._server.drain(timeout)
         self._server.server_close()
         return done
