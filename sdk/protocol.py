@@ -30,6 +30,7 @@ __all__ = [
     "COMMAND_KINDS",
     "MAX_PAYLOAD",
     "PROTOCOL_VERSION",
+    "SKETCH_ALPHA",
     "Topic",
     "check_id",
     "command",
@@ -54,6 +55,8 @@ ROOT = "edgefleet/v1"
 CHANNELS = ("status", "telemetry", "events", "cmd", "reply")
 COMMAND_KINDS = ("deploy", "rollback", "remove", "benchmark", "describe", "configure")
 MAX_PAYLOAD = 256 * 1024
+SKETCH_ALPHA = 0.01
+"""Relative accuracy of every latency sketch in telemetry (what agents record and the fleet merges)."""
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -211,6 +214,8 @@ def parse_telemetry(data: bytes | str) -> dict[str, Any]:
         if not all(isinstance(p, str) for p in providers):
             raise ProtocolError(f"{w}: providers must be strings")
         sk = DDSketch.from_dict(_req(m, "sketch", dict, w))
+        if sk.alpha != SKETCH_ALPHA:  # the fleet merges sketches across devices: one accuracy for all
+            raise ProtocolError(f"{w}: sketch alpha must be {SKETCH_ALPHA}, got {sk.alpha!r}")
         if sk.count != m["count"]:
             raise ProtocolError(f"{w}: sketch holds {sk.count} values but count is {m['count']}")
     for key in ("process", "system"):

@@ -140,6 +140,9 @@ class DDSketch:
                 if c:
                     sk._bins[offset + i] = c
                     total += c
+            if sk._bins and max(-min(sk._bins), max(sk._bins)) * sk._gamma_ln > 700.0:
+                # a bucket whose value exp(key * ln gamma) has no float: quantile() would raise OverflowError
+                raise ValueError(f"bucket keys {min(sk._bins)}..{max(sk._bins)} are out of range")
             if isinstance(d["count"], bool) or total != d["count"]:
                 raise ValueError(f"bucket counts add up to {total}, count says {d['count']}")
             sk.count = total

@@ -152,7 +152,19 @@ def test_fuzz_protocol_parsers_raise_only_protocol_errors(kind: str, long_run: b
              "command": protocol.parse_command, "reply": protocol.parse_reply}[kind]
     valid = _valid_messages()[kind]
     assert parse(protocol.encode(valid))  # the seed itself parses
-    run(long_run, figures, f"protocol.parse_{kind}", payloads(valid), _clean(parse))
+
+    def check(data: bytes | str) -> None:
+        try:
+            msg = parse(data)
+        except EdgefleetError:
+            return
+        if kind == "telemetry":  # what the fleet does with accepted telemetry: merge sketches, read quantiles
+            from edgefleet.sdk.sketch import DDSketch
+
+            merged = DDSketch.merged(DDSketch.from_dict(m["sketch"]) for m in msg["models"])
+            merged.quantile(0.99)
+
+    run(long_run, figures, f"protocol.parse_{kind}", payloads(valid), check)
 
 
 def test_fuzz_sketch_from_dict_raises_only_protocol_errors(long_run: bool, figures: Any) -> None:
@@ -166,9 +178,11 @@ def test_fuzz_sketch_from_dict_raises_only_protocol_errors(long_run: bool, figur
             sk = DDSketch.from_dict(d)
         except EdgefleetError:
             return
-        # an accepted sketch is usable: quantiles and merging must not blow up
-        sk.quantile(0.99)
-        DDSketch.merged([sk, DDSketch.from_dict(valid)])
+        # an accepted sketch is usable: quantiles, merging and its JSON form must not blow up
+        for q in (0.0, 0.5, 0.99, 1.0):
+            sk.quantile(q)
+        DDSketch.merged([sk, sk], alpha=sk.alpha).quantile(0.95)
+        assert DDSketch.from_dict(sk.to_dict()).count == sk.count
 
     run(long_run, figures, "DDSketch.from_dict", st.one_of(mutated(valid), json_values), check)
 
