@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -259,7 +260,7 @@ def deployments_list(controller: str, as_json: bool) -> None:
 @_json_option
 def deployments_show(dep_id: str, controller: str, as_json: bool) -> None:
     """One deployment: policy, canary decision and every device's state."""
-    dep = _request(controller, "GET", f"/api/deployments/{urllib.request.quote(dep_id)}")
+    dep = _request(controller, "GET", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}")
     if as_json:
         click.echo(json.dumps(dep, indent=2))
     else:
@@ -273,7 +274,7 @@ def deployments_show(dep_id: str, controller: str, as_json: bool) -> None:
 def rollback(dep_id: str, devices: tuple[str, ...], controller: str) -> None:
     """Roll the devices of deployment DEP_ID back to the bundle they ran before."""
     body = json.dumps({"devices": list(devices)} if devices else {}).encode()
-    res = _request(controller, "POST", f"/api/deployments/{urllib.request.quote(dep_id)}/rollback", body)
+    res = _request(controller, "POST", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}/rollback", body)
     sent = res["rollback_sent"]
     if not sent:
         raise EdgefleetError(f"no active device in deployment {dep_id} to roll back")

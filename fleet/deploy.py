@@ -302,13 +302,14 @@ class Deployer:
         dep_id = time.strftime("d%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
         targets = []
         for d in selected:
-            b = by_target.get(d["profile"])
-            if b is None:
+            chosen = by_target.get(d["profile"])
+            if chosen is None:
                 targets.append({"device": d["device"], "profile": d["profile"], "phase": "none", "state": "skipped",
                                 "reason": f"no bundle for profile {d['profile'] or '(unknown)'}"})
                 continue
-            targets.append({"device": d["device"], "profile": d["profile"], "name": b.name, "version": b.version,
-                            "sha256": b.sha256, "previous_version": _active_version(d, b.name),
+            targets.append({"device": d["device"], "profile": d["profile"], "name": chosen.name,
+                            "version": chosen.version, "sha256": chosen.sha256,
+                            "previous_version": _active_version(d, chosen.name),
                             "phase": "canary" if d["device"] in canaries else "rest", "state": "pending"})
         deployment = {"id": dep_id, "fleet": self.fleet, "created": time.time(),
                       "state": "canary" if n_canary else "rolling-out", "selector": list(selector.terms),

@@ -39,7 +39,7 @@ StoreKey = web.AppKey("store", Store)
 FleetKey = web.AppKey("fleet", str)
 DeployerKey = web.AppKey("deployer", Deployer)
 IngestKey = web.AppKey("ingest", Ingestor)
-HubKey = web.AppKey("hub", "_Hub")
+HubKey: web.AppKey[_Hub] = web.AppKey("hub")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -310,8 +310,8 @@ def metrics_text(fleet: str, devices: list[dict[str, Any]], versions: list[dict[
     for v in versions:
         sk: DDSketch = v["sketch"]
         lbl = dict(fleet=fleet, model=v["name"], version=v["version"])
-        for q in (0.5, 0.9, 0.95, 0.99):
-            out.append(f"edgefleet_model_latency_ms{_labels(**lbl, quantile=q)} {_fmt(sk.quantile(q))}")
+        for quant in (0.5, 0.9, 0.95, 0.99):
+            out.append(f"edgefleet_model_latency_ms{_labels(**lbl, quantile=quant)} {_fmt(sk.quantile(quant))}")
     for (name, version), t in sorted(tot.items()):
         lbl = dict(fleet=fleet, model=name, version=version)
         out.append(f"edgefleet_model_latency_ms_count{_labels(**lbl)} {int(t['count'] or 0)}")

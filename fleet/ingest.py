@@ -108,6 +108,7 @@ class Ingestor:
         self._logged: set[tuple[str, str]] = set()
         self._running = threading.Event()
         self._draining = threading.Event()
+        self._disconnected = threading.Event()
         self._subscribed = threading.Event()
         self._writer: threading.Thread | None = None
         self.client = make_client(self.broker, client_id, manual_ack=True)
@@ -138,8 +139,28 @@ class Ingestor:
         self._running.clear()
         if self._writer is not None:
             self._writer.join(timeout_s)
+        self._ack_barrier(timeout_s)
+        self._disconnected.clear()
         self.client.disconnect()
+        self._disconnected.wait(timeout_s)
         self.client.loop_stop()
+
+    def _ack_barrier(self, timeout_s: float) -> None:
+        """Wait until the broker has processed every ack sent so far.
+
+        Closing the socket while the broker still sends us messages makes TCP reset the connection, and the broker
+        may drop our last acks unread: it would then deliver those (already stored) messages again. A broker handles
+        a client's packets in order, so the reply to an UNSUBSCRIBE (of a filter we never subscribed: no side effect)
+        proves the acks before it were processed.
+        """
+        if not self._subscribed.is_set():
+            return
+        done = threading.Event()
+        self.client.on_unsubscribe = lambda *args: done.set()
+        self.client.unsubscribe(f"edgefleet/v1/{self.fleet}/.ack-barrier/{self.client_id}")
+        if not done.wait(timeout_s):
+            log.warning("broker %s did not confirm our last acks within %g s; a few stored messages may come "
+                        "again (they are de-duplicated)", self.broker, timeout_s)
 
     @property
     def connected(self) -> bool:
@@ -171,6 +192,7 @@ class Ingestor:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._subscribed.clear()
+        self._disconnected.set()
         if self._running.is_set():
             log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
 
@@ -178,7 +200,7 @@ class Ingestor:
         if self._draining.is_set():
             return  # stopping: not acked, so the broker redelivers it to this session or another controller
         # Only queue: validation and SQLite run in the writer thread so the network loop keeps up with the broker.
-        self._q.put((msg.topic, msg.payload, msg.mid, msg.qos, self._gen))
+        self._q.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._gen))
 
     # writer thread -------------------------------------------------------------------------------------------------
     def _write_loop(self) -> None:

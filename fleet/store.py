@@ -518,15 +518,15 @@ class SQLiteStore:
         for (name, version, minute), (count, errors, sketches) in minutes.items():
             row = c.execute("SELECT count, errors, sketch FROM version_minutes WHERE fleet=? AND name=? AND version=? "
                             "AND minute=?", (fleet, name, version, minute)).fetchone()
-            acc = _DenseSum(sketches[0]["alpha"])
+            total = _DenseSum(sketches[0]["alpha"])
             for sk in sketches:
-                acc.add(sk)
+                total.add(sk)
             if row is not None:
-                acc.add(json.loads(row["sketch"]))
+                total.add(json.loads(row["sketch"]))
                 count += row["count"]
                 errors += row["errors"]
             c.execute("INSERT OR REPLACE INTO version_minutes VALUES (?,?,?,?,?,?,?,?)",
-                      (fleet, name, version, minute, count, errors, acc.sum, _dumps(acc.to_dict())))
+                      (fleet, name, version, minute, count, errors, total.sum, _dumps(total.to_dict())))
         return len(fresh)
 
     @staticmethod

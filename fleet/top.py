@@ -132,7 +132,7 @@ def watch(broker: str, fleet: str, view: FleetView, timeout_s: float = 10.0) -> 
 
     client.on_connect = on_connect
     client.on_subscribe = lambda *a: subscribed.set()
-    client.on_message = lambda c, u, msg: view.apply(msg.topic, msg.payload)
+    client.on_message = lambda c, u, msg: view.apply(msg.topic, bytes(msg.payload))
     client.connect_async(b.host, b.port, keepalive=30, clean_start=True)
     client.loop_start()
     wait_connected(subscribed, b, timeout_s)
