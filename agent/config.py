@@ -189,6 +189,16 @@ def _resolve(value: str, base: Path) -> Path:
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>", base: Path | None = None) -> AgentConfig:
     """Validate a parsed TOML mapping (sections agent, mqtt, telemetry, api, install) into an AgentConfig."""
+    try:
+        return _parse_config(data, source, base)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:
+        # Paths and URLs the OS or urllib cannot take: a NUL byte, a name over NAME_MAX, "mqtt://[::1" ...
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> AgentConfig:
     base = base or Path.cwd()
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: must be a TOML table")

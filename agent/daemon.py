@@ -199,6 +199,7 @@ class Agent:
         self.sender.stop()
         self.db.close()
         (self.store.state / "runtime.json").unlink(missing_ok=True)
+        self.store.close()
         log.info("agent stopped", extra={"device": self.cfg.device})
 
     def run(self) -> int:

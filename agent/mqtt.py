@@ -19,6 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from edgefleet.sdk import protocol
+from edgefleet.sdk.errors import ConfigError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -68,8 +69,11 @@ class MqttLink:
         if broker.username:
             c.username_pw_set(broker.username, broker.password or None)
         if broker.tls:
-            c.tls_set(ca_certs=broker.ca_file or None, certfile=broker.cert_file or None,
-                      keyfile=broker.key_file or None)
+            try:
+                c.tls_set(ca_certs=broker.ca_file or None, certfile=broker.cert_file or None,
+                          keyfile=broker.key_file or None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConfigError(f"mqtt.ca_file/cert_file/key_file: cannot set up TLS: {exc}") from exc
         # The will goes in the CONNECT packet: set it before connecting (and it stays for every reconnect).
         offline = protocol.encode(protocol.status(device, "offline", boot=boot, reason="connection lost"))
         c.will_set(self.topic("status"), offline, qos=1, retain=True)

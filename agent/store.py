@@ -58,7 +58,28 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"agent.data_dir: cannot create {d}: {exc.strerror or exc}") from exc
+        self._lock_fd = self._lock_data_dir()
         self._pointers = self._read()
+
+    def _lock_data_dir(self) -> int:
+        # Two agents on one data dir would interleave installs and pointer writes: the second one refuses to start.
+        fd = os.open(self.state / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX
+            return fd
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"agent.data_dir: {self.root} is in use by another running agent") from None
+        return fd
+
+    def close(self) -> None:
+        """Release the data dir lock (the process exiting releases it too)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # -- pointers -----------------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from _agent_util import sha_size
 from edgefleet.agent.installer import Installer, InstallError
 from edgefleet.agent.registry import Registry
 from edgefleet.agent.store import Store
+from edgefleet.sdk.errors import ConfigError
 from edgefleet.sdk.keys import generate_keypair
 from edgefleet.sdk.testing import build_test_bundle
 from edgefleet.sdk.validation import save_validation
@@ -166,6 +167,9 @@ def test_store_recover_removes_staging_and_unreferenced(tmp_path: Path, installe
     (store.bundles / ("f" * 64)).mkdir()
     (store.downloads / ("e" * 64 + ".part")).write_bytes(b"x")
     (store.state / ".pointers.json.123.tmp").write_text("{}")
+    with pytest.raises(ConfigError, match="in use by another running agent"):
+        Store(store.root)
+    store.close()  # the "restart": the old process is gone
     report = Store(store.root).recover()
     assert _store_dirs(installer) == {r.digest}
     assert "f" * 64 in report["removed"] and not list(store.downloads.iterdir())
@@ -194,6 +198,7 @@ def test_restart_serves_previous_when_active_bundle_was_tampered(installer: Inst
     r1 = _install(installer, make_bundle(mlp_model, version="1.0.0", filename="v1.efb"))
     r2 = _install(installer, make_bundle(mlp_model, version="2.0.0", filename="v2.efb"))
     (installer.store.path(r2.digest) / "model" / "model.onnx").write_bytes(b"garbage")
+    installer.store.close()
     fresh = Installer(Store(installer.store.root), Registry(), trusted, targets=("x86-cpu",))
     problems = fresh.load_all()
     assert [(n, d) for n, d, _ in problems] == [("testmodel", r2.digest)]
