@@ -29,7 +29,9 @@ CI_EXAMPLES, LONG_EXAMPLES = 200, 10_000
 _leaf = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(min_value=10**300, max_value=10**320),
     st.floats(allow_nan=False, allow_infinity=False), st.floats(min_value=-1e308, max_value=1e308),
-    st.text(max_size=20), st.sampled_from(["", "v", "1", "-1", "0x10", "../x", "a/b", "+", "#", "\x00", "é" * 70]),
+    st.text(max_size=20), st.text(min_size=250, max_size=400),
+    st.sampled_from(["", "v", "1", "-1", "0x10", "../x", "a/b", "+", "#", "\x00", "é" * 70, "x" * 300, "a/" * 200,
+                     "~nosuchuser/x", "mqtt://[::1", "mqtt://[zz]:1", "mqtts://h:0", "http://x", "127.0.0.1:99999"]),
 )
 json_values = st.recursive(_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c,
                                                                                           max_size=4), max_leaves=10)
