@@ -101,6 +101,9 @@ def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[
                            public_url=public_url, retention_days=retention_days)
     ctl = Controller(cfg)
     click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {db}", err=True)
+    if not trust:
+        click.echo("warning: no --trust key: this controller will refuse every bundle (deployments need one)",
+                   err=True)
     ctl.serve_forever()
 
 
