@@ -80,6 +80,7 @@ class AgentConfig:
     spool_max_records: int = 10_000
     max_bundle_bytes: int = 4 << 30
     download_timeout_s: float = 30.0
+    download_ca_file: str = ""
     log_level: str = "info"
     source: str = ""
 
@@ -92,7 +93,7 @@ _SECTIONS: dict[str, set[str]] = {
              "reconnect_min_s", "reconnect_max_s", "client_id"},
     "telemetry": {"interval_s", "spool_max_records"},
     "api": {"listen", "max_body_bytes"},
-    "install": {"max_bundle_bytes", "download_timeout_s"},
+    "install": {"max_bundle_bytes", "download_timeout_s", "ca_file"},
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -181,6 +182,16 @@ def _parse_broker(r: _Reader, base: Path) -> BrokerConfig:
     )
 
 
+def _existing(r: _Reader, key: str, base: Path) -> str:
+    value = r.text(key)
+    if not value:
+        return ""
+    p = _resolve(value, base)
+    if not p.is_file():
+        raise r.err(key, f"file {p} does not exist")
+    return str(p)
+
+
 def _resolve(value: str, base: Path) -> Path:
     # Relative paths in a config file are relative to the file, so a config directory can be moved as a whole.
     p = Path(os.path.expanduser(value))
@@ -260,6 +271,7 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         spool_max_records=r.num("telemetry.spool_max_records", 10_000, 10, 10_000_000, integer=True),
         max_bundle_bytes=r.num("install.max_bundle_bytes", AgentConfig.max_bundle_bytes, 1, 1 << 40, integer=True),
         download_timeout_s=r.num("install.download_timeout_s", 30.0, 0.1, 3600),
+        download_ca_file=_existing(r, "install.ca_file", base),
         log_level=level,
         source=source,
     )

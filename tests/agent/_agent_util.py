@@ -219,7 +219,8 @@ class Watcher:
 class BundleServer:
     """Serves files over HTTP with Range support; can cut the first response after N bytes or throttle."""
 
-    def __init__(self, root: Path, cut_after: int | None = None, rate: float | None = None) -> None:
+    def __init__(self, root: Path, cut_after: int | None = None, rate: float | None = None,
+                 tls: dict[str, Path] | None = None) -> None:
         self.root = root
         self.cut_after = cut_after
         self.rate = rate
@@ -272,11 +273,19 @@ class BundleServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(tls["server_cert"], tls["server_key"])
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/{name}"
 
     def close(self) -> None:
         self.server.shutdown()

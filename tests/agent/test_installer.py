@@ -219,3 +219,23 @@ def test_two_models_serve_side_by_side_and_upgrade_independently(installer: Inst
     assert _store_dirs(installer) == {a1.digest, a2.digest, b1.digest}
     beta = installer.registry.get("beta")
     assert beta is not None and beta.run({"x": X})["probs"].shape == (2, 4)
+
+
+def test_https_download_checks_the_server_certificate(tmp_path: Path, trusted, make_bundle, mlp_model,
+                                                      bundle_server) -> None:
+    from _agent_util import make_tls_files
+
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    tls = make_tls_files(tls_dir)
+    b = make_bundle(mlp_model, filename="tls.efb")
+    sha, size = sha_size(b)
+    server = bundle_server(tls=tls)
+    url = server.url("tls.efb")
+    assert url.startswith("https://")
+    plain = Installer(Store(tmp_path / "a"), Registry(), trusted, targets=("x86-cpu",))
+    with pytest.raises(InstallError) as err:
+        plain.install(url, sha, size)  # system CAs do not know the test CA
+    assert err.value.step == "download" and "CERTIFICATE_VERIFY_FAILED" in str(err.value)
+    pinned = Installer(Store(tmp_path / "b"), Registry(), trusted, targets=("x86-cpu",), ca_file=str(tls["ca"]))
+    assert pinned.install(url, sha, size).version == "1.0.0"
