@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import math
@@ -78,6 +79,20 @@ async def _run(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     return await asyncio.to_thread(fn, *args, **kw)
 
 
+async def _big(request: web.Request, text: str, content_type: str) -> web.Response:
+    """A large body (the device list, /metrics), gzipped at level 1 when the client accepts it.
+
+    At 10,000 devices these are 4–10 MB of text that compress 8x in ~30 ms at level 1 (aiohttp's own compression
+    uses the much slower default level); over a real network that is the difference between seconds and a blink.
+    """
+    body = text.encode()
+    if len(body) > 64 * 1024 and "gzip" in request.headers.get("Accept-Encoding", ""):
+        packed = await _run(gzip.compress, body, 1)
+        return web.Response(body=packed, content_type=content_type, charset="utf-8",
+                            headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+    return web.Response(body=body, content_type=content_type, charset="utf-8")
+
+
 def _pcts(sk: DDSketch) -> dict[str, float | None]:
     return {"p50": sk.quantile(0.5), "p95": sk.quantile(0.95), "p99": sk.quantile(0.99), "mean": sk.mean}
 
@@ -98,8 +113,7 @@ async def api_devices(request: web.Request) -> web.Response:
         return _json({"fleet": fleet, "now": now, "devices": await _run(store.devices, fleet, since)})
     _, rows = await _run(store.devices_json, fleet, since)
     # The rows arrive as JSON text from the store: splice them in rather than decode and re-encode 10,000 rows.
-    return web.Response(text=f'{{"fleet":{json.dumps(fleet)},"now":{now!r},"devices":{rows}}}',
-                        content_type="application/json")
+    return await _big(request, f'{{"fleet":{json.dumps(fleet)},"now":{now!r},"devices":{rows}}}', "application/json")
 
 
 async def api_device(request: web.Request) -> web.Response:
@@ -345,9 +359,7 @@ async def metrics(request: web.Request) -> web.Response:
         return metrics_text(fleet, store.devices(fleet, full=False), store.version_stats(fleet, time.time() - 300),
                             store.version_totals(fleet), ing.stats.snapshot(), ing.backlog)
 
-    text = await _run(build)
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return await _big(request, await _run(build), "text/plain")
 
 
 # -- server-sent events ---------------------------------------------------------------------------------------------

@@ -201,3 +201,22 @@ def test_sse_stream_sends_changed_devices(running, fleet_id) -> None:
             elif line.startswith("data: ") and event == "devices":
                 seen |= {d["device"] for d in json.loads(line[6:])["devices"]}
     assert seen == {"h-0000", "h-0001", "h-0002", "h-0003"}
+
+
+def test_large_device_lists_are_gzipped_for_clients_that_accept_it(running, fleet_id) -> None:
+    import gzip
+
+    from edgefleet.fleet.store import Batch
+    from edgefleet.sdk.protocol import status
+
+    ctl, _ = running
+    ctl.store.write(Batch(fleet_id, statuses=[status(f"bulk-{i:04d}", "online", boot="b",
+                                                     description={"profile": "x86-cpu", "tags": ["t" * 200]})
+                                              for i in range(400)]))
+    status_code, body, headers = get(f"{ctl.url}/api/devices", {"Accept-Encoding": "gzip"})
+    assert status_code == 200 and headers["Content-Encoding"] == "gzip"
+    devices = json.loads(gzip.decompress(body))["devices"]
+    assert len(devices) == 404
+    status_code, plain, headers = get(f"{ctl.url}/api/devices")
+    assert "Content-Encoding" not in headers and len(json.loads(plain)["devices"]) == 404
+    assert len(body) * 5 < len(plain)
