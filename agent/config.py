@@ -80,6 +80,7 @@ class AgentConfig:
     spool_max_records: int = 10_000
     max_bundle_bytes: int = 4 << 30
     download_timeout_s: float = 30.0
+    download_max_s: float = 3600.0
     download_ca_file: str = ""
     log_level: str = "info"
     source: str = ""
@@ -93,7 +94,7 @@ _SECTIONS: dict[str, set[str]] = {
              "reconnect_min_s", "reconnect_max_s", "client_id"},
     "telemetry": {"interval_s", "spool_max_records"},
     "api": {"listen", "max_body_bytes"},
-    "install": {"max_bundle_bytes", "download_timeout_s", "ca_file"},
+    "install": {"max_bundle_bytes", "download_timeout_s", "download_max_s", "ca_file"},
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -271,6 +272,7 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         spool_max_records=r.num("telemetry.spool_max_records", 10_000, 10, 10_000_000, integer=True),
         max_bundle_bytes=r.num("install.max_bundle_bytes", AgentConfig.max_bundle_bytes, 1, 1 << 40, integer=True),
         download_timeout_s=r.num("install.download_timeout_s", 30.0, 0.1, 3600),
+        download_max_s=r.num("install.download_max_s", 3600.0, 1.0, 7 * 24 * 3600),
         download_ca_file=_existing(r, "install.ca_file", base),
         log_level=level,
         source=source,

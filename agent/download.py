@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -40,8 +41,12 @@ def _sha256(path: Path) -> str:
 
 
 def fetch(url: str, dest: Path, size: int, sha256: str, *, timeout_s: float = 30.0, ca_file: str = "",
-          progress: Callable[[int], None] | None = None) -> Path:
-    """Download ``url`` to ``dest`` (resuming a partial one), check its size and sha256; TransportError otherwise."""
+          max_s: float = 3600.0, progress: Callable[[int], None] | None = None) -> Path:
+    """Download ``url`` to ``dest`` (resuming a partial one), check its size and sha256; TransportError otherwise.
+
+    ``timeout_s`` bounds each read, ``max_s`` the whole transfer (a server trickling bytes cannot hold the command
+    worker forever; what arrived is kept for the next attempt).
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     have = dest.stat().st_size if dest.exists() else 0
     if have > size:
@@ -52,7 +57,7 @@ def fetch(url: str, dest: Path, size: int, sha256: str, *, timeout_s: float = 30
         if scheme == "file":
             _copy_file(url, dest, size)
         elif scheme in ("http", "https"):
-            _http(url, dest, have, size, timeout_s, ca_file, progress)
+            _http(url, dest, have, size, timeout_s, ca_file, progress, time.monotonic() + max_s)
         else:
             raise TransportError(f"unsupported URL scheme {scheme!r} (http, https and file are supported)")
     got = dest.stat().st_size
@@ -81,7 +86,7 @@ def _copy_file(url: str, dest: Path, size: int) -> None:
 
 
 def _http(url: str, dest: Path, have: int, size: int, timeout_s: float, ca_file: str,
-          progress: Callable[[int], None] | None) -> None:
+          progress: Callable[[int], None] | None, deadline: float) -> None:
     headers = {"User-Agent": "edgefleet-agent"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -120,6 +125,10 @@ def _http(url: str, dest: Path, have: int, size: int, timeout_s: float, ca_file:
                     fh.write(chunk)
                     if progress is not None:
                         progress(written)
+                    if time.monotonic() > deadline:
+                        fh.flush()
+                        raise _Interrupted(f"{url}: download too slow: {written} of {size} bytes within "
+                                           "install.download_max_s; the next deploy resumes from here")
                 fh.flush()
                 os.fsync(fh.fileno())
             if expected is not None and written < expected:

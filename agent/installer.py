@@ -88,6 +88,7 @@ class Installer:
 
     def __init__(self, store: Store, registry: Registry, trusted: TrustedKeys, *, targets: tuple[str, ...],
                  allow_fallback: bool = False, timeout_s: float = 30.0, ca_file: str = "",
+                 download_max_s: float = 3600.0,
                  max_bundle_bytes: int = 4 << 30, on_step: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.store = store
         self.registry = registry
@@ -95,6 +96,7 @@ class Installer:
         self.targets = targets
         self.allow_fallback = allow_fallback
         self.timeout_s = timeout_s
+        self.download_max_s = download_max_s
         self.ca_file = ca_file
         self.max_bundle_bytes = max_bundle_bytes
         self.on_step = on_step or (lambda step, data: None)
@@ -125,7 +127,7 @@ class Installer:
                 f"bundle is {size} bytes, over install.max_bundle_bytes ({self.max_bundle_bytes})"))
         part = self.store.download_path(sha256)
         try:
-            fetch(url, part, size, sha256, timeout_s=self.timeout_s, ca_file=self.ca_file)
+            fetch(url, part, size, sha256, timeout_s=self.timeout_s, ca_file=self.ca_file, max_s=self.download_max_s)
         except TransportError as exc:
             raise InstallError("download", exc) from exc
         lap("download")

@@ -239,3 +239,19 @@ def test_https_download_checks_the_server_certificate(tmp_path: Path, trusted, m
     assert err.value.step == "download" and "CERTIFICATE_VERIFY_FAILED" in str(err.value)
     pinned = Installer(Store(tmp_path / "b"), Registry(), trusted, targets=("x86-cpu",), ca_file=str(tls["ca"]))
     assert pinned.install(url, sha, size).version == "1.0.0"
+
+
+def test_trickling_download_stops_at_the_deadline_and_resumes_later(tmp_path: Path, trusted, make_bundle, mlp_model,
+                                                                    bundle_server) -> None:
+    b = make_bundle(mlp_model, filename="slow.efb")
+    sha, size = sha_size(b)
+    server = bundle_server(rate=size / 4.0)  # ~4 s for the whole file
+    impatient = Installer(Store(tmp_path / "d"), Registry(), trusted, targets=("x86-cpu",), download_max_s=1.0)
+    with pytest.raises(InstallError) as err:
+        impatient.install(server.url("slow.efb"), sha, size)
+    assert err.value.step == "download" and "too slow" in str(err.value)
+    got = impatient.store.download_path(sha).stat().st_size
+    assert 0 < got < size
+    server.rate = None
+    assert impatient.install(server.url("slow.efb"), sha, size).version == "1.0.0"
+    assert server.requests[-1]["range"] == f"bytes={got}-"
