@@ -263,7 +263,7 @@ def first_paint(ctl: Controller, runs: int) -> dict[str, Any] | None:
         return None
     from playwright.sync_api import sync_playwright
 
-    fcp, ready = [], []
+    fcp, ready, complete = [], [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -275,6 +275,8 @@ def first_paint(ctl: Controller, runs: int) -> dict[str, Any] | None:
                 page.goto(ctl.url + "/")
                 page.wait_for_selector("body[data-ready='1']", timeout=30_000)
                 ready.append((time.perf_counter() - t0) * 1000)
+                page.wait_for_selector("body[data-complete='1']", timeout=30_000)
+                complete.append((time.perf_counter() - t0) * 1000)
                 fcp.append(page.evaluate(
                     "() => (performance.getEntriesByName('first-contentful-paint')[0] || {}).startTime || null"))
                 rows = page.locator("#devices tbody tr").count()
@@ -283,7 +285,8 @@ def first_paint(ctl: Controller, runs: int) -> dict[str, Any] | None:
         finally:
             browser.close()
     return {"runs": runs, "first_contentful_paint_ms": round(statistics.median(x for x in fcp if x), 1),
-            "table_with_data_ms": round(statistics.median(ready), 1), "rows_rendered": rows, "summary": summary}
+            "table_with_data_ms": round(statistics.median(ready), 1),
+            "all_devices_loaded_ms": round(statistics.median(complete), 1), "rows_rendered": rows, "summary": summary}
 
 
 def main() -> None:
@@ -369,8 +372,10 @@ def report(r: dict[str, Any]) -> str:
         dsh = r["dashboard_10k"]
         lines += ["## Dashboard with 10,000 devices known (goal: first paint < 1 s)", "",
                   f"- first contentful paint: **{dsh['first_contentful_paint_ms']} ms** (median of {dsh['runs']})",
-                  f"- device table filled with data (all 10,000 fetched, sorted, first page rendered): "
+                  f"- device table showing data (first page of 100 devices, fetched on its own): "
                   f"**{dsh['table_with_data_ms']} ms**",
+                  f"- all 10,000 devices loaded, sorted and the page re-rendered (sorting and filtering work on the "
+                  f"whole fleet from here): **{dsh.get('all_devices_loaded_ms', '-')} ms**",
                   f"- rows in the DOM: {dsh['rows_rendered']} (one page; the rest are a click or a filter away); "
                   f"header: {dsh['summary']!r}", ""]
     if r.get("api_10k"):

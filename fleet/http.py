@@ -111,9 +111,11 @@ async def api_devices(request: web.Request) -> web.Response:
     store, fleet = request.app[StoreKey], request.app[FleetKey]
     if request.query.get("full") in ("1", "true"):
         return _json({"fleet": fleet, "now": now, "devices": await _run(store.devices, fleet, since)})
-    _, rows = await _run(store.devices_json, fleet, since)
+    limit = int(_num(request, "limit", -1, 1, 1e9)) if "limit" in request.query else None
+    total, rows = await _run(store.devices_json, fleet, since, limit)
     # The rows arrive as JSON text from the store: splice them in rather than decode and re-encode 10,000 rows.
-    return await _big(request, f'{{"fleet":{json.dumps(fleet)},"now":{now!r},"devices":{rows}}}', "application/json")
+    return await _big(request, f'{{"fleet":{json.dumps(fleet)},"now":{now!r},"total":{total},"devices":{rows}}}',
+                      "application/json")
 
 
 async def api_device(request: web.Request) -> web.Response:

@@ -170,8 +170,8 @@ class Store(Protocol):
         """Every known device with status and latest summary (only those changed after ``changed_since``)."""
         ...
 
-    def devices_json(self, fleet: str, changed_since: float = 0.0) -> tuple[int, str]:
-        """``(n, JSON array text)`` of the compact device rows, for HTTP responses without re-encoding."""
+    def devices_json(self, fleet: str, changed_since: float = 0.0, limit: int | None = None) -> tuple[int, str]:
+        """``(matching, JSON array text)``: the compact rows (the first ``limit`` by id), without re-encoding."""
         ...
 
     def device(self, fleet: str, device: str) -> dict[str, Any] | None:
@@ -599,19 +599,23 @@ class SQLiteStore:
                 "tags": json.loads(r["tags"]), "last_seen": r["last_seen"], "models": json.loads(r["summary"]),
                 "telemetry_ts": r["summary_ts"], "process": json.loads(r["process"]), "updated": r["updated"]}
 
-    def devices_json(self, fleet: str, changed_since: float = 0.0) -> tuple[int, str]:
-        """``(n, JSON array)`` of the compact rows of ``devices(full=False)``, built by SQLite itself.
+    def devices_json(self, fleet: str, changed_since: float = 0.0, limit: int | None = None) -> tuple[int, str]:
+        """``(matching, JSON array)``: the compact rows of ``devices(full=False)`` (the first ``limit`` by id, all
+        by default) built by SQLite itself, and how many rows match in all.
 
         The dashboard loads every device at once; building 10,000 rows' JSON in SQL (from columns that already hold
         JSON) costs a fraction of decoding and re-encoding them in Python.
         """
-        row = self._conn().execute(
-            "SELECT count(*), json_group_array(json_object('device', device, 'state', state, 'boot', boot, "
+        c = self._conn()
+        total = int(c.execute("SELECT count(*) FROM devices WHERE fleet=? AND updated>?",
+                              (fleet, changed_since)).fetchone()[0])
+        row = c.execute(
+            "SELECT json_group_array(json_object('device', device, 'state', state, 'boot', boot, "
             "'profile', profile, 'tags', json(tags), 'last_seen', last_seen, 'models', json(summary), "
             "'telemetry_ts', summary_ts, 'process', json(process), 'updated', updated)) "
-            "FROM (SELECT * FROM devices WHERE fleet=? AND updated>? ORDER BY device)", (fleet, changed_since)
-        ).fetchone()
-        return int(row[0]), row[1]
+            "FROM (SELECT * FROM devices WHERE fleet=? AND updated>? ORDER BY device LIMIT ?)",
+            (fleet, changed_since, -1 if limit is None else limit)).fetchone()
+        return total, row[0]
 
     def device(self, fleet: str, device: str) -> dict[str, Any] | None:
         """One device, or None."""

@@ -8,6 +8,7 @@ const state = {
   sortKey: "device", asc: true, filter: "", page: 0,
   selected: null, chart: null, chartData: null,
   flash: new Set(), renderQueued: false, lastRefresh: 0,
+  total: null,          // while only the first page is loaded: how many devices there are in all
 };
 const $ = (sel) => document.querySelector(sel);
 
@@ -67,7 +68,8 @@ function render() {
   $("#devices tbody").innerHTML = html;
   state.flash.clear();
   const online = [...state.devices.values()].filter((d) => d.state === "online").length;
-  $("#summary").textContent = `${state.devices.size} devices, ${online} online`;
+  $("#summary").textContent = state.total ? `${state.total} devices, loading…`
+    : `${state.devices.size} devices, ${online} online`;
   $("#count").textContent = all.length === state.devices.size ? "" : `${all.length} match`;
   $("#page").textContent = ` ${state.page + 1} / ${pages} `;
   document.querySelectorAll("#devices th").forEach((th) => {
@@ -86,12 +88,25 @@ async function getJSON(url) {
   return r.json();
 }
 
-async function loadDevices() {
+async function loadDevices(firstPage = false) {
+  // First paint: one page of rows (cheap at any fleet size), then the whole fleet for sorting and filtering.
+  if (firstPage) {
+    const head = await getJSON(`/api/devices?limit=${PAGE}`);
+    $("#fleet").textContent = `fleet ${head.fleet}`;
+    if (head.total > head.devices.length) {
+      state.devices = new Map(head.devices.map((d) => [d.device, d]));
+      state.total = head.total;
+      render();
+      document.body.dataset.ready = "1";
+    }
+  }
   const data = await getJSON("/api/devices");
   $("#fleet").textContent = `fleet ${data.fleet}`;
   state.devices = new Map(data.devices.map((d) => [d.device, d]));
+  state.total = null;
   render();
   document.body.dataset.ready = "1";
+  document.body.dataset.complete = "1";
 }
 
 // -- per-device chart ------------------------------------------------------------------------------------------------
@@ -194,7 +209,7 @@ $("#devices tbody").addEventListener("click", (e) => {
 });
 window.addEventListener("resize", () => { if (state.chartData) drawChart(); });
 
-loadDevices().then(() => {
+loadDevices(true).then(() => {
   connect();
   loadVersions();
   setInterval(loadVersions, 5000);

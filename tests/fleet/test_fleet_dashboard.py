@@ -128,3 +128,26 @@ def test_dashboard_shows_deployment_progress_and_a_halted_canary(controller_fact
         page.screenshot(path=str(ARTIFACTS / "fleet-dashboard-deployment.png"), full_page=True)
     finally:
         sim.stop()
+
+
+def test_dashboard_pages_a_large_fleet_and_filters_all_of_it(controller_factory, fleet_id, page) -> None:
+    from edgefleet.fleet.store import Batch
+    from edgefleet.sdk.protocol import status
+
+    ctl = controller_factory()
+    profiles = ["x86-cpu", "jetson-orin", "raspberry-pi-5"]
+    ctl.store.write(Batch(fleet_id, statuses=[
+        status(f"big-{i:04d}", "online" if i % 10 else "offline", boot="b", description={"profile": profiles[i % 3]})
+        for i in range(250)]))
+    page.goto(ctl.url + "/")
+    page.wait_for_selector("body[data-complete='1']", timeout=15_000)
+    assert page.locator("#summary").inner_text() == "250 devices, 225 online"
+    assert page.locator("#devices tbody tr").count() == 100  # one page in the DOM
+    assert page.locator("#page").inner_text().strip() == "1 / 3"
+    page.click("#next")
+    page.click("#next")
+    assert page.locator("#devices tbody tr").count() == 50
+    # The filter searches the whole fleet, not the page on screen: 25 offline devices, 8 or 9 of each profile.
+    page.fill("#filter", "offline jetson")
+    ids = page.locator("#devices tbody tr").evaluate_all("rs => rs.map(r => r.dataset.device)")
+    assert ids == [f"big-{i:04d}" for i in range(250) if i % 10 == 0 and i % 3 == 1]
