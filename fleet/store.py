@@ -361,8 +361,8 @@ class SQLiteStore:
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                        timeout=self._busy_ms / 1000)
                 conn.execute("PRAGMA journal_mode=WAL")
-                # NORMAL in WAL: a commit survives a crash of the controller; only an OS crash or power loss can
-                # drop the last commits, and agents' QoS 1 redelivery plus de-dup cover messages not yet acked.
+                # NORMAL in WAL: a commit survives a crash of the controller; an OS crash or power loss can undo
+                # the last commits (already acked): the usual SQLite trade-off, taken for ingest speed.
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
                 conn.row_factory = sqlite3.Row
