@@ -193,7 +193,8 @@ class Agent:
                 log.warning("in-flight HTTP requests did not finish within 10 s")
         self.dispatcher.stop(timeout=10.0)
         self.reporter.stop(final=True)
-        deadline = time.monotonic() + 2.0
+        # What is not acknowledged by then stays in the outbox and goes out after the next start.
+        deadline = time.monotonic() + 5.0
         while self.link.connected.is_set() and not self.sender.drained() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.link.stop("shutdown")
