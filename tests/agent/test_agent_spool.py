@@ -33,12 +33,16 @@ def test_broker_restart_loses_no_telemetry_record(agent_factory, mosquitto) -> N
 
     db = sqlite3.connect(agent.data_dir / "state" / "agent.db")
     last = int(db.execute("SELECT value FROM meta WHERE key='seq.telemetry'").fetchone()[0])
-    assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0, "records left unacknowledged"
+    left = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    assert left == 0, f"{left} records left unacknowledged at shutdown"
 
     def seqs() -> set[int]:
         return {t["seq"] for t in sub.payloads("telemetry")}
 
-    wait_until(lambda: seqs() >= set(range(1, last + 1)), 15, what=f"all seqs 1..{last}")
+    deadline = time.monotonic() + 15
+    while (missing := sorted(set(range(1, last + 1)) - seqs())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not missing, f"seqs never delivered: {missing} of 1..{last}"
     recs = [protocol.parse_telemetry(json.dumps(t)) for t in sub.payloads("telemetry")]
     assert seqs() == set(range(1, last + 1))
     during = [r for r in recs if down_at < r["ts"] < up_at]
