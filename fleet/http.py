@@ -384,6 +384,7 @@ class _Hub:
         since = time.time()
         dep_sig = ""
         ev_since = since
+        sent_events: dict[tuple[str, str, int], float] = {}
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.period_s)
@@ -405,10 +406,16 @@ class _Hub:
                 if sig != dep_sig:
                     dep_sig = sig
                     self._send("deployments", json.dumps({"deployments": deps}, separators=(",", ":"), default=str))
-                evs = await _run(self.store.events, self.fleet, None, ev_since, 100)
-                if evs:
-                    ev_since = evs[-1]["received"]
-                    self._send("events", json.dumps({"events": evs}, separators=(",", ":")))
+                # Same 2 s overlap as for devices (another controller may commit a little late); what was already
+                # sent is skipped by its key.
+                evs = await _run(self.store.events, self.fleet, None, ev_since - 2.0, 200)
+                fresh = [e for e in evs if (e["device"], e["boot"], e["seq"]) not in sent_events]
+                if fresh:
+                    ev_since = max(ev_since, evs[-1]["received"])
+                    sent_events.update({(e["device"], e["boot"], e["seq"]): e["received"] for e in fresh})
+                    # Only keys inside the overlap can come again: forget the rest.
+                    sent_events = {k: r for k, r in sent_events.items() if r >= ev_since - 2.0}
+                    self._send("events", json.dumps({"events": fresh}, separators=(",", ":")))
             except Exception:
                 log.exception("live update poll failed")
 

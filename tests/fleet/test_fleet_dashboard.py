@@ -124,6 +124,11 @@ def test_dashboard_shows_deployment_progress_and_a_halted_canary(controller_fact
         text = page.locator(f".dep[data-id='{dep['id']}']").inner_text()
         assert "testmodel 2.0.0 (x86-cpu)" in text and "p95 regressed" in text and "pending 3" in text
         assert page.locator(f".dep[data-id='{dep['id']}'] .bar span.s-rolled-back").count() == 1
+        # The agents' events arrive live too, each once.
+        page.wait_for_function("() => document.querySelector('#events').innerText.includes('rolled back')",
+                               timeout=10_000)
+        events = page.locator("#events li").all_inner_texts()
+        assert sum("deploy.active" in e for e in events) == 1 and sum("rollback" in e for e in events) == 1
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "fleet-dashboard-deployment.png"), full_page=True)
     finally:
