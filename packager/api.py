@@ -174,7 +174,8 @@ def _available_providers() -> tuple[str, ...]:
 
 
 def _merge_providers(profile: Profile, overrides: Mapping[str, Mapping[str, str]],
-                     extra: Mapping[str, Mapping[str, str]] = {}) -> tuple[ProviderConfig, ...]:
+                     extra: Mapping[str, Mapping[str, str]] | None = None) -> tuple[ProviderConfig, ...]:
+    extra = extra or {}
     out = []
     for p in profile.providers:
         opts = {**p.options, **overrides.get(p.name, {}), **extra.get(p.name, {})}
@@ -333,6 +334,13 @@ class _TargetBuild:
         """Before giving up INT8: exclude the most sensitive nodes and rebuild the first failing INT8 candidate."""
         failing = next((b for b in built if b.cand.int8 and b.model and b.accuracy and not b.accuracy.ok), None)
         if failing is None or not self.opts.sensitivity_rounds:
+            return []
+        ahead = next((b for b in built[:built.index(failing)] if b.ok), None)
+        if failing.latency_ms is None and ahead is not None:
+            # unmeasured, the first candidate within budget in the expected order wins: a rescued INT8 behind it
+            # could not be chosen
+            self.notes.append(f"{failing.cand.name} not retried with sensitive nodes excluded: {ahead.cand.name}, "
+                              f"ahead of it in the expected order, is within budget")
             return []
         passing = [b for b in built if b.ok and b.latency_ms is not None]
         if failing.latency_ms is not None and passing:
