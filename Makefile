@@ -11,8 +11,11 @@ ORT_OLDEST := 1.16.3
 PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_FLAGS ?=
 # Real models and data that PyPI packages ship; installed without their dependencies (silero-vad would pull torch,
-# magika would pull the CPU onnxruntime into the OpenVINO venv and overwrite its flavour).
-SHIPPED_MODELS := 'silero-vad>=5' 'magika>=0.5'
+# magika would pull the CPU onnxruntime into the OpenVINO venv and overwrite its flavour). nudenet ships YOLOv8n.
+SHIPPED_MODELS := 'silero-vad>=5' 'magika>=0.5' 'nudenet>=3.4'
+# PyTorch is only for the packager's PyTorch -> ONNX / Core ML path. PyPI's Linux torch is a multi-GB CUDA build, so
+# we install a CPU wheel only when one lies in a local wheel folder; otherwise those few tests skip and say why.
+TORCH_WHEELS ?= /opt/wheels
 
 .PHONY: all setup setup-openvino system-deps test test-cpu test-openvino test-ort-oldest demo lint typecheck bench clean
 
@@ -23,6 +26,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install $(PIP_FLAGS) -U pip
 	$(PIP) install $(PIP_FLAGS) -e '.[cpu,packager,fleet,dev]'
 	$(PIP) install $(PIP_FLAGS) --no-deps $(SHIPPED_MODELS)
+	@if ls $(TORCH_WHEELS)/torch-*+cpu-*.whl >/dev/null 2>&1; then \
+		$(PIP) install $(PIP_FLAGS) --find-links $(TORCH_WHEELS) "torch==$$(ls $(TORCH_WHEELS)/torch-*+cpu-*.whl | head -1 | sed 's/.*torch-\([^-]*\)-.*/\1/')" \
+		|| echo "note: local CPU torch wheel did not install; PyTorch packaging tests will skip"; \
+	else echo "note: no CPU torch wheel in $(TORCH_WHEELS); PyTorch packaging tests will skip"; fi
 	touch $@
 
 # The OpenVINO flavour lives in its own venv: onnxruntime-openvino and onnxruntime overwrite each other.
