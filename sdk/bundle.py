@@ -497,7 +497,7 @@ def _verify_header(raw: bytes, sig_raw: bytes, trusted: TrustedKeys, what: str) 
     """Signature first (over the raw bytes), then the manifest schema."""
     try:
         signatures = json.loads(sig_raw)
-    except (ValueError, UnicodeError) as exc:
+    except (ValueError, UnicodeError, RecursionError) as exc:
         raise BundleSignatureError(f"{what}: {SIGNATURES_NAME} is not JSON: {exc}") from exc
     if not isinstance(signatures, list):
         raise BundleSignatureError(f"{what}: {SIGNATURES_NAME} must be a list of signatures")
@@ -506,7 +506,11 @@ def _verify_header(raw: bytes, sig_raw: bytes, trusted: TrustedKeys, what: str) 
         data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeError, RecursionError) as exc:
         raise BundleFormatError(f"{what}: {MANIFEST_NAME} is not JSON: {exc}") from exc
-    if canonical_json(data) != raw:
+    try:
+        canonical = canonical_json(data)
+    except RecursionError as exc:  # nesting json.loads just managed is too deep for the encoder
+        raise BundleFormatError(f"{what}: {MANIFEST_NAME} is nested too deeply") from exc
+    if canonical != raw:
         raise BundleFormatError(f"{what}: {MANIFEST_NAME} is not in canonical form")
     try:
         manifest = Manifest.from_dict(data)

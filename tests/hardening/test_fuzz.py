@@ -343,7 +343,7 @@ def _send(port: int, method: str, path: str, headers: dict[str, str], body: byte
         # The server may answer (413, 405 ...) and close before reading it all: its answer is what counts.
         try:
             conn.send(body)
-            claimed = headers.get("Content-Length", "")
+            claimed = headers.get("Content-Length", "").strip()  # the server strips header whitespace too
             if claimed.isascii() and claimed.isdigit() and int(claimed) > len(body):
                 conn.sock.shutdown(1)
         except OSError:
