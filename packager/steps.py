@@ -101,7 +101,7 @@ class Step:
 def check_external_data(path: Path) -> list[str]:
     """Every external-data file the model refers to, checked to stay inside the model's folder; returns their names."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -109,7 +109,7 @@ def check_external_data(path: Path) -> list[str]:
         raise InputError(f"{path}: not an ONNX model (or truncated/corrupt): {exc}") from exc
     root = path.parent.resolve()
     found = []
-    for tensor in _get_all_tensors(proto):
+    for tensor in _all_tensors(proto.graph):
         if not uses_external_data(tensor):
             continue
         location = ExternalDataInfo(tensor).location
@@ -121,6 +121,20 @@ def check_external_data(path: Path) -> list[str]:
             raise InputError(f"{path}: tensor {tensor.name!r} refers to missing external data file {location!r}")
         found.append(location)
     return sorted(set(found))
+
+
+def _all_tensors(graph: Any) -> Iterator[Any]:
+    """Initializers and tensor attributes of a graph and all its subgraphs (If/Loop/Scan bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _all_tensors(g)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 from edgefleet.sdk.cli import cli
@@ -66,6 +67,9 @@ def test_package_cli_prints_the_choice_and_why(convnet, calib_npz, key_file, tmp
     ("unknown_target", "unknown target 'toaster'"),
     ("int8_no_calibration", "needs calibration data"),
     ("bad_budget", "unknown metric 'speed'"),
+    ("opset_99", "opset 99 is not supported"),
+    ("calibration_dtype", "dtype float64, model expects float32"),
+    ("external_data_outside", "outside the model folder"),
 ])
 def test_package_cli_bad_input_is_one_error_line(case, message, convnet, key_file, tmp_path) -> None:
     model, args = convnet, ["-t", "x86-cpu-vnni"]
@@ -81,6 +85,27 @@ def test_package_cli_bad_input_is_one_error_line(case, message, convnet, key_fil
         args += ["--precision", "int8"]
     elif case == "bad_budget":
         args += ["--accuracy-budget", "speed=2"]
+    elif case == "opset_99":
+        m = onnx.load(str(convnet))
+        m.opset_import[0].version = 99
+        model = tmp_path / "future.onnx"
+        onnx.save(m, str(model))
+    elif case == "calibration_dtype":
+        np.savez(tmp_path / "c64.npz", image=np.zeros((8, 1, 3, 64, 64), np.float64))
+        args += ["--calibration", str(tmp_path / "c64.npz")]
+    elif case == "external_data_outside":
+        m = onnx.load(str(convnet))
+        folder = tmp_path / "model"
+        folder.mkdir()
+        onnx.save(m, str(folder / "m.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+        (folder / "w.bin").rename(tmp_path / "w.bin")
+        m2 = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+        for t in m2.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = "../w.bin"
+        onnx.save(m2, str(folder / "m.onnx"))
+        model = folder / "m.onnx"
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["package", str(model), *args, "--key", str(key_file), "-o", str(out)])
     assert result.exit_code == 1
