@@ -48,6 +48,9 @@ def test_package_intel_openvino_cpu_measures_every_candidate_on_the_openvino_ep(
 
 def test_openvino_bf16_hint_through_load_config_really_changes_the_arithmetic(convnet, photos, signing_key,
                                                                              trusted, tmp_path):
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        pytest.skip("this CPU has no BF16 instructions: OpenVINO runs a bf16 hint in f32 here")
     outs = {}
     for hint in ("f32", "bf16"):
         cfg = json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": hint}})
