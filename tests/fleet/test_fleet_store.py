@@ -25,15 +25,15 @@ def _tel(device: str, seq: int, version: str = "1", latency: float = 5.0, boot: 
 def test_store_implements_the_interface_and_records_its_schema_version(tmp_path) -> None:
     store = SQLiteStore(tmp_path / "f.db")
     assert isinstance(store, Store)
-    assert store.schema_version() == 3
+    assert store.schema_version() == 4
     store.close()
     # Opening again applies nothing twice; the file is in WAL mode.
     again = open_store(f"sqlite:///{tmp_path / 'f.db'}")
     assert isinstance(again, SQLiteStore)
-    assert again.schema_version() == 3
+    assert again.schema_version() == 4
     conn = sqlite3.connect(tmp_path / "f.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3]
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3, 4]
     conn.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
     conn.commit()
     conn.close()
@@ -136,7 +136,7 @@ def test_store_migrates_a_version_1_database_and_keeps_its_rows(tmp_path) -> Non
     conn.commit()
     conn.close()
     store = SQLiteStore(tmp_path / "old.db")
-    assert store.schema_version() == 3
+    assert store.schema_version() == 4
     assert store.counts("f")["telemetry"] == 1
 
 
