@@ -8,10 +8,26 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 from _agent_util import Watcher, wait_until
 from edgefleet.agent.db import Database
 from edgefleet.agent.spool import Spool
 from edgefleet.sdk import protocol
+
+
+@pytest.fixture(scope="module")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory):
+    """A Mosquitto whose persistence works when the tests run as root.
+
+    Started as root, Mosquitto drops to the ``mosquitto`` user, which cannot write into pytest's private (0700) tmp
+    dir: persistence and the log then fail silently and a restart loses every session and its queued messages.
+    ``user root`` keeps it as root (ignored when the tests run as a normal user, who owns the directory anyway).
+    """
+    from tests.conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto-durable"), extra_conf="user root\n")
+    yield broker
+    broker.stop()
 
 
 def test_broker_restart_loses_no_telemetry_record(agent_factory, mosquitto) -> None:
@@ -23,6 +39,7 @@ def test_broker_restart_loses_no_telemetry_record(agent_factory, mosquitto) -> N
     wait_until(lambda: len(sub.payloads("telemetry")) >= 3, 10, what="first records")
 
     mosquitto.stop()
+    assert (mosquitto.workdir / "data" / "mosquitto.db").exists(), "the broker must persist sessions to disk"
     down_at = time.time()
     time.sleep(1.5)  # ~7 records are made while nobody can take them
     mosquitto.start()
