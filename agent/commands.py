@@ -69,7 +69,6 @@ class Dispatcher:
         self.configure = configure
         self.event = event
         self.changed = changed
-        self.busy = threading.Event()
         self._queue: queue.Queue[JournalEntry | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="commands", daemon=True)
 
@@ -117,22 +116,15 @@ class Dispatcher:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def idle(self) -> bool:
-        """No command running or queued."""
-        return self._queue.empty() and not self.busy.is_set()
-
     def _work(self) -> None:
         while True:
             entry = self._queue.get()
             if entry is None:
                 return
-            self.busy.set()
             try:
                 self._execute(entry)
             except Exception:
                 log.exception("command worker error", extra={"id": entry.id})
-            finally:
-                self.busy.clear()
 
     def _execute(self, entry: JournalEntry) -> None:
         if self.journal.state(entry.id) != "pending":
