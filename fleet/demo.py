@@ -99,7 +99,9 @@ def _start_broker(procs: _Processes, workdir: Path, say: Any) -> str:
     if exe:
         conf = workdir / "mosquitto.conf"
         (workdir / "mosquitto").mkdir(exist_ok=True)
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        # As root, Mosquitto would drop to its own user and could not write persistence into our work dir.
+        user = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+        conf.write_text(f"listener {port} 127.0.0.1\n{user}allow_anonymous true\npersistence true\n"
                         f"persistence_location {workdir / 'mosquitto'}/\nmax_queued_messages 100000\n")
         proc = procs.start("mosquitto", [exe, "-c", str(conf)])
         _wait_port(port, proc, "mosquitto")

@@ -141,6 +141,9 @@ class Mosquitto:
         (workdir / "data").mkdir(parents=True, exist_ok=True)
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            # Started as root, Mosquitto drops to the 'mosquitto' user, which cannot write its persistence file into
+            # pytest's private temp dir: sessions would silently not survive restart(). Ignored when not root.
+            "user root\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {workdir / 'data'}/\n"
