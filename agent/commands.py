@@ -140,7 +140,7 @@ class Dispatcher:
             cmd = protocol.parse_command(entry.payload)
             if "expires" in cmd and time.time() > float(cmd["expires"]):
                 raise CommandFailed("expired", "receive", f"command expired {time.time() - cmd['expires']:.0f} s ago")
-            result = self._run(cmd["kind"], cmd["args"])
+            result = self._run(cmd["kind"], cmd["args"], entry.id)
             error: EdgefleetError | None = None
         except InstallError as exc:
             result, error = None, CommandFailed(exc.code, exc.step, str(exc.cause))
@@ -165,9 +165,12 @@ class Dispatcher:
                 self.changed()
         self._reply(entry.id, entry.props, result, error)
 
-    def _run(self, kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    def _run(self, kind: str, args: Mapping[str, Any], cmd_id: str) -> dict[str, Any]:
         if kind == "deploy":
-            return self.installer.install(args["url"], args["sha256"], int(args["size"])).to_dict()
+            def progress(state: str) -> None:
+                self.event("deploy.progress", f"deploy {state}", data={"command": cmd_id, "state": state})
+
+            return self.installer.install(args["url"], args["sha256"], int(args["size"]), progress).to_dict()
         if kind == "rollback":
             return self.installer.rollback(self._model_name(args, "rollback")).to_dict()
         if kind == "remove":

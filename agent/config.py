@@ -75,6 +75,7 @@ class AgentConfig:
     profile: str = "auto"
     profiles_dirs: tuple[Path, ...] = ()
     accept_targets: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
     allow_fallback: bool = False
     telemetry_interval_s: float = 10.0
     spool_max_records: int = 10_000
@@ -88,7 +89,7 @@ class AgentConfig:
 
 # section -> key -> (type, check) ; the check returns an error reason or "".
 _SECTIONS: dict[str, set[str]] = {
-    "agent": {"device", "fleet", "data_dir", "trusted_keys", "profile", "profiles_dirs", "accept_targets",
+    "agent": {"device", "fleet", "data_dir", "trusted_keys", "profile", "profiles_dirs", "accept_targets", "tags",
               "allow_fallback", "log_level"},
     "mqtt": {"url", "ca_file", "cert_file", "key_file", "username", "password", "keepalive_s", "session_expiry_s",
              "reconnect_min_s", "reconnect_max_s", "client_id"},
@@ -248,6 +249,12 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
             check_id("agent.accept_targets", t)
         except ValueError as exc:
             raise r.err("agent.accept_targets", str(exc)) from exc
+    tags = tuple(r.texts("agent.tags"))
+    for t in tags:
+        try:
+            check_id("agent.tags", t)
+        except ValueError as exc:
+            raise r.err("agent.tags", str(exc)) from exc
     level = r.text("agent.log_level", "info").lower()
     if level not in _LOG_LEVELS:
         raise r.err("agent.log_level", f"must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
@@ -267,6 +274,7 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         profile=r.text("agent.profile", "auto") or "auto",
         profiles_dirs=tuple(_resolve(d, base) for d in r.texts("agent.profiles_dirs")),
         accept_targets=targets,
+        tags=tags,
         allow_fallback=r.flag("agent.allow_fallback", False),
         telemetry_interval_s=r.num("telemetry.interval_s", 10.0, 0.1, 3600),
         spool_max_records=r.num("telemetry.spool_max_records", 10_000, 10, 10_000_000, integer=True),

@@ -106,7 +106,7 @@ class Agent:
         """The device description (birth message, describe command)."""
         api = f"{self.api.host}:{self.api.port}" if self.api else None
         return describe(self.host, self.profile, self.profile_reasons, self.registry, self.store, {
-            "accept_targets": list(self.targets), "api": api, "boot": self.boot,
+            "accept_targets": list(self.targets), "tags": list(self.cfg.tags), "api": api, "boot": self.boot,
             "telemetry_interval_s": self.reporter.interval_s, "started": self.started,
         })
 

@@ -108,8 +108,13 @@ class Installer:
         return Model.open(self.store.path(digest), self.trusted, verify_files=verify_files,
                           allow_fallback=self.allow_fallback, cache_dir=self.store.cache_dir(digest))
 
-    def install(self, url: str, sha256: str, size: int) -> InstallResult:
-        """Download, verify, extract, open, self-test and activate; InstallError naming the failing step."""
+    def install(self, url: str, sha256: str, size: int,
+                progress: Callable[[str], None] | None = None) -> InstallResult:
+        """Download, verify, extract, open, self-test and activate; InstallError naming the failing step.
+
+        ``progress`` hears the deployment states a controller shows: downloading, verifying, self-test.
+        """
+        say = progress or (lambda state: None)
         from edgefleet.sdk.bundle import extract_bundle, read_manifest, version_key
         from edgefleet.sdk.runtime import ort_info
 
@@ -126,12 +131,14 @@ class Installer:
             raise InstallError("download", TransportError(
                 f"bundle is {size} bytes, over install.max_bundle_bytes ({self.max_bundle_bytes})"))
         part = self.store.download_path(sha256)
+        say("downloading")
         try:
             fetch(url, part, size, sha256, timeout_s=self.timeout_s, ca_file=self.ca_file, max_s=self.download_max_s)
         except TransportError as exc:
             raise InstallError("download", exc) from exc
         lap("download")
         _failpoint("after-download")
+        say("verifying")
         try:
             try:
                 vm = read_manifest(part, self.trusted)
@@ -189,6 +196,7 @@ class Installer:
             lap("session")
             self.on_step("session", {"name": m.name, "providers": list(model.placement.serving),
                                      "session_ms": round(model.session_ms, 3)})
+            say("self-test")
             try:
                 report = model.self_test()
             except EdgefleetError as exc:

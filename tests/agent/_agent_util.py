@@ -39,7 +39,8 @@ def sha_size(path: Path) -> tuple[str, int]:
 
 
 def write_config(path: Path, *, device: str, broker_url: str, data_dir: Path, trusted: Path, keepalive: int = 5,
-                 interval: float = 0.5, api: str = "127.0.0.1:0", profile: str = "x86-cpu", extra: str = "") -> Path:
+                 interval: float = 0.5, api: str = "127.0.0.1:0", profile: str = "x86-cpu", extra: str = "",
+                 tags: tuple[str, ...] = ()) -> Path:
     """An agent.toml as an operator would write it."""
     path.write_text(f"""
 [agent]
@@ -49,6 +50,7 @@ data_dir = "{data_dir}"
 trusted_keys = ["{trusted}"]
 profile = "{profile}"
 log_level = "info"
+tags = {json.dumps(list(tags))}
 
 [mqtt]
 url = "{broker_url}"

@@ -80,10 +80,11 @@ def test_last_will_fires_on_keepalive_when_agent_hangs_with_socket_open(agent_fa
 
 def test_deploy_selftest_serve_and_telemetry_counts_then_sigterm(agent_factory, mosquitto, make_bundle, mlp_model,
                                                                   bundle_server) -> None:
-    agent = agent_factory(interval=0.3, start=False)
+    agent = agent_factory(interval=0.3, start=False, tags=("line-3", "canary"))
     w = Watcher(mosquitto, agent.device)
     agent.start()
-    w.wait_for("status", lambda s: s["state"] == "online")
+    birth = w.wait_for("status", lambda s: s["state"] == "online")
+    assert birth["description"]["tags"] == ["line-3", "canary"]
     bundle = make_bundle(mlp_model, version="1.0.0", filename="m.efb")
     server = bundle_server()
     cid = _deploy(w, bundle, server.url("m.efb"), correlation=b"corr-1")
@@ -100,6 +101,9 @@ def test_deploy_selftest_serve_and_telemetry_counts_then_sigterm(agent_factory, 
     ev = w.wait_for("events", lambda e: e["kind"] == "deploy")
     protocol.parse_event(json.dumps(ev))
     assert ev["level"] == "info" and ev["data"]["command"] == cid and ev["data"]["version"] == "1.0.0"
+    progress = [e["data"]["state"] for e in w.payloads("events")
+                if e["kind"] == "deploy.progress" and e["data"]["command"] == cid]
+    assert progress == ["downloading", "verifying", "self-test"]
     w.wait_for("status", lambda s: [m["version"] for m in s["description"]["models"]] == ["1.0.0"]
                if s["state"] == "online" else False)
 

@@ -68,6 +68,14 @@ def test_config_refuses_bad_value_naming_the_key(tmp_path: Path, pubkey: Path, e
     assert str(tmp_path / "agent.toml") in str(err.value)
 
 
+def test_config_tags_are_ids_used_by_fleet_selectors(tmp_path: Path, pubkey: Path) -> None:
+    body = BASE.replace('fleet = "lab"', 'fleet = "lab"\ntags = ["line-3", "north"]')
+    assert load_config(_write(tmp_path, body)).tags == ("line-3", "north")
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, BASE.replace('fleet = "lab"', 'fleet = "lab"\ntags = ["a/b"]')))
+    assert "agent.tags" in str(err.value)
+
+
 def test_config_refuses_missing_device_and_bad_id(tmp_path: Path, pubkey: Path) -> None:
     with pytest.raises(ConfigError, match=r"agent\.device: is required"):
         load_config(_write(tmp_path, BASE.replace('device = "dev-1"\n', "")))
