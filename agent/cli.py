@@ -39,9 +39,12 @@ def _abs(p: Path | None) -> str | None:
 @click.option("--keepalive", type=int, help="MQTT keepalive in seconds.  [mqtt.keepalive_s]")
 @click.option("--api", "api_listen", help="Local API host:port ('' disables, port 0 picks one).  [api.listen]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[agent.log_level]")
+@click.option("--allow-unsigned-commands", is_flag=True, default=None,
+              help="Development only: execute commands without a controller signature.  [commands.require_signed]")
 def run(config_path: Path | None, device: str | None, fleet: str | None, broker: str | None, data_dir: Path | None,
         trusted_keys: tuple[Path, ...], profile: str | None, telemetry_interval: float | None,
-        keepalive: int | None, api_listen: str | None, log_level: str | None) -> None:
+        keepalive: int | None, api_listen: str | None, log_level: str | None,
+        allow_unsigned_commands: bool | None) -> None:
     """Run the agent in the foreground until SIGTERM (logs: JSON lines on stderr)."""
     from .config import load_config
 
@@ -50,6 +53,7 @@ def run(config_path: Path | None, device: str | None, fleet: str | None, broker:
         "agent.trusted_keys": tuple(str(p.resolve()) for p in trusted_keys), "agent.profile": profile,
         "telemetry.interval_s": telemetry_interval, "mqtt.keepalive_s": keepalive, "api.listen": api_listen,
         "agent.log_level": log_level,
+        "commands.require_signed": False if allow_unsigned_commands else None,
     }
     if config_path is not None and not config_path.is_file():
         raise click.BadParameter(f"{config_path} does not exist", param_hint="--config")

@@ -14,15 +14,25 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.sdk import protocol
-from edgefleet.sdk.errors import EdgefleetError, ProtocolError
+from edgefleet.sdk.errors import (
+    CommandError,
+    CommandReplayError,
+    CommandSignatureError,
+    EdgefleetError,
+    ProtocolError,
+)
 
+from .failpoints import failpoint
 from .installer import Installer, InstallError
 from .journal import Journal, JournalEntry
 from .registry import Registry
 from .spool import Spool
+
+if TYPE_CHECKING:
+    from edgefleet.sdk.keys import TrustedKeys
 
 __all__ = ["MAX_ATTEMPTS", "CommandFailed", "Dispatcher"]
 
@@ -57,8 +67,13 @@ class Dispatcher:
     def __init__(self, device: str, journal: Journal, spool: Spool, installer: Installer, registry: Registry, *,
                  reply_topic: str, wake_sender: Callable[[], None], describe: Callable[[], dict[str, Any]],
                  configure: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 event: Callable[..., None], changed: Callable[[], None]) -> None:
+                 event: Callable[..., None], changed: Callable[[], None],
+                 trusted: TrustedKeys | None = None, require_signed: bool = True) -> None:
         self.device = device
+        self.trusted = trusted
+        self.require_signed = require_signed
+        if require_signed and (trusted is None or not len(trusted)):
+            raise ValueError("require_signed needs trusted keys to verify commands against")
         self.journal = journal
         self.spool = spool
         self.installer = installer
@@ -88,10 +103,45 @@ class Dispatcher:
             if self.journal.receive(cmd_id, "invalid", payload, props):
                 self._reply(cmd_id, props, None, CommandFailed(exc.code, "parse", str(exc)))
             return
-        if not self.journal.receive(cmd["id"], cmd["kind"], payload, props):
-            log.info("duplicate command ignored", extra={"id": cmd["id"], "kind": cmd["kind"]})
+        refusal = self._authenticate(cmd)
+        with self.spool.db.tx() as c:
+            if not self.journal.receive(cmd["id"], cmd["kind"], payload, props, c):
+                log.info("duplicate command ignored", extra={"id": cmd["id"], "kind": cmd["kind"]})
+                return
+            if refusal is None and "counter" in cmd:
+                # Checked and stored with the journal entry, in one transaction: a counter is accepted once,
+                # and a restart never forgets it (a captured older command stays refused).
+                last = self.journal.last_counter(c)
+                if cmd["counter"] <= last:
+                    refusal = CommandReplayError(f"command {cmd['id']!r}: counter {cmd['counter']} is not above "
+                                                 f"the last accepted {last}: a replayed or reordered command")
+                else:
+                    self.journal.accept_counter(cmd["counter"], c)
+            if refusal is not None:
+                # Answered, never executed: the reply and the "done" mark commit with the journal entry.
+                self._store_reply(c, cmd["id"], props, None, CommandFailed(refusal.code, "receive", str(refusal)))
+        if refusal is not None:
+            log.warning("command refused", extra={"id": cmd["id"], "kind": cmd["kind"], "code": refusal.code,
+                                                  "error": str(refusal)})
+            self.event("command.refused", f"{cmd['kind']} command refused: {refusal}", level="warning",
+                       data={"command": cmd["id"], "code": refusal.code})
+            self.wake_sender()
             return
+        failpoint("journal:received")
         self._queue.put(JournalEntry(cmd["id"], cmd["kind"], payload, props, "pending"))
+
+    def _authenticate(self, cmd: Mapping[str, Any]) -> CommandError | None:
+        """Signature (required unless relaxed for development) and expiry; None when the command may run."""
+        try:
+            if "signature" in cmd or self.require_signed:
+                if self.trusted is None or not len(self.trusted):
+                    raise CommandSignatureError(f"command {cmd['id']!r} is signed but no keys are trusted")
+                protocol.verify_command(cmd, self.trusted)
+            else:
+                protocol.check_expiry(cmd)
+        except CommandError as exc:
+            return exc
+        return None
 
     # -- executing (worker thread) ------------------------------------------------------------------------------------
 
@@ -131,6 +181,7 @@ class Dispatcher:
             return  # already answered (defence in depth: each id is queued once)
         t0 = time.perf_counter()
         attempts = self.journal.start(entry.id)
+        failpoint("journal:started")
         try:
             if attempts > MAX_ATTEMPTS:
                 # The agent died every time it ran this command (e.g. a model that crashes ONNX Runtime): answer
@@ -138,8 +189,10 @@ class Dispatcher:
                 raise CommandFailed("crashloop", entry.kind, f"the agent stopped {attempts - 1} times while running "
                                                              "this command; not trying again")
             cmd = protocol.parse_command(entry.payload)
-            if "expires" in cmd and time.time() > float(cmd["expires"]):
-                raise CommandFailed("expired", "receive", f"command expired {time.time() - cmd['expires']:.0f} s ago")
+            try:
+                protocol.check_expiry(cmd)  # e.g. resumed after a restart long after it was received
+            except CommandError as exc:
+                raise CommandFailed(exc.code, "receive", str(exc)) from None
             result = self._run(cmd["kind"], cmd["args"], entry.id)
             error: EdgefleetError | None = None
         except InstallError as exc:
@@ -205,6 +258,15 @@ class Dispatcher:
 
     def _reply(self, cmd_id: str, props: Mapping[str, Any], result: Mapping[str, Any] | None,
                error: EdgefleetError | None) -> None:
+        # The reply and the "done" mark commit together: after a crash a command is either still pending (and runs
+        # again) or answered, never answered twice and never silently dropped.
+        with self.spool.db.tx() as c:
+            self._store_reply(c, cmd_id, props, result, error)
+        failpoint("journal:replied")
+        self.wake_sender()
+
+    def _store_reply(self, c: Any, cmd_id: str, props: Mapping[str, Any], result: Mapping[str, Any] | None,
+                     error: EdgefleetError | None) -> None:
         if error is None:
             msg = protocol.reply(cmd_id, self.device, True, result=result or {})
         else:
@@ -212,15 +274,11 @@ class Dispatcher:
                                  step=getattr(error, "step", ""))
         payload = protocol.encode(msg)
         out_props = {"correlation": props["correlation"]} if props.get("correlation") else {}
-        # The reply and the "done" mark commit together: after a crash a command is either still pending (and runs
-        # again) or answered, never answered twice and never silently dropped.
-        with self.spool.db.tx() as c:
-            self.spool.add("reply", self.reply_topic, payload, out_props, c)
-            rt = props.get("response_topic")
-            if rt and rt != self.reply_topic:
-                self.spool.add("reply", rt, payload, out_props, c)
-            self.journal.finish(cmd_id, c)
-        self.wake_sender()
+        self.spool.add("reply", self.reply_topic, payload, out_props, c)
+        rt = props.get("response_topic")
+        if rt and rt != self.reply_topic:
+            self.spool.add("reply", rt, payload, out_props, c)
+        self.journal.finish(cmd_id, c)
 
 
 def _salvage_id(payload: bytes) -> str | None:

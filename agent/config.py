@@ -79,6 +79,7 @@ class AgentConfig:
     allow_fallback: bool = False
     telemetry_interval_s: float = 10.0
     spool_max_records: int = 10_000
+    require_signed_commands: bool = True
     max_bundle_bytes: int = 4 << 30
     download_timeout_s: float = 30.0
     download_max_s: float = 3600.0
@@ -96,6 +97,7 @@ _SECTIONS: dict[str, set[str]] = {
     "telemetry": {"interval_s", "spool_max_records"},
     "api": {"listen", "max_body_bytes"},
     "install": {"max_bundle_bytes", "download_timeout_s", "download_max_s", "ca_file"},
+    "commands": {"require_signed"},
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -276,8 +278,9 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         accept_targets=targets,
         tags=tags,
         allow_fallback=r.flag("agent.allow_fallback", False),
-        telemetry_interval_s=r.num("telemetry.interval_s", 10.0, 0.1, 3600),
+        telemetry_interval_s=r.num("telemetry.interval_s", 10.0, 0.01, 3600),
         spool_max_records=r.num("telemetry.spool_max_records", 10_000, 10, 10_000_000, integer=True),
+        require_signed_commands=r.flag("commands.require_signed", True),
         max_bundle_bytes=r.num("install.max_bundle_bytes", AgentConfig.max_bundle_bytes, 1, 1 << 40, integer=True),
         download_timeout_s=r.num("install.download_timeout_s", 30.0, 0.1, 3600),
         download_max_s=r.num("install.download_max_s", 3600.0, 1.0, 7 * 24 * 3600),
@@ -293,6 +296,7 @@ FLAG_KEYS = {
     "trusted_keys": "agent.trusted_keys",
     "profile": "agent.profile", "broker": "mqtt.url", "keepalive": "mqtt.keepalive_s",
     "telemetry_interval": "telemetry.interval_s", "api": "api.listen", "log_level": "agent.log_level",
+    "require_signed": "commands.require_signed",
 }
 
 

@@ -97,7 +97,10 @@ class Agent:
         self.dispatcher = Dispatcher(cfg.device, self.journal, self.spool, self.installer, self.registry,
                                      reply_topic=self.link.topic("reply"), wake_sender=self.sender.wake,
                                      describe=self.describe, configure=self.configure, event=self.event,
-                                     changed=self.link.republish_status)
+                                     changed=self.link.republish_status, trusted=self.trusted,
+                                     require_signed=cfg.require_signed_commands)
+        if not cfg.require_signed_commands:
+            log.warning("commands.require_signed = false: unsigned commands are executed (development only)")
         self._stop = threading.Event()
 
     # -- pieces the others call ---------------------------------------------------------------------------------------

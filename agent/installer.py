@@ -11,8 +11,6 @@ validation set within its tolerances) → ``activate`` (one atomic pointer write
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from edgefleet.sdk.errors import (
 )
 
 from .download import fetch
+from .failpoints import failpoint
 from .registry import Registry
 from .store import Store
 
@@ -42,11 +41,7 @@ log = logging.getLogger("edgefleet.agent.installer")
 STEPS = ("download", "verify", "compatibility", "extract", "session", "selftest", "activate")
 
 
-def _failpoint(name: str) -> None:
-    """Crash-test hook: SIGKILL this process when $EDGEFLEET_AGENT_FAILPOINT names this point (tests only)."""
-    if os.environ.get("EDGEFLEET_AGENT_FAILPOINT") == name:
-        log.warning("failpoint reached: killing the agent", extra={"failpoint": name})
-        os.kill(os.getpid(), signal.SIGKILL)
+_failpoint = failpoint  # crash-test hook (agent/failpoints.py): zero cost unless $EDGEFLEET_AGENT_FAILPOINT is set
 
 
 class NotInstalledError(EdgefleetError):
@@ -172,6 +167,7 @@ class Installer:
                                      list(model.placement.serving) if model else [], timings, already_active=True)
             dest = self.store.path(vm.digest)
             reused = dest.exists()  # e.g. the previous bundle deployed again: re-hash its files before trusting them
+            _failpoint("before-extract")
             try:
                 if not reused:
                     # extract_bundle checks every size and hash again while it writes, into a staging dir it renames
@@ -283,7 +279,9 @@ class Installer:
             raise InstallError("session", exc) from exc
         if not report.ok:
             raise InstallError("selftest", SelfTestError("; ".join(report.to_dict()["failures"])))
+        _failpoint("rollback:after-selftest")
         new = self.store.rollback(name)
+        _failpoint("rollback:after-pointer")
         self.registry.put(name, model)
         return InstallResult(name, model.version, new.active, new.previous, list(model.placement.serving),
                              selftest=report.to_dict())

@@ -36,12 +36,30 @@ class Journal:
         self.db = db
         self.keep = keep
 
-    def receive(self, cmd_id: str, kind: str, payload: bytes, props: dict[str, Any]) -> bool:
-        """Journal a command; False when this id was seen before (do not execute it again)."""
-        with self.db.tx() as c:
-            cur = c.execute("INSERT OR IGNORE INTO commands(id, kind, payload, props, state, received) "
-                            "VALUES(?, ?, ?, ?, 'pending', ?)", (cmd_id, kind, payload, json.dumps(props), time.time()))
-            return cur.rowcount == 1
+    def receive(self, cmd_id: str, kind: str, payload: bytes, props: dict[str, Any], c: Any = None) -> bool:
+        """Journal a command; False when this id was seen before (do not execute it again).
+
+        Inside the caller's transaction ``c`` when given (with the counter update, or the refusal's reply).
+        """
+        def run(conn: Any) -> bool:
+            cur = conn.execute("INSERT OR IGNORE INTO commands(id, kind, payload, props, state, received) "
+                               "VALUES(?, ?, ?, ?, 'pending', ?)",
+                               (cmd_id, kind, payload, json.dumps(props), time.time()))
+            return bool(cur.rowcount == 1)
+        if c is not None:
+            return run(c)
+        with self.db.tx() as conn:
+            return run(conn)
+
+    def last_counter(self, c: Any) -> int:
+        """The highest command counter this device accepted (0: none yet), inside the caller's transaction."""
+        row = c.execute("SELECT value FROM meta WHERE key='cmd.counter'").fetchone()
+        return int(row[0]) if row else 0
+
+    def accept_counter(self, counter: int, c: Any) -> None:
+        """Persist ``counter`` as the last accepted one (same transaction as the journal entry)."""
+        c.execute("INSERT INTO meta(key, value) VALUES('cmd.counter', ?) "
+                  "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(counter),))
 
     def finish(self, cmd_id: str, c: Any = None) -> None:
         """Mark a command done (inside the caller's transaction when given, with the reply stored)."""

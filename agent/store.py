@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgefleet.sdk._fs import atomic_write_text, fsync_dir
+from edgefleet.sdk._fs import fsync_dir
 from edgefleet.sdk.errors import ConfigError
+
+from .failpoints import failpoint
 
 __all__ = ["Pointer", "Store"]
 
@@ -96,10 +98,10 @@ class Store:
         return {name: Pointer(p["active"], p.get("previous")) for name, p in models.items()
                 if isinstance(p, dict) and isinstance(p.get("active"), str)}
 
-    def _write(self, pointers: dict[str, Pointer]) -> None:
+    def _write(self, pointers: dict[str, Pointer], op: str = "activate") -> None:
         models = {n: {"active": p.active, "previous": p.previous} for n, p in sorted(pointers.items())}
         data = {"v": 1, "models": models}
-        atomic_write_text(self._pointer_file, json.dumps(data, indent=1) + "\n")
+        _atomic_write(self._pointer_file, (json.dumps(data, indent=1) + "\n").encode("utf-8"), op)
         self._pointers = pointers
 
     def pointers(self) -> dict[str, Pointer]:
@@ -128,7 +130,7 @@ class Store:
                 raise KeyError(name)
             new = Pointer(old.previous, old.active)
             pointers[name] = new
-            self._write(pointers)
+            self._write(pointers, "rollback")
             return new
 
     def remove(self, name: str) -> Pointer:
@@ -136,7 +138,7 @@ class Store:
         with self._lock:
             pointers = dict(self._pointers)
             old = pointers.pop(name)
-            self._write(pointers)
+            self._write(pointers, "remove")
             return old
 
     # -- directories --------------------------------------------------------------------------------------------------
@@ -188,3 +190,26 @@ class Store:
         if removed or stale:
             log.info("store recovered", extra={"removed": removed, "stale_downloads": stale})
         return {"removed": removed, "stale_downloads": stale}
+
+
+def _atomic_write(target: Path, data: bytes, op: str) -> None:
+    """write temp → fsync → rename → fsync dir (as sdk._fs.atomic_write_bytes), with a failpoint at each step."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    failpoint(f"{op}:tmp-open")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        failpoint(f"{op}:tmp-write")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        failpoint(f"{op}:tmp-fsync")
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    failpoint(f"{op}:rename")
+    os.replace(tmp, target)
+    failpoint(f"{op}:dir-fsync")
+    fsync_dir(target.parent)

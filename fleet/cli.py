@@ -81,6 +81,10 @@ def fleet() -> None:
               type=click.Path(file_okay=False, path_type=Path), help="Directory of verified bundles served to agents.")
 @click.option("--trust", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Trusted public key file or directory of *.pub (repeatable); bundles must be signed by one.")
+@click.option("--key", "signing_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Fleet private key (Ed25519 PEM) that signs every command; agents refuse unsigned ones by default.")
+@click.option("--command-ttl", type=click.FloatRange(min=1), default=86400.0, show_default=True,
+              help="Seconds a command stays valid; an agent refuses it after that (command.expired).")
 @click.option("--fleet", "fleet_id", default="default", show_default=True, help="Fleet id (topic level).")
 @click.option("--client-id", default="", help="MQTT client id (default: stable per host and db, for the session).")
 @click.option("--share-group", default="edgefleet", show_default=True,
@@ -88,8 +92,9 @@ def fleet() -> None:
 @click.option("--public-url", default="", help="Base URL agents download bundles from (default: http://HOST:PORT).")
 @click.option("--retention-days", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Delete telemetry, events and replies older than this (hourly); 0 keeps everything.")
-def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...], fleet_id: str,
-          client_id: str, share_group: str, public_url: str, retention_days: float) -> None:
+def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...], signing_key: Path | None,
+          command_ttl: float, fleet_id: str, client_id: str, share_group: str, public_url: str,
+          retention_days: float) -> None:
     """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads."""
     from .controller import Controller, ControllerConfig
 
@@ -98,12 +103,16 @@ def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[
         raise click.BadParameter(f"--http must be HOST:PORT, got {http_addr!r}")
     cfg = ControllerConfig(broker=broker, db=db, fleet=fleet_id, http_host=host, http_port=int(port),
                            bundles_dir=bundles_dir, trust=list(trust), client_id=client_id, share_group=share_group,
-                           public_url=public_url, retention_days=retention_days)
+                           public_url=public_url, retention_days=retention_days, signing_key=signing_key,
+                           command_ttl_s=command_ttl)
     ctl = Controller(cfg)
     click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {db}", err=True)
     if not trust:
         click.echo("warning: no --trust key: this controller will refuse every bundle (deployments need one)",
                    err=True)
+    if signing_key is None:
+        click.echo("warning: no --key: commands go out unsigned; agents refuse them unless they run with "
+                   "commands.require_signed = false", err=True)
     ctl.serve_forever()
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 from edgefleet.sdk.errors import ConfigError
-from edgefleet.sdk.keys import TrustedKeys
-from edgefleet.sdk.protocol import check_id
+from edgefleet.sdk.keys import PrivateKey, TrustedKeys, load_private_key
+from edgefleet.sdk.protocol import check_id, sign_command
 
 from ._mqtt import publish_command
 from .deploy import BundleLibrary, Deployer
@@ -24,9 +24,36 @@ from .http import make_app
 from .ingest import Ingestor
 from .store import Store, open_store
 
-__all__ = ["Controller", "ControllerConfig"]
+__all__ = ["CommandSigner", "Controller", "ControllerConfig"]
 
 log = logging.getLogger(__name__)
+
+
+class CommandSigner:
+    """Signs commands with the fleet key, each with an expiry and a per-device counter that only goes up.
+
+    The counter is ``max(last + 1, microseconds since the epoch)``: strictly increasing per device within this
+    process, and above anything sent before a controller restart (or by another controller a moment earlier) without
+    shared state, as long as the controllers' clocks move forward. The agent refuses any counter not above the last
+    one it accepted (``command.replay``).
+    """
+
+    def __init__(self, key: PrivateKey, ttl_s: float) -> None:
+        self.key = key
+        self.ttl_s = ttl_s
+        self._last: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def next_counter(self, device: str) -> int:
+        """The next counter for ``device``."""
+        with self._lock:
+            counter = max(self._last.get(device, 0) + 1, int(time.time() * 1e6))
+            self._last[device] = counter
+            return counter
+
+    def sign(self, device: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        """``cmd`` signed for ``device``."""
+        return sign_command(cmd, self.key, counter=self.next_counter(device), ttl_s=self.ttl_s)
 
 
 @dataclass
@@ -45,9 +72,13 @@ class ControllerConfig:
     public_url: str = ""  # how agents reach this controller's /bundles (default: http://HOST:PORT)
     retention_days: float = 30.0  # telemetry, events and replies older than this are deleted hourly; 0 keeps all
     rollout_lease_s: float = 30.0  # a rollout whose controller is silent this long is resumed by another one
+    signing_key: Path | None = None  # Ed25519 fleet key that signs every command (agents require it by default)
+    command_ttl_s: float = 86400.0  # a command not executed within this time is refused by the agent (expired)
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
+        if not self.command_ttl_s > 0:
+            raise ConfigError(f"command_ttl_s must be > 0, got {self.command_ttl_s}")
         if not self.retention_days >= 0:
             raise ConfigError(f"retention_days must be >= 0, got {self.retention_days}")
         if not self.client_id:
@@ -64,6 +95,8 @@ class Controller:
         self.config = config
         self.port = config.http_port
         self.store = store or open_store(config.db)
+        self.signer = CommandSigner(load_private_key(config.signing_key), config.command_ttl_s) \
+            if config.signing_key is not None else None
         trusted = TrustedKeys.from_paths(config.trust) if config.trust else TrustedKeys()
         self.library = BundleLibrary(config.bundles_dir, trusted)
         self.ingest = Ingestor(self.store, broker=config.broker, fleet=config.fleet, client_id=config.client_id,
@@ -91,6 +124,8 @@ class Controller:
         return f"http://{self.config.http_host}:{self.port}"
 
     def _publish(self, device: str, cmd: dict[str, Any]) -> None:
+        if self.signer is not None:
+            cmd = self.signer.sign(device, cmd)
         publish_command(self.ingest.client, self.config.fleet, device, cmd)
 
     async def _start_http(self) -> None:

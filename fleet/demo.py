@@ -225,7 +225,7 @@ def _print_table(say: Any, controller: str, agents: Sequence[_Agent]) -> None:
         f"{'req/s':>6} {'errors':>6} {'client p50':>10}")
     for a in agents:
         r = rows.get(a.name, {})
-        m = next((m for m in r.get("models") or [] if m.get("name") == _MODEL_NAME), {})
+        m: dict[str, Any] = next((m for m in r.get("models") or [] if m.get("name") == _MODEL_NAME), {})
         prov = ",".join(p.removesuffix("ExecutionProvider") for p in (m.get("providers") or [])) or "-"
         bundle = f"{m.get('version', '-')} {r.get('profile', '')}".strip()
         lat = sorted(a.latencies[-200:])
@@ -254,7 +254,7 @@ def run_demo(workdir: Path, *, headless: bool, duration: float | None, http_port
     stop = threading.Event()
     agents: list[_Agent] = [
         _Agent("cpu-fp32", "x86-cpu", "fp32", venv_bin),
-        _Agent("cpu-int8", "x86-cpu-vnni", "auto", venv_bin),
+        _Agent("cpu-int8", "x86-cpu-vnni", "int8", venv_bin),
     ]
     if (ov_bin / "python").exists():
         agents.append(_Agent("openvino-cpu", "intel-openvino-cpu", "auto", ov_bin))
@@ -278,7 +278,8 @@ def run_demo(workdir: Path, *, headless: bool, duration: float | None, http_port
         controller = f"http://127.0.0.1:{http_port}"
         cp = procs.start("controller", [*_edgefleet(venv_bin), "fleet", "serve", "--broker", broker, "--fleet", _FLEET,
                                         "--db", str(run_dir / "fleet.db"), "--http", f"127.0.0.1:{http_port}",
-                                        "--bundles", str(bundles_dir), "--trust", str(key.with_suffix(".pub"))])
+                                        "--bundles", str(bundles_dir), "--trust", str(key.with_suffix(".pub")),
+                                        "--key", str(key)])
         _wait_port(http_port, cp, "controller")
         say(f"dashboard  {controller}/")
         for a in agents:

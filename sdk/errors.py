@@ -20,6 +20,10 @@ Every error edgefleet raises on purpose derives from :class:`EdgefleetError` and
     ├── PackagingError                  packaging        the packager could not produce a bundle
     │   └── AccuracyBudgetError         packaging.accuracy   no candidate within the accuracy budget
     ├── ProtocolError                   protocol         an MQTT payload that does not match its schema
+    ├── CommandError                    command
+    │   ├── CommandSignatureError       command.signature   unsigned (where required), untrusted key, bad signature
+    │   ├── CommandExpiredError         command.expired     past its ``expires`` time
+    │   └── CommandReplayError          command.replay      counter not above the last one this device accepted
     └── TransportError                  transport        broker, HTTP or download failures
 
 Foreign exceptions are translated once, at the boundary: ``raise TransportError(f"...: {exc}") from exc``.
@@ -34,6 +38,10 @@ __all__ = [
     "BundleFormatError",
     "BundleIntegrityError",
     "BundleSignatureError",
+    "CommandError",
+    "CommandExpiredError",
+    "CommandReplayError",
+    "CommandSignatureError",
     "ConfigError",
     "EdgefleetError",
     "InputError",
@@ -149,6 +157,30 @@ class ProtocolError(EdgefleetError, ValueError):
     """An MQTT payload does not match its schema."""
 
     code = "protocol"
+
+
+class CommandError(EdgefleetError):
+    """A controller command this device refuses to execute (authenticity, freshness)."""
+
+    code = "command"
+
+
+class CommandSignatureError(CommandError):
+    """A command without a required signature, signed by an untrusted key, or whose signature does not match."""
+
+    code = "command.signature"
+
+
+class CommandExpiredError(CommandError):
+    """A command received or executed after its ``expires`` time."""
+
+    code = "command.expired"
+
+
+class CommandReplayError(CommandError):
+    """A command whose counter is not above the last counter this device accepted (a replay or a rollback)."""
+
+    code = "command.replay"
 
 
 class TransportError(EdgefleetError):

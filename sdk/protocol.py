@@ -21,9 +21,17 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ProtocolError
+from .errors import (
+    BundleSignatureError,
+    CommandExpiredError,
+    CommandSignatureError,
+    ProtocolError,
+)
+
+if TYPE_CHECKING:
+    from .keys import PrivateKey, TrustedKeys
 
 __all__ = [
     "CHANNELS",
@@ -32,6 +40,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SKETCH_ALPHA",
     "Topic",
+    "check_expiry",
     "check_id",
     "command",
     "decode",
@@ -44,10 +53,12 @@ __all__ = [
     "parse_telemetry",
     "parse_topic",
     "reply",
+    "sign_command",
     "status",
     "subscription",
     "telemetry",
     "topic",
+    "verify_command",
 ]
 
 PROTOCOL_VERSION = 1
@@ -295,7 +306,64 @@ def parse_command(data: bytes | str) -> dict[str, Any]:
             raise ProtocolError(f"cmd configure args: telemetry_interval_s must be in 0.1..3600, got {iv!r}")
     if "expires" in obj:
         _num(obj, "expires", what)
+    if "counter" in obj:
+        _int(obj, "counter", what, minimum=1)
+    if "signature" in obj:
+        sig = _req(obj, "signature", dict, what)
+        for key in ("alg", "keyid", "sig"):
+            _req(sig, key, str, "cmd signature")
     return obj
+
+
+def _signed_part(cmd: Mapping[str, Any]) -> bytes:
+    from .bundle import canonical_json  # lazy: the agent's hot path never needs the bundle module for this
+
+    return canonical_json({k: v for k, v in cmd.items() if k != "signature"})
+
+
+def sign_command(cmd: Mapping[str, Any], key: PrivateKey, *, counter: int, ttl_s: float) -> dict[str, Any]:
+    """``cmd`` with a per-device ``counter``, an ``expires`` time and an Ed25519 ``signature``.
+
+    The signature covers the canonical JSON of the whole command except ``signature`` itself (id, kind, args, ts,
+    expires, counter), so none of them can be changed, and a signed command cannot be replayed to another device
+    with a higher counter.
+    """
+    if counter < 1:
+        raise ValueError(f"counter must be >= 1, got {counter}")
+    if not ttl_s > 0:
+        raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+    msg = {k: v for k, v in cmd.items() if k != "signature"}
+    msg["counter"] = int(counter)
+    msg["expires"] = float(msg.get("ts", time.time())) + float(ttl_s)
+    msg["signature"] = key.sign(_signed_part(msg))
+    return parse_command(encode(msg))
+
+
+def verify_command(cmd: Mapping[str, Any], trusted: TrustedKeys, *, now: float | None = None) -> str:
+    """Check a parsed command's signature and expiry; returns the signing key's id.
+
+    Raises :class:`CommandSignatureError` (unsigned, untrusted key, signature not matching) or
+    :class:`CommandExpiredError`. The counter is the receiver's to check: only it knows the last one it accepted.
+    """
+    sig = cmd.get("signature")
+    if not isinstance(sig, dict):
+        raise CommandSignatureError(f"command {cmd.get('id')!r} is not signed")
+    if not isinstance(cmd.get("counter"), int) or "expires" not in cmd:
+        raise CommandSignatureError(f"command {cmd.get('id')!r}: a signed command must carry counter and expires")
+    try:
+        keyid = trusted.verify([sig], _signed_part(cmd), f"command {cmd.get('id')!r}")
+    except BundleSignatureError as exc:
+        raise CommandSignatureError(str(exc).replace("the manifest", "the command")) from None
+    check_expiry(cmd, now)
+    return keyid
+
+
+def check_expiry(cmd: Mapping[str, Any], now: float | None = None) -> None:
+    """Raise :class:`CommandExpiredError` when ``cmd`` carries an ``expires`` time that has passed."""
+    if "expires" in cmd:
+        t = time.time() if now is None else now
+        if t > float(cmd["expires"]):
+            raise CommandExpiredError(f"command {cmd.get('id')!r} expired {t - float(cmd['expires']):.0f} s ago")
 
 
 def reply(cmd_id: str, device: str, ok: bool, *, result: Mapping[str, Any] | None = None, code: str = "",

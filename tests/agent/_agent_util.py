@@ -40,8 +40,9 @@ def sha_size(path: Path) -> tuple[str, int]:
 
 def write_config(path: Path, *, device: str, broker_url: str, data_dir: Path, trusted: Path, keepalive: int = 5,
                  interval: float = 0.5, api: str = "127.0.0.1:0", profile: str = "x86-cpu", extra: str = "",
-                 tags: tuple[str, ...] = ()) -> Path:
-    """An agent.toml as an operator would write it."""
+                 tags: tuple[str, ...] = (), require_signed: bool = False) -> Path:
+    """An agent.toml as an operator would write it (unsigned commands allowed unless ``require_signed``: the
+    Watcher sends plain commands; tests/hardening/test_signed_commands.py covers the signed default)."""
     path.write_text(f"""
 [agent]
 device = "{device}"
@@ -64,6 +65,8 @@ interval_s = {interval}
 [api]
 listen = "{api}"
 {extra}
+[commands]
+require_signed = {str(require_signed).lower()}
 """)
     return path
 

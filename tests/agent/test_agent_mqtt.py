@@ -238,7 +238,7 @@ def test_benchmark_rollback_remove_configure_and_expiry_over_mqtt(agent_factory,
     expired["expires"] = time.time() - 60
     w.send_raw(protocol.encode(expired))
     reply = w.wait_reply("old-1")
-    assert reply["error"]["code"] == "expired" and reply["error"]["step"] == "receive"
+    assert reply["error"]["code"] == "command.expired" and reply["error"]["step"] == "receive"
     w.close()
 
 

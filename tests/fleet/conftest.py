@@ -32,18 +32,30 @@ def trust_file(signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
+@pytest.fixture
+def key_file(signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test signing key's private key as a file, for ``--key`` (controllers sign their commands with it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    p = tmp_path_factory.mktemp("key") / "fleet.key"
+    p.write_bytes(signing_key.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    return p
+
+
 ControllerFactory = Callable[..., Controller]
 
 
 @pytest.fixture
-def controller_factory(mosquitto, tmp_path: Path, fleet_id: str, trust_file: Path) -> Iterator[ControllerFactory]:
+def controller_factory(mosquitto, tmp_path: Path, fleet_id: str, trust_file: Path,
+                       key_file: Path) -> Iterator[ControllerFactory]:
     """Start controllers (HTTP on a free port) for this test's fleet; all are stopped at the end."""
     started: list[Controller] = []
 
     def factory(name: str = "ctl", **kw: Any) -> Controller:
         cfg = ControllerConfig(broker=mosquitto.url, db=str(kw.pop("db", tmp_path / "fleet.db")), fleet=fleet_id,
                                http_port=0, bundles_dir=tmp_path / f"bundles-{name}", trust=[trust_file],
-                               client_id=f"{fleet_id}-{name}", **kw)
+                               client_id=f"{fleet_id}-{name}", **{"signing_key": key_file, **kw})
         c = Controller(cfg)
         c.start()
         started.append(c)
