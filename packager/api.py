@@ -125,6 +125,7 @@ class _Built:
     error: str = ""
     runner: Runner | None = None
     providers: tuple[ProviderConfig, ...] = ()
+    source: Path | None = None  # the model the candidate's steps ran on (the base, or the checked model)
 
     @property
     def ok(self) -> bool:
@@ -256,8 +257,11 @@ class _TargetBuild:
         cands, skipped = candidates_for(p, self.facts, opts.precision, self.calib_file is not None, level,
                                         measurable=self.runs_here and opts.measure)
         self.notes.extend(skipped)
-        built = []
+        built: list[_Built] = []
         for i, c in enumerate(cands):
+            if c.last_resort and any(b.ok and b.cand.int8 for b in built):
+                self.notes.append(f"{c.name} not built: an INT8 candidate before it is within budget")
+                continue
             self.progress(f"{p.name}: candidate {c.name}")
             built.append(self._build_candidate(c, base, self.work / f"cand{i}"))
         self._measure(built)
@@ -285,7 +289,18 @@ class _TargetBuild:
         try:
             calib = {"calibration": str(self.calib_file)} if self.calib_file else {}
             items = [(n, {**cfg, **calib}) if n == "quantize_static" else (n, cfg) for n, cfg in c.steps]
-            b.model, b.records = run_plan(base, work, make_plan(items))
+            try:
+                b.source = base
+                b.model, b.records = run_plan(base, work, make_plan(items))
+            except PackagingError as exc:
+                if not c.int8:
+                    raise
+                # ORT's quantizer fails on some ORT-optimized graphs (measured: Magika after basic-level constant
+                # folding) that it quantizes fine unoptimized; the device's session optimizes at load either way.
+                b.source = self.checked
+                b.model, b.records = run_plan(self.checked, work / "from-checked", make_plan(items))
+                self.notes.append(f"{c.name}: quantized the checked model instead of the optimized base, "
+                                  f"which the quantizer refused ({str(exc)[:160]})")
             extra = {}
             if self.profile.primary_provider == TENSORRT:
                 extra = {TENSORRT: trt_shape_options(self.facts.inputs, self.val[0], self.opts.trt_max_batch)}
@@ -354,6 +369,7 @@ class _TargetBuild:
         out: list[_Built] = []
         excluded: list[str] = []
         current = failing
+        base = failing.source or base  # node names must be those of the graph the quantizer saw
         # Greedy and re-ranked each round (as NNCF's accuracy-control loop does): once a node is back in float the
         # error moves, e.g. a detector's score Sigmoid first, then the Concat that re-quantizes its output with the
         # boxes' scale. Round i adds the i-th entry of ``sensitivity_rounds`` (a share of the ranking, at least 1).

@@ -146,6 +146,7 @@ class Candidate:
     proxy_possible: bool = True
     why: str = ""
     int8: str = ""  # "static" | "dynamic" | ""
+    last_resort: bool = False  # built only when no INT8 candidate before it is within budget
 
 
 def _ov_hint(profile: Profile, precision: str) -> dict[str, dict[str, str]]:
@@ -212,10 +213,16 @@ def candidates_for(
                     order = [dynamic, static]
                 elif facts.matmul_share >= 0.2:
                     order = [static, dynamic]
+                elif facts.matmul_share > 0:
+                    # last resort: static INT8 can collapse a model (measured: Magika's byte embedding) where
+                    # weight-only MatMul INT8 keeps it; the gate and the timing decide
+                    order = [static, dynamic]
+                    dynamic.last_resort = True
+                    dynamic.why += (f" (last resort: only {facts.matmul_share:.0%} of the weights are in MatMul; "
+                                    f"the convolutions stay FP32)")
                 else:
                     order = [static]
-                    notes.append(f"int8-dynamic skipped: only {facts.matmul_share:.0%} of the weights are in MatMul "
-                                 f"(dynamic INT8 would leave the convolutions in FP32)")
+                    notes.append("int8-dynamic skipped: no MatMul weights to quantize")
             else:
                 order = [static]  # QDQ is what OpenVINO and TensorRT turn into their own INT8 kernels
                 if primary == OPENVINO and measurable and q.activation_type == "uint8":

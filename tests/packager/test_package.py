@@ -227,3 +227,19 @@ def test_package_silero_vad_real_model_runs_and_self_tests(signing_key, trusted,
     m = _open(res.path, trusted, tmp_path)
     assert [t.name for t in m.manifest.inputs] == ["input", "state", "sr"]
     assert m.self_test().ok
+
+
+def test_package_magika_int8_falls_back_to_dynamic_when_static_collapses(signing_key, trusted, tmp_path):
+    """Static QDQ collapses Magika's byte-token model (cosine ~0.05, measured); weight-only MatMul INT8 keeps it."""
+    from packager_models import magika_samples
+
+    data = magika_samples(12)
+    [res] = package(shipped_model("magika"), ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path, name="magika",
+                    calibration=data[:8], validation=data[8:], precision="int8", options=FAST)
+    cands = {c["name"]: c for c in res.report["candidates"]}
+    assert res.manifest.precision == "int8" and res.report["chosen"]["name"] == "int8-dynamic"
+    assert cands["int8-static"]["accuracy"]["ok"] is False
+    assert cands["int8-dynamic"]["accuracy"]["outputs"][0]["top1"] == 1.0
+    ops = {n.op_type for n in _bundle_model(res.path).graph.node}
+    assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops, ops
+    assert _open(res.path, trusted, tmp_path).self_test().ok
