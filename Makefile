@@ -77,9 +77,10 @@ test-cpu:
 test-openvino:
 	$(OV_VENV)/bin/pytest -m openvino $(PYTEST_FLAGS)
 
-# The sdk runtime (what application code and the agent load) on the oldest ORT we claim.
+# The sdk runtime (what application code and the agent load) on the oldest ORT we claim, and the hostile-bundle
+# corpus through the agent's installer there (ORT 1.16 itself follows external-data paths out of a bundle).
 test-ort-oldest:
-	$(OLD_VENV)/bin/pytest tests/sdk -m "not openvino" $(PYTEST_FLAGS)
+	$(OLD_VENV)/bin/pytest tests/sdk tests/hardening/test_hostile_bundles.py -m "not openvino" $(PYTEST_FLAGS)
 
 demo: setup
 	-$(MAKE) --no-print-directory setup-openvino || echo "OpenVINO venv could not be set up; the demo runs without the OpenVINO agent"

@@ -223,8 +223,12 @@ def _tolerances(acc: CandidateAccuracy | None, outputs: Sequence[TensorSpec], bu
             max_abs = max(margin * m.max_abs, 1e-4 * scale, 1e-6)
         if not math.isfinite(max_abs):
             max_abs = 1e30
-        tol[spec.name] = Tolerance(max_abs=float(f"{max_abs:.6g}"),
-                                   min_cosine=budget.for_output(spec.name).min_cosine)
+        b = budget.for_output(spec.name)
+        ref0 = refs[0][spec.name]
+        per_channel = ref0.ndim >= 3 and ref0.shape[1] > 1  # the same outputs the gate judges channel by channel
+        tol[spec.name] = Tolerance(max_abs=float(f"{max_abs:.6g}"), min_cosine=b.min_cosine,
+                                   min_channel_cosine=b.min_channel_cosine if per_channel else None,
+                                   channel_floor=b.channel_floor if per_channel else 0.0)
     return tol
 
 

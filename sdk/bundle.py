@@ -210,12 +210,24 @@ class Tolerance:
 
     max_abs: float
     min_cosine: float = 0.99
+    # Per channel (axis 1) over all samples, for outputs that mix scales (a detector's boxes and class scores): one
+    # cosine over the whole tensor hides a collapsed score channel. Channels whose reference never reaches
+    # ``channel_floor`` carry no signal and are not judged. None: no per-channel check.
+    min_channel_cosine: float | None = None
+    channel_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_abs, (int, float)) or not self.max_abs >= 0:
             raise BundleFormatError(f"manifest: tolerance max_abs must be >= 0, got {self.max_abs!r}")
         if not isinstance(self.min_cosine, (int, float)) or not -1.0 <= self.min_cosine <= 1.0:
             raise BundleFormatError(f"manifest: tolerance min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        if self.min_channel_cosine is not None and (
+            not isinstance(self.min_channel_cosine, (int, float)) or not -1.0 <= self.min_channel_cosine <= 1.0
+        ):
+            raise BundleFormatError(
+                f"manifest: tolerance min_channel_cosine must be in [-1, 1], got {self.min_channel_cosine!r}")
+        if not isinstance(self.channel_floor, (int, float)) or not self.channel_floor >= 0:
+            raise BundleFormatError(f"manifest: tolerance channel_floor must be >= 0, got {self.channel_floor!r}")
 
 
 @dataclass(frozen=True)

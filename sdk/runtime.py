@@ -33,7 +33,7 @@ from .errors import (
 )
 from .keys import TrustedKeys
 from .sketch import LatencyRecorder
-from .validation import OutputCheck, check_outputs, load_validation
+from .validation import OutputCheck, check_channels, check_outputs, load_validation
 
 __all__ = [
     "BenchmarkResult",
@@ -435,6 +435,7 @@ class Model:
         if len(samples) != v.samples:
             raise SelfTestError(f"validation set has {len(samples)} samples, manifest says {v.samples}")
         checks: list[OutputCheck] = []
+        outs: list[dict[str, np.ndarray]] = []
         for inputs, refs in samples:
             try:
                 self.check_inputs(inputs)
@@ -442,6 +443,11 @@ class Model:
             except (InputError, Exception) as exc:
                 raise SelfTestError(f"self-test could not run: {exc}") from exc
             checks.extend(check_outputs(got, refs, v.tolerances))
+            outs.append(got)
+        for name, tol in v.tolerances.items():
+            ch = check_channels(name, [o[name] for o in outs], [r[name] for _, r in samples], tol)
+            if ch is not None:
+                checks.append(ch)
         return SelfTestReport(ok=all(c.ok for c in checks), samples=len(samples), checks=checks)
 
     def profile(self, runs: int = 20, inputs: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:

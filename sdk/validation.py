@@ -144,3 +144,31 @@ def check_outputs(
 ) -> list[OutputCheck]:
     """Compare every reference output that has a tolerance."""
     return [compare_output(name, got[name], ref[name], tolerances.get(name)) for name in ref if name in got]
+
+
+def check_channels(
+    name: str, got: Sequence[np.ndarray], ref: Sequence[np.ndarray], tol: Tolerance
+) -> OutputCheck | None:
+    """Per-channel (axis 1) cosine over all samples, for outputs of rank >= 3 when ``tol.min_channel_cosine`` is set.
+
+    Returns None when the check does not apply; otherwise the worst judged channel's cosine, failing when it is below
+    the limit. Channels whose reference is constant or never reaches ``tol.channel_floor`` are not judged.
+    """
+    if tol.min_channel_cosine is None or not ref or ref[0].ndim < 3 or ref[0].shape[1] < 2:
+        return None
+    if any(g.shape != r.shape for g, r in zip(got, ref, strict=True)):
+        return OutputCheck(name, float("inf"), 0.0, False, "shape differs from the reference")
+    c = ref[0].shape[1]
+    g = np.concatenate([np.moveaxis(x, 1, 0).reshape(c, -1) for x in got], axis=1).astype(np.float64)
+    r = np.concatenate([np.moveaxis(x, 1, 0).reshape(c, -1) for x in ref], axis=1).astype(np.float64)
+    worst, worst_cos = -1, 1.0
+    for ch in range(c):
+        rc = r[ch]
+        if float(np.max(np.abs(rc))) < tol.channel_floor or not np.any(rc != rc[0]):
+            continue
+        cos = _cosine(g[ch], rc)
+        if cos < worst_cos:
+            worst, worst_cos = ch, cos
+    ok = worst_cos >= tol.min_channel_cosine
+    reason = "" if ok else f"channel {worst} cosine {worst_cos:.4f} < {tol.min_channel_cosine:.4f}"
+    return OutputCheck(f"{name}[channel {worst}]" if worst >= 0 else name, 0.0, worst_cos, ok, reason)

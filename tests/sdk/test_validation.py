@@ -75,3 +75,23 @@ def test_compare_output_exact_for_non_numeric_outputs() -> None:
     a = np.array(["cat", "dog"], dtype=object)
     assert compare_output("label", a, a.copy(), None).ok
     assert not compare_output("label", a, np.array(["cat", "cow"], dtype=object), None).ok
+
+
+def test_check_channels_catches_a_collapsed_score_channel_that_the_whole_tensor_cosine_hides() -> None:
+    import numpy as np
+    from edgefleet.sdk.bundle import Tolerance
+    from edgefleet.sdk.validation import check_channels, compare_output
+
+    rng = np.random.default_rng(0)
+    # a detector-like output: 4 box channels in 0..320, 2 class-score channels in 0..1 — (batch, channels, anchors)
+    ref = [np.concatenate([rng.uniform(0, 320, (1, 4, 50)), rng.uniform(0, 1, (1, 2, 50))], axis=1).astype(np.float32)
+           for _ in range(3)]
+    got = [r.copy() for r in ref]
+    for g in got:
+        g[:, 5, :] = 0.0  # class 1 scores collapse
+    tol = Tolerance(max_abs=2.0, min_cosine=0.99, min_channel_cosine=0.9, channel_floor=0.05)
+    assert all(compare_output("out", g, r, tol).ok for g, r in zip(got, ref, strict=True))  # whole tensor: passes
+    ch = check_channels("out", got, ref, tol)
+    assert ch is not None and not ch.ok and "channel 5" in ch.reason
+    assert check_channels("out", ref, ref, tol).ok
+    assert check_channels("out", got, ref, Tolerance(max_abs=2.0)) is None  # not asked for: not checked
