@@ -191,6 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "edgefleet-agent"
     server: _Server
+    # A client that stalls mid-request (or keeps an idle keep-alive connection) must not hold a thread forever.
+    timeout = 30.0
 
     def setup(self) -> None:
         super().setup()
@@ -289,7 +291,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise HttpError(413, f"body of {length} bytes is over the {self.server.max_body}-byte limit "
                                      f"(api.max_body_bytes)")
-            body = self.rfile.read(length)
+            try:
+                body = self.rfile.read(length)
+            except TimeoutError:
+                self.close_connection = True
+                raise HttpError(408, f"body not received within {self.timeout:g} s") from None
             if len(body) != length:
                 self.close_connection = True
                 raise HttpError(400, f"body ended after {len(body)} of {length} bytes")

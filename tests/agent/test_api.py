@@ -218,3 +218,22 @@ def test_hostile_bodies_never_get_a_5xx(served) -> None:
         c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
         c.request(method, "/v2")
         assert c.getresponse().status == 405
+
+
+def test_api_answers_408_to_a_client_that_stalls_mid_body(served, monkeypatch) -> None:
+    """A client that promises a body and stops sending gets 408 after the read timeout, and the thread is freed."""
+    from edgefleet.agent import api as api_mod
+
+    monkeypatch.setattr(api_mod._Handler, "timeout", 0.5)
+    server, _ = served
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /v2/models/testmodel/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"in")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408"), data[:80]
+    status, _ = http_json("GET", _url(server, "/v2/health/ready"))
+    assert status == 200
