@@ -7,7 +7,6 @@ Reading stops the moment a server sends more than the announced size: a wrong or
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from edgefleet.sdk._fs import sha256_file
 from edgefleet.sdk.errors import TransportError
 
 __all__ = ["fetch"]
@@ -30,14 +30,6 @@ _CHUNK = 1 << 16
 
 class _Interrupted(TransportError):
     """The server closed the connection before the end: the partial file is kept."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch(url: str, dest: Path, size: int, sha256: str, *, timeout_s: float = 30.0, ca_file: str = "",
@@ -63,7 +55,7 @@ def fetch(url: str, dest: Path, size: int, sha256: str, *, timeout_s: float = 30
     got = dest.stat().st_size
     if got != size:
         raise TransportError(f"{url}: got {got} bytes, the command announced {size}")
-    digest = _sha256(dest)
+    digest = sha256_file(dest)[0]
     if digest != sha256:
         # A partial from an earlier, different file would poison every resume: start over next time.
         dest.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from edgefleet.sdk.errors import ConfigError
+from edgefleet.sdk.validation import cosine_similarity
 
 __all__ = ["Budget", "CandidateAccuracy", "OutputMetrics", "evaluate", "is_classifier_output", "parse_budget"]
 
@@ -162,15 +163,6 @@ class CandidateAccuracy:
         return {"ok": self.ok, "outputs": [o.to_dict() for o in self.outputs], "failures": self.failures}
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
-
-
 def is_classifier_output(ref: np.ndarray) -> bool:
     """A ``(batch, classes)`` float output with at least two classes: top-1 agreement applies."""
     return ref.ndim == 2 and ref.shape[1] >= 2 and ref.dtype.kind == "f"
@@ -189,7 +181,7 @@ def _channels(got: list[np.ndarray], ref: list[np.ndarray],
         rn = float(np.linalg.norm(r[ch]))
         if rn == 0.0 or float(np.max(np.abs(r[ch]))) < floor or not np.any(np.abs(r[ch] - r[ch].mean()) > 0):
             continue  # a constant or never-firing reference channel carries no signal to lose
-        cos = _cos(g[ch], r[ch])
+        cos = cosine_similarity(g[ch], r[ch])
         ratio = float(np.linalg.norm(g[ch])) / rn
         if worst_cos is None or cos < worst_cos:
             worst, worst_cos = ch, cos
@@ -232,8 +224,8 @@ def evaluate(
         mean_abs = float(diff.mean()) if diff.size else 0.0
         max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
         mean_rel = mean_abs / mean_ref if mean_ref > 0 else (0.0 if mean_abs == 0 else math.inf)
-        cosine = _cos(a, r)
-        min_sample = min(_cos(x.astype(np.float64).ravel(), y.astype(np.float64).ravel())
+        cosine = cosine_similarity(a, r)
+        min_sample = min(cosine_similarity(x.astype(np.float64).ravel(), y.astype(np.float64).ravel())
                          for x, y in zip(gs, rs, strict=True))
         top1 = None
         classifier = name in classifier_outputs if classifier_outputs is not None else is_classifier_output(rs[0])

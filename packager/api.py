@@ -10,7 +10,6 @@ into place only when every target succeeded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from edgefleet.devices.profile import Profile, get_profile, load_profiles
+from edgefleet.sdk._fs import sha256_file
 from edgefleet.sdk.bundle import (
     Manifest,
     ProviderConfig,
@@ -150,14 +150,6 @@ class _Built:
         state = "within budget" if self.accuracy.ok else "OVER budget: " + "; ".join(self.accuracy.failures)
         return (f"{self.cand.name}: {state}; " + " | ".join(o.summary() for o in self.accuracy.outputs)
                 + f"; {lat} [{self.accuracy_on}]")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _host_cpu_profile(profiles: Mapping[str, Profile]) -> str | None:
@@ -663,7 +655,7 @@ def _write(profile: Profile, chosen: _Built, report: dict[str, Any], facts: Mode
     min_ort = _min_ort(facts.opset, chosen.records, contrib)
     report.update({
         "edgefleet_packager": 1,
-        "model": {"source": src.name, "sha256": _sha256(src), "size": src.stat().st_size, **facts.to_dict()},
+        "model": {"source": src.name, "sha256": sha256_file(src)[0], "size": src.stat().st_size, **facts.to_dict()},
         "data": {"validation_samples": len(val), "calibration_samples": len(calib) if calib else 0,
                  "bundle_samples": n, "notes": data_note},
         "budget": opts.budget.to_dict(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,3 +46,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
 def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = 0o644) -> None:
     """Text variant of :func:`atomic_write_bytes` (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """The sha256 (hex) and size of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from ._fs import fsync_dir
+from ._fs import fsync_dir, sha256_file
 from .errors import (
     BundleError,
     BundleFormatError,
@@ -402,16 +402,6 @@ class VerifiedManifest:
     signatures: list[dict[str, str]]
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 def write_bundle(
     out_path: str | os.PathLike[str],
     manifest: Manifest,
@@ -422,7 +412,7 @@ def write_bundle(
     entries: dict[str, FileEntry] = {}
     for arcname in sorted(files):
         _check_relpath("write_bundle", arcname)
-        sha, size = _sha256_file(Path(files[arcname]))
+        sha, size = sha256_file(Path(files[arcname]))
         entries[arcname] = FileEntry(sha256=sha, size=size)
     created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest = replace(manifest, files=entries, created=created)
@@ -681,7 +671,7 @@ def read_installed(
             f = d.joinpath(*PurePosixPath(name).parts)
             if f.is_symlink() or not f.is_file():
                 raise BundleIntegrityError(f"{d}: {name} is missing or not a regular file")
-            digest, size = _sha256_file(f)
+            digest, size = sha256_file(f)
             if size != entry.size or digest != entry.sha256:
                 raise BundleIntegrityError(
                     f"{d}: {name} differs from the manifest (size {size}, sha256 {digest[:12]}…)"

@@ -106,7 +106,8 @@ class OutputCheck:
     reason: str = ""
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two flat vectors; two zero vectors count as identical, one zero vector as unrelated."""
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     if na == 0.0 and nb == 0.0:
         return 1.0
@@ -128,7 +129,7 @@ def compare_output(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance |
     if not np.all(np.isfinite(a)):
         return OutputCheck(name, float("inf"), 0.0, False, "output has NaN or Inf")
     max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
-    cos = _cosine(a, b)
+    cos = cosine_similarity(a, b)
     if tol is None:
         return OutputCheck(name, max_abs, cos, True)
     reasons = []
@@ -166,7 +167,7 @@ def check_channels(
         rc = r[ch]
         if float(np.max(np.abs(rc))) < tol.channel_floor or not np.any(rc != rc[0]):
             continue
-        cos = _cosine(g[ch], rc)
+        cos = cosine_similarity(g[ch], rc)
         if cos < worst_cos:
             worst, worst_cos = ch, cos
     ok = worst_cos >= tol.min_channel_cosine
