@@ -225,7 +225,17 @@ class Dispatcher:
 
             return self.installer.install(args["url"], args["sha256"], int(args["size"]), progress).to_dict()
         if kind == "rollback":
-            return self.installer.rollback(self._model_name(args, "rollback")).to_dict()
+            name = self._model_name(args, "rollback")
+            # Which bundle this command rolls back to is fixed at its first attempt: resumed after a crash that
+            # came after the pointer swap, it must not swap again (and serve the bundle it rolled back from).
+            key = f"rollback.{cmd_id}"
+            target = self.journal.db.get_meta(key)
+            if target is None:
+                ptr = self.installer.store.pointers().get(name)
+                if ptr is not None and ptr.previous is not None:
+                    target = ptr.previous
+                    self.journal.db.set_meta(key, target)
+            return self.installer.rollback(name, target=target).to_dict()
         if kind == "remove":
             name = args["name"]
             return {"name": name, "removed": self.installer.remove(name)}
@@ -279,6 +289,7 @@ class Dispatcher:
         if rt and rt != self.reply_topic:
             self.spool.add("reply", rt, payload, out_props, c)
         self.journal.finish(cmd_id, c)
+        c.execute("DELETE FROM meta WHERE key=?", (f"rollback.{cmd_id}",))
 
 
 def _salvage_id(payload: bytes) -> str | None:

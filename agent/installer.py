@@ -266,9 +266,18 @@ class Installer:
         self.registry.ready.set()
         return problems
 
-    def rollback(self, name: str) -> InstallResult:
-        """Serve ``name``'s previous bundle again (opened and self-tested first); the current one becomes previous."""
+    def rollback(self, name: str, target: str | None = None) -> InstallResult:
+        """Serve ``name``'s previous bundle again (opened and self-tested first); the current one becomes previous.
+
+        ``target``: the digest this rollback goes to, when it was decided before (a rollback command resumed after
+        a crash); if it already serves, nothing changes.
+        """
         ptr = self.store.pointers().get(name)
+        model = self.registry.get(name)
+        if target is not None and ptr is not None and ptr.active == target and model is not None \
+                and model.digest == target:
+            return InstallResult(name, model.version, ptr.active, ptr.previous, list(model.placement.serving),
+                                 already_active=True)
         if ptr is None or ptr.previous is None:
             what = "is not installed" if ptr is None else "has no previous bundle to roll back to"
             raise InstallError("rollback", NotInstalledError(f"model {name!r} {what}"))

@@ -17,7 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,9 +48,17 @@ class Spool:
         self.db = db
         self.max_records = max_records
         self.dropped_total = 0
+        self.in_flight: Callable[[], Collection[int]] = lambda: ()  # row ids paho holds (the Sender sets this)
 
     def add_telemetry(self, topic: str, make: Callable[[int, int], bytes]) -> tuple[int, int]:
-        """Store a telemetry record built by ``make(seq, dropped)`` in one transaction; returns (row id, seq)."""
+        """Store a telemetry record built by ``make(seq, dropped)`` in one transaction; returns (row id, seq).
+
+        Over the cap, the oldest stored records not already handed to paho (:attr:`in_flight`: paho retransmits
+        those itself after a reconnect, so dropping them would report records as lost that still arrive) are
+        deleted. ``dropped`` counts every record deleted since the last record stored, plus the counts that deleted
+        records carried themselves: the ``dropped`` fields of the records that do arrive add up exactly to the
+        records that never will.
+        """
         with self.db.tx() as c:
             seq = self.db.next_seq(c, "telemetry")
             row = c.execute("SELECT value FROM meta WHERE key='dropped_pending'").fetchone()
@@ -60,13 +68,21 @@ class Spool:
                             "VALUES('telemetry', ?, ?, '{}', ?)", (topic, payload, time.time()))
             rowid = int(cur.lastrowid or 0)
             (count,) = c.execute("SELECT COUNT(*) FROM outbox WHERE kind='telemetry'").fetchone()
-            over = count - self.max_records
-            if over > 0:
-                c.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE kind='telemetry' "
-                          "ORDER BY id LIMIT ?)", (over,))
-                self.dropped_total += over
+            pending = 0
+            if count > self.max_records:
+                protected = json.dumps(sorted(self.in_flight()))
+                (n_prot,) = c.execute("SELECT COUNT(*) FROM outbox WHERE kind='telemetry' AND id IN "
+                                      "(SELECT value FROM json_each(?))", (protected,)).fetchone()
+                over = count - int(n_prot) - self.max_records
+                if over > 0:
+                    victims = c.execute("SELECT id, payload FROM outbox WHERE kind='telemetry' AND id NOT IN "
+                                        "(SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+                                        (protected, over)).fetchall()
+                    c.executemany("DELETE FROM outbox WHERE id=?", [(v[0],) for v in victims])
+                    pending = len(victims) + sum(_carried(bytes(v[1])) for v in victims)
+                    self.dropped_total += len(victims)
             c.execute("INSERT INTO meta(key, value) VALUES('dropped_pending', ?) "
-                      "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(max(over, 0)),))
+                      "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(pending),))
         return rowid, seq
 
     def add_event(self, topic: str, make: Callable[[int], bytes]) -> int:
@@ -112,9 +128,27 @@ class Spool:
         return int(n)
 
 
+def _carried(payload: bytes) -> int:
+    """The ``dropped`` count a stored telemetry record carries (0 if unreadable)."""
+    try:
+        value = json.loads(payload).get("dropped", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return int(value) if isinstance(value, int) else 0
+
+
 class _Info(Protocol):
     def is_published(self) -> bool: ...
 
+
+class _Claimed:
+    """Stands for a row being handed to paho (not acknowledged)."""
+
+    def is_published(self) -> bool:
+        return False
+
+
+_CLAIMED = _Claimed()
 
 Publish = Callable[[str, bytes, dict[str, Any]], "_Info | None"]
 
@@ -132,6 +166,8 @@ class Sender:
         self.publish = publish
         self.window = window
         self._inflight: dict[int, _Info] = {}  # row id -> paho message info
+        self._inflight_lock = threading.Lock()
+        spool.in_flight = self._in_flight_ids
         self._wake = threading.Event()
         self._connected = False
         self._stop = threading.Event()
@@ -157,6 +193,10 @@ class Sender:
         """New rows were stored, or paho reported an acknowledgement."""
         self._wake.set()
 
+    def _in_flight_ids(self) -> list[int]:
+        with self._inflight_lock:
+            return list(self._inflight)
+
     def inflight(self) -> int:
         """Messages handed to paho and not yet acknowledged."""
         return len(self._inflight)
@@ -178,21 +218,33 @@ class Sender:
                 time.sleep(0.5)
 
     def _reap(self) -> None:
-        done = [rowid for rowid, info in list(self._inflight.items()) if info.is_published()]
+        with self._inflight_lock:
+            items = list(self._inflight.items())
+        done = [rowid for rowid, info in items if info.is_published()]
         if done:
             self.spool.ack(*done)
-            for rowid in done:
-                del self._inflight[rowid]
+            with self._inflight_lock:
+                for rowid in done:
+                    del self._inflight[rowid]
             self.acked += len(done)
 
     def _send_some(self) -> None:
         room = self.window - len(self._inflight)
         if room <= 0:
             return
-        for row in self.spool.pending(room, set(self._inflight)):
+        for row in self.spool.pending(room, set(self._in_flight_ids())):
             if not self._connected or self._stop.is_set():
                 return
+            # Claim the row under the database lock (the lock add_telemetry's cap holds): either the cap dropped it
+            # already, or it is in flight now and the cap leaves it alone. Never both published and counted dropped.
+            with self.spool.db.lock:
+                if self.spool.db.conn.execute("SELECT 1 FROM outbox WHERE id=?", (row.id,)).fetchone() is None:
+                    continue
+                with self._inflight_lock:
+                    self._inflight[row.id] = _CLAIMED
             info = self.publish(row.topic, row.payload, row.props)
-            if info is None:
-                return
-            self._inflight[row.id] = info
+            with self._inflight_lock:
+                if info is None:
+                    del self._inflight[row.id]
+                    return
+                self._inflight[row.id] = info

@@ -25,7 +25,8 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory):
     """
     from tests.conftest import Mosquitto
 
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto-durable"), extra_conf="user root\n")
+    # tests/conftest.py's Mosquitto now writes ``user root`` itself (a second one is a config error).
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto-durable"))
     yield broker
     broker.stop()
 
