@@ -221,7 +221,7 @@ def _fleet_rows(controller: str) -> list[dict[str, Any]]:
 def _print_table(say: Any, controller: str, agents: Sequence[_Agent]) -> None:
     """One line per agent from the controller's view (what the agents reported over MQTT), plus the client's p50."""
     rows = {r.get("device"): r for r in _fleet_rows(controller) if isinstance(r, dict)}
-    say(f"{'device':<14} {'state':<8} {'provider serving':<18} {'bundle':<14} {'p50 ms':>7} {'p95 ms':>7} "
+    say(f"{'device':<14} {'state':<8} {'provider serving':<18} {'bundle':<24} {'p50 ms':>7} {'p95 ms':>7} "
         f"{'req/s':>6} {'errors':>6} {'client p50':>10}")
     for a in agents:
         r = rows.get(a.name, {})
@@ -230,7 +230,7 @@ def _print_table(say: Any, controller: str, agents: Sequence[_Agent]) -> None:
         bundle = f"{m.get('version', '-')} {r.get('profile', '')}".strip()
         lat = sorted(a.latencies[-200:])
         client = f"{lat[len(lat) // 2]:.2f}" if lat else "-"
-        say(f"{a.name:<14} {r.get('state', '-'):<8} {prov:<18} {bundle[:14]:<14} {_fmt(m.get('p50')):>7} "
+        say(f"{a.name:<14} {r.get('state', '-'):<8} {prov:<18} {bundle[:24]:<24} {_fmt(m.get('p50')):>7} "
             f"{_fmt(m.get('p95')):>7} {m.get('throughput') or 0:>6.1f} {m.get('errors', 0):>6} {client:>10}")
 
 
