@@ -33,6 +33,7 @@ def _spool_rows(db: Path) -> int:
     return int(n)
 
 
+@pytest.mark.timeout(1800)  # the --long run is 10+ minutes (pyproject: 300 s per test)
 def test_broker_outage_drops_exactly_the_oldest_overflow_and_reports_it(tmp_path: Path, mosquitto, signing_key,
                                                                         long_run: bool, figures) -> None:
     outage_s = 600.0 if long_run else 25.0

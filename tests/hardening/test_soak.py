@@ -44,6 +44,7 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
+@pytest.mark.timeout(1800)  # the --long run is 10+ minutes (pyproject: 300 s per test)
 def test_soak_with_cut_connections_and_agent_kills_loses_no_record(
         tmp_path: Path, mosquitto, signing_key, long_run: bool, figures) -> None:
     from edgefleet.fleet.controller import Controller, ControllerConfig
