@@ -8,6 +8,7 @@ their input. Every step is listed in :data:`STEPS`; a plan is a list of ``(step 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import logging
@@ -82,7 +83,7 @@ def _load(path: Path) -> Any:
         raise InputError(f"{path}: not a readable ONNX model: {exc}") from exc
 
 
-class Step:
+class Step(abc.ABC):
     """Base of every step: subclasses set ``name`` and ``Config`` and implement ``run``."""
 
     name: ClassVar[str] = ""
@@ -91,9 +92,9 @@ class Step:
     def __init__(self) -> None:
         self.notes: dict[str, Any] = {}
 
-    def run(self, model: Path, out_dir: Path, config: Any) -> Path:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def run(self, model: Path, out_dir: Path, config: Any) -> Path:
         """Read ``model``, write ``out_dir/model.onnx`` and return its path."""
-        raise NotImplementedError
 
 
 # -- check ------------------------------------------------------------------------------------------------------------
