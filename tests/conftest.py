@@ -172,7 +172,8 @@ class Mosquitto:
                     return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {self.log.read_text() if self.log.exists() else ''}")
+                    log = self.log.read_text() if self.log.exists() else ""
+                    raise RuntimeError(f"mosquitto exited: {log}") from None
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening within 10 s")
 
