@@ -67,6 +67,7 @@ system-deps:
 	fi
 
 test: setup setup-openvino $(OLD_VENV)/.installed
+	$(VENV)/bin/ruff check sdk devices packager agent fleet tests bench
 	$(MAKE) --no-print-directory test-cpu
 	$(MAKE) --no-print-directory test-openvino
 	$(MAKE) --no-print-directory test-ort-oldest
