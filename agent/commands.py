@@ -284,7 +284,7 @@ class Dispatcher:
                                  step=getattr(error, "step", ""))
         payload = protocol.encode(msg)
         out_props = {"correlation": props["correlation"]} if props.get("correlation") else {}
-        self.spool.add("reply", self.reply_topic, payload, out_props, c)
+        self.spool.add("reply", self.reply_topic, payload, out_props, c, ref=cmd_id)
         rt = props.get("response_topic")
         if rt and rt != self.reply_topic:
             self.spool.add("reply", rt, payload, out_props, c)

@@ -18,6 +18,8 @@ from urllib.parse import unquote, urlsplit
 from edgefleet.sdk.errors import ConfigError
 from edgefleet.sdk.protocol import check_id
 
+from .spool import RECEIPT_MODES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -79,6 +81,8 @@ class AgentConfig:
     allow_fallback: bool = False
     telemetry_interval_s: float = 10.0
     spool_max_records: int = 10_000
+    receipts: str = "auto"
+    resend_after_s: float = 10.0
     require_signed_commands: bool = True
     max_bundle_bytes: int = 4 << 30
     download_timeout_s: float = 30.0
@@ -94,7 +98,7 @@ _SECTIONS: dict[str, set[str]] = {
               "allow_fallback", "log_level"},
     "mqtt": {"url", "ca_file", "cert_file", "key_file", "username", "password", "keepalive_s", "session_expiry_s",
              "reconnect_min_s", "reconnect_max_s", "client_id"},
-    "telemetry": {"interval_s", "spool_max_records"},
+    "telemetry": {"interval_s", "spool_max_records", "receipts", "resend_after_s"},
     "api": {"listen", "max_body_bytes"},
     "install": {"max_bundle_bytes", "download_timeout_s", "download_max_s", "ca_file"},
     "commands": {"require_signed"},
@@ -257,6 +261,9 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
             check_id("agent.tags", t)
         except ValueError as exc:
             raise r.err("agent.tags", str(exc)) from exc
+    receipts = r.text("telemetry.receipts", "auto")
+    if receipts not in RECEIPT_MODES:
+        raise r.err("telemetry.receipts", f"must be one of {', '.join(RECEIPT_MODES)}, got {receipts!r}")
     level = r.text("agent.log_level", "info").lower()
     if level not in _LOG_LEVELS:
         raise r.err("agent.log_level", f"must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
@@ -280,6 +287,8 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         allow_fallback=r.flag("agent.allow_fallback", False),
         telemetry_interval_s=r.num("telemetry.interval_s", 10.0, 0.01, 3600),
         spool_max_records=r.num("telemetry.spool_max_records", 10_000, 10, 10_000_000, integer=True),
+        receipts=receipts,
+        resend_after_s=r.num("telemetry.resend_after_s", 10.0, 0.1, 24 * 3600),
         require_signed_commands=r.flag("commands.require_signed", True),
         max_bundle_bytes=r.num("install.max_bundle_bytes", AgentConfig.max_bundle_bytes, 1, 1 << 40, integer=True),
         download_timeout_s=r.num("install.download_timeout_s", 30.0, 0.1, 3600),

@@ -66,7 +66,7 @@ class Agent:
         self.store = Store(cfg.data_dir)
         self.db = Database(self.store.state / "agent.db")
         self.journal = Journal(self.db)
-        self.spool = Spool(self.db, cfg.spool_max_records)
+        self.spool = Spool(self.db, cfg.spool_max_records, cfg.receipts)
         self.registry = Registry()
         self.trusted = TrustedKeys.from_paths(cfg.trusted_keys)
         if not len(self.trusted):
@@ -88,8 +88,9 @@ class Agent:
             self.api = ApiServer(host, port, self.registry, cfg.api.max_body_bytes)
         self.link = MqttLink(cfg.broker, cfg.fleet, cfg.device, self.boot, describe=self.describe,
                              on_command=self._on_command, on_connected=self._on_connected,
-                             on_published=lambda: self.sender.wake())
-        self.sender = Sender(self.spool, self.link.publish)
+                             on_published=lambda: self.sender.wake(),
+                             on_receipt=(lambda r: self.sender.receipt(r)) if cfg.receipts != "off" else None)
+        self.sender = Sender(self.spool, self.link.publish, resend_after_s=cfg.resend_after_s)
         self.reporter = Reporter(cfg.device, self.boot, self.link.topic("telemetry"), self.registry, self.spool,
                                  interval_s=self._initial_interval(), wake_sender=self.sender.wake,
                                  status=lambda: {"spool": self.spool.count("telemetry"),
@@ -117,7 +118,7 @@ class Agent:
         """Store an event in the outbox (published on the events channel)."""
         topic = self.link.topic("events")
         self.spool.add_event(topic, lambda seq: protocol.encode(
-            protocol.event(self.cfg.device, self.boot, seq, kind, message, level=level, data=data)))
+            protocol.event(self.cfg.device, self.boot, seq, kind, message, level=level, data=data)), boot=self.boot)
         self.sender.wake()
 
     def configure(self, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,6 +200,10 @@ class Agent:
         # What is not acknowledged by then stays in the outbox and goes out after the next start.
         deadline = time.monotonic() + 5.0
         while self.link.connected.is_set() and not self.sender.drained() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # A moment more for the controller's receipts, so the next start need not send those rows again.
+        deadline = min(deadline, time.monotonic() + 1.0)
+        while self.link.connected.is_set() and not self.sender.drained(confirmed=True) and time.monotonic() < deadline:
             time.sleep(0.02)
         self.link.stop("shutdown")
         self.sender.stop()

@@ -24,7 +24,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     props TEXT NOT NULL DEFAULT '{}',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    boot TEXT,                     -- telemetry and events: (boot, seq) as in the payload; what a receipt names
+    seq INTEGER,
+    ref TEXT,                      -- replies: the command id
+    delivered REAL                 -- when the broker acknowledged it (NULL: not yet); kept until a receipt
 );
 CREATE INDEX IF NOT EXISTS outbox_kind ON outbox(kind, id);
 CREATE TABLE IF NOT EXISTS commands (
@@ -56,6 +60,12 @@ class Database:
             cols = {row[1] for row in self.conn.execute("PRAGMA table_info(commands)")}
             if "attempts" not in cols:  # a data dir from before the column existed
                 self.conn.execute("ALTER TABLE commands ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+            cols = {row[1] for row in self.conn.execute("PRAGMA table_info(outbox)")}
+            for col, decl in (("boot", "TEXT"), ("seq", "INTEGER"), ("ref", "TEXT"), ("delivered", "REAL")):
+                if col not in cols:  # a data dir from before receipts: its rows have no key and go on PUBACK
+                    self.conn.execute(f"ALTER TABLE outbox ADD COLUMN {col} {decl}")
+            self.conn.execute("CREATE INDEX IF NOT EXISTS outbox_key ON outbox(kind, boot, seq)")
+            self.conn.execute("CREATE INDEX IF NOT EXISTS outbox_ref ON outbox(ref)")
         except sqlite3.Error as exc:
             raise ConfigError(f"agent.data_dir: cannot open {self.path}: {exc}") from exc
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from edgefleet.sdk import protocol
-from edgefleet.sdk.errors import ConfigError
+from edgefleet.sdk.errors import ConfigError, ProtocolError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -43,7 +43,8 @@ class MqttLink:
     def __init__(self, broker: BrokerConfig, fleet: str, device: str, boot: str, *,
                  describe: Callable[[], dict[str, Any]], on_command: Callable[[paho.MQTTMessage], None],
                  on_connected: Callable[[bool], None] | None = None,
-                 on_published: Callable[[], None] | None = None) -> None:
+                 on_published: Callable[[], None] | None = None,
+                 on_receipt: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.broker = broker
         self.fleet = fleet
         self.device = device
@@ -52,6 +53,8 @@ class MqttLink:
         self.on_command = on_command
         self.on_connected = on_connected or (lambda up: None)
         self.on_published = on_published or (lambda: None)
+        self.on_receipt = on_receipt
+        self._bad_receipts = 0
         self.connected = threading.Event()
         self.connects = 0
         self._stop = threading.Event()
@@ -155,7 +158,10 @@ class MqttLink:
             log.error("broker refused the connection", extra={"reason": str(reason)})
             return
         self.connects += 1
-        client.subscribe(self.topic("cmd"), qos=1)
+        subs = [(self.topic("cmd"), 1)]
+        if self.on_receipt is not None:
+            subs.append((self.topic("receipt"), 1))
+        client.subscribe(subs)
         birth = protocol.status(self.device, "online", boot=self.boot, description=self.describe())
         client.publish(self.topic("status"), protocol.encode(birth), qos=1, retain=True)
         self.connected.set()
@@ -169,6 +175,10 @@ class MqttLink:
         self.on_connected(False)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if message.topic == self.topic("receipt"):
+            self._receipt(message)
+            client.ack(message.mid, message.qos)  # a lost receipt costs a resend, never a message
+            return
         try:
             self.on_command(message)
         except Exception:
@@ -176,6 +186,19 @@ class MqttLink:
             log.exception("command could not be journaled", extra={"topic": message.topic})
             return
         client.ack(message.mid, message.qos)
+
+    def _receipt(self, message: paho.MQTTMessage) -> None:
+        try:
+            parsed = protocol.parse_receipt(message.payload)
+            if parsed["device"] != self.device:
+                raise ProtocolError(f"receipt is for device {parsed['device']!r}, not {self.device!r}")
+        except ProtocolError as exc:
+            self._bad_receipts += 1
+            if self._bad_receipts <= 3:  # a broken or hostile controller must not flood the log
+                log.warning("ignored a malformed receipt", extra={"error": str(exc)})
+            return
+        if self.on_receipt is not None:
+            self.on_receipt(parsed)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if getattr(reason, "is_failure", False):

@@ -165,7 +165,7 @@ class Reporter:
                                      system=system, dropped=dropped)
             return protocol.encode(rec)
 
-        _, seq = self.spool.add_telemetry(self.topic, make)
+        _, seq = self.spool.add_telemetry(self.topic, make, boot=self.boot)
         self.records += 1
         self.last_seq = seq
         self.wake_sender()

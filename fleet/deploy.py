@@ -39,6 +39,8 @@ from .store import TERMINAL_STATES, Store
 __all__ = ["BundleLibrary", "Decision", "Deployer", "RolloutPolicy", "Selector", "compare"]
 
 log = logging.getLogger(__name__)
+# A device that connected again this long ago and still has not reported progress on its deploy did not get it.
+RESEND_GRACE_S = 5.0
 
 Publish = Callable[[str, dict[str, Any]], None]  # (device, command) -> sent
 
@@ -271,6 +273,8 @@ class Deployer:
         self._threads: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
         self._bundles: dict[str, StoredBundle] = {}  # verified once per deployment, not once per device
+        self._sent_at: dict[tuple[str, str], float] = {}  # (deployment, device) -> when its deploy went out
+        self.resent = 0
 
     def create(self, bundle_ids: Sequence[str], selector: Selector, policy: RolloutPolicy,
                *, start: bool = True) -> dict[str, Any]:
@@ -357,15 +361,36 @@ class Deployer:
             t.join(timeout_s)
 
     # commands ------------------------------------------------------------------------------------------------------
-    def _send_deploy(self, dep_id: str, t: Mapping[str, Any]) -> None:
+    def _send_deploy(self, dep_id: str, t: Mapping[str, Any], cmd_id: str | None = None) -> None:
         b = self._bundles.get(t["sha256"])
         if b is None:  # a rollout resumed from another controller: verify its bundle once here
             b = self._bundles[t["sha256"]] = self.library.get(t["sha256"])
         cmd = command("deploy", {"url": f"{self.public_url}/bundles/{b.filename}", "sha256": b.sha256,
-                                 "size": b.size})
-        # The command id is stored before publishing, so a fast reply always finds its target.
-        self.store.update_target(dep_id, t["device"], cmd_id=cmd["id"])
+                                 "size": b.size}, cmd_id=cmd_id)
+        if cmd_id is None:
+            # The command id is stored before publishing, so a fast reply always finds its target.
+            self.store.update_target(dep_id, t["device"], cmd_id=cmd["id"])
+        self._sent_at[(dep_id, t["device"])] = time.time()
         self.publish(t["device"], cmd)
+
+    def _resend_lost(self, dep_id: str, targets: Sequence[Mapping[str, Any]]) -> None:
+        """Send a deploy again, same id, to a device that connected after it went out and has not started on it.
+
+        The broker queues a command for an offline device in its session, but a broker restart can lose that
+        session (Mosquitto 2.0.11 restores no MQTT 5 session), and with it the command. The agent runs a command id
+        once, so a copy it did get only makes it send its progress again.
+        """
+        now = time.time()
+        for t in targets:
+            if t["state"] != "pending" or not t["cmd_id"]:
+                continue
+            dev = self.store.device(self.fleet, t["device"])
+            sent = self._sent_at.setdefault((dep_id, t["device"]), float(t.get("updated") or now))
+            if dev and dev["state"] == "online" and dev["status_ts"] > sent and now - dev["status_ts"] > RESEND_GRACE_S:
+                log.warning("deployment %s: %s reconnected without starting command %s; sending it again", dep_id,
+                            t["device"], t["cmd_id"])
+                self._send_deploy(dep_id, t, cmd_id=t["cmd_id"])
+                self.resent += 1
 
     def _send_rollback(self, dep_id: str, device: str, name: str) -> None:
         # The model name tells an agent serving several models which one to roll back.
@@ -413,6 +438,7 @@ class Deployer:
             ts = self._targets(dep_id, phase)
             if all(t["state"] in TERMINAL_STATES for t in ts):
                 return ts
+            self._resend_lost(dep_id, ts)
             if time.monotonic() > deadline:
                 for t in ts:
                     if t["state"] not in TERMINAL_STATES:

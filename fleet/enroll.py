@@ -11,10 +11,11 @@ An enrollment directory holds everything the broker and the devices need::
     devices/<device>/     what to copy to the device: password or client.pem/client.key + ca.pem, agent-mqtt.toml
 
 A device may publish only ``edgefleet/v1/<fleet>/<device>/{status,telemetry,events,reply}`` and read only its own
-``cmd``; a controller reads every device's status/telemetry/events/reply (shared subscriptions included) and writes
-every device's ``cmd``. Nobody reads ``$SYS``. ``use_username_as_clientid`` makes the broker use the authenticated
-name as the client id, so a client holding other credentials can never take over a device's session by reusing its
-client id (with certificates, ``use_identity_as_username`` makes the certificate's CN that name).
+``cmd`` and ``receipt``; a controller reads every device's status/telemetry/events/reply (shared subscriptions
+included) and writes every device's ``cmd`` and ``receipt``. Nobody reads ``$SYS``. ``use_username_as_clientid``
+makes the broker use the authenticated name as the client id, so a client holding other credentials can never take
+over a device's session by reusing its client id (with certificates, ``use_identity_as_username`` makes the
+certificate's CN that name).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from edgefleet.sdk.errors import ConfigError, ProtocolError
 
 __all__ = [
     "DEVICE_PUBLISH",
+    "DEVICE_READ",
     "Enrollment",
     "acl_text",
     "enroll",
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 DEVICE_PUBLISH = ("status", "telemetry", "events", "reply")
+DEVICE_READ = ("cmd", "receipt")
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default; the passwords are 32 random bytes, not guessable words
 _ROLES = ("device", "controller")
 
@@ -93,10 +96,10 @@ def _account_acl(name: str, info: dict[str, str]) -> list[str]:
     lines = [f"user {name}"]
     if info["role"] == "device":
         lines += [f"topic write {protocol.topic(fleet, name, ch)}" for ch in DEVICE_PUBLISH]
-        lines.append(f"topic read {protocol.topic(fleet, name, 'cmd')}")
+        lines += [f"topic read {protocol.topic(fleet, name, ch)}" for ch in DEVICE_READ]
     else:
         lines += [f"topic read {protocol.subscription(fleet, ch)}" for ch in DEVICE_PUBLISH]
-        lines.append(f"topic write {protocol.subscription(fleet, 'cmd')}")
+        lines += [f"topic write {protocol.subscription(fleet, ch)}" for ch in DEVICE_READ]
     return lines
 
 

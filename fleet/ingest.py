@@ -9,6 +9,9 @@ One paho-mqtt MQTT 5 client per controller holds a persistent session and subscr
 
 Messages are acknowledged by hand, only after the batch holding them is committed: a controller that dies loses
 nothing (the broker redelivers), and what it had already committed is de-duplicated on ``(device, boot, seq)``.
+Then each device whose messages were in the batch gets a ``receipt`` (QoS 1) naming them: the agent keeps every
+record until one does, and sends again what a receipt skipped, so a broker that acknowledged a message and then
+lost it (a restart: Mosquitto 2.0.11 keeps neither MQTT 5 sessions nor shared subscriptions) loses nothing either.
 The network thread only queues; a writer thread validates with :mod:`edgefleet.sdk.protocol`, writes batches in one
 transaction and acks. A payload that is malformed, oversized, of an unknown protocol version or about another device
 is counted per channel and reason, logged once per (device, channel), acked and dropped: it never stops ingest.
@@ -32,12 +35,15 @@ from edgefleet.sdk.errors import ProtocolError
 from edgefleet.sdk.protocol import (
     MAX_PAYLOAD,
     check_id,
+    encode,
     parse_event,
     parse_reply,
     parse_status,
     parse_telemetry,
     parse_topic,
+    receipt,
     subscription,
+    topic,
 )
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -62,6 +68,7 @@ class IngestStats:
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)  # per (channel, reason)
     rejected_devices: Counter[str] = field(default_factory=Counter)  # per device id ("?" when the topic is bad)
     batches: int = 0
+    receipts: int = 0  # receipt messages published to agents
     write_errors: int = 0
     last_batch_s: float = 0.0
 
@@ -70,7 +77,8 @@ class IngestStats:
         return {
             "received": dict(self.received), "stored": dict(self.stored), "duplicates": dict(self.duplicates),
             "rejected": [{"channel": c, "reason": r, "count": n} for (c, r), n in sorted(self.rejected.items())],
-            "rejected_total": sum(self.rejected.values()), "batches": self.batches, "write_errors": self.write_errors,
+            "rejected_total": sum(self.rejected.values()), "batches": self.batches, "receipts": self.receipts,
+            "write_errors": self.write_errors,
         }
 
 
@@ -92,7 +100,7 @@ class Ingestor:
     """Subscribe, validate, batch, write, ack. ``start()`` returns once subscribed; ``stop()`` flushes."""
 
     def __init__(self, store: Store, *, broker: str, fleet: str, client_id: str, share_group: str = "edgefleet",
-                 batch_max: int = 500, session_expiry_s: int = 3600,
+                 batch_max: int = 500, session_expiry_s: int = 3600, receipts: bool = True,
                  on_write: Callable[[WriteResult], None] | None = None) -> None:
         self.store = store
         self.fleet = check_id("fleet", fleet)
@@ -101,6 +109,7 @@ class Ingestor:
         self.broker = parse_broker_url(broker)
         self.batch_max = batch_max
         self.session_expiry_s = session_expiry_s
+        self.receipts = receipts
         self.on_write = on_write
         self.stats = IngestStats()
         self._q: queue.Queue[tuple[str, bytes, int, int, int]] = queue.Queue(maxsize=100_000)
@@ -227,8 +236,29 @@ class Ingestor:
             # A message id from before a reconnect may now name another, unwritten message: never ack across.
             if qos > 0 and item_gen == gen:
                 self.client.ack(mid, qos)
+        if self.receipts:
+            self._send_receipts(batch)
         self.stats.batches += 1
         self.stats.last_batch_s = time.time()
+
+    def _send_receipts(self, batch: Batch) -> None:
+        """Tell each device what of it is now stored (new rows and duplicates alike: both are in the store)."""
+        seqs: dict[tuple[str, str], dict[str, set[int]]] = {}  # (device, "telemetry" | "events") -> boot -> seqs
+        replies: dict[str, set[str]] = {}
+        for kind, objs in (("telemetry", batch.telemetry), ("events", batch.events)):
+            for o in objs:
+                seq, boot = o.get("seq"), o.get("boot")
+                if type(seq) is int and 0 <= seq < 2**63 and isinstance(boot, str):  # what an agent can key by
+                    seqs.setdefault((o["device"], kind), {}).setdefault(boot, set()).add(seq)
+        for o in batch.replies:
+            replies.setdefault(o["device"], set()).add(o["id"])
+        for device in {d for d, _ in seqs} | set(replies):
+            msg = receipt(device, telemetry=seqs.get((device, "telemetry")), events=seqs.get((device, "events")),
+                          replies=replies.get(device, ()))
+            info = self.client.publish(topic(self.fleet, device, "receipt"), encode(msg), qos=1)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self.stats.receipts += 1
+            # Not connected: paho queues it; and a receipt that never arrives only makes the agent send again.
 
     def _write(self, batch: Batch) -> bool:
         """Write a batch; isolate messages the store cannot take; wait out a store outage. False: gave up (stop)."""

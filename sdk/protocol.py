@@ -11,6 +11,11 @@ schema and raise :class:`ProtocolError` with one line naming the field. Both end
 | events    | agent      | 1   | no       | :func:`event`      |
 | cmd       | controller | 1   | no       | :func:`command`    |
 | reply     | agent      | 1   | no       | :func:`reply`      |
+| receipt   | controller | 1   | no       | :func:`receipt`    |
+
+A ``receipt`` tells an agent which of its telemetry records, events and replies a controller has *stored*: the agent
+keeps each one on disk until then and sends it again if a receipt for later ones comes first (the broker lost it:
+Mosquitto 2.0.11, for one, keeps neither MQTT 5 sessions nor shared subscriptions across its own restart).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,10 +53,12 @@ __all__ = [
     "event",
     "parse_command",
     "parse_event",
+    "parse_receipt",
     "parse_reply",
     "parse_status",
     "parse_telemetry",
     "parse_topic",
+    "receipt",
     "reply",
     "sign_command",
     "status",
@@ -63,7 +70,7 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 ROOT = "edgefleet/v1"
-CHANNELS = ("status", "telemetry", "events", "cmd", "reply")
+CHANNELS = ("status", "telemetry", "events", "cmd", "reply", "receipt")
 COMMAND_KINDS = ("deploy", "rollback", "remove", "benchmark", "describe", "configure")
 MAX_PAYLOAD = 256 * 1024
 SKETCH_ALPHA = 0.01
@@ -390,4 +397,52 @@ def parse_reply(data: bytes | str) -> dict[str, Any]:
         _req(err, "message", str, "reply.error")
     else:
         raise ProtocolError(f"reply: status must be ok or error, got {obj.get('status')!r}")
+    return obj
+
+
+# -- receipts -------------------------------------------------------------------------------------------------------
+
+MAX_RECEIPT_RANGES = 1000
+"""Seq ranges per boot and kind in one receipt (a controller batch of 500 messages needs at most 500)."""
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[list[int]]:
+    """Sorted inclusive ``[first, last]`` ranges covering ``seqs``: ``{1, 2, 3, 7}`` → ``[[1, 3], [7, 7]]``."""
+    out: list[list[int]] = []
+    for s in sorted(set(seqs)):
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
+
+
+def receipt(device: str, *, telemetry: Mapping[str, Iterable[int]] | None = None,
+            events: Mapping[str, Iterable[int]] | None = None, replies: Iterable[str] = ()) -> dict[str, Any]:
+    """What a controller has stored of one device's messages: telemetry and event seqs per boot, reply ids."""
+    return {"v": 1, "device": device, "ts": time.time(),
+            "telemetry": {b: seq_ranges(s) for b, s in (telemetry or {}).items()},
+            "events": {b: seq_ranges(s) for b, s in (events or {}).items()},
+            "replies": sorted(set(replies))}
+
+
+def parse_receipt(data: bytes | str) -> dict[str, Any]:
+    """Validate a receipt: ``telemetry``/``events`` map a boot to ``[first, last]`` seq ranges, ``replies`` ids."""
+    what = "receipt"
+    obj = decode(data, what)
+    check_id("receipt.device", obj.get("device"))
+    for key in ("telemetry", "events"):
+        per_boot = _req(obj, key, dict, what)
+        for boot, ranges in per_boot.items():
+            w = f"receipt.{key}[{boot[:40]!r}]"
+            if not isinstance(ranges, list) or len(ranges) > MAX_RECEIPT_RANGES:
+                raise ProtocolError(f"{w}: must be a list of at most {MAX_RECEIPT_RANGES} ranges")
+            for r in ranges:
+                if (not isinstance(r, list) or len(r) != 2 or not all(type(x) is int for x in r)
+                        or not 0 <= r[0] <= r[1] < 2**63):
+                    raise ProtocolError(f"{w}: a range must be [first, last] with 0 <= first <= last < 2^63, "
+                                        f"got {str(r)[:60]}")
+    replies = _req(obj, "replies", list, what)
+    for r in replies:
+        check_id("receipt.replies[]", r)
     return obj

@@ -92,3 +92,100 @@ def test_spool_caps_telemetry_drops_oldest_and_reports_it(tmp_path: Path) -> Non
     # seq survives a reopen (a restart)
     again = Spool(Database(tmp_path / "agent.db"), max_records=5)
     assert again.add_telemetry("t/telemetry", make)[1] == 10
+
+
+class _Acked:
+    def is_published(self) -> bool:
+        return True
+
+
+def _tele(spool: Spool, boot: str = "b1") -> int:
+    return spool.add_telemetry("t/telemetry", lambda seq, dropped: protocol.encode(
+        protocol.telemetry("d", boot, seq, [], interval_s=1.0, dropped=dropped)), boot=boot)[1]
+
+
+def test_spool_keeps_delivered_rows_until_a_receipt_names_them_once_receipts_were_seen(tmp_path: Path) -> None:
+    spool = Spool(Database(tmp_path / "agent.db"), max_records=100)
+    assert not spool.receipts  # auto: no controller has sent one yet, so a PUBACK is final
+    first = [_tele(spool) for _ in range(2)]
+    spool.ack(*[r.id for r in spool.pending(10)])
+    assert spool.count() == 0
+    spool.confirm(protocol.parse_receipt(protocol.encode(protocol.receipt("d", telemetry={"b1": first}))))
+    assert spool.receipts and Spool(Database(tmp_path / "agent.db")).receipts  # persisted for the next start
+    seqs = [_tele(spool) for _ in range(5)]
+    spool.add("reply", "t/reply", b"{}", ref="cmd-1")
+    spool.add("reply", "other/topic", b"{}", ref=None)  # a copy for another consumer: no receipt will name it
+    spool.ack(*[r.id for r in spool.pending(10)])
+    assert spool.count() == 6 and spool.unconfirmed() == 6 and spool.pending(10) == []
+    # a receipt for another boot, or for seqs it never sent, changes nothing
+    spool.confirm(protocol.receipt("d", telemetry={"b0": seqs}))
+    assert spool.count() == 6
+    spool.confirm(protocol.receipt("d", telemetry={"b1": [seqs[0], seqs[1], seqs[3]]}, replies=["cmd-1"]))
+    assert spool.pending(10) == [] and spool.count() == 2
+    assert spool.requeue(delivered_before=time.time() + 1) == 2
+    assert sorted(json.loads(r.payload)["seq"] for r in spool.pending(10)) == [seqs[2], seqs[4]]
+
+
+def test_spool_cap_does_not_count_delivered_rows_as_dropped(tmp_path: Path) -> None:
+    spool = Spool(Database(tmp_path / "agent.db"), max_records=10, receipts="on")
+    for _ in range(4):
+        _tele(spool)
+    spool.ack(*[r.id for r in spool.pending(10)])  # delivered, awaiting a receipt
+    for _ in range(8):
+        _tele(spool)
+    # 12 stored, cap 10: the two oldest (delivered) rows went; the broker has them, so they are not reported lost
+    assert spool.count("telemetry") == 10 and spool.dropped_total == 0
+    for _ in range(4):
+        _tele(spool)
+    assert spool.dropped_total == 2  # now undelivered rows had to go: those are reported
+    rows = spool.pending(100)
+    assert json.loads(rows[-1].payload)["dropped"] == 1
+
+
+def test_sender_resends_only_what_a_later_receipt_skipped(tmp_path: Path) -> None:
+    from edgefleet.agent.spool import Sender
+
+    spool = Spool(Database(tmp_path / "agent.db"), max_records=100, receipts="on")
+    sent: list[int] = []
+
+    def publish(topic: str, payload: bytes, props: dict) -> _Acked:
+        sent.append(json.loads(payload)["seq"])
+        return _Acked()
+
+    sender = Sender(spool, publish, resend_after_s=0.2)
+    sender.set_connected(True)
+    sender.start()
+    try:
+        seqs = [_tele(spool) for _ in range(6)]
+        sender.wake()
+        wait_until(lambda: spool.unconfirmed() == 6, 5, what="all delivered")
+        time.sleep(1.5)  # no receipt yet: the controller may be away, so nothing is resent
+        assert sorted(sent) == seqs
+        time.sleep(0.3)
+        sender.receipt(protocol.receipt("d", telemetry={"b1": seqs[:2] + seqs[3:5]}))
+        wait_until(lambda: len(sent) == 8, 5, what="the two skipped records resent")
+        assert sorted(sent[6:]) == [seqs[2], seqs[5]]
+        sender.receipt(protocol.receipt("d", telemetry={"b1": [seqs[2], seqs[5]]}))
+        wait_until(lambda: spool.count() == 0, 5, what="outbox empty")
+        assert sender.resent == 2 and sender.confirmed == 6 and sender.drained(confirmed=True)
+    finally:
+        sender.stop()
+
+
+def test_acknowledged_sees_the_puback_of_a_message_paho_queued_while_disconnected(mosquitto) -> None:
+    import paho.mqtt.client as mqtt
+    from edgefleet.agent.spool import acknowledged
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="noconn-test", protocol=mqtt.MQTTv5)
+    info = c.publish("edgefleet/v1/testfleet/noconn/telemetry", b"{}", qos=1)  # not connected yet
+    assert info.rc == mqtt.MQTT_ERR_NO_CONN
+    c.connect(mosquitto.host, mosquitto.port)
+    c.loop_start()
+    try:
+        wait_until(lambda: acknowledged(info), 10, what="PUBACK of the queued message")
+        with pytest.raises(RuntimeError):  # what stalled the outbox: paho's own check raises for ever
+            info.is_published()
+    finally:
+        c.disconnect()
+        c.loop_stop()

@@ -17,15 +17,17 @@ __all__ = ["FLEET", "AgentProc", "Watcher", "http_json", "make_agent", "serving_
 
 
 def make_agent(tmp: Path, broker_url: str, trusted_pub: Path, *, device: str | None = None, require_signed: bool = True,
-               extra: str = "", spool_max_records: int | None = None, **kw: Any) -> AgentProc:
-    """An agent subprocess (not started) with its own config and data dir under ``tmp``."""
+               extra: str = "", spool_max_records: int | None = None, telemetry: str = "", **kw: Any) -> AgentProc:
+    """An agent subprocess (not started) with its own config and data dir under ``tmp``; ``telemetry``: more lines
+    for its [telemetry] section."""
     device = device or f"dev-{uuid.uuid4().hex[:8]}"
     data_dir = tmp / f"data-{device}"
     cfg = write_config(tmp / f"{device}.toml", device=device, broker_url=broker_url, data_dir=data_dir,
                        trusted=trusted_pub, require_signed=require_signed, extra=extra, **kw)
     if spool_max_records is not None:
-        line = f"spool_max_records = {spool_max_records}\n"
-        cfg.write_text(cfg.read_text().replace("[telemetry]\n", f"[telemetry]\n{line}"))
+        telemetry += f"\nspool_max_records = {spool_max_records}"
+    if telemetry:
+        cfg.write_text(cfg.read_text().replace("[telemetry]\n", f"[telemetry]\n{telemetry.strip()}\n"))
     a = AgentProc(cfg, data_dir)
     a.device = device  # type: ignore[attr-defined]
     return a

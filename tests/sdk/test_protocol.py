@@ -112,6 +112,14 @@ def test_reply_roundtrip_ok_and_error() -> None:
     assert err["error"] == {"code": "bundle.signature", "message": "untrusted", "step": "verify"}
 
 
+def test_receipt_roundtrip_packs_seqs_into_ranges_per_boot() -> None:
+    r = p.parse_receipt(p.encode(p.receipt("dev1", telemetry={"b1": [5, 1, 2, 3, 9], "b0": [7]},
+                                           events={"b1": [4]}, replies=["c-2", "c-1", "c-2"])))
+    assert r["telemetry"] == {"b1": [[1, 3], [5, 5], [9, 9]], "b0": [[7, 7]]}
+    assert r["events"] == {"b1": [[4, 4]]} and r["replies"] == ["c-1", "c-2"]
+    assert p.seq_ranges([]) == [] and p.seq_ranges(range(10, 0, -1)) == [[1, 10]]
+
+
 # -- payloads: malformed ones are refused, naming the field ------------------------------------------------------
 
 def _bad(builder_output: dict, **changes: object) -> bytes:
@@ -134,6 +142,7 @@ _STATUS = p.status("dev1", "online", boot="b")
 _TELEMETRY = p.telemetry("dev1", "b", 1, [_model_entry([1.0])], interval_s=5.0)
 _EVENT = p.event("dev1", "b", 1, "install", "ok")
 _REPLY = p.reply("c-1", "dev1", True)
+_RECEIPT = p.receipt("dev1", telemetry={"b": [1]})
 
 
 @pytest.mark.parametrize(
@@ -177,6 +186,15 @@ _REPLY = p.reply("c-1", "dev1", True)
         (p.parse_reply, _bad(_REPLY, id=""), "reply.id"),
         (p.parse_reply, _bad(_REPLY, result=_DROP), "missing field 'result'"),
         (p.parse_reply, _bad(_REPLY, status="error"), "missing field 'error'"),
+        (p.parse_receipt, _bad(_RECEIPT, device="#"), "receipt.device"),
+        (p.parse_receipt, _bad(_RECEIPT, telemetry=[]), "field 'telemetry' has type list"),
+        (p.parse_receipt, _bad(_RECEIPT, telemetry={"b": [[3, 1]]}), "first <= last"),
+        (p.parse_receipt, _bad(_RECEIPT, telemetry={"b": [[1, 2, 3]]}), "a range must be"),
+        (p.parse_receipt, _bad(_RECEIPT, telemetry={"b": [[True, 2]]}), "a range must be"),
+        (p.parse_receipt, _bad(_RECEIPT, events={"b": [[0, 2**63]]}), "a range must be"),
+        (p.parse_receipt, _bad(_RECEIPT, events={"b": [[1, 1]] * 1001}), "at most 1000 ranges"),
+        (p.parse_receipt, _bad(_RECEIPT, replies=["a/b"]), "receipt.replies[]"),
+        (p.parse_receipt, _bad(_RECEIPT, replies=_DROP), "missing field 'replies'"),
     ],
     ids=lambda v: v.__name__ if callable(v) else None,
 )
@@ -186,7 +204,8 @@ def test_parsers_reject_malformed_payload_naming_the_field(parser, payload: byte
     assert fragment in str(err.value)
 
 
-@pytest.mark.parametrize("parser", [p.parse_status, p.parse_telemetry, p.parse_event, p.parse_command, p.parse_reply])
+@pytest.mark.parametrize("parser", [p.parse_status, p.parse_telemetry, p.parse_event, p.parse_command, p.parse_reply,
+                                    p.parse_receipt])
 def test_parsers_reject_wrong_version_non_json_non_object_and_oversized(parser) -> None:
     with pytest.raises(ProtocolError, match="unsupported version v=2"):
         parser(_bad(_STATUS, v=2))
