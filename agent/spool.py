@@ -4,8 +4,9 @@ controller has stored them.
 Each row is committed (SQLite WAL, synchronous=FULL) before the agent hands it to paho. The broker's PUBACK marks it
 *delivered*; it is deleted when a controller's ``receipt`` names it (:func:`edgefleet.sdk.protocol.receipt`: seq
 ranges per boot, reply ids). A PUBACK alone is not enough: a broker acknowledges before its subscribers have the
-message, and Mosquitto 2.0.11 loses both MQTT 5 sessions and shared subscriptions when it restarts, so whatever it
-acknowledged while the controller was reconnecting was gone (docs/reliability.md, soak with broker restarts). A row
+message, and Mosquitto 2.0.11 restores no shared subscription from its persistence when it restarts (and after a
+SIGKILL nothing since its last autosave), so whatever it acknowledged before the controller had subscribed again
+went nowhere (docs/reliability.md, soak with broker restarts). A row
 delivered ``resend_after_s`` before the latest receipt and still not named by one is sent again: the controller is
 alive and did not get it. With no receipt at all (no controller yet, or receipts ``off``) nothing is resent.
 

@@ -376,9 +376,10 @@ class Deployer:
     def _resend_lost(self, dep_id: str, targets: Sequence[Mapping[str, Any]]) -> None:
         """Send a deploy again, same id, to a device that connected after it went out and has not started on it.
 
-        The broker queues a command for an offline device in its session, but a broker restart can lose that
-        session (Mosquitto 2.0.11 restores no MQTT 5 session), and with it the command. The agent runs a command id
-        once, so a copy it did get only makes it send its progress again.
+        The broker queues a command for an offline device in its session, but a broker that loses its state (killed
+        before its next autosave, a replaced node, a lost disk; Mosquitto 2.0.11 also forgets a session that began
+        with clean start) loses the command with it. The agent runs a command id once, so a copy it did get only
+        makes it send its progress again.
         """
         now = time.time()
         for t in targets:

@@ -11,7 +11,8 @@ Messages are acknowledged by hand, only after the batch holding them is committe
 nothing (the broker redelivers), and what it had already committed is de-duplicated on ``(device, boot, seq)``.
 Then each device whose messages were in the batch gets a ``receipt`` (QoS 1) naming them: the agent keeps every
 record until one does, and sends again what a receipt skipped, so a broker that acknowledged a message and then
-lost it (a restart: Mosquitto 2.0.11 keeps neither MQTT 5 sessions nor shared subscriptions) loses nothing either.
+lost it (a restart: Mosquitto 2.0.11 restores no shared subscription, and after a SIGKILL nothing since its last
+autosave) loses nothing either.
 The network thread only queues; a writer thread validates with :mod:`edgefleet.sdk.protocol`, writes batches in one
 transaction and acks. A payload that is malformed, oversized, of an unknown protocol version or about another device
 is counted per channel and reason, logged once per (device, channel), acked and dropped: it never stops ingest.

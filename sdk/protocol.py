@@ -15,7 +15,8 @@ schema and raise :class:`ProtocolError` with one line naming the field. Both end
 
 A ``receipt`` tells an agent which of its telemetry records, events and replies a controller has *stored*: the agent
 keeps each one on disk until then and sends it again if a receipt for later ones comes first (the broker lost it:
-Mosquitto 2.0.11, for one, keeps neither MQTT 5 sessions nor shared subscriptions across its own restart).
+Mosquitto 2.0.11, for one, restores no shared subscription when it restarts, so it acknowledges messages that no
+controller will get until the controllers subscribe again).
 """
 
 from __future__ import annotations

@@ -53,8 +53,8 @@ class Agent:
     def __init__(self, tmp: Path, device: str, broker: str, fleet: str, trust: Path) -> None:
         self.device = device
         self.data = tmp / device
-        self.data.mkdir()
-        self.log = open(tmp / f"{device}.log", "wb")
+        self.data.mkdir(exist_ok=True)  # a second Agent on the same dir is the device restarting
+        self.log = open(tmp / f"{device}.log", "ab")
         self.proc = subprocess.Popen(
             [str(EDGEFLEET), "agent", "run", "--device", device, "--fleet", fleet, "--broker", broker,
              "--data-dir", str(self.data), "--trust", str(trust), "--profile", "x86-cpu",
@@ -146,3 +146,35 @@ def test_real_agents_report_latency_and_a_slowed_canary_is_rolled_back(controlle
         stop.set()
         for a in agents:
             a.stop()
+
+
+def test_deploy_queued_for_an_offline_device_survives_a_broker_that_lost_its_state(
+        controller_factory, mosquitto, fleet_id, trust_file, mlp_model, make_bundle, tmp_path) -> None:
+    """The broker queues a command for an offline device in its session; a broker that loses its state (SIGKILL
+    before its next autosave, a replaced node, a lost disk) loses the command with it. The controller sends the
+    deploy again (same id) once the device is back online without having started it, and the rollout completes."""
+    ctl = controller_factory()
+    agent = Agent(tmp_path, "restart-0", mosquitto.url, fleet_id, trust_file)
+    try:
+        wait_until(lambda: (ctl.store.device(fleet_id, "restart-0") or {}).get("state") == "online", 60,
+                   what="agent online")
+        agent.stop()
+        wait_until(lambda: (ctl.store.device(fleet_id, "restart-0") or {}).get("state") == "offline", 30,
+                   what="agent offline")
+        bundle = make_bundle(mlp_model, version="1.0.0", filename="queued.efb")
+        res = CliRunner().invoke(cli, ["deploy", str(bundle), "--to", "all", "--controller", ctl.url, "--json"])
+        assert res.exit_code == 0, res.output
+        dep_id = json.loads(res.output)["id"]
+        wait_until(lambda: ctl.store.deployment(dep_id)["targets"][0]["cmd_id"], 30, what="deploy command sent")
+        time.sleep(0.5)  # the broker has queued it in the offline device's session ...
+        mosquitto.kill()  # ... and loses it: killed, and its persistence gone with the disk
+        (mosquitto.workdir / "data" / "mosquitto.db").unlink(missing_ok=True)
+        mosquitto.start()
+        wait_until(lambda: ctl.ingest.connected, 30, what="controller reconnected")
+        agent = Agent(tmp_path, "restart-0", mosquitto.url, fleet_id, trust_file)
+        wait_until(lambda: ctl.store.deployment(dep_id)["state"] == "completed", 90, what="deployment completed")
+        (target,) = ctl.store.deployment(dep_id)["targets"]
+        assert target["state"] == "active"
+        assert ctl.deployer.resent >= 1  # it did take the resend: the restarted broker had lost the command
+    finally:
+        agent.stop()

@@ -143,17 +143,22 @@ def _valid_messages() -> dict[str, dict[str, Any]]:
         "command": protocol.command("deploy", {"url": "https://x/b.efb", "sha256": "a" * 64, "size": 10},
                                     ttl_s=60),
         "reply": protocol.reply("c1", "dev-1", False, code="bundle.signature", message="no", step="verify"),
+        "receipt": protocol.receipt("dev-1", telemetry={"b": [1, 2, 3, 9]}, events={"b": [4]}, replies=["c1"]),
     }
 
 
-@pytest.mark.parametrize("kind", ["status", "telemetry", "event", "command", "reply"])
-def test_fuzz_protocol_parsers_raise_only_protocol_errors(kind: str, long_run: bool, figures: Any) -> None:
+@pytest.mark.parametrize("kind", ["status", "telemetry", "event", "command", "reply", "receipt"])
+def test_fuzz_protocol_parsers_raise_only_protocol_errors(kind: str, long_run: bool, figures: Any,
+                                                          tmp_path: Path) -> None:
+    from edgefleet.agent.db import Database
+    from edgefleet.agent.spool import Spool
     from edgefleet.sdk import protocol
 
     parse = {"status": protocol.parse_status, "telemetry": protocol.parse_telemetry, "event": protocol.parse_event,
-             "command": protocol.parse_command, "reply": protocol.parse_reply}[kind]
+             "command": protocol.parse_command, "reply": protocol.parse_reply, "receipt": protocol.parse_receipt}[kind]
     valid = _valid_messages()[kind]
     assert parse(protocol.encode(valid))  # the seed itself parses
+    spool = Spool(Database(tmp_path / "agent.db")) if kind == "receipt" else None
 
     def check(data: bytes | str) -> None:
         try:
@@ -165,6 +170,8 @@ def test_fuzz_protocol_parsers_raise_only_protocol_errors(kind: str, long_run: b
 
             merged = DDSketch.merged(DDSketch.from_dict(m["sketch"]) for m in msg["models"])
             merged.quantile(0.99)
+        if spool is not None:  # what the agent does with an accepted receipt
+            spool.confirm(msg)
 
     run(long_run, figures, f"protocol.parse_{kind}", payloads(valid), check)
 

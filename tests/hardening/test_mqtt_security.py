@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 FLEET = "plant1"
 N_DEVICES = 20
 DEVICES = [f"dev-{i:02d}" for i in range(N_DEVICES)]
-CHANNELS = ("status", "telemetry", "events", "reply", "cmd")
+CHANNELS = ("status", "telemetry", "events", "reply", "cmd", "receipt")
 
 
 def _free_port() -> int:
@@ -229,7 +229,7 @@ def test_enroll_writes_mosquitto_pbkdf2_hashes_and_confining_acl(enrolled: dict[
     block = acl.split("user dev-03\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert block == [f"topic write edgefleet/v1/{FLEET}/dev-03/{ch}" for ch in ("status", "telemetry", "events",
                                                                                   "reply")] + [
-        f"topic read edgefleet/v1/{FLEET}/dev-03/cmd"]
+        f"topic read edgefleet/v1/{FLEET}/dev-03/cmd", f"topic read edgefleet/v1/{FLEET}/dev-03/receipt"]
     assert "use_username_as_clientid true" in (d / "mosquitto.conf").read_text()
     assert (enrolled["dev-03"].credentials_dir / "password").stat().st_mode & 0o077 == 0
 
@@ -286,9 +286,10 @@ def test_every_cross_device_publish_reaches_nobody(broker: Broker, enrolled: dic
     ["#"], ["+/#"], ["$SYS/#"], ["$share/x/#"], [f"$share/edgefleet/edgefleet/v1/{FLEET}/+/telemetry"],
     [f"edgefleet/v1/{FLEET}/dev-00/cmd"], [f"edgefleet/v1/{FLEET}/+/cmd"], [f"edgefleet/v1/{FLEET}/#"],
     [f"edgefleet/v1/{FLEET}/+/status", f"edgefleet/v1/{FLEET}/+/telemetry"], ["edgefleet/#"],
-    [f"$share/x/edgefleet/v1/{FLEET}/+/status"],
+    [f"$share/x/edgefleet/v1/{FLEET}/+/status"], [f"edgefleet/v1/{FLEET}/dev-00/receipt"],
+    [f"edgefleet/v1/{FLEET}/+/receipt", f"$share/x/edgefleet/v1/{FLEET}/+/receipt"],
 ], ids=["hash", "plus_hash", "sys", "share_all", "share_default_group", "victim_cmd", "all_cmd", "fleet_all",
-        "all_status_telemetry", "root_all", "share_status"])
+        "all_status_telemetry", "root_all", "share_status", "victim_receipt", "all_receipts"])
 def test_cross_device_subscribe_receives_nothing_and_steals_nothing(
     filters: list[str], broker: Broker, enrolled: dict[str, Any], clients: list[Client],
 ) -> None:
@@ -299,7 +300,7 @@ def test_cross_device_subscribe_receives_nothing_and_steals_nothing(
     ops.sub("$SYS/#")
     devs = {n: _connect(broker, enrolled, n, clients) for n in victims}
     for n, c in devs.items():
-        c.sub(topic(FLEET, n, "cmd"))
+        c.sub(topic(FLEET, n, "cmd"), topic(FLEET, n, "receipt"))
     tag = uuid.uuid4().hex[:8].encode()
     # retained status before the attacker subscribes (a permitted wildcard would get it at once) ...
     _wait_published([c.pub(topic(FLEET, n, "status"), b"online " + tag, retain=True) for n, c in devs.items()])
@@ -312,11 +313,13 @@ def test_cross_device_subscribe_receives_nothing_and_steals_nothing(
         for ch in ("telemetry", "events", "reply"):
             infos.append(c.pub(topic(FLEET, n, ch), f"{ch} {n} ".encode() + tag))
         infos.append(ctl.pub(topic(FLEET, n, "cmd"), b"cmd " + tag))
+        infos.append(ctl.pub(topic(FLEET, n, "receipt"), b"receipt " + tag))
     _wait_published(infos)
     want = len(victims) * 4  # status + telemetry + events + reply, all to the controller
     assert ctl.wait_for(lambda m: sum(p.endswith(tag) for _, p, _ in m) >= want), ctl.payloads()
     for c in devs.values():
         assert c.wait_for(lambda m: any(p == b"cmd " + tag for _, p, _ in m))
+        assert c.wait_for(lambda m: any(p == b"receipt " + tag for _, p, _ in m))
     assert ops.wait_for(lambda m: any(t.startswith("$SYS/") for t, _, _ in m), timeout=3), "no $SYS traffic at all"
     time.sleep(0.3)
     assert attacker.messages == [], f"attacker received {attacker.messages[:3]} (SUBACK said {attacker.suback})"

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 
 KEEPALIVE = 2
 # Broker faults alternate SIGKILL and SIGTERM. Before receipts, each one lost ~150 records per device (3 s at 50/s)
-# at the controller: Mosquitto 2.0.11 restores neither MQTT 5 sessions nor shared subscriptions from its
+# at the controller: Mosquitto 2.0.11 restores the controller's session but not its shared subscriptions from its
 # persistence, so what it acknowledged before the controller had subscribed again went nowhere. The agents now keep
 # every record until the controller's receipt names it and resend what a later receipt skipped.
 BROKER_FAULTS = ("kill", "stop")
