@@ -85,7 +85,7 @@ def get_json(url: str) -> Any:
 class Controller:
     """``edgefleet fleet serve`` as a subprocess pinned to one core."""
 
-    def __init__(self, tmp: Path, broker: str, name: str) -> None:
+    def __init__(self, tmp: Path, broker: str, name: str, receipts: bool = True) -> None:
         self.fleet = f"{FLEET}-{name}"
         self.db = tmp / f"{name}.db"
         self._ro: Any = None
@@ -95,7 +95,8 @@ class Controller:
         # Same client id on every start: the broker keeps the persistent session (and queued messages) in between.
         self.argv = [str(EDGEFLEET), "fleet", "serve", "--broker", broker, "--db", str(self.db), "--fleet", self.fleet,
                      "--http", f"127.0.0.1:{self.port}", "--bundles", str(tmp / "bundles"), "--client-id",
-                     f"bench-{name}"]
+                     f"bench-{name}", "--receipts" if receipts else "--no-receipts"]
+        self.receipts = receipts
         self.start()
 
     def start(self, wait_up: bool = True) -> None:
@@ -164,14 +165,14 @@ def _wait_stored(ctl: Controller, target: int, timeout_s: float) -> dict[str, An
 
 
 def ingest_run(tmp: Path, broker: str, n_devices: int, n_messages: int, name: str,
-               keep: bool = False) -> tuple[dict[str, Any], Controller | None]:
+               keep: bool = False, receipts: bool = True) -> tuple[dict[str, Any], Controller | None]:
     """Register ``n_devices``, then measure (a) live: publish ``n_messages`` while the controller ingests them,
     (b) drain: ``n_messages`` queued by the broker while the controller was stopped, ingested after it restarts.
 
     (b) is the controller's own rate: the publisher and broker have finished before it starts. (a) is end to end on
     one machine, where publisher, broker and controller share the cores.
     """
-    ctl = Controller(tmp, broker, name)
+    ctl = Controller(tmp, broker, name, receipts)
     try:
         return _measure(ctl, broker, n_devices, n_messages, name, keep)
     except BaseException:
@@ -216,7 +217,8 @@ def _measure(ctl: Controller, broker: str, n_devices: int, n_messages: int, name
     wait(ctl.up, 30, "controller API")
     stats = get_json(ctl.url + "/api/ingest")
     result = {
-        "devices": n_devices, "messages_sent": 2 * n_messages, "rows_stored": stored2,
+        "devices": n_devices, "receipts": ctl.receipts, "receipts_sent": stats.get("receipts", 0),
+        "messages_sent": 2 * n_messages, "rows_stored": stored2,
         "nothing_lost": stored2 == 2 * n_messages, "duplicates": stats["duplicates"].get("telemetry", 0),
         "rejected": stats["rejected_total"], "live": live,
         "drain": {"messages": drained, "msgs_per_s": round(drain_rate, 1), "seconds": round(span, 3),
@@ -306,9 +308,13 @@ def main() -> None:
         tmp = Path(d)
         broker, url = start_broker(tmp)
         try:
-            for n_dev, n_msg, name in ((1000, 30_000, "d1k"), (10_000, 40_000, "d10k")):
-                r, ctl = ingest_run(tmp, url, n_dev, int(n_msg * scale), name, keep=n_dev == 10_000)
-                print(f"{n_dev:,} devices: drain {r['drain']['msgs_per_s']:.0f} msgs/s "
+            # Receipts (one small QoS 1 message back per device and half second) against none, in the same run.
+            runs = ((1000, 30_000, "d1k-norcpt", False), (1000, 30_000, "d1k", True),
+                    (10_000, 40_000, "d10k-norcpt", False), (10_000, 40_000, "d10k", True))
+            for n_dev, n_msg, name, rcpt in runs:
+                r, ctl = ingest_run(tmp, url, n_dev, int(n_msg * scale), name, keep=name == "d10k", receipts=rcpt)
+                print(f"{n_dev:,} devices, receipts {'on' if rcpt else 'off'}: "
+                      f"drain {r['drain']['msgs_per_s']:.0f} msgs/s "
                       f"({r['drain']['cpu_ms_per_1000']} ms CPU/1,000), "
                       f"live {r['live']['msgs_per_s']:.0f} msgs/s, {r['rows_stored']}/{r['messages_sent']} stored",
                       flush=True)
@@ -342,14 +348,15 @@ def report(r: dict[str, Any]) -> str:
         "",
         "## Sustained ingest (goal: >= 5,000 telemetry msgs/s on one core, nothing lost)",
         "",
-        "| devices | messages sent | rows stored | duplicates | drain msgs/s (controller alone) | live msgs/s "
-        "(end to end) | controller CPU ms per 1,000 (live) | payload bytes |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| devices | receipts | messages sent | rows stored | duplicates | drain msgs/s (controller alone) | "
+        "live msgs/s (end to end) | controller CPU ms per 1,000 (live) | payload bytes |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in r["ingest"]:
         d = x["drain"]
         share = d["controller_cpu_s"] / d["seconds"] if d["seconds"] else 0.0
-        lines.append(f"| {x['devices']:,} | {x['messages_sent']:,} | {x['rows_stored']:,} | {x['duplicates']} | "
+        rc = f"on ({x.get('receipts_sent', 0):,} sent)" if x.get("receipts", True) else "off"
+        lines.append(f"| {x['devices']:,} | {rc} | {x['messages_sent']:,} | {x['rows_stored']:,} | {x['duplicates']} | "
                      f"**{d['msgs_per_s']:,.0f}** (CPU {d['cpu_ms_per_1000']} ms/1,000 → "
                      f"**{d['cpu_bound_msgs_per_s'] or 0:,.0f}/s** per CPU-second; busy {share:.0%} of the time) | "
                      f"{x['live']['msgs_per_s']:,.0f} | {x['live']['cpu_ms_per_1000']} | {x['payload_bytes_mean']} |")

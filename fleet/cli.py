@@ -89,11 +89,13 @@ def fleet() -> None:
 @click.option("--client-id", default="", help="MQTT client id (default: stable per host and db, for the session).")
 @click.option("--share-group", default="edgefleet", show_default=True,
               help="Shared-subscription group: controllers in one group split the ingest.")
+@click.option("--receipts/--no-receipts", default=True, show_default=True,
+              help="Send agents receipts of what is stored (they keep every record until one names it).")
 @click.option("--public-url", default="", help="Base URL agents download bundles from (default: http://HOST:PORT).")
 @click.option("--retention-days", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Delete telemetry, events and replies older than this (hourly); 0 keeps everything.")
 def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...], signing_key: Path | None,
-          command_ttl: float, fleet_id: str, client_id: str, share_group: str, public_url: str,
+          command_ttl: float, fleet_id: str, client_id: str, share_group: str, receipts: bool, public_url: str,
           retention_days: float) -> None:
     """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads."""
     from .controller import Controller, ControllerConfig
@@ -104,7 +106,7 @@ def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[
     cfg = ControllerConfig(broker=broker, db=db, fleet=fleet_id, http_host=host, http_port=int(port),
                            bundles_dir=bundles_dir, trust=list(trust), client_id=client_id, share_group=share_group,
                            public_url=public_url, retention_days=retention_days, signing_key=signing_key,
-                           command_ttl_s=command_ttl)
+                           command_ttl_s=command_ttl, receipts=receipts)
     ctl = Controller(cfg)
     click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {db}", err=True)
     if not trust:

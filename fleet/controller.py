@@ -69,6 +69,7 @@ class ControllerConfig:
     trust: list[Path] = field(default_factory=list)
     client_id: str = ""
     share_group: str = "edgefleet"
+    receipts: bool = True  # tell agents what is stored, so they keep and resend what a broker lost
     public_url: str = ""  # how agents reach this controller's /bundles (default: http://HOST:PORT)
     retention_days: float = 30.0  # telemetry, events and replies older than this are deleted hourly; 0 keeps all
     rollout_lease_s: float = 30.0  # a rollout whose controller is silent this long is resumed by another one
@@ -100,7 +101,7 @@ class Controller:
         trusted = TrustedKeys.from_paths(config.trust) if config.trust else TrustedKeys()
         self.library = BundleLibrary(config.bundles_dir, trusted)
         self.ingest = Ingestor(self.store, broker=config.broker, fleet=config.fleet, client_id=config.client_id,
-                               share_group=config.share_group)
+                               share_group=config.share_group, receipts=config.receipts)
         self.deployer = Deployer(self.store, config.fleet, self.library, self._publish, self.public_url,
                                  owner=config.client_id, lease_s=config.rollout_lease_s)
         self.app = make_app(self.store, config.fleet, self.deployer, self.ingest)

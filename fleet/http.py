@@ -348,6 +348,8 @@ def metrics_text(fleet: str, devices: list[dict[str, Any]], versions: list[dict[
     family("edgefleet_ingest_rejected_total", "counter", "Malformed, oversized or unknown-version payloads dropped.")
     for r in ingest["rejected"]:
         out.append(f"edgefleet_ingest_rejected_total{_labels(channel=r['channel'], reason=r['reason'])} {r['count']}")
+    family("edgefleet_ingest_receipts_total", "counter", "Receipts published to agents (what of theirs is stored).")
+    out.append(f"edgefleet_ingest_receipts_total {ingest.get('receipts', 0)}")
     family("edgefleet_ingest_backlog", "gauge", "Messages received but not yet written.")
     out.append(f"edgefleet_ingest_backlog {backlog}")
     return "\n".join(out) + "\n"

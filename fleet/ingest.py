@@ -9,7 +9,8 @@ One paho-mqtt MQTT 5 client per controller holds a persistent session and subscr
 
 Messages are acknowledged by hand, only after the batch holding them is committed: a controller that dies loses
 nothing (the broker redelivers), and what it had already committed is de-duplicated on ``(device, boot, seq)``.
-Then each device whose messages were in the batch gets a ``receipt`` (QoS 1) naming them: the agent keeps every
+Then each device whose messages were stored gets a ``receipt`` (QoS 1, at most one per device every
+``receipt_interval_s``) naming them: the agent keeps every
 record until one does, and sends again what a receipt skipped, so a broker that acknowledged a message and then
 lost it (a restart: Mosquitto 2.0.11 restores no shared subscription, and after a SIGKILL nothing since its last
 autosave) loses nothing either.
@@ -42,7 +43,7 @@ from edgefleet.sdk.protocol import (
     parse_status,
     parse_telemetry,
     parse_topic,
-    receipt,
+    receipts,
     subscription,
     topic,
 )
@@ -102,7 +103,7 @@ class Ingestor:
 
     def __init__(self, store: Store, *, broker: str, fleet: str, client_id: str, share_group: str = "edgefleet",
                  batch_max: int = 500, session_expiry_s: int = 3600, receipts: bool = True,
-                 on_write: Callable[[WriteResult], None] | None = None) -> None:
+                 receipt_interval_s: float = 0.5, on_write: Callable[[WriteResult], None] | None = None) -> None:
         self.store = store
         self.fleet = check_id("fleet", fleet)
         self.client_id = check_id("client id", client_id)
@@ -111,6 +112,11 @@ class Ingestor:
         self.batch_max = batch_max
         self.session_expiry_s = session_expiry_s
         self.receipts = receipts
+        self.receipt_interval_s = receipt_interval_s
+        # What is stored and not yet receipted: (device, "telemetry" | "events") -> boot -> seqs; device -> reply ids
+        self._unreceipted: dict[tuple[str, str], dict[str, set[int]]] = {}
+        self._unreceipted_replies: dict[str, set[str]] = {}
+        self._receipts_due = 0.0
         self.on_write = on_write
         self.stats = IngestStats()
         self._q: queue.Queue[tuple[str, bytes, int, int, int]] = queue.Queue(maxsize=100_000)
@@ -149,6 +155,8 @@ class Ingestor:
         self._running.clear()
         if self._writer is not None:
             self._writer.join(timeout_s)
+        if self.receipts:
+            self._flush_receipts(force=True)
         self._ack_barrier(timeout_s)
         self._disconnected.clear()
         self.client.disconnect()
@@ -218,6 +226,7 @@ class Ingestor:
             try:
                 items = [self._q.get(timeout=0.1)]
             except queue.Empty:
+                self._flush_receipts()
                 continue
             while len(items) < self.batch_max:
                 try:
@@ -238,27 +247,36 @@ class Ingestor:
             if qos > 0 and item_gen == gen:
                 self.client.ack(mid, qos)
         if self.receipts:
-            self._send_receipts(batch)
+            self._note_receipts(batch)
+            self._flush_receipts()
         self.stats.batches += 1
         self.stats.last_batch_s = time.time()
 
-    def _send_receipts(self, batch: Batch) -> None:
-        """Tell each device what of it is now stored (new rows and duplicates alike: both are in the store)."""
-        seqs: dict[tuple[str, str], dict[str, set[int]]] = {}  # (device, "telemetry" | "events") -> boot -> seqs
-        replies: dict[str, set[str]] = {}
+    def _note_receipts(self, batch: Batch) -> None:
+        """Remember what of each device is now stored (new rows and duplicates alike: both are in the store)."""
+        seqs = self._unreceipted
         for kind, objs in (("telemetry", batch.telemetry), ("events", batch.events)):
             for o in objs:
                 seq, boot = o.get("seq"), o.get("boot")
                 if type(seq) is int and 0 <= seq < 2**63 and isinstance(boot, str):  # what an agent can key by
                     seqs.setdefault((o["device"], kind), {}).setdefault(boot, set()).add(seq)
         for o in batch.replies:
-            replies.setdefault(o["device"], set()).add(o["id"])
+            self._unreceipted_replies.setdefault(o["device"], set()).add(o["id"])
+
+    def _flush_receipts(self, force: bool = False) -> None:
+        """Publish one receipt per device for what was stored since the last flush (at most every interval)."""
+        now = time.monotonic()
+        if not (self._unreceipted or self._unreceipted_replies) or (not force and now < self._receipts_due):
+            return
+        self._receipts_due = now + self.receipt_interval_s
+        seqs, replies = self._unreceipted, self._unreceipted_replies
+        self._unreceipted, self._unreceipted_replies = {}, {}
         for device in {d for d, _ in seqs} | set(replies):
-            msg = receipt(device, telemetry=seqs.get((device, "telemetry")), events=seqs.get((device, "events")),
-                          replies=replies.get(device, ()))
-            info = self.client.publish(topic(self.fleet, device, "receipt"), encode(msg), qos=1)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                self.stats.receipts += 1
+            for msg in receipts(device, telemetry=seqs.get((device, "telemetry")),
+                                events=seqs.get((device, "events")), replies=replies.get(device, ())):
+                info = self.client.publish(topic(self.fleet, device, "receipt"), encode(msg), qos=1)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    self.stats.receipts += 1
             # Not connected: paho queues it; and a receipt that never arrives only makes the agent send again.
 
     def _write(self, batch: Batch) -> bool:

@@ -22,6 +22,7 @@ controller will get until the controllers subscribe again).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -60,7 +61,9 @@ __all__ = [
     "parse_telemetry",
     "parse_topic",
     "receipt",
+    "receipts",
     "reply",
+    "seq_ranges",
     "sign_command",
     "status",
     "subscription",
@@ -425,6 +428,27 @@ def receipt(device: str, *, telemetry: Mapping[str, Iterable[int]] | None = None
             "telemetry": {b: seq_ranges(s) for b, s in (telemetry or {}).items()},
             "events": {b: seq_ranges(s) for b, s in (events or {}).items()},
             "replies": sorted(set(replies))}
+
+
+def receipts(device: str, *, telemetry: Mapping[str, Iterable[int]] | None = None,
+             events: Mapping[str, Iterable[int]] | None = None, replies: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """:func:`receipt`, split into as many as it takes to keep each within :data:`MAX_RECEIPT_RANGES` ranges per
+    boot and kind and as many reply ids (a receipt over the limits is refused by the agent)."""
+    parts: list[tuple[str, str, list[list[int]]]] = []
+    for key, per_boot in (("telemetry", telemetry or {}), ("events", events or {})):
+        for boot, seqs in per_boot.items():
+            ranges = seq_ranges(seqs)
+            parts += [(key, boot, ranges[i:i + MAX_RECEIPT_RANGES]) for i in range(0, len(ranges), MAX_RECEIPT_RANGES)]
+    ids = sorted(set(replies))
+    out: list[dict[str, Any]] = []
+    for i in range(max(len(parts), math.ceil(len(ids) / MAX_RECEIPT_RANGES), 1)):
+        msg: dict[str, Any] = {"v": 1, "device": device, "ts": time.time(), "telemetry": {}, "events": {},
+                               "replies": ids[i * MAX_RECEIPT_RANGES:(i + 1) * MAX_RECEIPT_RANGES]}
+        if i < len(parts):
+            key, boot, ranges = parts[i]
+            msg[key][boot] = ranges
+        out.append(msg)
+    return out
 
 
 def parse_receipt(data: bytes | str) -> dict[str, Any]:

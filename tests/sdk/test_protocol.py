@@ -120,6 +120,22 @@ def test_receipt_roundtrip_packs_seqs_into_ranges_per_boot() -> None:
     assert p.seq_ranges([]) == [] and p.seq_ranges(range(10, 0, -1)) == [[1, 10]]
 
 
+def test_receipts_split_to_stay_within_what_the_agent_accepts() -> None:
+    odd = range(1, 2 * 2500, 2)  # 2,500 gaps: 2,500 ranges
+    many = p.receipts("dev1", telemetry={"b1": odd, "b0": [1]}, events={"b1": [3]},
+                      replies=[f"c{i}" for i in range(1500)])
+    parsed = [p.parse_receipt(p.encode(m)) for m in many]
+    got = {(k, b): [] for k in ("telemetry", "events") for b in ("b0", "b1")}
+    for m in parsed:
+        for k in ("telemetry", "events"):
+            for b, ranges in m[k].items():
+                got[(k, b)] += [s for lo, hi in ranges for s in range(lo, hi + 1)]
+    assert sorted(got[("telemetry", "b1")]) == list(odd) and got[("telemetry", "b0")] == [1]
+    assert got[("events", "b1")] == [3] and sum(len(m["replies"]) for m in parsed) == 1500
+    assert len(parsed) == 5  # 3 chunks of b1 telemetry, b0, events; the replies ride along in the first two
+    assert len(p.receipts("dev1")) == 1  # nothing to say is still one (empty) receipt
+
+
 # -- payloads: malformed ones are refused, naming the field ------------------------------------------------------
 
 def _bad(builder_output: dict, **changes: object) -> bytes:
