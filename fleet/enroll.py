@@ -6,6 +6,9 @@ An enrollment directory holds everything the broker and the devices need::
     passwd                Mosquitto ``password_file`` (PBKDF2-SHA512, the ``$7$`` format mosquitto_passwd writes)
     acl                   Mosquitto ``acl_file``, rebuilt from accounts.json on every change
     mosquitto.conf        the lines to include in the broker's config (password/ACL files, client id = username)
+    dynamic-security.json the same accounts and rules for Mosquitto's dynamic-security plugin, which also checks
+                          subscriptions (``acl_file`` checks only deliveries; see below)
+    mosquitto-dynsec.conf the lines to include instead of mosquitto.conf's to use the plugin
     ca/ca.pem, ca.key     the fleet CA (created by the first ``--cert`` enrollment)
     controllers/<name>/   a controller's credentials and ``share-group``: the secret shared-subscription group
     devices/<device>/     what to copy to the device: password or client.pem/client.key + ca.pem, agent-mqtt.toml
@@ -16,6 +19,13 @@ included) and writes every device's ``cmd`` and ``receipt``. Nobody reads ``$SYS
 makes the broker use the authenticated name as the client id, so a client holding other credentials can never take
 over a device's session by reusing its client id (with certificates, ``use_identity_as_username`` makes the
 certificate's CN that name).
+
+``acl_file`` grants every SUBSCRIBE and filters deliveries, so a device that joins the controllers' shared
+subscription group is handed its round-robin share of their messages, which the read check then drops: a secret
+share group per fleet keeps devices out. The dynamic-security configuration grants subscriptions explicitly (a device:
+its own ``cmd`` and ``receipt``; a controller: its fleet's topics and its share group's filters), so the broker
+refuses any other SUBSCRIBE. The plugin reads the file at start: restart the broker after enrolling (or manage the
+running broker with ``mosquitto_ctrl dynsec``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ __all__ = [
     "DEVICE_READ",
     "Enrollment",
     "acl_text",
+    "dynsec_config",
     "enroll",
     "hash_password",
     "issue_certificate",
@@ -109,6 +120,60 @@ def acl_text(accounts: dict[str, dict[str, str]]) -> str:
     for name in sorted(accounts):
         out += [*_account_acl(name, accounts[name]), ""]
     return "\n".join(out)
+
+
+def _dynsec_acls(name: str, info: dict[str, str], share_group: str) -> list[dict[str, Any]]:
+    fleet = info["fleet"]
+
+    def allow(acltype: str, topics: list[str]) -> list[dict[str, Any]]:
+        return [{"acltype": acltype, "topic": t, "allow": True} for t in topics]
+
+    if info["role"] == "device":
+        own = [protocol.topic(fleet, name, ch) for ch in DEVICE_READ]
+        return (allow("publishClientSend", [protocol.topic(fleet, name, ch) for ch in DEVICE_PUBLISH])
+                + allow("publishClientReceive", own) + allow("subscribeLiteral", own))
+    reads = [protocol.subscription(fleet, ch) for ch in DEVICE_PUBLISH]
+    shared = [protocol.subscription(fleet, ch, share_group) for ch in DEVICE_PUBLISH if ch != "status"]
+    return (allow("publishClientSend", [protocol.subscription(fleet, ch) for ch in DEVICE_READ])
+            + allow("publishClientReceive", reads)
+            + allow("subscribePattern", [f"{protocol.ROOT}/{fleet}/#"]) + allow("subscribeLiteral", shared))
+
+
+def dynsec_config(accounts: dict[str, dict[str, str]], passwd: dict[str, str],
+                  fleets: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """The dynamic-security plugin's JSON for these accounts: one role each, nothing allowed by default."""
+    clients, roles = [], []
+    for name in sorted(accounts):
+        info = accounts[name]
+        client: dict[str, Any] = {"username": name, "textName": f"edgefleet {info['role']}, fleet {info['fleet']}",
+                                  "roles": [{"rolename": f"edgefleet-{name}"}]}
+        parts = passwd.get(name, "").split("$")
+        if len(parts) == 5 and parts[1] == "7":  # same PBKDF2-SHA512 hash, salt and iterations as the passwd file
+            client.update(password=parts[4], salt=parts[3], iterations=int(parts[2]))
+        clients.append(client)
+        roles.append({"rolename": f"edgefleet-{name}",
+                      "acls": _dynsec_acls(name, info, fleets.get(info["fleet"], {}).get("share_group", ""))})
+    return {"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
+                                 "unsubscribe": True},
+            "clients": clients, "groups": [], "roles": roles}
+
+
+def _dynsec_plugin() -> str:
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so") + glob.glob(
+        "/usr/lib/mosquitto_dynamic_security.so") + glob.glob("/usr/local/lib/mosquitto_dynamic_security.so"))
+    return found[0] if found else "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+def _dynsec_conf(d: Path) -> str:
+    return (
+        "# include in mosquitto.conf instead of the password_file/acl_file lines (edgefleet enrollment)\n"
+        "allow_anonymous false\n"
+        f"plugin {_dynsec_plugin()}\n"
+        f"plugin_opt_config_file {d / 'dynamic-security.json'}\n"
+        "use_username_as_clientid true\n"
+    )
 
 
 def _broker_conf(d: Path) -> str:
@@ -287,6 +352,9 @@ def enroll(out_dir: str | os.PathLike[str], name: str, fleet: str, *, cert: bool
     atomic_write_text(d / "passwd", "".join(f"{u}:{h}\n" for u, h in sorted(passwd.items())), mode=0o640)
     atomic_write_text(d / "acl", acl_text(accounts), mode=0o640)
     atomic_write_text(d / "mosquitto.conf", _broker_conf(d.resolve()))
+    atomic_write_text(d / "dynamic-security.json", json.dumps(dynsec_config(accounts, passwd, fleets), indent=1),
+                      mode=0o600)
+    atomic_write_text(d / "mosquitto-dynsec.conf", _dynsec_conf(d.resolve()))
     atomic_write_text(d / "accounts.json", json.dumps({"v": 1, "accounts": accounts, "fleets": fleets}, indent=1,
                                                       sort_keys=True), mode=0o600)
     return result

@@ -1,4 +1,5 @@
-"""MQTT security on a real Mosquitto configured from ``edgefleet fleet enroll``: password file + ACL, mutual TLS.
+"""MQTT security on a real Mosquitto configured from ``edgefleet fleet enroll``: password file + ACL, the same
+accounts through the dynamic-security plugin (every broker test runs against both), mutual TLS.
 
 Every refusal is asserted on delivery, never on SUBACK or PUBACK codes: after each attack, markers published by
 legitimate clients prove the path was live, and then the attacker and the victims' legitimate readers must have
@@ -181,15 +182,36 @@ def enrolled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Enrollment]:
     return out
 
 
-@pytest.fixture(scope="module")
-def broker(enrolled: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+@pytest.fixture(scope="module", params=["acl_file", "dynsec"])
+def broker(request: pytest.FixtureRequest, enrolled: dict[str, Any],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    import json
+
     d: Path = enrolled["_dir"]
     # an operator account that may read $SYS: the positive control that $SYS traffic exists on this broker
     ops_pw = "ops-" + uuid.uuid4().hex
-    (d / "passwd").write_text((d / "passwd").read_text() + f"ops:{hash_password(ops_pw)}\n")
-    (d / "acl").write_text((d / "acl").read_text() + "\nuser ops\ntopic read $SYS/#\n")
-    b = Broker(tmp_path_factory.mktemp("broker"), (d / "mosquitto.conf").read_text())
+    ops_hash = hash_password(ops_pw)
+    if request.param == "acl_file":
+        (d / "passwd").write_text((d / "passwd").read_text() + f"ops:{ops_hash}\n")
+        (d / "acl").write_text((d / "acl").read_text() + "\nuser ops\ntopic read $SYS/#\n")
+        security = (d / "mosquitto.conf").read_text()
+    else:
+        if not Path(Path((d / "mosquitto-dynsec.conf").read_text().split("plugin ", 1)[1].split()[0])).exists():
+            pytest.skip("Mosquitto's dynamic-security plugin is not installed")
+        cfg = json.loads((d / "dynamic-security.json").read_text())
+        _, _, it, salt, digest = ops_hash.split("$")
+        cfg["clients"].append({"username": "ops", "password": digest, "salt": salt, "iterations": int(it),
+                               "roles": [{"rolename": "ops"}]})
+        cfg["roles"].append({"rolename": "ops", "acls": [
+            {"acltype": "subscribePattern", "topic": "$SYS/#", "allow": True},
+            {"acltype": "publishClientReceive", "topic": "$SYS/#", "allow": True}]})
+        work = tmp_path_factory.mktemp("dynsec")
+        (work / "dynamic-security.json").write_text(json.dumps(cfg))  # the plugin rewrites its file: a copy
+        security = (d / "mosquitto-dynsec.conf").read_text().replace(str(d / "dynamic-security.json"),
+                                                                       str(work / "dynamic-security.json"))
+    b = Broker(tmp_path_factory.mktemp("broker"), security)
     b.ops_password = ops_pw  # type: ignore[attr-defined]
+    b.kind = request.param  # type: ignore[attr-defined]
     yield b
     b.stop()
 
@@ -211,7 +233,8 @@ def _connect(broker: Broker, enrolled: dict[str, Any], name: str, made: list[Cli
 def _controller(broker: Broker, enrolled: dict[str, Any], made: list[Client], share: str | None = None) -> Client:
     ctl = _connect(broker, enrolled, "controller", made)
     assert ctl.ok, ctl.refused
-    ctl.sub(*(subscription(FLEET, ch, share) for ch in ("status", "telemetry", "events", "reply")))
+    # as fleet/ingest.py does: status plainly (every controller knows every device), the rest shared
+    ctl.sub(subscription(FLEET, "status"), *(subscription(FLEET, ch, share) for ch in ("telemetry", "events", "reply")))
     return ctl
 
 
@@ -483,12 +506,13 @@ def test_tls_refuses_no_certificate_wrong_ca_and_expired(tls_setup: dict[str, An
             c.close()
 
 
-def test_known_limitation_acl_file_hands_a_device_its_share_of_a_known_group(
+def test_a_device_that_knows_the_share_group_steals_with_acl_file_and_is_refused_by_dynsec(
     broker: Broker, enrolled: dict[str, Any], clients: list[Client],
 ) -> None:
     """Mosquitto 2.0's acl_file checks deliveries, not subscriptions: a device that knows the controllers' share
-    group joins it (SUBACK granted) and the messages routed to it are dropped by the read check. Hence the secret
-    group from enrollment. This test pins the broker behaviour the mitigation exists for."""
+    group joins it (SUBACK granted) and the messages routed to it are dropped by the read check — hence the secret
+    group from enrollment; this pins the broker behaviour that mitigation exists for. The dynamic-security
+    configuration from the same enrollment refuses the SUBSCRIBE, and the controller gets everything."""
     group = enrolled["controller"].share_group
     ctl = _controller(broker, enrolled, clients, share=group)
     dev = _connect(broker, enrolled, "dev-10", clients)
@@ -499,7 +523,11 @@ def test_known_limitation_acl_file_hands_a_device_its_share_of_a_known_group(
     time.sleep(0.5)
     got = sum(p.endswith(tag) for p in ctl.payloads())
     assert attacker.messages == []
-    assert got < 20, "Mosquitto now refuses the subscription: the secret share group is no longer needed"
+    if broker.kind == "dynsec":  # type: ignore[attr-defined]
+        assert attacker.suback[-1] == ["Not authorized"]
+        assert got == 20
+    else:
+        assert got < 20, "Mosquitto now refuses the subscription: the secret share group is no longer needed"
 
 
 def test_tls_unauthenticated_attempts_leave_queued_commands_alone(tls_setup: dict[str, Any], tmp_path: Path) -> None:
