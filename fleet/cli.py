@@ -304,9 +304,12 @@ def rollback(dep_id: str, devices: tuple[str, ...], controller: str) -> None:
 @click.option("--controller", "as_controller", is_flag=True,
               help="Enroll a controller account (reads every device's channels, writes their cmd).")
 def enroll_cmd(device: str, fleet_id: str, out_dir: Path, cert: bool, as_controller: bool) -> None:
-    """Issue MQTT credentials for DEVICE and rewrite the Mosquitto password file and ACL that confine it."""
+    """Issue MQTT credentials for DEVICE and rewrite the Mosquitto password file, ACL and dynamic-security
+    configuration that confine it."""
     from .enroll import enroll
 
     res = enroll(out_dir, device, fleet_id, cert=cert, role="controller" if as_controller else "device")
     click.echo(f"enrolled {res.role} {res.name} in fleet {res.fleet} ({res.auth}); credentials in "
-               f"{res.credentials_dir}; broker config lines in {out_dir / 'mosquitto.conf'}")
+               f"{res.credentials_dir}; broker config lines in {out_dir / 'mosquitto.conf'} (password and ACL "
+               f"files) or {out_dir / 'mosquitto-dynsec.conf'} (dynamic-security plugin, which also refuses "
+               "subscriptions outside an account's topics; restart the broker after enrolling)")
