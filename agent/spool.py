@@ -8,7 +8,9 @@ message, and Mosquitto 2.0.11 restores no shared subscription from its persisten
 SIGKILL nothing since its last autosave), so whatever it acknowledged before the controller had subscribed again
 went nowhere (docs/reliability.md, soak with broker restarts). A row
 delivered ``resend_after_s`` before the latest receipt and still not named by one is sent again: the controller is
-alive and did not get it. With no receipt at all (no controller yet, or receipts ``off``) nothing is resent.
+alive and did not get it. With no receipt at all (no controller yet, or receipts ``off``) nothing is resent, and a
+delivered row no receipt names within a day is forgotten (the broker has it; a controller may have stopped sending
+receipts).
 
 Receipts are ``auto`` by default: expected once this data dir has seen one (so an agent used with a plain MQTT
 consumer, which sends none, deletes rows on PUBACK as before), ``on`` from the start, or ``off``.
@@ -41,6 +43,7 @@ __all__ = ["RECEIPT_MODES", "OutboxRow", "Sender", "Spool"]
 log = logging.getLogger("edgefleet.agent.spool")
 
 RECEIPT_MODES = ("auto", "on", "off")
+RECEIPT_EXPIRY_S = 24 * 3600.0  # a delivered row no receipt named for this long is forgotten (the broker has it)
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,14 @@ class Spool:
             return int(c.execute("UPDATE outbox SET delivered=NULL WHERE delivered IS NOT NULL AND delivered < ?",
                                  (delivered_before,)).rowcount)
 
+    def expire(self, delivered_before: float) -> int:
+        """Forget rows the broker acknowledged before this time that no receipt ever named (a controller that stopped
+        sending receipts, ``--no-receipts``): the broker has them, and replies and events are never capped, so
+        without this they would pile up for ever. Returns how many."""
+        with self.db.tx() as c:
+            return int(c.execute("DELETE FROM outbox WHERE delivered IS NOT NULL AND delivered < ?",
+                                 (delivered_before,)).rowcount)
+
     def unconfirmed(self) -> int:
         """Rows the broker has and no receipt has named yet."""
         with self.db.lock:
@@ -260,6 +271,7 @@ class Sender:
         self._receipts: deque[dict[str, Any]] = deque(maxlen=10_000)
         self._last_receipt = 0.0  # wall clock: rows carry their delivery time across restarts
         self._next_requeue = 0.0
+        self._next_expire = 0.0
         self.confirmed = 0
         self.resent = 0
         self._inflight: dict[int, _Info] = {}  # row id -> paho message info
@@ -330,6 +342,12 @@ class Sender:
         if got:
             self._last_receipt = time.time()
         now = time.monotonic()
+        if now >= self._next_expire:
+            self._next_expire = now + 60.0
+            n = self.spool.expire(time.time() - RECEIPT_EXPIRY_S)
+            if n:
+                log.warning("no receipt within a day for messages the broker has; forgetting them",
+                            extra={"count": n})
         if self._last_receipt and now >= self._next_requeue and self.spool.receipts:
             self._next_requeue = now + 1.0
             # A receipt came this long after a row was delivered, and did not name it: the controller is there

@@ -189,3 +189,14 @@ def test_acknowledged_sees_the_puback_of_a_message_paho_queued_while_disconnecte
     finally:
         c.disconnect()
         c.loop_stop()
+
+
+def test_spool_forgets_delivered_rows_no_receipt_named_within_the_expiry(tmp_path: Path) -> None:
+    spool = Spool(Database(tmp_path / "agent.db"), receipts="on")
+    _tele(spool)
+    spool.add("reply", "t/reply", b"{}", ref="cmd-9")
+    spool.ack(*[r.id for r in spool.pending(10)])
+    _tele(spool)  # not delivered: never expires (it is the broker that would have it, and it does not yet)
+    assert spool.expire(delivered_before=time.time() - 60) == 0
+    assert spool.expire(delivered_before=time.time() + 1) == 2
+    assert spool.count() == 1 and len(spool.pending(10)) == 1
