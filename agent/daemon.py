@@ -94,7 +94,9 @@ class Agent:
         self.reporter = Reporter(cfg.device, self.boot, self.link.topic("telemetry"), self.registry, self.spool,
                                  interval_s=self._initial_interval(), wake_sender=self.sender.wake,
                                  status=lambda: {"spool": self.spool.count("telemetry"),
-                                                 "dropped_total": self.spool.dropped_total})
+                                                 "dropped_total": self.spool.dropped_total,
+                                                 "unconfirmed": self.spool.unconfirmed(),
+                                                 "resent_total": self.sender.resent})
         self.dispatcher = Dispatcher(cfg.device, self.journal, self.spool, self.installer, self.registry,
                                      reply_topic=self.link.topic("reply"), wake_sender=self.sender.wake,
                                      describe=self.describe, configure=self.configure, event=self.event,
