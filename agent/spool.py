@@ -2,7 +2,7 @@
 controller has stored them.
 
 Each row is committed (SQLite WAL, synchronous=FULL) before the agent hands it to paho. The broker's PUBACK marks it
-*delivered*; it is deleted when a controller's ``receipt`` names it (:func:`edgefleet.sdk.protocol.receipt`: seq
+*delivered*; it is deleted when a controller's ``receipt`` names it (:func:`edgefleet.sdk.protocol.receipts`: seq
 ranges per boot, reply ids). A PUBACK alone is not enough: a broker acknowledges before its subscribers have the
 message, and Mosquitto 2.0.11 restores no shared subscription from its persistence when it restarts (and after a
 SIGKILL nothing since its last autosave), so whatever it acknowledged before the controller had subscribed again
@@ -342,7 +342,7 @@ class Sender:
         if got:
             self._last_receipt = time.time()
         now = time.monotonic()
-        if now >= self._next_expire:
+        if now >= self._next_expire and self.spool.receipts:  # without receipts no row stays delivered
             self._next_expire = now + 60.0
             n = self.spool.expire(time.time() - RECEIPT_EXPIRY_S)
             if n:

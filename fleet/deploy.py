@@ -274,6 +274,7 @@ class Deployer:
         self._stop = threading.Event()
         self._bundles: dict[str, StoredBundle] = {}  # verified once per deployment, not once per device
         self._sent_at: dict[tuple[str, str], float] = {}  # (deployment, device) -> when its deploy went out
+        self._resend_check: dict[str, float] = {}  # deployment -> when to look for lost commands next
         self.resent = 0
 
     def create(self, bundle_ids: Sequence[str], selector: Selector, policy: RolloutPolicy,
@@ -382,11 +383,16 @@ class Deployer:
         makes it send its progress again.
         """
         now = time.time()
+        if now < self._resend_check.get(dep_id, 0.0):
+            return  # the rollout polls every poll_s; a lost command is looked for every RESEND_GRACE_S
+        self._resend_check[dep_id] = now + RESEND_GRACE_S
         for t in targets:
             if t["state"] != "pending" or not t["cmd_id"]:
                 continue
-            dev = self.store.device(self.fleet, t["device"])
             sent = self._sent_at.setdefault((dep_id, t["device"]), float(t.get("updated") or now))
+            if now - sent <= RESEND_GRACE_S:
+                continue  # just sent: no device lookup
+            dev = self.store.device(self.fleet, t["device"])
             if dev and dev["state"] == "online" and dev["status_ts"] > sent and now - dev["status_ts"] > RESEND_GRACE_S:
                 log.warning("deployment %s: %s reconnected without starting command %s; sending it again", dep_id,
                             t["device"], t["cmd_id"])
@@ -473,6 +479,9 @@ class Deployer:
             log.exception("deployment %s failed", dep_id)
             self.store.update_deployment(dep_id, state="failed", message=f"controller error: {exc}")
         finally:
+            self._resend_check.pop(dep_id, None)
+            for key in [k for k in self._sent_at if k[0] == dep_id]:
+                del self._sent_at[key]
             if self._stop.is_set():
                 # Stopping mid-rollout: release the lease so another controller resumes it at once.
                 self.store.renew_lease(dep_id, self.owner, 0.0)

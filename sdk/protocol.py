@@ -11,7 +11,7 @@ schema and raise :class:`ProtocolError` with one line naming the field. Both end
 | events    | agent      | 1   | no       | :func:`event`      |
 | cmd       | controller | 1   | no       | :func:`command`    |
 | reply     | agent      | 1   | no       | :func:`reply`      |
-| receipt   | controller | 1   | no       | :func:`receipt`    |
+| receipt   | controller | 1   | no       | :func:`receipts`   |
 
 A ``receipt`` tells an agent which of its telemetry records, events and replies a controller has *stored*: the agent
 keeps each one on disk until then and sends it again if a receipt for later ones comes first (the broker lost it:
@@ -44,6 +44,7 @@ __all__ = [
     "CHANNELS",
     "COMMAND_KINDS",
     "MAX_PAYLOAD",
+    "MAX_RECEIPT_RANGES",
     "PROTOCOL_VERSION",
     "SKETCH_ALPHA",
     "Topic",
@@ -60,7 +61,6 @@ __all__ = [
     "parse_status",
     "parse_telemetry",
     "parse_topic",
-    "receipt",
     "receipts",
     "reply",
     "seq_ranges",
@@ -421,32 +421,25 @@ def seq_ranges(seqs: Iterable[int]) -> list[list[int]]:
     return out
 
 
-def receipt(device: str, *, telemetry: Mapping[str, Iterable[int]] | None = None,
-            events: Mapping[str, Iterable[int]] | None = None, replies: Iterable[str] = ()) -> dict[str, Any]:
-    """What a controller has stored of one device's messages: telemetry and event seqs per boot, reply ids."""
-    return {"v": 1, "device": device, "ts": time.time(),
-            "telemetry": {b: seq_ranges(s) for b, s in (telemetry or {}).items()},
-            "events": {b: seq_ranges(s) for b, s in (events or {}).items()},
-            "replies": sorted(set(replies))}
-
-
 def receipts(device: str, *, telemetry: Mapping[str, Iterable[int]] | None = None,
              events: Mapping[str, Iterable[int]] | None = None, replies: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """:func:`receipt`, split into as many as it takes to keep each within :data:`MAX_RECEIPT_RANGES` ranges per
-    boot and kind and as many reply ids (a receipt over the limits is refused by the agent)."""
-    parts: list[tuple[str, str, list[list[int]]]] = []
+    """What a controller has stored of one device's messages — telemetry and event seqs per boot, reply ids — as
+    one receipt, or as few as keep each within :data:`MAX_RECEIPT_RANGES` ranges per boot and kind and as many reply
+    ids (the agent refuses a receipt over those limits)."""
+    chunks: list[tuple[str, str, list[list[list[int]]]]] = []
     for key, per_boot in (("telemetry", telemetry or {}), ("events", events or {})):
         for boot, seqs in per_boot.items():
-            ranges = seq_ranges(seqs)
-            parts += [(key, boot, ranges[i:i + MAX_RECEIPT_RANGES]) for i in range(0, len(ranges), MAX_RECEIPT_RANGES)]
+            r = seq_ranges(seqs)
+            chunks.append((key, boot, [r[i:i + MAX_RECEIPT_RANGES] for i in range(0, len(r), MAX_RECEIPT_RANGES)]))
     ids = sorted(set(replies))
-    out: list[dict[str, Any]] = []
-    for i in range(max(len(parts), math.ceil(len(ids) / MAX_RECEIPT_RANGES), 1)):
+    n = max([len(c) for _, _, c in chunks] + [math.ceil(len(ids) / MAX_RECEIPT_RANGES), 1])
+    out = []
+    for i in range(n):
         msg: dict[str, Any] = {"v": 1, "device": device, "ts": time.time(), "telemetry": {}, "events": {},
                                "replies": ids[i * MAX_RECEIPT_RANGES:(i + 1) * MAX_RECEIPT_RANGES]}
-        if i < len(parts):
-            key, boot, ranges = parts[i]
-            msg[key][boot] = ranges
+        for key, boot, parts in chunks:
+            if i < len(parts):
+                msg[key][boot] = parts[i]
         out.append(msg)
     return out
 

@@ -110,7 +110,7 @@ def test_spool_keeps_delivered_rows_until_a_receipt_names_them_once_receipts_wer
     first = [_tele(spool) for _ in range(2)]
     spool.ack(*[r.id for r in spool.pending(10)])
     assert spool.count() == 0
-    spool.confirm(protocol.parse_receipt(protocol.encode(protocol.receipt("d", telemetry={"b1": first}))))
+    spool.confirm(protocol.parse_receipt(protocol.encode(protocol.receipts("d", telemetry={"b1": first})[0])))
     assert spool.receipts and Spool(Database(tmp_path / "agent.db")).receipts  # persisted for the next start
     seqs = [_tele(spool) for _ in range(5)]
     spool.add("reply", "t/reply", b"{}", ref="cmd-1")
@@ -118,9 +118,9 @@ def test_spool_keeps_delivered_rows_until_a_receipt_names_them_once_receipts_wer
     spool.ack(*[r.id for r in spool.pending(10)])
     assert spool.count() == 6 and spool.unconfirmed() == 6 and spool.pending(10) == []
     # a receipt for another boot, or for seqs it never sent, changes nothing
-    spool.confirm(protocol.receipt("d", telemetry={"b0": seqs}))
+    spool.confirm(protocol.receipts("d", telemetry={"b0": seqs})[0])
     assert spool.count() == 6
-    spool.confirm(protocol.receipt("d", telemetry={"b1": [seqs[0], seqs[1], seqs[3]]}, replies=["cmd-1"]))
+    spool.confirm(protocol.receipts("d", telemetry={"b1": [seqs[0], seqs[1], seqs[3]]}, replies=["cmd-1"])[0])
     assert spool.pending(10) == [] and spool.count() == 2
     assert spool.requeue(delivered_before=time.time() + 1) == 2
     assert sorted(json.loads(r.payload)["seq"] for r in spool.pending(10)) == [seqs[2], seqs[4]]
@@ -162,10 +162,10 @@ def test_sender_resends_only_what_a_later_receipt_skipped(tmp_path: Path) -> Non
         time.sleep(1.5)  # no receipt yet: the controller may be away, so nothing is resent
         assert sorted(sent) == seqs
         time.sleep(0.3)
-        sender.receipt(protocol.receipt("d", telemetry={"b1": seqs[:2] + seqs[3:5]}))
+        sender.receipt(protocol.receipts("d", telemetry={"b1": seqs[:2] + seqs[3:5]})[0])
         wait_until(lambda: len(sent) == 8, 5, what="the two skipped records resent")
         assert sorted(sent[6:]) == [seqs[2], seqs[5]]
-        sender.receipt(protocol.receipt("d", telemetry={"b1": [seqs[2], seqs[5]]}))
+        sender.receipt(protocol.receipts("d", telemetry={"b1": [seqs[2], seqs[5]]})[0])
         wait_until(lambda: spool.count() == 0, 5, what="outbox empty")
         assert sender.resent == 2 and sender.confirmed == 6 and sender.drained(confirmed=True)
     finally:
@@ -200,3 +200,24 @@ def test_spool_forgets_delivered_rows_no_receipt_named_within_the_expiry(tmp_pat
     assert spool.expire(delivered_before=time.time() - 60) == 0
     assert spool.expire(delivered_before=time.time() + 1) == 2
     assert spool.count() == 1 and len(spool.pending(10)) == 1
+
+
+def test_mqtt_link_hands_over_only_valid_receipts_for_its_own_device(tmp_path: Path) -> None:
+    from edgefleet.agent.config import BrokerConfig
+    from edgefleet.agent.mqtt import MqttLink
+
+    got: list[dict] = []
+    link = MqttLink(BrokerConfig(), "testfleet", "dev-a", "boot", describe=dict, on_command=lambda m: None,
+                    on_receipt=got.append)
+
+    class Msg:
+        def __init__(self, payload: bytes) -> None:
+            self.payload = payload
+
+    mine = protocol.receipts("dev-a", telemetry={"b": [1, 2]})[0]
+    for bad in (protocol.encode(protocol.receipts("dev-b", telemetry={"b": [1]})[0]),  # another device's
+                b"{not json", protocol.encode({**mine, "telemetry": {"b": [[2, 1]]}})):
+        link._receipt(Msg(bad))  # type: ignore[arg-type]
+    assert got == [] and link._bad_receipts == 3
+    link._receipt(Msg(protocol.encode(mine)))  # type: ignore[arg-type]
+    assert [r["telemetry"] for r in got] == [{"b": [[1, 2]]}]

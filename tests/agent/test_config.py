@@ -40,6 +40,7 @@ def test_config_loads_defaults_and_resolves_paths_relative_to_file(tmp_path: Pat
     assert cfg.data_dir == tmp_path / "data"
     assert cfg.trusted_keys == (pubkey,)
     assert cfg.telemetry_interval_s == 10.0
+    assert (cfg.receipts, cfg.resend_after_s) == ("auto", 10.0)
     assert (cfg.broker.host, cfg.broker.port, cfg.broker.tls) == ("127.0.0.1", 1883, False)
     assert cfg.api.address == ("127.0.0.1", 8080)
 
@@ -57,6 +58,8 @@ def test_config_flags_override_file_values(tmp_path: Path, pubkey: Path) -> None
     ('[mqtt]\nurl = "http://x"\n', "mqtt.url", "scheme must be mqtt"),
     ('[mqtt]\nkeepalive = 5\n', "mqtt.keepalive", "unknown key"),
     ('[telemetry]\ninterval_s = "fast"\n', "telemetry.interval_s", "must be a number"),
+    ('[telemetry]\nreceipts = "always"\n', "telemetry.receipts", "must be one of auto, on, off"),
+    ('[telemetry]\nresend_after_s = 0\n', "telemetry.resend_after_s", "must be in"),
     ('[api]\nlisten = "localhost"\n', "api.listen", "must be host:port"),
     ('[nope]\nx = 1\n', "[nope]", "unknown section"),
 ])

@@ -143,7 +143,8 @@ def _valid_messages() -> dict[str, dict[str, Any]]:
         "command": protocol.command("deploy", {"url": "https://x/b.efb", "sha256": "a" * 64, "size": 10},
                                     ttl_s=60),
         "reply": protocol.reply("c1", "dev-1", False, code="bundle.signature", message="no", step="verify"),
-        "receipt": protocol.receipt("dev-1", telemetry={"b": [1, 2, 3, 9]}, events={"b": [4]}, replies=["c1"]),
+        "receipt": protocol.receipts("dev-1", telemetry={"b": [1, 2, 3, 9]}, events={"b": [4]},
+                                    replies=["c1"])[0],
     }
 
 

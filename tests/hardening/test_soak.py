@@ -129,6 +129,8 @@ def test_soak_with_cut_connections_and_agent_kills_loses_no_record(
     for a in agents:
         conn = sqlite3.connect(a.data_dir / "state" / "agent.db")
         last_seq[a.device] = int(conn.execute("SELECT value FROM meta WHERE key='seq.telemetry'").fetchone()[0])
+        # the agents kept rows for receipts (auto mode switched on), or broker faults would have lost records
+        assert conn.execute("SELECT value FROM meta WHERE key='receipts.seen'").fetchone() == ("1",), a.device
         # What a clean stop could not publish in its 5 s stays in the outbox for the next start: not lost.
         unsent[a.device] = {int(json.loads(p)["seq"]) for (p,) in
                             conn.execute("SELECT payload FROM outbox WHERE kind='telemetry'")}
@@ -177,7 +179,7 @@ def test_soak_with_cut_connections_and_agent_kills_loses_no_record(
     connected = [rec - ts for have in rows.values() for ts, rec, _ in have.values() if not in_fault(ts)]
     p99_connected = _pct(connected, 0.99)
     will_bound = 1.5 * KEEPALIVE + 1.0
-    assert kills >= 2 and broker_kills >= 2
+    assert kills >= 2 and broker_kills >= 2 and receipts_sent > 0
     assert max(will_delays) <= will_bound, f"Last Will delays {will_delays}, bound {will_bound} s"
 
     figures.add("soak", "duration_s", duration)

@@ -112,9 +112,10 @@ def test_reply_roundtrip_ok_and_error() -> None:
     assert err["error"] == {"code": "bundle.signature", "message": "untrusted", "step": "verify"}
 
 
-def test_receipt_roundtrip_packs_seqs_into_ranges_per_boot() -> None:
-    r = p.parse_receipt(p.encode(p.receipt("dev1", telemetry={"b1": [5, 1, 2, 3, 9], "b0": [7]},
-                                           events={"b1": [4]}, replies=["c-2", "c-1", "c-2"])))
+def test_receipt_roundtrip_packs_seqs_into_ranges_per_boot_in_one_message() -> None:
+    (one,) = p.receipts("dev1", telemetry={"b1": [5, 1, 2, 3, 9], "b0": [7]}, events={"b1": [4]},
+                        replies=["c-2", "c-1", "c-2"])
+    r = p.parse_receipt(p.encode(one))
     assert r["telemetry"] == {"b1": [[1, 3], [5, 5], [9, 9]], "b0": [[7, 7]]}
     assert r["events"] == {"b1": [[4, 4]]} and r["replies"] == ["c-1", "c-2"]
     assert p.seq_ranges([]) == [] and p.seq_ranges(range(10, 0, -1)) == [[1, 10]]
@@ -132,7 +133,9 @@ def test_receipts_split_to_stay_within_what_the_agent_accepts() -> None:
                 got[(k, b)] += [s for lo, hi in ranges for s in range(lo, hi + 1)]
     assert sorted(got[("telemetry", "b1")]) == list(odd) and got[("telemetry", "b0")] == [1]
     assert got[("events", "b1")] == [3] and sum(len(m["replies"]) for m in parsed) == 1500
-    assert len(parsed) == 5  # 3 chunks of b1 telemetry, b0, events; the replies ride along in the first two
+    assert len(parsed) == 3  # b1 telemetry needs 3 (2,500 ranges); b0, events and the replies ride along
+    assert all(len(r) <= p.MAX_RECEIPT_RANGES for m in parsed for k in ("telemetry", "events")
+               for r in m[k].values())
     assert len(p.receipts("dev1")) == 1  # nothing to say is still one (empty) receipt
 
 
@@ -158,7 +161,7 @@ _STATUS = p.status("dev1", "online", boot="b")
 _TELEMETRY = p.telemetry("dev1", "b", 1, [_model_entry([1.0])], interval_s=5.0)
 _EVENT = p.event("dev1", "b", 1, "install", "ok")
 _REPLY = p.reply("c-1", "dev1", True)
-_RECEIPT = p.receipt("dev1", telemetry={"b": [1]})
+_RECEIPT = p.receipts("dev1", telemetry={"b": [1]})[0]
 
 
 @pytest.mark.parametrize(
