@@ -43,8 +43,10 @@ def test_broker_restart_loses_no_telemetry_record(agent_factory, mosquitto) -> N
     assert (mosquitto.workdir / "data" / "mosquitto.db").exists(), "the broker must persist sessions to disk"
     down_at = time.time()
     time.sleep(1.5)  # ~7 records are made while nobody can take them
-    mosquitto.start()
+    # Taken before start(): the agent can reconnect while start() is still probing the port, and its birth must
+    # still count as the one after the restart (found flaky in CI: birth 0.0x s before start() returned).
     up_at = time.time()
+    mosquitto.start()
     sub.wait_for("status", lambda s: s["state"] == "online" and s["ts"] > up_at, timeout=15)
     time.sleep(0.6)
     assert agent.terminate() == 0
