@@ -34,6 +34,9 @@ from .keys import PrivateKey, TrustedKeys
 
 __all__ = [
     "MANIFEST_NAME",
+    "META_CPU_FALLBACK",
+    "META_MEASURED_ON",
+    "META_MEASUREMENT",
     "SCHEMA_VERSION",
     "SIGNATURES_NAME",
     "BundleLimits",
@@ -215,6 +218,12 @@ class Tolerance:
     # ``channel_floor`` carry no signal and are not judged. None: no per-channel check.
     min_channel_cosine: float | None = None
     channel_floor: float = 0.0
+    # Optional, added after v1 bundles were in the field (written only when set, so bundles that do not use them stay
+    # readable by older agents): the share of positions whose argmax over the last axis must match the reference in
+    # every sample (a classifier's top-1, a CTC recogniser's per-time-step symbol); and how the packager derived
+    # max_abs ("kind"): e.g. "measured on OpenVINOExecutionProvider x2" -- for people, not checked.
+    min_argmax_agreement: float | None = None
+    kind: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_abs, (int, float)) or not self.max_abs >= 0:
@@ -228,6 +237,47 @@ class Tolerance:
                 f"manifest: tolerance min_channel_cosine must be in [-1, 1], got {self.min_channel_cosine!r}")
         if not isinstance(self.channel_floor, (int, float)) or not self.channel_floor >= 0:
             raise BundleFormatError(f"manifest: tolerance channel_floor must be >= 0, got {self.channel_floor!r}")
+        if self.min_argmax_agreement is not None and (
+            not isinstance(self.min_argmax_agreement, (int, float)) or not 0.0 <= self.min_argmax_agreement <= 1.0
+        ):
+            raise BundleFormatError(
+                f"manifest: tolerance min_argmax_agreement must be in [0, 1], got {self.min_argmax_agreement!r}")
+        if self.kind is not None and (not isinstance(self.kind, str) or len(self.kind) > 200):
+            raise BundleFormatError("manifest: tolerance kind must be a string of at most 200 characters")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; the optional fields added after v1 are left out when unset (older readers refuse unknown
+        keys, so a bundle that does not use them stays readable by agents already in the field)."""
+        d = asdict(self)
+        for k in _LATER_TOLERANCE_KEYS:
+            if d.get(k) is None:
+                d.pop(k, None)
+        return d
+
+
+_LATER_TOLERANCE_KEYS = ("min_argmax_agreement", "kind")
+
+# Manifest ``metadata`` keys the packager fills in (strings: metadata is a free {str: str} map that every v1 reader
+# accepts, so these labels never make a bundle unreadable by an agent already in the field).
+META_MEASUREMENT = "measurement"
+"""``measured``: the choice and the tolerances come from the target's own runtime and provider on the build host;
+``unmeasured``: that runtime could not be reached, the packager took the provider's conservative precision."""
+META_MEASURED_ON = "measured_on"
+"""Provider and ONNX Runtime (version, flavour) that produced the numbers, or why none did."""
+META_CPU_FALLBACK = "cpu_fallback_nodes"
+"""Share of graph nodes ONNX Runtime assigned to the CPU EP instead of the bundle's provider ("0" .. "1"; absent
+when not measured or when the CPU EP is the bundle's provider)."""
+
+
+def _tolerance(name: str, v: Any) -> Tolerance:
+    if not isinstance(v, Mapping):
+        raise BundleFormatError(f"manifest: tolerance of {name!r} must be an object")
+    unknown = set(v) - set(Tolerance.__dataclass_fields__)
+    if unknown:
+        raise BundleFormatError(f"manifest: tolerance of {name!r} has unknown key(s) {sorted(unknown)}")
+    if "max_abs" not in v:
+        raise BundleFormatError(f"manifest: tolerance of {name!r} has no max_abs")
+    return Tolerance(**v)
 
 
 @dataclass(frozen=True)
@@ -250,7 +300,7 @@ class ValidationSpec:
         return cls(
             file=_check_relpath("manifest validation.file", d.get("file")),
             samples=samples,
-            tolerances={k: Tolerance(**v) for k, v in tol.items()},
+            tolerances={k: _tolerance(k, v) for k, v in tol.items()},
         )
 
 
@@ -327,6 +377,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (what ``canonical_json`` signs)."""
         d = asdict(self)
+        if self.validation is not None:
+            d["validation"]["tolerances"] = {k: t.to_dict() for k, t in self.validation.tolerances.items()}
         d["providers"] = [{"name": p.name, "options": dict(p.options)} for p in self.providers]
         d["inputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.inputs]
         d["outputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.outputs]

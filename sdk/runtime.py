@@ -33,7 +33,7 @@ from .errors import (
 )
 from .keys import TrustedKeys
 from .sketch import LatencyRecorder
-from .validation import OutputCheck, check_channels, check_outputs, load_validation
+from .validation import OutputCheck, check_channels, check_outputs, check_self_test_set, load_validation
 
 __all__ = [
     "BenchmarkResult",
@@ -434,6 +434,8 @@ class Model:
         samples = load_validation(self.root.joinpath(*PurePosixPath(v.file).parts))
         if len(samples) != v.samples:
             raise SelfTestError(f"validation set has {len(samples)} samples, manifest says {v.samples}")
+        # a self-test that cannot fail proves nothing: refused before anything runs
+        check_self_test_set(samples, v.tolerances, {o.name: o.dtype for o in self.manifest.outputs})
         checks: list[OutputCheck] = []
         outs: list[dict[str, np.ndarray]] = []
         for inputs, refs in samples:
@@ -442,7 +444,7 @@ class Model:
                 got = dict(zip(self._output_names, self.session.run(self._output_names, inputs), strict=True))
             except (InputError, Exception) as exc:
                 raise SelfTestError(f"self-test could not run: {exc}") from exc
-            checks.extend(check_outputs(got, refs, v.tolerances))
+            checks.extend(check_outputs(got, refs, v.tolerances, self._output_names))
             outs.append(got)
         for name, tol in v.tolerances.items():
             ch = check_channels(name, [o[name] for o in outs], [r[name] for _, r in samples], tol)

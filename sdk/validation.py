@@ -17,9 +17,10 @@ import numpy as np
 
 from ._fs import atomic_write_bytes
 from .bundle import Tolerance
-from .errors import BundleFormatError, UnsafeArchiveError
+from .errors import BundleFormatError, SelfTestError, UnsafeArchiveError
 
-__all__ = ["MAX_VALIDATION_BYTES", "OutputCheck", "Sample", "compare_output", "load_validation", "save_validation"]
+__all__ = ["MAX_VALIDATION_BYTES", "OutputCheck", "Sample", "check_self_test_set", "compare_output", "load_validation",
+           "save_validation"]
 
 MAX_VALIDATION_BYTES = 256 << 20
 """Cap on a validation set's uncompressed size: a deflated npz member can expand ~1000x (a zip bomb)."""
@@ -116,14 +117,26 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
+def _argmax_agreement(got: np.ndarray, ref: np.ndarray) -> float:
+    """Share of positions whose argmax over the last axis matches (a classifier's top-1, a sequence's per-step
+    symbol)."""
+    if ref.ndim < 1 or ref.shape[-1] < 2 or ref.size == 0:
+        return 1.0
+    g = np.argmax(got.reshape(-1, got.shape[-1]), axis=-1)
+    r = np.argmax(ref.reshape(-1, ref.shape[-1]), axis=-1)
+    return float(np.mean(g == r))
+
+
 def compare_output(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance | None) -> OutputCheck:
-    """Max absolute error and cosine similarity of one output against its reference, judged by ``tol``."""
+    """One output against its reference: integer, bool and string outputs must be equal; float outputs are judged
+    by ``tol`` (max absolute error, cosine, and argmax agreement when the tolerance asks for it)."""
     if got.shape != ref.shape:
         return OutputCheck(name, float("inf"), 0.0, False, f"shape {got.shape} != reference {ref.shape}")
-    if got.dtype.kind not in "fiub":
+    if ref.dtype.kind not in "fc":
+        # labels, counts, indices, masks: a decision, compared exactly (a tolerance would let any value through)
         equal = bool(np.array_equal(got, ref))
         return OutputCheck(name, 0.0 if equal else float("inf"), 1.0 if equal else 0.0, equal,
-                           "" if equal else "non-numeric output differs")
+                           "" if equal else f"{ref.dtype} output differs from the reference (compared exactly)")
     a = got.astype(np.float64).ravel()
     b = ref.astype(np.float64).ravel()
     if not np.all(np.isfinite(a)):
@@ -137,14 +150,76 @@ def compare_output(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance |
         reasons.append(f"max abs error {max_abs:.3g} > {tol.max_abs:.3g}")
     if cos < tol.min_cosine:
         reasons.append(f"cosine {cos:.5f} < {tol.min_cosine:.5f}")
+    if tol.min_argmax_agreement is not None:
+        agree = _argmax_agreement(got, ref)
+        if agree < tol.min_argmax_agreement:
+            reasons.append(f"argmax agreement {agree:.1%} < {tol.min_argmax_agreement:.1%}")
     return OutputCheck(name, max_abs, cos, not reasons, "; ".join(reasons))
 
 
+def check_self_test_set(samples: Sequence[Sample], tolerances: Mapping[str, Tolerance],
+                        outputs: Mapping[str, str]) -> None:
+    """Refuse a self-test that could not fail: no tolerances, an output never compared, references with NaN/Inf, a
+    tolerance so loose that an all-zero output would pass, or references that carry no signal at all.
+
+    ``outputs`` maps every model output to its dtype. Raises :class:`SelfTestError` naming the problem; the packager
+    calls it before writing a bundle and the runtime before every self-test, so a vacuous set is refused twice.
+    """
+    if not samples:
+        raise SelfTestError("vacuous self-test: the validation set has no samples")
+    if not tolerances:
+        raise SelfTestError("vacuous self-test: the manifest gives no tolerances, so no output would be compared")
+    unknown = sorted(set(tolerances) - set(outputs))
+    if unknown:
+        raise SelfTestError(f"self-test tolerances name unknown outputs {unknown}")
+    signal = False
+    for name, dtype in outputs.items():
+        is_float = dtype in ("float32", "float16", "float64", "bfloat16")
+        if is_float and name not in tolerances:
+            raise SelfTestError(f"vacuous self-test: float output {name!r} has no tolerance, so it would never be "
+                                f"compared")
+        tol = tolerances.get(name)
+        zero_passes = True
+        for i, (inputs, refs) in enumerate(samples):
+            for arr_name, arr in inputs.items():
+                if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+                    raise SelfTestError(f"self-test sample {i}: input {arr_name!r} holds NaN or Inf")
+            if name not in refs:
+                raise SelfTestError(f"self-test sample {i} has no reference for output {name!r}")
+            ref = refs[name]
+            if ref.dtype.kind in "fc":
+                if not np.all(np.isfinite(ref)):
+                    raise SelfTestError(f"self-test sample {i}: the reference of output {name!r} holds NaN or Inf, "
+                                        f"which no output can be compared with")
+                peak = float(np.max(np.abs(ref))) if ref.size else 0.0
+                if peak > 0:
+                    signal = True
+                    if tol is not None and not (peak <= tol.max_abs and tol.min_cosine <= 0.0 and (
+                            tol.min_argmax_agreement is None
+                            or _argmax_agreement(np.zeros_like(ref), ref) >= tol.min_argmax_agreement)):
+                        zero_passes = False
+            elif ref.dtype.kind in "iub" and ref.size and np.any(ref != 0):
+                signal = True
+            elif ref.dtype.kind not in "iub":
+                signal = True  # strings: compared exactly, any value is a signal
+        if is_float and tol is not None and zero_passes and any(
+                np.any(r[name] != 0) for _, r in samples if r[name].dtype.kind in "fc"):
+            raise SelfTestError(f"vacuous self-test: the tolerance of output {name!r} (max_abs {tol.max_abs:.3g}, "
+                                f"min_cosine {tol.min_cosine}) would pass an all-zero output")
+    if not signal:
+        raise SelfTestError("vacuous self-test: every reference output is zero, so a dead model would pass")
+
+
 def check_outputs(
-    got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tolerances: Mapping[str, Tolerance]
+    got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tolerances: Mapping[str, Tolerance],
+    expected: Sequence[str] = (),
 ) -> list[OutputCheck]:
-    """Compare every reference output that has a tolerance."""
-    return [compare_output(name, got[name], ref[name], tolerances.get(name)) for name in ref if name in got]
+    """Compare every reference output (float outputs by their tolerance, the others exactly); an output named in
+    ``expected`` that the model did not produce fails."""
+    checks = [compare_output(name, got[name], ref[name], tolerances.get(name)) for name in ref if name in got]
+    checks += [OutputCheck(name, float("inf"), 0.0, False, "output missing") for name in expected
+               if name in ref and name not in got]
+    return checks
 
 
 def check_channels(
