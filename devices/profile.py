@@ -78,6 +78,8 @@ class Profile:
     default_threads: int = 0
     preferred_precision: str = "auto"
     session_reason: str = ""
+    max_cpu_fallback: float = 0.0
+    max_cpu_fallback_reason: str = ""
     extra: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = ""
 
@@ -95,8 +97,13 @@ class Profile:
         if self.preferred_precision != "auto" and self.preferred_precision not in self.precisions:
             raise ConfigError(f"profile {self.name}: preferred_precision {self.preferred_precision!r} "
                               f"is not in precisions")
-        if not isinstance(self.default_threads, int) or self.default_threads < 0:
-            raise ConfigError(f"profile {self.name}: default_threads must be >= 0, got {self.default_threads!r}")
+        if not isinstance(self.default_threads, int) or isinstance(self.default_threads, bool) \
+                or not 0 <= self.default_threads <= 1024:
+            raise ConfigError(f"profile {self.name}: default_threads must be in 0..1024, got {self.default_threads!r}")
+        if not isinstance(self.max_cpu_fallback, (int, float)) or isinstance(self.max_cpu_fallback, bool) \
+                or not 0.0 <= self.max_cpu_fallback <= 1.0:
+            raise ConfigError(f"profile {self.name}: max_cpu_fallback must be a share in [0, 1], "
+                              f"got {self.max_cpu_fallback!r}")
 
     @property
     def primary_provider(self) -> str:
@@ -112,7 +119,8 @@ class Profile:
             "session": {**{f.name: getattr(self.session, f.name) for f in fields(self.session)},
                         "config_entries": dict(self.session.config_entries), "reason": self.session_reason},
             "precisions": list(self.precisions), "preferred_precision": self.preferred_precision,
-            "default_threads": self.default_threads,
+            "default_threads": self.default_threads, "max_cpu_fallback": self.max_cpu_fallback,
+            "max_cpu_fallback_reason": self.max_cpu_fallback_reason,
             "quantization": {f.name: getattr(self.quantization, f.name) for f in fields(self.quantization)},
             "extra": {k: dict(v) for k, v in self.extra.items()}, "source": self.source,
         }
@@ -120,7 +128,7 @@ class Profile:
 
 _TOP_KEYS = {"name", "description", "arch", "ort_flavour", "cpu_flags", "markers", "rank", "default_threads",
              "precisions", "preferred_precision", "providers", "session", "quantization", "openvino", "tensorrt",
-             "coreml"}
+             "coreml", "max_cpu_fallback", "max_cpu_fallback_reason"}
 
 
 def _parse(data: Mapping[str, Any], source: str) -> Profile:
@@ -164,6 +172,8 @@ def _parse(data: Mapping[str, Any], source: str) -> Profile:
             default_threads=data.get("default_threads", 0),
             preferred_precision=str(data.get("preferred_precision", "auto")),
             session_reason=session_reason,
+            max_cpu_fallback=data.get("max_cpu_fallback", 0.0),
+            max_cpu_fallback_reason=str(data.get("max_cpu_fallback_reason", "")),
             extra={k: dict(data[k]) for k in ("openvino", "tensorrt", "coreml") if k in data},
             source=source,
         )

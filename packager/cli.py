@@ -9,39 +9,9 @@ from typing import Any
 
 import click
 
-from .plan import precision_choices
+from .options import PRECISION_CHOICES as precision_choices
 
 __all__ = ["package"]
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
-
-
-def _human(report: dict[str, Any], path: Path) -> list[str]:
-    chosen = report["chosen"]
-    sizes = report["sizes"]
-    lines = [f"{report['target']}: {path.name}  precision={chosen['precision']} ({chosen['name']})  "
-             f"model {_size(sizes['original'])} -> {_size(sizes['bundle_model'])}",
-             f"  why: {chosen['why']}",
-             f"  offline optimization: {report['offline_optimization']['level']} "
-             f"({report['offline_optimization']['reason']})"]
-    for c in report["candidates"]:
-        if c["error"]:
-            lines.append(f"  - {c['name']}: failed: {c['error']}")
-            continue
-        lat = f"{c['latency_ms']:.3f} ms" if c["latency_ms"] is not None else "not timed"
-        acc = c["accuracy"]
-        if acc is None:
-            lines.append(f"  - {c['name']}: accuracy unverified ({c['accuracy_on']}), {lat}")
-            continue
-        worst = min(acc["outputs"], key=lambda o: o["cosine"])
-        state = "ok" if c["within_budget"] else "over budget: " + "; ".join(acc["failures"])
-        top1 = f", top1 {worst['top1']:.1%}" if worst.get("top1") is not None else ""
-        lines.append(f"  - {c['name']}: {state}; worst cosine {worst['cosine']:.5f} ({worst['name']}){top1}, {lat}")
-    for n in [*report["notes"], *report["not_measured"], *report["data"]["notes"]]:
-        lines.append(f"  note: {n}")
-    return lines
 
 
 @click.command("package")
@@ -72,39 +42,77 @@ def _human(report: dict[str, Any], path: Path) -> list[str]:
               help="Extra profile folder (repeatable).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...",
               help="For a PyTorch MODEL (TorchScript file or module:factory): input name and shape, repeatable.")
-@click.option("--no-measure", is_flag=True, help="Do not time candidates (pick by expected order).")
+@click.option("--no-measure", is_flag=True,
+              help="Do not time candidates (auto then keeps the conservative precisions).")
+@click.option("--runtime-python", "runtime_python", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Python of an environment whose ONNX Runtime has a target's provider (e.g. .venv-openvino/bin/"
+                   "python): candidates are measured and validated there. Default: found next to the project.")
+@click.option("--threads", type=click.IntRange(0, 1024), default=None,
+              help="Intra-op threads for the bundle and for timing (default: the profile's; 0 = ORT's default).")
+@click.option("--time-budget", "time_budget", type=click.FloatRange(min=1.0), default=300.0, show_default=True,
+              help="Seconds per target; past it, optional candidates and retries are skipped (the report says so).")
+@click.option("--min-validation-samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Fewest validation samples for auto to consider lossy candidates (INT8, FP16...).")
+@click.option("--memory-budget-mb", "memory_mb", type=click.IntRange(min=64), default=2048, show_default=True,
+              help="Memory for calibration and validation data (calibration statistics are merged to stay within).")
+@click.option("--output-kind", "output_kinds", multiple=True, metavar="OUTPUT=KIND",
+              help="How to judge an output: classifier, sequence, detector, mask, tensor (default: inferred).")
 @click.option("--json", "as_json", is_flag=True, help="Print the packaging reports as JSON.")
 def package(model: str, targets: tuple[str, ...], precision: str, calibration: Path | None,
             validation: Path | None, budget: tuple[str, ...], name: str | None, version: str,
             model_type: str | None, key: Path | None, out_dir: Path, profiles_dir: tuple[str, ...],
-            input_shapes: tuple[str, ...], no_measure: bool, as_json: bool) -> None:
+            input_shapes: tuple[str, ...], no_measure: bool, runtime_python: tuple[str, ...], threads: int | None,
+            time_budget: float, min_validation_samples: int, memory_mb: int, output_kinds: tuple[str, ...],
+            as_json: bool) -> None:
     """Optimize, quantize and validate MODEL into one signed bundle per --target.
 
     MODEL is an ONNX file, or a PyTorch model (a TorchScript file, or module:factory) with --input-shape: it is
     exported to ONNX, and apple-silicon bundles also carry a native Core ML .mlpackage (FP16).
     """
+    from edgefleet.sdk.errors import ConfigError
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .api import PackageOptions
     from .api import package as run
+    from .options import PackageOptions, ProgressEvent
+    from .reporting import human_lines, unmeasured_line
 
+    kinds = {}
+    for item in output_kinds:
+        out_name, sep, kind = item.rpartition("=")
+        if not sep or not out_name:
+            raise ConfigError(f"--output-kind {item!r}: expected OUTPUT=KIND")
+        kinds[out_name] = kind
+    opts = PackageOptions.build(
+        precision=precision, budget=list(budget), name=name, version=version, model_type=model_type,
+        calibration=calibration, validation=validation, input_shapes=list(input_shapes), profiles_dirs=profiles_dir,
+        measure=not no_measure, runtime_python=runtime_python, threads=threads, time_budget_s=time_budget,
+        min_validation_samples=min_validation_samples, calibration_memory_mb=memory_mb, output_kinds=kinds)
     console = Console(stderr=True)
-    opts = PackageOptions(measure=not no_measure)
-    with console.status("packaging", spinner="dots") as status:
-        def progress(msg: str) -> None:
-            status.update(msg)
-            if not as_json:
-                console.log(msg)
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[step]}", markup=False))
+    with Progress(*columns, console=console, transient=False) as bars:
+        tasks: dict[str, Any] = {}
 
-        results = run(model, list(targets), key=key, out_dir=out_dir, calibration=calibration,
-                      validation=validation, precision=precision, budget=list(budget), name=name, version=version,
-                      model_type=model_type, profiles_dir=profiles_dir, options=opts, progress=progress,
-                      input_shapes=list(input_shapes) or None)
+        def progress(ev: ProgressEvent) -> None:
+            label = ev.target or "shared"
+            if label not in tasks:
+                tasks[label] = bars.add_task(label, total=max(ev.total, 1), step="")
+            bars.update(tasks[label], completed=ev.done, total=max(ev.total, ev.done, 1),
+                        step=ev.message.removeprefix(f"{ev.target}: ")[:70])
+
+        results = run(model, list(targets), key=key, out_dir=out_dir, options=opts, progress=progress)
+        for t in tasks.values():
+            bars.update(t, completed=bars.tasks[t].total)
+    for r in results:
+        line = unmeasured_line(r.report)
+        if line:
+            console.print(line, markup=False, highlight=False)
     if as_json:
         payload = [{"target": r.target, "bundle": str(r.path), "report": r.report} for r in results]
         click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
         return
     for r in results:
-        for line in _human(r.report, r.path):
+        for line in human_lines(r.report, r.path):
             click.echo(line)
     sys.stdout.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -21,7 +22,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 from edgefleet.sdk.errors import ConfigError, InputError, PackagingError
-from edgefleet.sdk.validation import load_validation
 
 __all__ = [
     "STEPS",
@@ -359,25 +359,33 @@ class QuantizeDynamic(Step):
                                  nodes_to_exclude=list(config.nodes_to_exclude))
         except Exception as exc:
             raise PackagingError(f"dynamic quantization failed: {exc}") from exc
-        self.notes = {"weight_type": config.weight_type, "excluded": list(config.nodes_to_exclude)}
+        self.notes = {"weight_type": config.weight_type, "per_channel": config.per_channel,
+                      "excluded": list(config.nodes_to_exclude)}
         return out
 
 
-class _Reader:
-    """CalibrationDataReader over a validation-format .npz written by the packager (inputs only)."""
+class StreamingReader:
+    """CalibrationDataReader over the calibration files, one sample at a time (never the whole set in memory)."""
 
-    def __init__(self, path: Path) -> None:
-        self._samples = [inputs for inputs, _ in load_validation(path)]
+    def __init__(self, path: Path, model: Path) -> None:
+        from .data import SampleSource
+        from .planning import io_specs
+
+        inputs, _ = io_specs(model)
+        self._source = SampleSource(path, inputs, "calibration data")
         self._i = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= len(self._samples):
+        if self._i >= len(self._source):
             return None
         self._i += 1
-        return self._samples[self._i - 1]
+        return self._source[self._i - 1]
 
     def rewind(self) -> None:
         self._i = 0
+
+    def __len__(self) -> int:
+        return len(self._source)
 
 
 @dataclass(frozen=True)
@@ -394,6 +402,8 @@ class StaticConfig:
     symmetric_activations: bool = False
     op_types: tuple[str, ...] = ()
     nodes_to_exclude: tuple[str, ...] = ()
+    max_intermediate_outputs: int = 0
+    calibration_cache: str = ""
 
     def __post_init__(self) -> None:
         if not self.calibration:
@@ -423,22 +433,33 @@ class QuantizeStatic(Step):
         extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": config.symmetric_activations}
         if config.method == "percentile":
             extra["CalibPercentile"] = 99.999
+        if config.max_intermediate_outputs:
+            # MinMax keeps every sample's intermediate tensors until it computes ranges: merge them every N samples
+            # instead (same ranges, bounded memory)
+            extra["CalibMaxIntermediateOutputs"] = config.max_intermediate_outputs
+        kw: dict[str, Any] = {}
+        if config.calibration_cache and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+            # ranges depend on the model, the op types and the method only: later candidates (other activation
+            # types, nodes kept in float) reuse them instead of calibrating again
+            kw["calibration_cache_path"] = config.calibration_cache
+        reused = bool(config.calibration_cache) and Path(config.calibration_cache).is_file()
         try:
             with _quiet_tool():
                 quantize_static(
-                    model, out, _Reader(Path(config.calibration)),
+                    model, out, StreamingReader(Path(config.calibration), model),
                     quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
                     activation_type=_qtype(config.activation_type), weight_type=_qtype(config.weight_type),
                     per_channel=config.per_channel, reduce_range=config.reduce_range, calibrate_method=method,
                     op_types_to_quantize=list(config.op_types) or None,
-                    nodes_to_exclude=list(config.nodes_to_exclude), extra_options=extra,
+                    nodes_to_exclude=list(config.nodes_to_exclude), extra_options=extra, **kw,
                 )
         except Exception as exc:
             raise PackagingError(f"static quantization failed: {exc}") from exc
         self.notes = {"format": config.format, "activation_type": config.activation_type,
                       "weight_type": config.weight_type, "per_channel": config.per_channel,
                       "reduce_range": config.reduce_range, "method": config.method,
-                      "excluded": list(config.nodes_to_exclude)}
+                      "excluded": list(config.nodes_to_exclude), "calibration_reused": reused,
+                      "max_intermediate_outputs": config.max_intermediate_outputs or None}
         return out
 
 
@@ -503,6 +524,7 @@ class PlannedStep:
         cfg = {f.name: getattr(self.config, f.name) for f in fields(self.config)}
         cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in default}
         cfg.pop("calibration", None)  # a temp path: meaningless in a report
+        cfg.pop("calibration_cache", None)
         return {"step": self.name, "config": cfg}
 
 

@@ -21,8 +21,8 @@ def convnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def photos() -> list[dict[str, np.ndarray]]:
-    """12 real photos (skimage.data) as convnet inputs."""
-    return photo_samples(12, 64)
+    """44 real photos (skimage.data, crops and mirror images) as convnet inputs: 12 to calibrate, 32 to validate."""
+    return photo_samples(44, 64)
 
 
 @pytest.fixture(scope="session")
@@ -33,5 +33,5 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def encoder_data() -> list[dict[str, np.ndarray]]:
-    """Embedding-like encoder inputs."""
-    return encoder_samples(10)
+    """Embedding-like encoder inputs: 10 to calibrate, 32 to validate."""
+    return encoder_samples(42)

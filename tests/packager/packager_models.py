@@ -187,11 +187,15 @@ def photo_samples(n: int, size: int, name: str = "image", scale: float = 1.0 / 2
     while len(out) < n:
         img = getattr(skimage.data, PHOTOS[i % len(PHOTOS)])()[..., :3]
         h, w = img.shape[:2]
-        crop = (i // len(PHOTOS)) % 3  # full image, then top-left and bottom-right crops
+        crop = (i // len(PHOTOS)) % 4  # full image, then top-left, bottom-right and centre crops
         if crop == 1:
             img = img[: h * 3 // 4, : w * 3 // 4]
         elif crop == 2:
             img = img[h // 4:, w // 4:]
+        elif crop == 3:
+            img = img[h // 8: h * 7 // 8, w // 8: w * 7 // 8]
+        if (i // (4 * len(PHOTOS))) % 2:
+            img = img[:, ::-1]  # then all of them mirrored: 64 distinct photos
         arr = resize(img, (size, size), anti_aliasing=True, preserve_range=True).astype(np.float32) * scale
         out.append({name: np.ascontiguousarray(arr.transpose(2, 0, 1)[None])})
         i += 1

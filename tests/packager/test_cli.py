@@ -52,13 +52,15 @@ def test_package_cli_json_report_and_bundle(target, convnet, calib_npz, key_file
     assert vm.manifest.precision == entry["report"]["chosen"]["precision"]
 
 
-def test_package_cli_prints_the_choice_and_why(convnet, calib_npz, key_file, tmp_path) -> None:
+def test_package_cli_prints_the_choice_and_why(convnet, calib_npz, photos, key_file, tmp_path) -> None:
+    val = tmp_path / "val.npz"
+    np.savez(val, image=np.stack([s["image"] for s in photos[8:]]))
     result = CliRunner().invoke(cli, ["package", str(convnet), "-t", "nvidia-gpu", "--calibration", str(calib_npz),
-                                      "--key", str(key_file), "-o", str(tmp_path / "o")])
+                                      "--validation", str(val), "--key", str(key_file), "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert "nvidia-gpu: convnet-1.0.0-nvidia-gpu.efb  precision=fp16" in result.stdout
-    assert "why: first within budget in the expected-fastest order" in result.stdout
-    assert "TensorrtExecutionProvider is not available" in result.stdout
+    assert "why: first within budget in the planned order" in result.stdout
+    assert "UNMEASURED" in result.stderr and "TensorrtExecutionProvider is not in this ONNX Runtime" in result.stdout
 
 
 @pytest.mark.parametrize("case, message", [

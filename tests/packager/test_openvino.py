@@ -13,9 +13,11 @@ from edgefleet.sdk.bundle import ProviderConfig, extract_bundle
 from edgefleet.sdk.errors import ProviderFallbackError
 from edgefleet.sdk.runtime import Model
 from edgefleet.sdk.testing import build_test_bundle
+from edgefleet.sdk.timing import TimingPolicy
 
 pytestmark = pytest.mark.openvino
 OV = "OpenVINOExecutionProvider"
+QUICK = TimingPolicy(min_rounds=3, max_rounds=9, budget_s=5.0)
 
 
 def _open(bundle: Path, trusted, tmp_path: Path, **kw) -> Model:
@@ -33,17 +35,25 @@ def _ov_bundle(model: Path, options: dict[str, str], key, tmp_path: Path, sample
 def test_package_intel_openvino_cpu_measures_every_candidate_on_the_openvino_ep(convnet, photos, signing_key,
                                                                                 trusted, tmp_path):
     [res] = package(convnet, ["intel-openvino-cpu"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
-                    validation=photos[8:], options=PackageOptions(latency_rounds=3))
+                    validation=photos[8:], options=PackageOptions(timing=QUICK))
     rep = res.report
-    assert rep["measured_here"] is True
+    assert rep["measured_here"] is True and rep["runtime"]["info"]["local"] is True
     names = {c["name"] for c in rep["candidates"]}
-    assert {"bf16", "f16", "int8-static", "int8-static-s8", "fp32"} <= names
+    assert {"bf16", "f16", "int8-static", "int8-static-s8", "fp32", "cpu-fp32"} <= names
     for c in rep["candidates"]:
-        assert c["accuracy_on"].startswith(OV) and c["latency_ms"] is not None, c
-    assert json.loads(dict(res.manifest.providers[0].options)["load_config"])["CPU"]["INFERENCE_PRECISION_HINT"]
+        where = "CPUExecutionProvider" if c["name"] == "cpu-fp32" else OV
+        assert c["accuracy_on"].startswith(where) and c["speed"] is not None, c
+        if c["name"] != "cpu-fp32":
+            assert c["cpu_fallback_nodes"] == 0.0  # the whole convnet runs on OpenVINO
     model = _open(res.path, trusted, tmp_path)
-    assert model.placement.serving[0] == OV and not model.placement.fallback
-    assert model.self_test().ok
+    assert not model.placement.fallback
+    if rep["chosen"]["name"] == "cpu-fp32":  # OpenVINO lost to the CPU EP on this device: said so, CPU EP ships
+        assert "the CPU EP variant ships" in rep["chosen"]["why"]
+        assert [p.name for p in res.manifest.providers] == ["CPUExecutionProvider"]
+    else:
+        assert model.placement.serving[0] == OV
+        assert json.loads(dict(res.manifest.providers[0].options)["load_config"])["CPU"]["INFERENCE_PRECISION_HINT"]
+    assert model.self_test().ok and rep["selftest_here"]["ok"]
 
 
 def test_openvino_bf16_hint_through_load_config_really_changes_the_arithmetic(convnet, photos, signing_key,

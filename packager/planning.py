@@ -1,8 +1,8 @@
-"""What to try for a target: facts about the model, the offline optimization level, and the candidate list.
+"""Planning: facts about the model, the offline optimization level, and the candidate list for a target.
 
-The candidates come from the profile's ``precisions`` (its order is the expected speed order on that device) and
-its ``[quantization]`` preset; the model decides between dynamic INT8 (weights mostly in MatMul) and static QDQ
-(convolutions), and whether transformer fusion applies.
+The candidates come from the profile's ``precisions`` (its order is the expected speed order on that device), its
+``[quantization]`` preset and the provider's policy (``policy.py``); the model decides between dynamic INT8 (weights
+mostly in MatMul) and static QDQ (convolutions), and whether transformer fusion applies.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from edgefleet.devices.profile import Profile
 from edgefleet.sdk.bundle import TensorSpec
 from edgefleet.sdk.errors import ConfigError
 
-__all__ = ["Candidate", "ModelFacts", "candidates_for", "inspect_model", "offline_level", "precision_choices"]
+from .options import PRECISION_CHOICES
+from .policy import CPU, OPENVINO, SIMPLICITY, TENSORRT, ProviderPolicy, dynamic_config, policy_for, static_config
 
-CPU = "CPUExecutionProvider"
-OPENVINO = "OpenVINOExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-COREML = "CoreMLExecutionProvider"
+__all__ = ["Candidate", "ModelFacts", "candidates_for", "inspect_model", "io_specs", "offline_level",
+           "trt_shape_options"]
 
-precision_choices = ("auto", "fp32", "fp16", "bf16", "f16", "int8")
+precision_choices = PRECISION_CHOICES
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,7 @@ def offline_level(profile: Profile, host_cpu_profile: str | None) -> tuple[str, 
     com.microsoft ops that OpenVINO, TensorRT and CoreML do not take, which would split the graph back onto the CPU EP.
     """
     level = profile.session.graph_optimization_level
-    if profile.primary_provider != CPU:
+    if policy_for(profile).offline != "profile":
         return "basic", (f"{profile.primary_provider} compiles the graph itself; only EP-independent (basic) rewrites "
                          f"are saved, the device applies the rest")
     if level in ("all", "layout"):
@@ -136,7 +134,10 @@ def offline_level(profile: Profile, host_cpu_profile: str | None) -> tuple[str, 
 @dataclass
 class Candidate:
     """One way to build the bundle for a target: extra steps after the base, provider option overrides, and the
-    steps that make a CPU-EP stand-in for accuracy when the target's EP cannot run here."""
+    steps that make a CPU-EP stand-in for accuracy when the target's EP cannot run here.
+
+    ``cpu_guard``: FP32 at the CPU EP's full optimization, the yardstick every target whose device also has the CPU
+    EP must beat (it ships, with its own providers and session, when the target's provider loses to it)."""
 
     name: str
     precision: str
@@ -147,6 +148,18 @@ class Candidate:
     why: str = ""
     int8: str = ""  # "static" | "dynamic" | ""
     last_resort: bool = False  # built only when no INT8 candidate before it is within budget
+    cpu_guard: bool = False
+
+    @property
+    def lossy(self) -> bool:
+        """Changes the arithmetic (anything but FP32): needs enough validation samples to be trusted."""
+        return self.precision != "fp32"
+
+    @property
+    def simplicity(self) -> float:
+        """Lower is simpler and more accurate; near-ties go to the lowest (then by name, so always the same)."""
+        key = f"int8-{self.int8}" if self.int8 else self.precision
+        return SIMPLICITY.get(key, 5) + (0.5 if "-excl" in self.name else 0.0) + (0.25 if "-s8" in self.name else 0)
 
 
 def _ov_hint(profile: Profile, precision: str) -> dict[str, dict[str, str]]:
@@ -165,50 +178,60 @@ def _ov_hint(profile: Profile, precision: str) -> dict[str, dict[str, str]]:
     return {OPENVINO: {"load_config": json.dumps({device: {"INFERENCE_PRECISION_HINT": hint}}, sort_keys=True)}}
 
 
+def _wanted(profile: Profile, policy: ProviderPolicy, precision: str, measurable: bool,
+            notes: list[str]) -> list[str]:
+    if precision == "auto":
+        if measurable:
+            return list(profile.precisions)
+        keep = [p for p in profile.precisions if p in policy.conservative]
+        dropped = [p for p in profile.precisions if p not in keep]
+        if dropped:
+            notes.append(f"{policy.provider} cannot be measured here: auto keeps the conservative "
+                         f"{', '.join(keep) or 'fp32'} and never ships an untimed {', '.join(dropped)}")
+        return keep or ["fp32"]
+    alias = {"fp16": "f16"} if policy.hints else {}
+    p = alias.get(precision, precision)
+    if p not in profile.precisions:
+        raise ConfigError(f"target {profile.name} does not support precision {precision!r} "
+                          f"(it supports {', '.join(profile.precisions)})")
+    return [p]
+
+
 def candidates_for(
     profile: Profile, facts: ModelFacts, precision: str, have_calibration: bool, opt_level: str,
-    measurable: bool = False,
+    measurable: bool = False, compare_cpu: bool = True,
 ) -> tuple[list[Candidate], list[str]]:
-    """Candidates in expected-fastest-first order for ``precision`` (``auto`` = every precision the profile lists),
-    and notes on what was skipped and why. ``measurable``: the target's EP runs here, so variants whose speed
-    cannot be predicted are worth building and timing (OpenVINO: S8 as well as U8 activations)."""
+    """Candidates in expected-fastest-first order for ``precision`` (``auto`` = every precision the profile lists
+    when the target's provider can be measured here, its policy's conservative precisions when not), and notes on
+    what was skipped and why. ``measurable``: the target's EP runs here (in this interpreter or a worker), so
+    variants whose speed cannot be predicted are worth building and timing (OpenVINO: S8 as well as U8
+    activations). ``compare_cpu``: add FP32 on the CPU EP as a candidate for targets whose device has the CPU EP."""
     if precision not in precision_choices:
         raise ConfigError(f"precision must be one of {precision_choices}, got {precision!r}")
-    primary = profile.primary_provider
-    wanted: Sequence[str]
-    if precision == "auto":
-        wanted = profile.precisions
-    else:
-        alias = {"fp16": "f16"} if primary == OPENVINO else {}
-        p = alias.get(precision, precision)
-        if p not in profile.precisions:
-            raise ConfigError(f"target {profile.name} does not support precision {precision!r} "
-                              f"(it supports {', '.join(profile.precisions)})")
-        wanted = [p]
-    q = profile.quantization
-    post_opt = [("optimize", {"level": opt_level})] if primary == CPU else []
-    needs_upgrade = q.per_channel and facts.opset < 13
-    upgrade = [("upgrade_opset", {"opset": 13})] if needs_upgrade else []
+    policy = policy_for(profile)
+    primary = policy.provider
     notes: list[str] = []
+    wanted = _wanted(profile, policy, precision, measurable, notes)
+    q = profile.quantization
+    post_opt = [("optimize", {"level": opt_level})] if policy.reoptimize_after_quantization else []
+    upgrade = [("upgrade_opset", {"opset": 13})] if q.per_channel and facts.opset < 13 else []
     out: list[Candidate] = []
     for p in wanted:
         if p == "int8":
             static = Candidate(
-                "int8-static", "int8",
-                [*upgrade, ("quantize_static", {
-                    "format": q.format, "activation_type": q.activation_type, "weight_type": q.weight_type,
-                    "per_channel": q.per_channel, "reduce_range": q.reduce_range, "method": q.calibration_method,
-                    "symmetric_activations": primary == TENSORRT,
-                })], why=f"static {q.format.upper()} {q.activation_type}/{q.weight_type} "
-                         f"{'per-channel ' if q.per_channel else ''}{q.calibration_method}"
-                         f"{' reduce_range' if q.reduce_range else ''}: {q.reason}".rstrip(": "),
+                "int8-static", "int8", [*upgrade, ("quantize_static", static_config(q, policy))],
+                why=f"static {q.format.upper()} {q.activation_type}/{q.weight_type} "
+                    f"{'per-channel ' if q.per_channel else ''}{q.calibration_method}"
+                    f"{' reduce_range' if q.reduce_range else ''}: {q.reason}".rstrip(": "),
                 int8="static")
+            dyn_cfg = dynamic_config(q, facts.transformer)
             dynamic = Candidate(
-                "int8-dynamic", "int8",
-                [("quantize_dynamic", {"weight_type": q.weight_type, "reduce_range": q.reduce_range})],
-                why="dynamic INT8 on MatMul weights (activations quantized at run time)", int8="dynamic")
+                "int8-dynamic", "int8", [("quantize_dynamic", dyn_cfg)],
+                why="dynamic INT8 on MatMul weights (activations quantized at run time)"
+                    + (", per output channel (transformer encoder)" if dyn_cfg["per_channel"] else ""),
+                int8="dynamic")
             order: list[Candidate] = []
-            if primary == CPU:
+            if "dynamic" in policy.int8:
                 if facts.matmul_share >= 0.5:
                     order = [dynamic, static]
                 elif facts.matmul_share >= 0.2:
@@ -223,27 +246,29 @@ def candidates_for(
                 else:
                     order = [static]
                     notes.append("int8-dynamic skipped: no MatMul weights to quantize")
-            else:
+            elif "static" in policy.int8:
                 order = [static]  # QDQ is what OpenVINO and TensorRT turn into their own INT8 kernels
-                if primary == OPENVINO and measurable and q.activation_type == "uint8":
+                if policy.time_activation_variants and measurable and q.activation_type == "uint8":
                     # measured here: the OpenVINO CPU plugin ran a BERT-style encoder 1.8x faster with symmetric S8
                     # activations than with U8, while U8 was slightly faster on a small conv net: so time both
-                    s8 = Candidate("int8-static-s8", "int8", [*upgrade, ("quantize_static", {
-                        **dict(static.steps[-1][1]), "activation_type": "int8", "symmetric_activations": True})],
+                    s8 = Candidate("int8-static-s8", "int8", [*upgrade, ("quantize_static", static_config(
+                        q, policy, activation_type="int8", symmetric_activations=True))],
                         why="static QDQ int8/int8 symmetric: the S8-activation variant, timed because OpenVINO's "
                             "choice between U8 and S8 kernels depends on the model", int8="static")
                     order.append(s8)
+            else:
+                notes.append(f"int8 is not built for {primary}")
             for c in order:
                 if c.int8 == "static" and not have_calibration:
                     if precision == "int8":
                         raise ConfigError(f"static INT8 for {profile.name} needs calibration data (--calibration)")
-                    notes.append("int8-static skipped: no calibration data (--calibration)")
+                    notes.append(f"{c.name} skipped: no calibration data (--calibration)")
                     continue
                 c.steps = [*c.steps, *post_opt]
                 if primary == TENSORRT:
                     c.provider_options = {TENSORRT: {"trt_fp16_enable": "True"}}
                     c.why += "; explicit QDQ INT8 on TensorRT, FP16 for the layers left in float"
-                if primary == OPENVINO:
+                if policy.hints:
                     # Layers left in float run at the fastest hint when that can be checked here; unmeasured, f32
                     # keeps the CPU stand-in's accuracy numbers true.
                     hints = (profile.extra.get("openvino") or {}).get("precision_hints") or {}
@@ -254,25 +279,30 @@ def candidates_for(
                 out.append(c)
         elif p == "fp32":
             opts: dict[str, dict[str, str]] = {}
-            if primary == OPENVINO:
+            if policy.hints:
                 opts = _ov_hint(profile, "fp32")
             elif primary == TENSORRT:
                 opts = {TENSORRT: {"trt_fp16_enable": "False"}}
             out.append(Candidate("fp32", "fp32", list(post_opt), opts, why="FP32: the original precision"))
-        elif p in ("bf16", "f16") and primary == OPENVINO:
+        elif p in ("bf16", "f16") and policy.hints:
             out.append(Candidate(f"{p}", p, [], _ov_hint(profile, p), proxy_possible=False,
                                  why=f"OpenVINO inference precision hint {p} through load_config (weights stay FP32)"))
-        elif p == "fp16":
-            if primary == TENSORRT:
-                out.append(Candidate("fp16", "fp16", [], {TENSORRT: {"trt_fp16_enable": "True"}},
-                                     proxy_steps=[("fp16", {"keep_io_types": True})],
-                                     why="TensorRT FP16 by builder flag (trt_fp16_enable) on FP32 weights: TensorRT "
-                                         "picks per layer, no weight conversion"))
-            else:
-                out.append(Candidate("fp16", "fp16", [("fp16", {"keep_io_types": True})],
-                                     why=f"FP16 weights and compute with FP32 inputs/outputs kept, for {primary}"))
+        elif p == "fp16" and policy.fp16 == "builder_flag":
+            out.append(Candidate("fp16", "fp16", [], {TENSORRT: {"trt_fp16_enable": "True"}},
+                                 proxy_steps=[("fp16", {"keep_io_types": True})],
+                                 why="TensorRT FP16 by builder flag (trt_fp16_enable) on FP32 weights: TensorRT "
+                                     "picks per layer, no weight conversion"))
+        elif p == "fp16" and policy.fp16 == "weights":
+            out.append(Candidate("fp16", "fp16", [("fp16", {"keep_io_types": True})],
+                                 why=f"FP16 weights and compute with FP32 inputs/outputs kept, for {primary}"))
         else:
             notes.append(f"precision {p} is not built for {primary}")
+    if compare_cpu and primary != CPU and any(pr.name == CPU for pr in profile.providers) and measurable:
+        out.append(Candidate(
+            "cpu-fp32", "fp32", [], cpu_guard=True,
+            why="FP32 on the CPU EP at full optimization (saved at basic, so any ONNX Runtime of the device loads it; "
+                "its session applies 'all' at load), the yardstick: it ships instead when the target's provider is "
+                "slower on this device"))
     if not out:
         raise ConfigError(f"no candidate to build for {profile.name} with precision {precision}: {'; '.join(notes)}")
     return out, notes

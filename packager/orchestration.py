@@ -1,0 +1,465 @@
+"""Orchestration of one target: base model, candidates, the accuracy gate in the target's runtime, sensitivity
+retries, interleaved timing against FP32, the choice, and the bundle with its self-test run where it will run.
+
+Reads top to bottom in :meth:`TargetBuild.build`. Everything measured comes from the runtime that will run the
+bundle (this process or a worker, ``worker.py``); where none is reachable the bundle is labelled ``unmeasured`` and
+only the provider's conservative precisions are candidates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgefleet.devices.profile import Profile
+from edgefleet.sdk.bundle import ProviderConfig, SessionConfig, TensorSpec
+from edgefleet.sdk.errors import AccuracyBudgetError, EdgefleetError, PackagingError, SelfTestError
+from edgefleet.sdk.timing import TimingPolicy, TimingResult
+
+from .accuracy import CandidateAccuracy, evaluate
+from .choosing import Contender, choose
+from .data import Feed
+from .options import PackageOptions, ProgressEvent
+from .planning import Candidate, ModelFacts, candidates_for, io_specs, offline_level, trt_shape_options
+from .policy import CPU, TENSORRT, ProviderPolicy, policy_for
+from .reporting import budget_text, session_dict
+from .sensitivity import rank_nodes, with_data_movement_successors
+from .steps import StepRecord, make_plan, model_size, run_plan
+from .worker import Runtimes, TargetRuntime, cpu_session, run_session
+
+__all__ = ["Built", "RunContext", "TargetBuild"]
+
+
+@dataclass
+class RunContext:
+    """What every target of one packaging run shares."""
+
+    opts: PackageOptions
+    src: Path
+    checked: Path
+    check_record: StepRecord
+    facts: ModelFacts
+    calibration: str | None
+    n_calibration: int
+    max_intermediate_outputs: int
+    validation: Sequence[Feed]
+    refs: list[dict[str, np.ndarray]]
+    kinds: dict[str, str]
+    host_cpu: str | None
+    runtimes: Runtimes
+    work: Path
+    say: Callable[[ProgressEvent], None]
+    data_notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Built:
+    """One candidate as built, gated and timed."""
+
+    cand: Candidate
+    model: Path | None = None
+    records: list[StepRecord] = field(default_factory=list)
+    accuracy: CandidateAccuracy | None = None
+    accuracy_on: str = ""
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    providers: tuple[ProviderConfig, ...] = ()
+    session: SessionConfig | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    out_specs: tuple[TensorSpec, ...] = ()
+    key: str = ""
+    loaded: bool = False
+    cpu_fraction: float | None = None
+    nodes: Mapping[str, int] = field(default_factory=dict)
+    speed: dict[str, Any] | None = None
+    error: str = ""
+    source: Path | None = None  # the model the candidate's steps ran on (the base, or the checked model)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.accuracy is not None and self.accuracy.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.cand.name, "precision": self.cand.precision, "why": self.cand.why,
+                "cpu_guard": self.cand.cpu_guard, "steps": [r.to_dict() for r in self.records],
+                "providers": [{"name": p.name, "options": dict(p.options)} for p in self.providers],
+                "provider_options": {k: dict(v) for k, v in self.cand.provider_options.items()},
+                "size": model_size(self.model) if self.model else None,
+                "accuracy": self.accuracy.to_dict() if self.accuracy else None, "accuracy_on": self.accuracy_on,
+                "cpu_fallback_nodes": None if self.cpu_fraction is None else round(self.cpu_fraction, 4),
+                "nodes_by_provider": dict(self.nodes), "speed": self.speed,
+                "latency_ms": None if self.speed is None else self.speed.get("median_ms"),
+                "within_budget": self.ok, "error": self.error}
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.cand.name}: {self.error}"
+        lat = (f"{self.speed['speedup']:.2f}x the reference" if self.speed else "latency not measured")
+        if self.accuracy is None:
+            return f"{self.cand.name}: accuracy unverified ({self.accuracy_on}); {lat}"
+        state = "within budget" if self.accuracy.ok else "OVER budget: " + "; ".join(self.accuracy.failures)
+        return (f"{self.cand.name}: {state}; " + " | ".join(o.summary() for o in self.accuracy.outputs)
+                + f"; {lat} [{self.accuracy_on}]")
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:  # noqa: BLE001 - best effort
+        return os.cpu_count() or 1
+
+
+class TargetBuild:
+    """Everything done for one target (an object so the steps read top to bottom in ``build``)."""
+
+    def __init__(self, ctx: RunContext, profile: Profile) -> None:
+        self.ctx, self.profile, self.opts = ctx, profile, ctx.opts
+        self.policy: ProviderPolicy = policy_for(profile)
+        self.work = ctx.work / f"work-{profile.name}"
+        self.notes: list[str] = []
+        self.t0 = time.perf_counter()
+        self.step_no = 0
+        self.total_steps = 6
+        self.runtime: TargetRuntime | None
+        self.runtime, self.runtime_why = ctx.runtimes.for_provider(profile.primary_provider, self.policy.flavour)
+        self.timed = self.runtime is not None and self.opts.measure
+        # Threads: the bundle keeps the profile's count (0 = the device's default); timing pins the same explicit
+        # count for every candidate and the FP32 yardstick, so they compete at equal threads.
+        self.bundle_threads = self.opts.threads if self.opts.threads is not None else profile.default_threads
+        self.timing_threads = self.bundle_threads or _physical_cores()
+        self.timing: TimingResult | None = None
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+
+    def say(self, step: str, message: str) -> None:
+        self.step_no += 1
+        self.total_steps = max(self.total_steps, self.step_no + 1)
+        self.ctx.say(ProgressEvent(self.profile.name, step, self.step_no, self.total_steps,
+                                   f"{self.profile.name}: {message}"))
+
+    def left_s(self) -> float:
+        return self.opts.time_budget_s - (time.perf_counter() - self.t0)
+
+    # -- the build ---------------------------------------------------------------------------------------------------
+
+    def build(self) -> tuple[Built, dict[str, Any]]:
+        p, opts, ctx = self.profile, self.opts, self.ctx
+        level, level_reason = offline_level(p, ctx.host_cpu)
+        base_items: list[tuple[str, dict[str, Any]]] = []
+        fuse = bool(opts.model_type) or ctx.facts.transformer
+        if fuse and self.policy.contrib_ops:
+            base_items.append(("fuse_transformer", {"model_type": opts.model_type or "bert"}))
+        elif fuse:
+            self.notes.append(f"transformer fusion skipped: {p.primary_provider} does not take ORT contrib ops")
+        base_items.append(("optimize", {"level": "basic"}))
+        self.say("base", f"base model ({', '.join(n for n, _ in base_items)})")
+        base, base_records = run_plan(ctx.checked, self.work / "base", make_plan(base_items))
+        cands, skipped = candidates_for(p, ctx.facts, opts.precision, ctx.calibration is not None, level,
+                                        measurable=self.timed, compare_cpu=opts.compare_cpu)
+        self.notes.extend(skipped)
+        cands = self._enough_samples(cands)
+        self.total_steps = 2 + len(cands) + 3
+        # the yardstick first: it is the safe choice if the time budget runs out
+        ref = next((c for c in cands if c.cpu_guard), None) or next((c for c in cands if c.precision == "fp32"), None)
+        order = ([ref] if ref else []) + [c for c in cands if c is not ref]
+        built: list[Built] = []
+        for i, c in enumerate(order):
+            if c.last_resort and any(b.ok and b.cand.int8 for b in built):
+                self.notes.append(f"{c.name} not built: an INT8 candidate before it is within budget")
+                continue
+            if c is not ref and self.left_s() <= 0 and any(b.ok for b in built):
+                self.notes.append(f"{c.name} not built: the time budget ({opts.time_budget_s:.0f} s) is spent")
+                continue
+            self.say("candidate", f"candidate {c.name}")
+            built.append(self._build(c, base, self.work / f"cand{i}"))
+        built.sort(key=lambda b: cands.index(b.cand))  # back to the planned (expected-fastest-first) order
+        if opts.precision in ("auto", "int8") or not any(b.ok for b in built):
+            built.extend(self._retry_int8(built, base))
+        self._time(built)
+        chosen, why, decision = self._choose(built)
+        report = {
+            "target": p.name, "profile_description": p.description, "primary_provider": p.primary_provider,
+            "policy": self.policy.to_dict(),
+            "runtime": {"found": self.runtime is not None, "why": self.runtime_why,
+                        "info": self.runtime.info.to_dict() if self.runtime else None},
+            "measurement": "measured" if self.runtime is not None else "unmeasured",
+            "offline_optimization": {"level": level, "reason": level_reason},
+            "base_steps": [ctx.check_record.to_dict(), *[r.to_dict() for r in base_records]],
+            "candidates": [b.to_dict() for b in built],
+            "chosen": {"name": chosen.cand.name, "precision": chosen.cand.precision, "why": why,
+                       "decision": decision},
+            "timing": self.timing.to_dict() if self.timing else None,
+            "threads": {"bundle": self.bundle_threads, "timed_at": self.timing_threads if self.timed else None,
+                        "reason": "the profile's count (0: the device's default); every candidate and the FP32 "
+                                  "yardstick are timed at the same explicit count"},
+            "notes": self.notes,
+            "measured_here": self.timed,
+            "not_measured": [] if self.timed else [
+                self.runtime_why + ": latency not measured; accuracy checked on a CPU-EP stand-in where one exists"
+                if self.runtime is None else "latency not measured: timing turned off (--no-measure)"],
+            "session": {"config": session_dict(chosen.session or p.session), "reason": p.session_reason},
+        }
+        return chosen, report
+
+    def _enough_samples(self, cands: list[Candidate]) -> list[Candidate]:
+        n, need = len(self.ctx.validation), self.opts.min_validation_samples
+        if self.opts.precision != "auto" or n >= need:
+            if self.opts.precision != "auto" and n < need and any(c.lossy for c in cands):
+                self.notes.append(f"only {n} validation samples (a lossy candidate needs {need} for auto to trust "
+                                  f"the gate): --precision {self.opts.precision} was asked for, so it is built; the "
+                                  f"gate's verdict on so few samples is weak")
+            return cands
+        keep = [c for c in cands if not c.lossy]
+        dropped = [c.name for c in cands if c.lossy]
+        if dropped:
+            self.notes.append(
+                f"auto left out {', '.join(dropped)}: {n} validation sample(s), at least {need} needed before a "
+                f"lossy candidate can be trusted (a candidate wrong on 1 input in 10 passes {need} samples by chance "
+                f"with probability {0.9 ** need:.1%}, {n} samples with {0.9 ** n:.0%}); give --validation with "
+                f">= {need} samples")
+        return keep or cands
+
+    def _providers(self, c: Candidate, timing: bool) -> tuple[tuple[ProviderConfig, ...], SessionConfig]:
+        p = self.profile
+        threads = self.timing_threads if timing else self.bundle_threads
+        if c.cpu_guard:
+            return (ProviderConfig(CPU),), SessionConfig(graph_optimization_level="all",
+                                                         intra_op_num_threads=threads)
+        extra: dict[str, dict[str, str]] = {}
+        if self.policy.provider == TENSORRT:
+            extra = {TENSORRT: trt_shape_options(self.ctx.facts.inputs, self.ctx.validation[0],
+                                                 self.opts.trt_max_batch)}
+        if self.policy.hints and threads:
+            # OpenVINO runs its own thread pool: pin it too, or the equal-threads comparison is not equal
+            extra.setdefault(self.policy.provider, {})["num_of_threads"] = str(threads)
+        out = []
+        for pr in p.providers:
+            opts = {**pr.options, **c.provider_options.get(pr.name, {}), **extra.get(pr.name, {})}
+            out.append(ProviderConfig(pr.name, opts))
+        return tuple(out), replace(p.session, intra_op_num_threads=threads)
+
+    def _build(self, c: Candidate, base: Path, work: Path) -> Built:
+        b = Built(c, key=f"{self.profile.name}/{c.name}")
+        ctx = self.ctx
+        try:
+            items = []
+            for n, cfg in c.steps:
+                if n == "quantize_static":
+                    cfg = {**cfg, "calibration": ctx.calibration or "",
+                           "max_intermediate_outputs": ctx.max_intermediate_outputs,
+                           "calibration_cache": str(self.work / f"calibration-{cfg.get('method', 'minmax')}.json")}
+                items.append((n, cfg))
+            try:
+                b.source = base
+                b.model, b.records = run_plan(base, work, make_plan(items))
+            except PackagingError as exc:
+                if not c.int8:
+                    raise
+                # ORT's quantizer fails on some ORT-optimized graphs (measured: Magika after basic-level constant
+                # folding) that it quantizes fine unoptimized; the device's session optimizes at load either way.
+                b.source = ctx.checked
+                items = [(n, {**cfg, "calibration_cache": ""} if n == "quantize_static" else cfg)
+                         for n, cfg in items]
+                b.model, b.records = run_plan(ctx.checked, work / "from-checked", make_plan(items))
+                self.notes.append(f"{c.name}: quantized the checked model instead of the optimized base, "
+                                  f"which the quantizer refused ({str(exc)[:160]})")
+            b.inputs, b.out_specs = io_specs(b.model)
+            b.providers, b.session = self._providers(c, timing=False)
+            if self.runtime is not None:
+                providers, session = self._providers(c, timing=True)
+                res = self.runtime.load(b.key, b.model, providers, session, b.inputs, b.out_specs,
+                                        self.work / "cache")
+                b.loaded = True
+                b.nodes = dict(res.nodes)
+                if not c.cpu_guard:
+                    b.cpu_fraction = res.cpu_fraction(self.policy.provider)
+                where = CPU if c.cpu_guard else self.policy.provider
+                b.accuracy_on = f"{where} in {self.runtime.info.describe()}"
+                b.outputs = self.runtime.run(b.key, ctx.validation)
+                limit = self.profile.max_cpu_fallback
+                if b.cpu_fraction is not None and b.cpu_fraction > limit and not c.cpu_guard:
+                    b.error = (f"{b.cpu_fraction:.0%} of the nodes run on the CPU EP instead of "
+                               f"{self.policy.provider}, over the profile's limit of {limit:.0%} "
+                               f"({self.profile.max_cpu_fallback_reason or 'max_cpu_fallback'})")
+            elif c.proxy_possible and self.policy.stand_in.get(c.precision):
+                proxy = b.model
+                if c.proxy_steps:
+                    proxy, _ = run_plan(b.model, work / "proxy", make_plan(c.proxy_steps))
+                b.outputs = run_session(cpu_session(proxy), ctx.validation)
+                b.accuracy_on = ("CPU EP stand-in for " + self.policy.provider +
+                                 (" (FP16 weights: the worst case of per-layer FP16)" if c.proxy_steps else ""))
+            else:
+                b.accuracy_on = f"unverified: {self.policy.provider} does not run here and has no CPU stand-in " \
+                                f"for {c.precision}"
+                return b
+            b.accuracy = evaluate(b.outputs, ctx.refs, self.opts.budget, kinds=ctx.kinds)
+        except (EdgefleetError, OSError, ValueError) as exc:
+            b.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        return b
+
+    def _retry_int8(self, built: list[Built], base: Path) -> list[Built]:
+        """Before giving up INT8: exclude the most sensitive nodes and rebuild the first failing INT8 candidate,
+        unless it cannot win (it is not faster than FP32 even over budget)."""
+        failing = next((b for b in built if b.cand.int8 and b.model and b.accuracy and not b.accuracy.ok
+                        and not b.error), None)
+        if failing is None or not self.opts.sensitivity_rounds:
+            return []
+        if self.left_s() <= 0:
+            self.notes.append(f"{failing.cand.name} not retried: the time budget is spent")
+            return []
+        ahead = next((b for b in built[:built.index(failing)] if b.ok), None)
+        if not self.timed and ahead is not None:
+            self.notes.append(f"{failing.cand.name} not retried with sensitive nodes excluded: {ahead.cand.name}, "
+                              f"ahead of it in the planned order, is within budget")
+            return []
+        ref = self._reference(built)
+        if self.timed and ref is not None and failing.loaded and self.runtime is not None:
+            # a quick look: keeping nodes in float only adds work, so a candidate that is not faster than FP32
+            # even with every node quantized cannot win
+            screen = self.runtime.time([failing.key], ref.key, self.ctx.validation[0],
+                                       TimingPolicy(min_rounds=3, max_rounds=5, budget_s=10.0,
+                                                    target_halfwidth=0.05))
+            cmp = screen.compare(failing.key, ref.key)
+            if not cmp.faster(self.opts.tie_margin):
+                self.notes.append(f"{failing.cand.name} not retried with sensitive nodes excluded: over budget it "
+                                  f"already runs at {1 / cmp.ratio:.2f}x {ref.cand.name}, not faster with "
+                                  f"confidence (keeping nodes in float only adds work)")
+                return []
+        out: list[Built] = []
+        excluded: list[str] = []
+        current = failing
+        src = failing.source or base  # node names must be those of the graph the quantizer saw
+        # Greedy and re-ranked each round (as NNCF's accuracy-control loop does): once a node is back in float the
+        # error moves, e.g. a detector's score Sigmoid first, then the Concat that re-quantizes its output with the
+        # boxes' scale. Round i adds the i-th entry of ``sensitivity_rounds`` (a share of the ranking, at least 1).
+        for i, frac in enumerate(self.opts.sensitivity_rounds):
+            if self.left_s() <= 0:
+                self.notes.append("sensitivity retries stopped: the time budget is spent")
+                break
+            self.say("sensitivity", f"{current.cand.name} over budget, measuring per-node sensitivity")
+            quantized = next((r.path for r in current.records if r.name.startswith("quantize_")), None) or current.model
+            if quantized is None:
+                break
+            try:
+                ranked = rank_nodes(src, quantized, list(self.ctx.validation[:4]), self.work / f"sens{i}",
+                                    channel_floor=self.opts.budget.channel_floor)
+            except Exception as exc:  # noqa: BLE001 - sensitivity is an aid; report and go on
+                self.notes.append(f"sensitivity analysis failed: {exc}")
+                break
+            fresh = [n for n, s in ranked if s > 0 and n not in excluded]
+            if not fresh:
+                break
+            k = max(1, math.ceil(frac * len(fresh)))
+            excluded = with_data_movement_successors(src, [*excluded, *fresh[:k]])
+            steps = []
+            for n, cfg in failing.cand.steps:
+                if n in ("quantize_static", "quantize_dynamic"):
+                    cfg = {**cfg, "nodes_to_exclude": excluded}
+                steps.append((n, cfg))
+            c = replace(failing.cand, name=f"{failing.cand.name}-excl{len(excluded)}", steps=steps,
+                        why=failing.cand.why + f"; round {i + 1}: {len(excluded)} most sensitive node(s) kept in "
+                            f"float (with the data-movement and Concat ops they feed): {', '.join(excluded[:6])}"
+                            + ("..." if len(excluded) > 6 else ""))
+            self.say("candidate", f"candidate {c.name}")
+            current = self._build(c, src, self.work / f"retry{i}")
+            out.append(current)
+            if current.ok or current.model is None or current.accuracy is None:
+                break
+        return out
+
+    def _reference(self, built: Sequence[Built]) -> Built | None:
+        """The FP32 yardstick timed against: FP32 on the CPU EP (the guard) where the target's provider is another,
+        else the target's own FP32."""
+        return (next((b for b in built if b.cand.cpu_guard and b.ok and b.loaded), None)
+                or next((b for b in built if b.cand.precision == "fp32" and b.ok and b.loaded), None))
+
+    def _time(self, built: list[Built]) -> None:
+        if not self.timed or self.runtime is None:
+            return
+        ref = self._reference(built)
+        timed = [b for b in built if b.ok and b.loaded]
+        if ref is None or len(timed) < 2:
+            if ref is None and timed:
+                self.notes.append("no FP32 yardstick within budget to time against: not timed")
+            return
+        budget = max(5.0, min(self.opts.timing.budget_s, self.left_s()))
+        policy = replace(self.opts.timing, budget_s=budget)
+        self.say("timing", f"timing {len(timed)} candidates against {ref.cand.name} in interleaved rounds "
+                           f"({self.timing_threads} thread(s), up to {budget:.0f} s)")
+        self.timing = self.runtime.time([b.key for b in timed], ref.key, self.ctx.validation[0], policy)
+        for b in timed:
+            e = self.timing.estimates[b.key]
+            b.speed = {**e.to_dict(), "reference": ref.cand.name}
+
+    def _choose(self, built: Sequence[Built]) -> tuple[Built, str, dict[str, Any]]:
+        ok = [b for b in built if b.ok]
+        explicit = self.opts.precision != "auto"
+        if not ok:
+            if all(b.error for b in built):
+                lines = "\n  ".join(b.line() for b in built)
+                raise PackagingError(f"{self.profile.name}: no candidate could be built or run:\n  {lines}")
+            unverified = [b for b in built if b.accuracy is None and not b.error]
+            if explicit and unverified:
+                b = unverified[0]
+                return b, (f"{b.cand.name} as asked (--precision {self.opts.precision}); its accuracy could not be "
+                           f"checked on this host ({b.accuracy_on}): the device self-test is the check"), {}
+            lines = "\n  ".join(b.line() for b in built)
+            raise AccuracyBudgetError(f"{self.profile.name}: no candidate within the accuracy budget "
+                                      f"({budget_text(self.opts.budget)}):\n  {lines}")
+        if explicit and self.opts.precision == "int8" and not any(b.cand.int8 for b in ok):
+            lines = "\n  ".join(b.line() for b in built if b.cand.int8)
+            raise AccuracyBudgetError(f"{self.profile.name}: INT8 was asked for and no INT8 candidate could be built "
+                                      f"within the accuracy budget ({budget_text(self.opts.budget)}):\n  {lines}")
+        keyed = {b.key: b for b in built}
+        contenders = [Contender(b.key, b.cand.simplicity, b.ok, b.cand.cpu_guard) for b in built]
+        if explicit:
+            # an explicit precision restricts the choice; the CPU guard is only a yardstick then
+            contenders = [c for c in contenders if not c.guard or not any(
+                x.ok and not x.guard for x in contenders)]
+        ref = self._reference(built)
+        label = "FP32 on the CPU EP" if ref is not None and ref.cand.cpu_guard else "FP32"
+        choice = choose(contenders, self.timing, self.opts.tie_margin, self.policy.provider,
+                        f"{label} at {self.timing_threads} thread(s)")
+        chosen = keyed[choice.name]
+        why = choice.why.replace(f"{self.profile.name}/", "")
+        rejected = [b.cand.name for b in built if not b.ok]
+        if rejected:
+            why += f"; over budget or failed: {', '.join(rejected)}"
+        if not self.timed:
+            why += f"; latency not measured: {self._why_not_timed()}"
+        decision = {k: (v.replace(f"{self.profile.name}/", "") if isinstance(v, str) else v)
+                    for k, v in choice.decision.items()}
+        return chosen, why, _strip_keys(decision, f"{self.profile.name}/")
+
+    def _why_not_timed(self) -> str:
+        if self.runtime is None:
+            return self.runtime_why
+        return "timing turned off (measure=False / --no-measure)"
+
+    def self_test(self, bundle: Path, trusted: Path) -> dict[str, Any] | None:
+        """Run the written bundle's self-test in the target's runtime, as the device will (None: unreachable)."""
+        if self.runtime is None:
+            return None
+        self.say("self-test", f"self-test of the bundle on {self.runtime.info.describe()}")
+        report = self.runtime.self_test(bundle, trusted, self.work)
+        if not report.get("ok"):
+            raise SelfTestError(f"{self.profile.name}: the bundle fails its own self-test on "
+                                f"{self.runtime.info.describe()}: {'; '.join(report.get('failures', []))}")
+        return report
+
+
+def _strip_keys(obj: Any, prefix: str) -> Any:
+    if isinstance(obj, dict):
+        return {(k.replace(prefix, "") if isinstance(k, str) else k): _strip_keys(v, prefix) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strip_keys(v, prefix) for v in obj]
+    if isinstance(obj, str):
+        return obj.replace(prefix, "")
+    return obj
