@@ -23,8 +23,8 @@ __all__ = ["OUTPUT_KINDS", "Budget", "CandidateAccuracy", "OutputMetrics", "ctc_
 _METRICS = {"cosine": "min_cosine", "top1": "min_top1", "channel_cosine": "min_channel_cosine",
             "channel_floor": "channel_floor", "max_abs": "max_abs", "max_rel": "max_rel", "mean_rel": "mean_rel",
             "step_agreement": "min_step_agreement", "detection_f1": "min_detection_f1",
-            "detection_threshold": "detection_threshold", "detection_band": "detection_band", "mask_iou": "min_mask_iou",
-            "mask_threshold": "mask_threshold", "variation": "min_variation"}
+            "detection_threshold": "detection_threshold", "detection_band": "detection_band",
+            "mask_iou": "min_mask_iou", "mask_threshold": "mask_threshold", "variation": "min_variation"}
 
 OUTPUT_KINDS = ("auto", "tensor", "classifier", "sequence", "detector", "mask")
 """How an output is judged beyond cosine and error: ``classifier`` (batch, classes): top-1 agreement; ``sequence``
