@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from edgefleet.sdk.cli import _COMMANDS, cli
@@ -183,7 +184,9 @@ def test_cli_bundle_verify_run_fails_when_self_test_fails(mlp_model, make_bundle
     src = make_bundle(mlp_model)
     vm = verify_bundle(src, trusted)
     extract_bundle(src, trusted, tmp_path / "x")
-    samples = [(i, {k: v * 0 for k, v in o.items()}) for i, o in load_validation(tmp_path / "x" / "validation.npz")]
+    # wrong references (classes reversed), not zero ones: all-zero references are refused as a vacuous self-test
+    samples = [(i, {k: np.ascontiguousarray(v[..., ::-1]) for k, v in o.items()})
+               for i, o in load_validation(tmp_path / "x" / "validation.npz")]
     save_validation(tmp_path / "validation.npz", samples)
     files = {n: tmp_path / "x" / n for n in vm.manifest.files} | {"validation.npz": tmp_path / "validation.npz"}
     from dataclasses import replace
