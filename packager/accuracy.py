@@ -214,20 +214,25 @@ def infer_kind(refs: Sequence[np.ndarray]) -> str:
     if r.dtype.kind != "f":
         return "tensor"
     if is_classifier_output(r):
-        return "classifier"
+        # class probabilities (each row a distribution); an embedding or logits are judged as tensors unless the
+        # user says --output-kind NAME=classifier (an embedding's argmax means nothing)
+        rows = np.concatenate([x.reshape(-1, x.shape[-1]) for x in refs])
+        if float(rows.min()) >= 0.0 and np.allclose(rows.sum(axis=-1), 1.0, atol=1e-3):
+            return "classifier"
+        return "tensor"
     if r.ndim == 4 and r.shape[1] == 1 and r.shape[2] > 1 and r.shape[3] > 1:
         lo = min(float(x.min()) for x in refs)
         hi = max(float(x.max()) for x in refs)
         if lo >= 0.0 and hi <= 1.0:
             return "mask"  # a probability map (e.g. a DBNet text detector)
-    if r.ndim == 3 and r.shape[1] >= 5 and r.shape[2] > 4 * r.shape[1]:
-        scores = np.concatenate([x[:, 4:, :].ravel() for x in refs])
-        if scores.size and float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0:
-            return "detector"  # (batch, 4 box coordinates + class scores, anchors): the YOLOv8 head layout
     if r.ndim == 3 and r.shape[1] >= 2 and r.shape[2] >= 2:
         rows = np.concatenate([x.reshape(-1, x.shape[-1]) for x in refs])
         if float(rows.min()) >= 0.0 and np.allclose(rows.sum(axis=-1), 1.0, atol=1e-3):
             return "sequence"  # a distribution over classes at every step (CTC recognisers, taggers)
+    if r.ndim == 3 and r.shape[1] >= 5 and r.shape[2] > 4 * r.shape[1]:
+        scores = np.concatenate([x[:, 4:, :].ravel() for x in refs])
+        if scores.size and float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0:
+            return "detector"  # (batch, 4 box coordinates + class scores, anchors): the YOLOv8 head layout
     return "tensor"
 
 

@@ -53,6 +53,8 @@ def choose(contenders: Sequence[Contender], timing: TimingResult | None, tie_mar
     ok = [c for c in contenders if c.ok]
     if not ok:
         raise ValueError("no candidate within budget")
+    if len(ok) == 1:
+        return Choice(ok[0].name, f"the only candidate within budget on {provider}", {"timed": False})
     if timing is None or any(c.name not in timing.estimates for c in ok):
         first = next((c for c in ok if not c.guard), ok[0])
         return Choice(first.name, f"first within budget in the planned order "

@@ -401,8 +401,11 @@ class WorkerRuntime(TargetRuntime):
 def _error_classes() -> list[type[EdgefleetError]]:
     from edgefleet.sdk import errors
 
-    return [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, EdgefleetError)
-            and getattr(c, "code", "")]
+    found: list[type[EdgefleetError]] = []
+    for c in vars(errors).values():
+        if isinstance(c, type) and issubclass(c, EdgefleetError):
+            found.append(c)
+    return found
 
 
 def _chunks(samples: Sequence[Feed]) -> list[list[Feed]]:

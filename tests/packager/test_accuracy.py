@@ -93,3 +93,57 @@ def test_gate_skips_channels_that_never_fire() -> None:
     got[0, 2] = 0.0
     assert evaluate([{"o": got}], [{"o": ref}], Budget()).ok
     assert not evaluate([{"o": got}], [{"o": ref}], Budget(channel_floor=0.0)).ok
+
+
+def _ctc(rng: np.random.Generator, steps: int = 40, classes: int = 30) -> np.ndarray:
+    logits = rng.standard_normal((1, steps, classes)) * 4
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_gate_judges_ctc_outputs_per_step_and_by_decoded_sequence() -> None:
+    from edgefleet.packager.accuracy import ctc_decode, infer_kind
+
+    rng = np.random.default_rng(3)
+    ref = [{"probs": _ctc(rng)} for _ in range(6)]
+    assert infer_kind([r["probs"] for r in ref]) == "sequence"
+    got = [{"probs": r["probs"].copy()} for r in ref]
+    p = got[2]["probs"]
+    step = int(np.argmax(p[0].max(axis=-1) < 0.9)) if (p[0].max(axis=-1) < 0.9).any() else 0
+    p[0, step] = np.roll(p[0, step], 1)  # one time step now decodes to another symbol: a different text
+    acc = evaluate(got, ref, Budget())
+    out = acc.outputs[0]
+    assert out.kind == "sequence" and out.cosine > 0.97
+    assert out.step_agreement is not None and out.step_agreement < 1.0
+    assert any("per-step argmax agreement" in f for f in out.failures)
+    assert ctc_decode(got[2]["probs"]) != ctc_decode(ref[2]["probs"]) or out.decoded_agreement == 1.0
+
+
+def test_gate_holds_the_budget_for_every_sample_not_only_the_pool() -> None:
+    rng = np.random.default_rng(4)
+    ref = [{"y": rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(20)]
+    got = [{"y": r["y"].copy()} for r in ref]
+    got[7]["y"] = (got[7]["y"] + 0.2 * rng.standard_normal((1, 64))).astype(np.float32)  # one sample off
+    acc = evaluate(got, ref, Budget(), kinds={"y": "tensor"})
+    out = acc.outputs[0]
+    assert out.cosine >= 0.99 > out.min_sample_cosine  # the pooled number passes, the worst sample does not
+    assert any("sample 7 cosine" in f for f in out.failures)
+
+
+def test_gate_compares_detections_after_thresholding_and_catches_pinned_scores() -> None:
+    rng = np.random.default_rng(5)
+    ref = [{"output0": _detector(rng)} for _ in range(6)]
+    pinned = [{"output0": np.concatenate([r["output0"][:, :4], np.full_like(r["output0"][:, 4:], 0.5)], axis=1)}
+              for r in ref]
+    acc = evaluate(pinned, ref, Budget())
+    out = acc.outputs[0]
+    assert out.kind == "detector" and out.detection_f1 is not None and out.detection_f1 < 0.5
+    assert any("detections at score" in f for f in out.failures)
+    assert any("collapsed" in f for f in out.failures)
+
+
+def test_gate_compares_integer_outputs_exactly() -> None:
+    ref = [{"label": np.array([3], np.int64)}, {"label": np.array([1], np.int64)}]
+    got = [{"label": np.array([3], np.int64)}, {"label": np.array([2], np.int64)}]
+    acc = evaluate(got, ref, Budget())
+    assert not acc.ok and "compared exactly" in acc.failures[0]
