@@ -73,7 +73,7 @@ def choose(contenders: Sequence[Contender], timing: TimingResult | None, tie_mar
     if best is fastest:
         why = f"fastest within budget on {provider}"
     else:
-        why = (f"within the measured noise (+{tie_margin:.0%}) of the fastest ({fastest.name}) and simpler or more "
+        why = (f"within the measured noise (+{tie_margin:.1%}) of the fastest ({fastest.name}) and simpler or more "
                f"accurate, on {provider}")
     ref_c = next((c for c in target if c.name == ref), None)
     if ref_c is not None and best is not ref_c and not timing.compare(best.name, ref).faster(0.0):

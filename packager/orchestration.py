@@ -135,6 +135,7 @@ class TargetBuild:
         self.bundle_threads = self.opts.threads if self.opts.threads is not None else profile.default_threads
         self.timing_threads = self.bundle_threads or _physical_cores()
         self.timing: TimingResult | None = None
+        self.noise = 0.0
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -393,7 +394,18 @@ class TargetBuild:
         policy = replace(self.opts.timing, budget_s=budget)
         self.say("timing", f"timing {len(timed)} candidates against {ref.cand.name} in interleaved rounds "
                            f"({self.timing_threads} thread(s), up to {budget:.0f} s)")
-        self.timing = self.runtime.time([b.key for b in timed], ref.key, self.ctx.validation[0], policy)
+        # An A/A pair: a second session of the yardstick, timed like any candidate. How far it lands from 1.0 is
+        # the noise this measurement cannot see inside one session (placement, compilation, the neighbours'
+        # rhythm): differences within it are ties.
+        twin = ref.key + "#twin"
+        providers, session = self._providers(ref.cand, timing=True)
+        self.runtime.load(twin, ref.model, providers, session, ref.inputs, ref.out_specs,  # type: ignore[arg-type]
+                          self.work / "cache")
+        self.timing = self.runtime.time([b.key for b in timed] + [twin], ref.key, self.ctx.validation[0], policy)
+        self.runtime.unload([twin])
+        aa = self.timing.estimates.pop(twin)
+        self.timing.times_ms.pop(twin)
+        self.noise = max(abs(1.0 - aa.ratio), (aa.high - aa.low) / 2)
         for b in timed:
             e = self.timing.estimates[b.key]
             b.speed = {**e.to_dict(), "reference": ref.cand.name}
@@ -425,8 +437,10 @@ class TargetBuild:
                 x.ok and not x.guard for x in contenders)]
         ref = self._reference(built)
         label = "FP32 on the CPU EP" if ref is not None and ref.cand.cpu_guard else "FP32"
-        choice = choose(contenders, self.timing, self.opts.tie_margin, self.policy.provider,
+        margin = max(self.opts.tie_margin, self.noise)
+        choice = choose(contenders, self.timing, margin, self.policy.provider,
                         f"{label} at {self.timing_threads} thread(s)")
+        choice.decision["aa_noise"] = round(self.noise, 4)
         chosen = keyed[choice.name]
         why = choice.why.replace(f"{self.profile.name}/", "")
         rejected = [b.cand.name for b in built if not b.ok]
