@@ -62,10 +62,21 @@ def run(config_path: Path | None, device: str | None, fleet: str | None, broker:
     from .log import setup_logging
 
     setup_logging(cfg.log_level, {"device": cfg.device})
+    from .api import ListenError
     from .daemon import Agent
 
-    code = Agent(cfg).run()
-    sys.exit(code)
+    try:
+        agent_ = Agent(cfg)
+    except ListenError as exc:
+        # a busy or unusable port is a usage problem: one line, exit code 2, before anything connects to MQTT
+        raise _UsageExit(str(exc)) from None
+    sys.exit(agent_.run())
+
+
+class _UsageExit(click.ClickException):
+    """``Error: <message>`` and exit code 2 (click's code for usage errors), without click's usage line."""
+
+    exit_code = 2
 
 
 _UNIT = """\

@@ -50,10 +50,21 @@ class BrokerConfig:
 
 @dataclass(frozen=True)
 class ApiConfig:
-    """The local Open Inference Protocol endpoint (empty ``listen`` disables it)."""
+    """The local Open Inference Protocol endpoint (empty ``listen`` disables it) and its limits (docs/agent.md)."""
 
-    listen: str = "127.0.0.1:8080"
+    # 8000: the KServe/Triton HTTP port, so the agent and the controller (8080) share a host by default
+    listen: str = "127.0.0.1:8000"
     max_body_bytes: int = 64 << 20
+    max_inflight_bytes: int = 256 << 20
+    max_connections: int = 64
+    max_requests: int = 16
+    instances: int = 1
+    request_timeout_s: float = 30.0
+    terminate_grace_s: float = 2.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 30.0
+    admin_token_file: str = ""
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -99,7 +110,9 @@ _SECTIONS: dict[str, set[str]] = {
     "mqtt": {"url", "ca_file", "cert_file", "key_file", "username", "password", "keepalive_s", "session_expiry_s",
              "reconnect_min_s", "reconnect_max_s", "client_id"},
     "telemetry": {"interval_s", "spool_max_records", "receipts", "resend_after_s"},
-    "api": {"listen", "max_body_bytes"},
+    "api": {"listen", "max_body_bytes", "max_inflight_bytes", "max_connections", "max_requests", "instances",
+            "request_timeout_s", "terminate_grace_s", "header_timeout_s", "body_timeout_s", "idle_timeout_s",
+            "admin_token_file"},
     "install": {"max_bundle_bytes", "download_timeout_s", "download_max_s", "ca_file"},
     "commands": {"require_signed"},
 }
@@ -187,6 +200,35 @@ def _parse_broker(r: _Reader, base: Path) -> BrokerConfig:
         keepalive_s=keepalive,
         session_expiry_s=r.num("mqtt.session_expiry_s", BrokerConfig.session_expiry_s, 0, 0xFFFFFFFF, integer=True),
         reconnect_min_s=lo, reconnect_max_s=hi, client_id=r.text("mqtt.client_id"),
+    )
+
+
+def _parse_api(r: _Reader, listen: str, base: Path) -> ApiConfig:
+    d = ApiConfig()
+    max_body = r.num("api.max_body_bytes", d.max_body_bytes, 1024, 1 << 34, integer=True)
+    inflight = r.num("api.max_inflight_bytes", max(d.max_inflight_bytes, max_body), 1024, 1 << 36, integer=True)
+    if inflight < max_body:
+        raise r.err("api.max_inflight_bytes", f"must be >= api.max_body_bytes ({max_body}), got {inflight}: a body "
+                                              "that size could never be admitted")
+    token = _existing(r, "api.admin_token_file", base)
+    if token:
+        try:
+            text = Path(token).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeError) as exc:
+            raise r.err("api.admin_token_file", f"cannot read {token}: {exc}") from exc
+        if len(text) < 16 or any(c.isspace() for c in text):
+            raise r.err("api.admin_token_file", f"{token} must hold one token of at least 16 characters, no spaces")
+    return ApiConfig(
+        listen=listen, max_body_bytes=max_body, max_inflight_bytes=inflight,
+        max_connections=r.num("api.max_connections", d.max_connections, 1, 65536, integer=True),
+        max_requests=r.num("api.max_requests", d.max_requests, 1, 65536, integer=True),
+        instances=r.num("api.instances", d.instances, 1, 256, integer=True),
+        request_timeout_s=r.num("api.request_timeout_s", d.request_timeout_s, 0.01, 86400),
+        terminate_grace_s=r.num("api.terminate_grace_s", d.terminate_grace_s, 0.01, 3600),
+        header_timeout_s=r.num("api.header_timeout_s", d.header_timeout_s, 0.01, 3600),
+        body_timeout_s=r.num("api.body_timeout_s", d.body_timeout_s, 0.01, 86400),
+        idle_timeout_s=r.num("api.idle_timeout_s", d.idle_timeout_s, 0.01, 86400),
+        admin_token_file=token,
     )
 
 
@@ -278,8 +320,7 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         data_dir=_resolve(data_dir, base),
         trusted_keys=tuple(keys),
         broker=_parse_broker(r, base),
-        api=ApiConfig(listen=listen, max_body_bytes=r.num("api.max_body_bytes", ApiConfig.max_body_bytes, 1024,
-                                                          1 << 34, integer=True)),
+        api=_parse_api(r, listen, base),
         profile=r.text("agent.profile", "auto") or "auto",
         profiles_dirs=tuple(_resolve(d, base) for d in r.texts("agent.profiles_dirs")),
         accept_targets=targets,

@@ -83,9 +83,14 @@ class Agent:
         self.api = None
         if cfg.api.address is not None:
             from .api import ApiServer
+            from .repository import Repository
 
             host, port = cfg.api.address
-            self.api = ApiServer(host, port, self.registry, cfg.api.max_body_bytes)
+            self.api = ApiServer(host, port, self.registry, config=cfg.api,
+                                 repository=Repository(self.store, self.installer, self.registry),
+                                 on_event=lambda kind, message, data: self.event(kind, message, level="error",
+                                                                                 data=data),
+                                 status=self._api_status, device=cfg.device)
         self.link = MqttLink(cfg.broker, cfg.fleet, cfg.device, self.boot, describe=self.describe,
                              on_command=self._on_command, on_connected=self._on_connected,
                              on_published=lambda: self.sender.wake(),
@@ -147,6 +152,12 @@ class Agent:
             except (ValueError, TypeError, KeyError, AttributeError):
                 pass
         return self.cfg.telemetry_interval_s
+
+    def _api_status(self) -> dict[str, Any]:
+        # outbox and link state for the API's /metrics
+        return {"spool": self.spool.count("telemetry"), "dropped_total": self.spool.dropped_total,
+                "unconfirmed": self.spool.unconfirmed(), "resent_total": self.sender.resent,
+                "mqtt_connected": self.link.connected.is_set()}
 
     def _on_command(self, message: Any) -> None:
         self.dispatcher.receive(message)

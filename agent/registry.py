@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,20 @@ class Registry:
             if old is not None and old is not model:
                 self._retired.append(Retired(old, old.recorder.take(time.monotonic())))
             return old
+
+    def replace(self, name: str, old: Model | None, new: Model, check: Callable[[], bool] | None = None) -> bool:
+        """Serve ``new`` only if ``old`` still serves ``name`` (None: nothing does) and ``check()`` holds.
+
+        Compare-and-swap for the local API's recycle and repository load: an install that activated another
+        bundle meanwhile wins, and its model is never replaced by an older one.
+        """
+        with self._lock:
+            if self._models.get(name) is not old or (check is not None and not check()):
+                return False
+            self._models[name] = new
+            if old is not None and old is not new:
+                self._retired.append(Retired(old, old.recorder.take(time.monotonic())))
+            return True
 
     def pop(self, name: str) -> Model | None:
         """Stop serving ``name``."""

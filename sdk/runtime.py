@@ -365,12 +365,16 @@ class Model:
         for c in self._checks:
             c.check(inputs[c.name])
 
-    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Check inputs, run the session, record the latency; returns outputs by name."""
+    def run(self, inputs: Mapping[str, Any], run_options: Any = None) -> dict[str, np.ndarray]:
+        """Check inputs, run the session, record the latency; returns outputs by name.
+
+        ``run_options``: an ``onnxruntime.RunOptions`` (the agent sets its ``terminate`` when a request's deadline
+        passes).
+        """
         self.check_inputs(inputs)
         t0 = time.perf_counter()
         try:
-            outs = self.session.run(self._output_names, inputs)
+            outs = self.session.run(self._output_names, inputs, run_options)
         except Exception as exc:
             self.recorder.record_error()
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
