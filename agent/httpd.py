@@ -159,7 +159,7 @@ class Request:
         self.headers = headers
         self.peer = conn.peer
         self.http_version = event.http_version.decode("ascii", "replace")
-        self._body: bytes | None = None
+        self._body: bytes | bytearray | None = None
 
     @property
     def content_length(self) -> int | None:
@@ -176,9 +176,12 @@ class Request:
         """A request header by case-insensitive name."""
         return self.headers.get(name.lower(), default)
 
-    def read_body(self, limit: int | None = None) -> bytes:
+    def read_body(self, limit: int | None = None) -> bytes | bytearray:
         """The whole body, decoded (gzip/deflate), at most ``limit`` bytes (default ``max_body_bytes``): 413 over it,
-        408 if it does not arrive within ``body_timeout_s``, 415 for an unknown ``Content-Encoding``."""
+        408 if it does not arrive within ``body_timeout_s``, 415 for an unknown ``Content-Encoding``.
+
+        A body of declared length is read into one buffer of that size (never twice its size in memory).
+        """
         if self._body is not None:
             return self._body
         limits = self._server.limits
@@ -196,6 +199,7 @@ class Request:
         if conn.h11.client_is_waiting_for_100_continue:
             self._send_raw(conn.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
         deadline = time.monotonic() + limits.body_timeout_s
+        whole = bytearray(declared) if declared is not None and encoding == "identity" else None
         parts: list[bytes] = []
         size = 0
         while True:
@@ -216,6 +220,10 @@ class Request:
                     raise HttpError(400, f"connection closed after {size} bytes of the body", close=True)
                 conn.h11.receive_data(data)
             elif isinstance(event, h11.Data):
+                if whole is not None:  # h11 never hands over more than the declared length
+                    whole[size:size + len(event.data)] = event.data
+                    size += len(event.data)
+                    continue
                 chunk = decoder.feed(bytes(event.data))
                 size += len(chunk)
                 if size > cap:
@@ -224,6 +232,9 @@ class Request:
                                          + (" once decoded" if encoding != "identity" else ""), close=True)
                 parts.append(chunk)
             elif isinstance(event, h11.EndOfMessage):
+                if whole is not None:
+                    self._body = whole
+                    return whole
                 tail = decoder.finish()
                 if size + len(tail) > cap:
                     self._server.count_rejection("body_size")
@@ -380,6 +391,7 @@ class HttpServer:
         self._lock = threading.Condition()
         self._conns: set[_Conn] = set()
         self._busy = 0
+        self.accepted = 0
         self._thread = threading.Thread(target=self._accept_loop, name="api-accept", daemon=True)
 
     # -- counters the API exports ------------------------------------------------------------------------------------
@@ -449,6 +461,7 @@ class HttpServer:
                     self._conns.discard(victim)  # its thread ends when the shutdown wakes its recv
                     victim.shutdown()
                 self._conns.add(conn)
+                self.accepted += 1
             threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
 
     def _reject(self, sock: socket.socket) -> None:
@@ -522,6 +535,12 @@ class HttpServer:
                 self._respond_error_and_close(conn, exc.error_status_hint, msg)
                 return None
             if isinstance(event, h11.Request):
+                # h11 bounds a head that arrives in pieces; one that arrives whole is measured here
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > limits.max_header_bytes:
+                    self.count_rejection("header_size")
+                    self._respond_error_and_close(conn, 431, f"request head is over {limits.max_header_bytes} bytes")
+                    return None
                 names = {k for k, _ in event.headers}
                 if b"transfer-encoding" in names and b"content-length" in names:
                     # RFC 9112 6.1: ambiguous framing (request smuggling through proxies); refused, not guessed
@@ -562,6 +581,13 @@ class HttpServer:
         h = conn.h11
         # Keep the connection only if what is left of the request body can be read and thrown away cheaply.
         close = resp.close or self.stopping
+        try:  # what of the body already arrived (all of it, for a body of length 0) is read and discarded now
+            while h.their_state is h11.SEND_BODY and not close:
+                event = h.next_event()
+                if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+                    break
+        except h11.RemoteProtocolError:
+            close = True
         if h.their_state is h11.SEND_BODY:
             declared = req.content_length
             if declared is None or declared > self.limits.drain_bytes:

@@ -139,16 +139,16 @@ def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return p
 
 
-def decode_request(model: Model, body: bytes, header_length: int | None) -> InferRequest:
-    """Parse and check an infer request body against the model's manifest."""
+def decode_request(model: Model, body: bytes | bytearray, header_length: int | None) -> InferRequest:
+    """Parse and check an infer request body against the model's manifest (tensors are not copied)."""
     if header_length is not None:
         if not 0 < header_length <= len(body):
             raise _bad(f"Inference-Header-Content-Length {header_length} is outside the {len(body)}-byte body")
-        head, binary = memoryview(body)[:header_length], memoryview(body)[header_length:]
+        head, binary = bytes(memoryview(body)[:header_length]), memoryview(body)[header_length:]
     else:
-        head, binary = memoryview(body), memoryview(b"")
+        head, binary = body, memoryview(b"")
     try:
-        req = json.loads(bytes(head))
+        req = json.loads(head)
     except (ValueError, UnicodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past the stack
         raise _bad(f"request body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(req, dict):

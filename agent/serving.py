@@ -38,8 +38,8 @@ __all__ = ["Runner"]
 
 log = logging.getLogger("edgefleet.agent.serving")
 
-_POLL_BUSY_S = 0.05  # watchdog period while runs are in flight (deadline precision)
-_POLL_IDLE_S = 1.0
+_POLL_BUSY_S = 0.05  # watchdog period while requests come (deadline precision)
+_STAY_BUSY_S = 2.0  # ... and for this long after the last run: a steady stream of requests never has to wake it
 
 
 class _Slots:
@@ -83,6 +83,8 @@ class Runner:
         self._stuck: dict[str, int] = {}
         self.recycles: dict[str, int] = {}
         self._stopping = False
+        self._sleeping = False  # the watchdog waits for a first run (no timeout)
+        self._last_run = 0.0
         self._thread = threading.Thread(target=self._watch, name="api-watchdog", daemon=True)
         self._thread.start()
 
@@ -142,6 +144,9 @@ class Runner:
         run = _Run(name, model, st, deadline, options, request)
         with self._lock:
             self._runs.add(run)
+            if self._sleeping:
+                self._sleeping = False
+                self._lock.notify_all()
         t1 = time.perf_counter_ns()
         try:
             try:
@@ -157,6 +162,7 @@ class Runner:
         finally:
             with self._lock:
                 self._runs.discard(run)
+                self._last_run = time.monotonic()
                 if run.hung:
                     st.stuck -= 1
                     self._stuck[name] = self._stuck.get(name, 1) - 1
@@ -174,7 +180,13 @@ class Runner:
             with self._lock:
                 if self._stopping:
                     return
-                self._lock.wait(_POLL_BUSY_S if self._runs else _POLL_IDLE_S)
+                if self._runs or time.monotonic() - self._last_run < _STAY_BUSY_S:
+                    self._lock.wait(_POLL_BUSY_S)
+                else:  # nothing to watch: sleep until a run starts (no wake-ups while the agent is idle)
+                    self._sleeping = True
+                    while self._sleeping and not self._stopping:
+                        self._lock.wait()
+                    continue
                 now = time.monotonic()
                 expired, hung = [], []
                 for r in self._runs:

@@ -42,7 +42,7 @@ def test_config_loads_defaults_and_resolves_paths_relative_to_file(tmp_path: Pat
     assert cfg.telemetry_interval_s == 10.0
     assert (cfg.receipts, cfg.resend_after_s) == ("auto", 10.0)
     assert (cfg.broker.host, cfg.broker.port, cfg.broker.tls) == ("127.0.0.1", 1883, False)
-    assert cfg.api.address == ("127.0.0.1", 8080)
+    assert cfg.api.address == ("127.0.0.1", 8000)
 
 
 def test_config_flags_override_file_values(tmp_path: Path, pubkey: Path) -> None:
