@@ -34,7 +34,7 @@ from edgefleet.sdk.errors import ConfigError, EdgefleetError, ModelError
 from . import kserve
 from .config import ApiConfig
 from .httpd import HttpError, HttpServer, Limits, Request, Response, json_response
-from .metrics import HTTP_LIMITS, Exposition, Stats, model_families, process_families
+from .metrics import HTTP_LIMITS, Exposition, ModelStats, Stats, model_families, process_families
 from .registry import Registry
 from .serving import Runner
 
@@ -194,7 +194,8 @@ class ApiServer:
         method = "GET" if req.method == "HEAD" else req.method
         if seg == ["metrics"]:
             self._methods(method, "GET")
-            return Response(200, self.metrics_text().encode("utf-8"), content_type=Exposition.CONTENT_TYPE)
+            return Response(200, self.metrics_text().encode("utf-8"), content_type=Exposition.CONTENT_TYPE,
+                            compressible=True)
         if not seg or seg[0] != "v2":
             raise HttpError(404, f"no route {req.path[:200]!r}: this is the Open Inference Protocol under /v2, and "
                                  "Prometheus metrics under /metrics")
@@ -283,83 +284,87 @@ class ApiServer:
 
     def _infer(self, req: Request, model: Model) -> Response:
         cfg = self.cfg
-        if not self.budget.enter():
-            self._count_rejection("requests")
-            self.stats.get(model.name, model.version).begin()
-            self.stats.get(model.name, model.version).failure("UNAVAILABLE", 0)
-            raise HttpError(503, f"{cfg.max_requests} requests are in progress (api.max_requests); retry later",
-                            [("Retry-After", "1")])
         stats = self.stats.get(model.name, model.version)
         stats.begin()
-        deadline = time.monotonic() + cfg.request_timeout_s
-        held = 0
+        if not self.budget.enter():
+            self._count_rejection("requests")
+            stats.failure("UNAVAILABLE", 0)
+            raise HttpError(503, f"{cfg.max_requests} requests are in progress (api.max_requests); retry later",
+                            [("Retry-After", "1")])
+        held = [0]
+        try:
+            return self._infer_held(req, model, stats, held)
+        finally:
+            # every buffer of the request is gone by now (the body too): only then is its room given back
+            req.discard_body()
+            self.budget.release(held[0])
+            self.budget.leave()
+
+    def _infer_held(self, req: Request, model: Model, stats: ModelStats, held: list[int]) -> Response:
+        cfg = self.cfg
         t0 = time.perf_counter_ns()
         try:
-            try:
-                declared = req.content_length
-                if declared is not None and declared > cfg.max_body_bytes:
-                    req.read_body()  # refuses with 413 before reading a byte of it, and counts it
-                # A chunked or compressed body's size is known only once read: hold the cap for it meanwhile.
-                need = cfg.max_body_bytes if declared is None or "content-encoding" in req.headers else declared
-                if not self._reserve(need, deadline, "request body"):
-                    raise HttpError(503, f"no room for a {need}-byte body within the request deadline: "
-                                         f"{cfg.max_inflight_bytes} bytes of requests are in progress "
+            declared = req.content_length
+            if declared is not None and declared > cfg.max_body_bytes:
+                req.read_body()  # refuses with 413 before reading a byte of it, and counts it
+            # A chunked or compressed body's size is known only once read: hold the cap for it meanwhile.
+            need = cfg.max_body_bytes if declared is None or "content-encoding" in req.headers else declared
+            if not self._reserve(need, time.monotonic() + cfg.request_timeout_s, "request body"):
+                raise HttpError(503, f"no room for a {need}-byte body within the request deadline: "
+                                     f"{cfg.max_inflight_bytes} bytes of requests are in progress "
+                                     "(api.max_inflight_bytes); retry later", [("Retry-After", "1")])
+            held[0] = need
+            body = req.read_body()
+            if len(body) < held[0]:
+                self.budget.release(held[0] - len(body))
+                held[0] = len(body)
+            # The deadline runs from the whole body received (a slow upload is body_timeout_s's business).
+            deadline = time.monotonic() + cfg.request_timeout_s
+            hl_s = req.header("inference-header-content-length")
+            if hl_s is not None and not (hl_s.isascii() and hl_s.isdigit()):
+                raise HttpError(400, f"Inference-Header-Content-Length must be an integer, got {hl_s[:40]!r}")
+            hl = int(hl_s) if hl_s is not None else None
+            t0 = time.perf_counter_ns()
+            # Decoding JSON tensors costs far more than their text: room for it before json.loads.
+            head_len = hl if hl is not None and hl <= len(body) else len(body)
+            extra = body.count(b",", 0, head_len) * _JSON_BYTES_PER_VALUE if head_len > _SMALL_BODY else 0
+            if extra:
+                if held[0] + extra > cfg.max_inflight_bytes:
+                    self._count_rejection("memory")
+                    raise HttpError(413, f"JSON tensors of about {extra // _JSON_BYTES_PER_VALUE} values need about "
+                                         f"{(held[0] + extra) >> 20} MiB to decode, over api.max_inflight_bytes "
+                                         f"({cfg.max_inflight_bytes >> 20} MiB): send them with the binary tensor "
+                                         "extension (tritonclient's default)")
+                if not self._reserve(extra, deadline, "JSON decoding"):
+                    raise HttpError(503, "no room to decode the JSON tensors within the request deadline "
                                          "(api.max_inflight_bytes); retry later", [("Retry-After", "1")])
-                held = need
-                body = req.read_body()
-                if len(body) < held:
-                    self.budget.release(held - len(body))
-                    held = len(body)
-                # The deadline runs from the whole body received (a slow upload is body_timeout_s's business).
-                deadline = time.monotonic() + cfg.request_timeout_s
-                hl_s = req.header("inference-header-content-length")
-                if hl_s is not None and not (hl_s.isascii() and hl_s.isdigit()):
-                    raise HttpError(400, f"Inference-Header-Content-Length must be an integer, got {hl_s[:40]!r}")
-                hl = int(hl_s) if hl_s is not None else None
-                t0 = time.perf_counter_ns()
-                # Decoding JSON tensors costs far more than their text: room for it before json.loads.
-                head_len = hl if hl is not None and hl <= len(body) else len(body)
-                extra = body.count(b",", 0, head_len) * _JSON_BYTES_PER_VALUE if head_len > _SMALL_BODY else 0
-                if extra:
-                    if held + extra > cfg.max_inflight_bytes:
-                        self._count_rejection("memory")
-                        raise HttpError(413, f"JSON tensors of about {extra // _JSON_BYTES_PER_VALUE} values need "
-                                             f"about {(held + extra) >> 20} MiB to decode, over api.max_inflight_bytes "
-                                             f"({cfg.max_inflight_bytes >> 20} MiB): send them with the binary tensor "
-                                             "extension (tritonclient's default)")
-                    if not self._reserve(extra, deadline, "JSON decoding"):
-                        raise HttpError(503, "no room to decode the JSON tensors within the request deadline "
-                                             "(api.max_inflight_bytes); retry later", [("Retry-After", "1")])
-                    held += extra
-                decoded = kserve.decode_request(model, body, hl)
-                del body
-                if decoded.timeout_us is not None:  # the client's own deadline (tritonclient's timeout=, in µs)
-                    deadline = min(deadline, time.monotonic() + decoded.timeout_us / 1e6)
-                t_in = time.perf_counter_ns()
-                try:
-                    outputs, queue_ns, infer_ns = self.runner.run(model.name, model, decoded.inputs, deadline, req)
-                except EdgefleetError as exc:
-                    if isinstance(exc, (HttpError, ModelError)):
-                        raise
-                    raise HttpError(400, str(exc)) from None  # InputError: dtype, rank or dims
-                t_out = time.perf_counter_ns()
-                payload, header_len = kserve.encode_response(model, outputs, decoded)
-                t_end = time.perf_counter_ns()
-            except HttpError as exc:
-                if exc.status == 504:
-                    self._count_rejection("deadline")
-                stats.failure(_failure_reason(exc.status), time.perf_counter_ns() - t0)
-                raise
-            except ModelError as exc:
-                stats.failure("BACKEND", time.perf_counter_ns() - t0)
-                raise HttpError(500, str(exc)) from None
-            stats.success(queue_ns, t_in - t0, infer_ns, t_end - t_out, t_end - t0)
-        finally:
-            self.budget.release(held)
-            self.budget.leave()
+                held[0] += extra
+            decoded = kserve.decode_request(model, body, hl)
+            del body
+            if decoded.timeout_us is not None:  # the client's own deadline (tritonclient's timeout=, in µs)
+                deadline = min(deadline, time.monotonic() + decoded.timeout_us / 1e6)
+            t_in = time.perf_counter_ns()
+            try:
+                outputs, queue_ns, infer_ns = self.runner.run(model.name, model, decoded.inputs, deadline, req)
+            except EdgefleetError as exc:
+                if isinstance(exc, (HttpError, ModelError)):
+                    raise
+                raise HttpError(400, str(exc)) from None  # InputError: dtype, rank or dims
+            t_out = time.perf_counter_ns()
+            payload, header_len = kserve.encode_response(model, outputs, decoded)
+            t_end = time.perf_counter_ns()
+        except HttpError as exc:
+            if exc.status == 504:
+                self._count_rejection("deadline")
+            stats.failure(_failure_reason(exc.status), time.perf_counter_ns() - t0)
+            raise
+        except ModelError as exc:
+            stats.failure("BACKEND", time.perf_counter_ns() - t0)
+            raise HttpError(500, str(exc)) from None
+        stats.success(queue_ns, t_in - t0, infer_ns, t_end - t_out, t_end - t0)
         if header_len is None:
-            return Response(200, payload)
-        return Response(200, payload, content_type="application/octet-stream",
+            return Response(200, payload, compressible=True)
+        return Response(200, payload, content_type="application/octet-stream", compressible=True,
                         headers=[("Inference-Header-Content-Length", str(header_len))])
 
     def _reserve(self, n: int, deadline: float, what: str) -> bool:

@@ -18,8 +18,8 @@ socket I/O around it, with limits (:class:`Limits`) an operator sets in ``[api]`
   discard (``drain_bytes``); otherwise the response says ``Connection: close`` and the connection is closed. The next
   request is never parsed from a previous body's leftover bytes.
 
-Handlers return a :class:`Response` or raise :class:`HttpError`; anything else raised is a logged 500. Responses are
-compressed when the client's ``Accept-Encoding`` asks for gzip or deflate.
+Handlers return a :class:`Response` or raise :class:`HttpError`; anything else raised is a logged 500. Responses marked
+compressible are compressed when the client's ``Accept-Encoding`` asks for gzip or deflate.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ __all__ = ["HttpError", "HttpServer", "Limits", "Request", "Response", "json_res
 
 log = logging.getLogger("edgefleet.agent.http")
 
-_RECV = 256 << 10
+_RECV = 64 << 10  # under glibc's mmap threshold: per-thread heaps reuse the chunks instead of growing
 _ONE_WRITE = 64 << 10  # responses up to this size go out in one send (with TCP_NODELAY: one segment train)
 
 
@@ -83,6 +83,9 @@ class Response:
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
     close: bool = False
+    # Compressed when the client's Accept-Encoding asks. Off by default: as Triton does, only inference responses
+    # (and /metrics) are — tritonclient's asyncio client advertises gzip for every call but decodes only those.
+    compressible: bool = False
 
 
 def json_response(obj: Any, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> Response:
@@ -246,6 +249,10 @@ class Request:
                 raise HttpError(400, "connection closed before the body ended", close=True)
         self._body = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._body
+
+    def discard_body(self) -> None:
+        """Drop the body read so far (its memory goes back before the request's budget does)."""
+        self._body = None
 
     def abort(self, status: int, message: str) -> bool:
         """Answer from another thread (a deadline watchdog) while the handler is stuck, then close the connection.
@@ -594,7 +601,7 @@ class HttpServer:
                 close = True
         headers = [("Server", self.server_header), ("Content-Type", resp.content_type)]
         body = resp.body
-        encoding = _accepts(req.headers.get("accept-encoding")) if body else None
+        encoding = _accepts(req.headers.get("accept-encoding")) if body and resp.compressible else None
         if encoding is not None:
             body = compress(body, encoding)
             headers.append(("Content-Encoding", encoding))

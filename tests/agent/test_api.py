@@ -261,8 +261,13 @@ def test_compressed_requests_and_responses(api: ServedApi, encoding: str) -> Non
     raw = gzip.decompress(payload) if name == "gzip" else zlib.decompress(payload)
     n = int(headers["inference-header-content-length"])  # the length inside the decompressed body
     np.testing.assert_allclose(np.frombuffer(raw[n:], "<f4").reshape(5, 4), _expected(api), rtol=1e-5, atol=1e-6)
-    status, headers, _ = request(conn, "GET", "/v2", None, {"Accept-Encoding": "gzip;q=0, identity"})
+    status, headers, _ = request(conn, "POST", "/v2/models/testmodel/infer", body,
+                                 {"Accept-Encoding": "gzip;q=0, identity"})
     assert status == 200 and "content-encoding" not in headers
+    status, headers, _ = request(conn, "GET", "/v2", None, {"Accept-Encoding": "gzip"})  # only inference, as Triton
+    assert status == 200 and "content-encoding" not in headers
+    status, headers, payload = request(conn, "GET", "/metrics", None, {"Accept-Encoding": "gzip"})  # Prometheus
+    assert headers["content-encoding"] == "gzip" and b"# TYPE" in gzip.decompress(payload)
 
 
 def test_tritonclient_compression_both_ways(api: ServedApi) -> None:
