@@ -57,7 +57,9 @@ $(OLD_VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed system-deps
 setup-openvino: $(OV_VENV)/.installed
 
-# Mosquitto (broker for tests and the demo) and Chromium (dashboard tests) from Debian, when missing.
+# Mosquitto (broker for tests and the demo) and Chromium (dashboard tests) from Debian, when missing; promtool
+# (`promtool check metrics` on the /metrics endpoints) from Debian's prometheus package, without its recommends
+# (exporters we do not need).
 system-deps:
 	@need=""; \
 	command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || need="$$need mosquitto"; \
@@ -67,6 +69,12 @@ system-deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
 		elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
 		else echo "warning: please install$$need (Debian/Ubuntu: apt-get install$$need); tests needing them will be skipped" >&2; fi; \
+	fi
+	@if ! command -v promtool >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then echo "installing prometheus (apt, for promtool)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		else echo "warning: please install prometheus (Debian/Ubuntu: apt-get install --no-install-recommends prometheus) for promtool; the metrics tests will be skipped" >&2; fi; \
 	fi
 
 test: setup setup-openvino $(OLD_VENV)/.installed
