@@ -503,6 +503,8 @@ class HttpServer:
                 try:
                     resp = self._dispatch(req)
                     if not self._respond(conn, req, resp):
+                        if conn.h11.their_state is h11.SEND_BODY and not conn.aborted:
+                            self._linger(conn)
                         return
                 finally:
                     with self._lock:
@@ -628,6 +630,20 @@ class HttpServer:
                 return False
         return not close
 
+    def _linger(self, conn: _Conn) -> None:
+        """Closing on a client still sending its body: half-close, then read and drop what keeps arriving for a
+        moment, so the kernel does not answer it with a reset that can destroy the response before the client reads
+        it (nginx's lingering close). Bounded: 2 s in all, 0.2 s of silence."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                conn.sock.settimeout(0.2)
+                if not conn.sock.recv(_RECV):
+                    break
+        except OSError:
+            pass
+
     def _next_cycle(self, conn: _Conn) -> bool:
         """Read and discard what is left of the request body, then get ready for the next request."""
         h = conn.h11
@@ -667,4 +683,5 @@ class HttpServer:
             try:
                 conn.sendall([_canned(status, message, self.server_header)], 1.0)
             except OSError:
-                pass
+                return
+        self._linger(conn)  # the client may still be sending (a trickled head): let it read the answer

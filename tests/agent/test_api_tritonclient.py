@@ -5,6 +5,7 @@ not apply (shared memory, trace) are checked to fail with the agent's clear reas
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 
 import numpy as np
@@ -75,8 +76,19 @@ def test_every_tritonclient_http_call(agent_with_model, make_bundle, mlp_model) 
     for p in pending:
         np.testing.assert_allclose(p.get_result().as_numpy("probs"), expected, rtol=1e-5, atol=1e-6)
     calls += 4
-    body, json_size = client.generate_request_body([inp])  # the client's own encoder, parsed back by it
-    assert json_size is None or json_size > 0
+    # the client's own body builder and response parser, with the transport in between done by hand
+    body, json_size = client.generate_request_body([inp], outputs=[httpclient.InferRequestedOutput("probs")],
+                                                   request_id="raw")
+    conn = http.client.HTTPConnection(*agent.api.split(":"), timeout=10)
+    conn.request("POST", "/v2/models/testmodel/infer", body,
+                 {"Inference-Header-Content-Length": str(json_size)} if json_size else {})
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    parsed = client.parse_response_body(raw, header_length=int(resp.getheader("Inference-Header-Content-Length")))
+    np.testing.assert_allclose(parsed.as_numpy("probs"), expected, rtol=1e-5, atol=1e-6)
+    assert parsed.get_response()["id"] == "raw"
+    calls += 1
 
     # statistics (all models, one model, one version)
     stats = client.get_inference_statistics("testmodel", "1.0.0")["model_stats"][0]
@@ -189,9 +201,9 @@ def test_metrics_pass_promtool_on_a_live_agent(agent_with_model) -> None:
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if not line.startswith("#")}
     m = '{model="testmodel",version="1.0.0"}'
     assert samples[f"edgefleet_inference_request_success_total{m}"] == 5
-    assert samples[f'edgefleet_inference_request_failure_total{{model="testmodel",version="1.0.0",reason="REJECTED"}}'
+    assert samples['edgefleet_inference_request_failure_total{model="testmodel",version="1.0.0",reason="REJECTED"}'
                    ] == 1
-    assert samples[f'edgefleet_inference_request_duration_seconds_bucket{{model="testmodel",version="1.0.0",le="+Inf"}}'
+    assert samples['edgefleet_inference_request_duration_seconds_bucket{model="testmodel",version="1.0.0",le="+Inf"}'
                    ] == 5
     assert samples[f"edgefleet_inference_compute_infer_duration_seconds_total{m}"] > 0
     assert samples[f"edgefleet_model_ready{m}"] == 1
