@@ -37,7 +37,8 @@ def _abs(p: Path | None) -> str | None:
 @click.option("--profile", help="Device profile name, or 'auto' to detect.  [agent.profile]")
 @click.option("--telemetry-interval", type=float, help="Seconds between telemetry records.  [telemetry.interval_s]")
 @click.option("--keepalive", type=int, help="MQTT keepalive in seconds.  [mqtt.keepalive_s]")
-@click.option("--api", "api_listen", help="Local API host:port ('' disables, port 0 picks one).  [api.listen]")
+@click.option("--api", "api_listen", help="Local API host:port (default 127.0.0.1:8000; '' disables, port 0 picks "
+                                         "one).  [api.listen]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[agent.log_level]")
 @click.option("--allow-unsigned-commands", is_flag=True, default=None,
               help="Development only: execute commands without a controller signature.  [commands.require_signed]")

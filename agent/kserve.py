@@ -141,12 +141,12 @@ def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
 
 def decode_request(model: Model, body: bytes | bytearray, header_length: int | None) -> InferRequest:
     """Parse and check an infer request body against the model's manifest (tensors are not copied)."""
+    head: bytes | bytearray = body
+    binary = memoryview(b"")
     if header_length is not None:
         if not 0 < header_length <= len(body):
             raise _bad(f"Inference-Header-Content-Length {header_length} is outside the {len(body)}-byte body")
         head, binary = bytes(memoryview(body)[:header_length]), memoryview(body)[header_length:]
-    else:
-        head, binary = body, memoryview(b"")
     try:
         req = json.loads(head)
     except (ValueError, UnicodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past the stack
