@@ -92,7 +92,8 @@ test-openvino:
 # The sdk runtime (what application code and the agent load) on the oldest ORT we claim, and the hostile-bundle
 # corpus through the agent's installer there (ORT 1.16 itself follows external-data paths out of a bundle).
 test-ort-oldest:
-	$(OLD_VENV)/bin/pytest tests/sdk tests/hardening/test_hostile_bundles.py -m "not openvino" $(PYTEST_FLAGS)
+	$(OLD_VENV)/bin/pytest tests/sdk tests/hardening/test_hostile_bundles.py tests/hardening/test_onnx_external.py \
+		-m "not openvino" $(PYTEST_FLAGS)
 
 demo: setup
 	-$(MAKE) --no-print-directory setup-openvino || echo "OpenVINO venv could not be set up; the demo runs without the OpenVINO agent"

@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from _hardening_util import sdk_bundle_tools, tree_snapshot
+from _hostile_onnx import HOSTILE, MALFORMED
 from edgefleet.agent.installer import Installer, InstallError
 from edgefleet.agent.registry import Registry
 from edgefleet.agent.store import Store
@@ -441,6 +442,12 @@ def _model_resigned(transform: Callable[[bytes], bytes]) -> Callable[[Kit], Path
     return lambda k: k.signed({**k.payload(), MODEL: transform(k.data(MODEL))})
 
 
+def _ort_format_name(k: Kit) -> Path:
+    """The model listed as ``model/model.ort``: ORT would pick its flatbuffers loader by the extension."""
+    payload = {("model/model.ort" if n == MODEL else n): b for n, b in k.payload().items()}
+    return k.signed(payload, lambda d: d.update(model="model/model.ort"))
+
+
 def _case_insensitive_twins(k: Kit) -> Path:
     return k.signed({**k.payload(), "Report.json": k.data("report.json")})
 
@@ -574,11 +581,26 @@ CASES: dict[str, Case] = {
     "signed_model_bitflip_weights": Case(lambda k: _model_resigned(
         lambda b: _flip(b, b.index(_w1_bytes(k.mlp)) + 4 * 7 + 3))(k), "selftest", "selftest"),
     "signed_model_empty": Case(_model_resigned(lambda b: b""), "model", "session"),
+    "signed_model_ort_format_name": Case(_ort_format_name, "bundle.format", "session"),
     # pickles
     "pickle_npz_object_array": Case(_npz_object_array, "bundle.format", "session"),
     "pickle_npz_member": Case(_npz_pickle_member, "bundle.format", "session"),
     "pickle_pkl_member": Case(_pkl_member, "bundle.unsafe", "verify"),
 }
+
+
+# Every place the ONNX proto can reference a file (tests/hardening/_hostile_onnx.py), validly signed, pointing at
+# /etc/passwd as in issue 18: found and refused before ONNX Runtime sees the model.
+_PASSWD = "../../../../../../../../etc/passwd"
+# Refused for their form, not their target: not valid protobuf as ORT would read it (model), a malformed reference
+# (bundle.format).
+_FORM = {"constant_value_given_twice": "model", "unknown_field_with_tensor": "model",
+         "duplicate_location_key": "bundle.format", "external_without_location": "bundle.format",
+         "prepacked_key": "bundle.format"}
+for _name, _build in [*((n, h.build) for n, h in HOSTILE.items()), *MALFORMED.items()]:
+    CASES[f"extdata_proto_{_name}"] = Case(
+        lambda k, b=_build: k.signed({**k.payload(), MODEL: b(_PASSWD)}), _FORM.get(_name, "bundle.unsafe"),
+        "session")
 
 
 @pytest.fixture(scope="module")
