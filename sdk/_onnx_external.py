@@ -12,6 +12,10 @@ info graphs. So, before a session is created, this module reads the whole ``Mode
 * an ``EPContext`` node (ORT's pre-compiled EP context) with ``embed_mode = 0``: ``ep_cache_context`` is a path
   relative to the model; ``onnx_model_filename`` names a file too (TensorRT weight refit).
 
+and refuses model metadata ORT acts on (``ort_config``: session options such as profiling, which writes a file, when
+``ORT_LOAD_CONFIG_FROM_MODEL=1``). Other strings (``metadata_props``, ``doc_string``, a function's ``domain``) name no
+file ONNX Runtime opens.
+
 Each must be a plain relative path naming a file the signed manifest lists next to the model (so it was hashed and
 extracted as a regular file), and byte ranges must lie inside it (:func:`check_external_data`). The walk is strict
 where a lenient one could be fooled: a field the schema does not know, a message field with a wrong wire type, a
@@ -98,7 +102,10 @@ _READ_STRINGS = {("TensorProto", 8), ("NodeProto", 3), ("NodeProto", 4), ("Attri
                  ("AttributeProto", 4), ("AttributeProto", 21), ("StringStringEntryProto", 1),
                  ("StringStringEntryProto", 2)}
 # Child summaries a parent needs: a node's attributes, a tensor's external-data entries.
-_KEEP_CHILDREN = {("NodeProto", 5), ("TensorProto", 13)}
+_KEEP_CHILDREN = {("NodeProto", 5), ("TensorProto", 13), ("ModelProto", 14)}
+# ModelProto.metadata_props keys ONNX Runtime acts on: "ort_config" carries session options (enable_profiling writes
+# a profile file, thread counts) that ORT applies when ORT_LOAD_CONFIG_FROM_MODEL=1 is set in the environment.
+_ACTIVE_METADATA = {"ort_config"}
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,13 @@ class _Walk:
             self.tensor(got)
         elif kind == "NodeProto":
             self.node(got)
+        elif kind == "ModelProto":
+            for entry in got.get(14, []):
+                key = self.text(entry[1], "a metadata key") if 1 in entry else ""
+                if key in _ACTIVE_METADATA:
+                    raise BundleFormatError(f"{self.what}: model metadata {key!r} would set ONNX Runtime session "
+                                            "options from inside the model (ORT_LOAD_CONFIG_FROM_MODEL); a bundle "
+                                            "sets them in its signed manifest")
         return got
 
     def tensor(self, got: dict[int, Any]) -> None:

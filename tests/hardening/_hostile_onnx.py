@@ -365,11 +365,19 @@ HOSTILE: dict[str, Hostile] = {
     "constant_value_given_twice": Hostile(constant_value_twice),
     "unknown_field_with_tensor": Hostile(unknown_field_with_tensor),
 }
+def metadata_ort_config(loc: str) -> bytes:
+    """Session options inside the model (ORT applies them with ORT_LOAD_CONFIG_FROM_MODEL=1): profiling on."""
+    m = onnx.ModelProto.FromString(initializer(loc))
+    helper.set_model_props(m, {"ort_config": '{"session_options": {"enable_profiling": true}}'})
+    return m.SerializeToString()
+
+
 # Refused for what they are, whatever the location: never run (the memory tag would make ORT read an address).
 MALFORMED: dict[str, Callable[[str], bytes]] = {
     "external_without_location": external_without_location,
     "prepacked_key": prepacked_key,
     "memory_address_tag": memory_address_tag,
+    "metadata_ort_config": metadata_ort_config,
 }
 
 

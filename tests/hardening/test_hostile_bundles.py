@@ -596,7 +596,7 @@ _PASSWD = "../../../../../../../../etc/passwd"
 # (bundle.format).
 _FORM = {"constant_value_given_twice": "model", "unknown_field_with_tensor": "model",
          "duplicate_location_key": "bundle.format", "external_without_location": "bundle.format",
-         "prepacked_key": "bundle.format"}
+         "prepacked_key": "bundle.format", "metadata_ort_config": "bundle.format"}
 for _name, _build in [*((n, h.build) for n, h in HOSTILE.items()), *MALFORMED.items()]:
     CASES[f"extdata_proto_{_name}"] = Case(
         lambda k, b=_build: k.signed({**k.payload(), MODEL: b(_PASSWD)}), _FORM.get(_name, "bundle.unsafe"),
