@@ -30,6 +30,7 @@ from .installer import Installer, InstallError
 from .journal import Journal, JournalEntry
 from .registry import Registry
 from .spool import Spool
+from .storage import StorageFullError
 
 if TYPE_CHECKING:
     from edgefleet.sdk.keys import TrustedKeys
@@ -103,23 +104,40 @@ class Dispatcher:
             if self.journal.receive(cmd_id, "invalid", payload, props):
                 self._reply(cmd_id, props, None, CommandFailed(exc.code, "parse", str(exc)))
             return
-        refusal = self._authenticate(cmd)
-        with self.spool.db.tx() as c:
-            if not self.journal.receive(cmd["id"], cmd["kind"], payload, props, c):
-                log.info("duplicate command ignored", extra={"id": cmd["id"], "kind": cmd["kind"]})
+        first: EdgefleetError | None = self._authenticate(cmd) or self.journal.check_room()
+        for attempt in (0, 1):  # a full disk fails the first attempt and releases the ballast (agent/storage.py)
+            refusal = first
+            try:
+                with self.spool.db.tx(hold=False) as c:
+                    if not self.journal.receive(cmd["id"], cmd["kind"], payload, props, c):
+                        log.info("duplicate command ignored", extra={"id": cmd["id"], "kind": cmd["kind"]})
+                        return
+                    if refusal is None and "counter" in cmd:
+                        # Checked and stored with the journal entry, in one transaction: a counter is accepted once,
+                        # and a restart never forgets it (a captured older command stays refused).
+                        last = self.journal.last_counter(c)
+                        if cmd["counter"] <= last:
+                            refusal = CommandReplayError(f"command {cmd['id']!r}: counter {cmd['counter']} is not "
+                                                         f"above the last accepted {last}: a replayed or reordered "
+                                                         "command")
+                        else:
+                            self.journal.accept_counter(cmd["counter"], c)
+                    if refusal is not None:
+                        # Answered, never executed: the reply and the "done" mark commit with the journal entry.
+                        self._store_reply(c, cmd["id"], props, None, CommandFailed(refusal.code, "receive",
+                                                                                   str(refusal)))
+                break
+            except StorageFullError as exc:
+                if attempt == 0:
+                    continue
+                # Not even the journal entry fits on the disk: answer at once (the outbox holds the reply in memory
+                # if it must); a redelivery of this id is answered again.
+                why = refusal or exc
+                self.spool.add("reply", self.reply_topic, protocol.encode(protocol.reply(
+                    cmd["id"], self.device, False, code=why.code, message=str(why), step="receive")),
+                    {"correlation": props["correlation"]} if props.get("correlation") else {}, ref=cmd["id"])
+                self.wake_sender()
                 return
-            if refusal is None and "counter" in cmd:
-                # Checked and stored with the journal entry, in one transaction: a counter is accepted once,
-                # and a restart never forgets it (a captured older command stays refused).
-                last = self.journal.last_counter(c)
-                if cmd["counter"] <= last:
-                    refusal = CommandReplayError(f"command {cmd['id']!r}: counter {cmd['counter']} is not above "
-                                                 f"the last accepted {last}: a replayed or reordered command")
-                else:
-                    self.journal.accept_counter(cmd["counter"], c)
-            if refusal is not None:
-                # Answered, never executed: the reply and the "done" mark commit with the journal entry.
-                self._store_reply(c, cmd["id"], props, None, CommandFailed(refusal.code, "receive", str(refusal)))
         if refusal is not None:
             log.warning("command refused", extra={"id": cmd["id"], "kind": cmd["kind"], "code": refusal.code,
                                                   "error": str(refusal)})
@@ -180,7 +198,11 @@ class Dispatcher:
         if self.journal.state(entry.id) != "pending":
             return  # already answered (defence in depth: each id is queued once)
         t0 = time.perf_counter()
-        attempts = self.journal.start(entry.id)
+        try:
+            attempts = self.journal.start(entry.id)
+        except StorageFullError as exc:  # not even the attempt count fits: answer instead of running it
+            self._reply(entry.id, entry.props, None, CommandFailed(exc.code, entry.kind, str(exc)))
+            return
         failpoint("journal:started")
         try:
             if attempts > MAX_ATTEMPTS:
@@ -270,8 +292,13 @@ class Dispatcher:
                error: EdgefleetError | None) -> None:
         # The reply and the "done" mark commit together: after a crash a command is either still pending (and runs
         # again) or answered, never answered twice and never silently dropped.
-        with self.spool.db.tx() as c:
-            self._store_reply(c, cmd_id, props, result, error)
+        # Tried twice: a full disk releases the ballast on the first failure (agent/storage.py). If the second fails
+        # too, the outbox holds the reply in memory and sends it; the command stays pending in the journal.
+        try:
+            self.spool.db.write(lambda c: self._store_reply(c, cmd_id, props, result, error))
+        except StorageFullError as exc:
+            log.error("disk full: reply sent from memory, command left pending", extra={"id": cmd_id,
+                                                                                      "error": str(exc)})
         failpoint("journal:replied")
         self.wake_sender()
 

@@ -99,6 +99,13 @@ class AgentConfig:
     download_timeout_s: float = 30.0
     download_max_s: float = 3600.0
     download_ca_file: str = ""
+    reserve_bytes: int = 64 << 20
+    ballast_bytes: int = 8 << 20
+    max_events: int = 1000
+    max_replies: int = 1000
+    max_held: int = 1000
+    journal_max_entries: int = 10_000
+    journal_max_pending: int = 100
     log_level: str = "info"
     source: str = ""
 
@@ -114,6 +121,8 @@ _SECTIONS: dict[str, set[str]] = {
             "request_timeout_s", "terminate_grace_s", "header_timeout_s", "body_timeout_s", "idle_timeout_s",
             "admin_token_file"},
     "install": {"max_bundle_bytes", "download_timeout_s", "download_max_s", "ca_file"},
+    "storage": {"reserve_bytes", "ballast_bytes", "max_events", "max_replies", "max_held", "journal_max_entries",
+                "journal_max_pending"},
     "commands": {"require_signed"},
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -249,7 +258,8 @@ def _resolve(value: str, base: Path) -> Path:
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>", base: Path | None = None) -> AgentConfig:
-    """Validate a parsed TOML mapping (sections agent, mqtt, telemetry, api, install) into an AgentConfig."""
+    """Validate a parsed TOML mapping (sections agent, mqtt, telemetry, api, install, storage, commands) into an
+    AgentConfig."""
     try:
         return _parse_config(data, source, base)
     except ConfigError:
@@ -335,6 +345,15 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         download_timeout_s=r.num("install.download_timeout_s", 30.0, 0.1, 3600),
         download_max_s=r.num("install.download_max_s", 3600.0, 1.0, 7 * 24 * 3600),
         download_ca_file=_existing(r, "install.ca_file", base),
+        reserve_bytes=r.num("storage.reserve_bytes", AgentConfig.reserve_bytes, 0, 1 << 44, integer=True),
+        ballast_bytes=r.num("storage.ballast_bytes", AgentConfig.ballast_bytes, 0, 1 << 34, integer=True),
+        max_events=r.num("storage.max_events", AgentConfig.max_events, 10, 10_000_000, integer=True),
+        max_replies=r.num("storage.max_replies", AgentConfig.max_replies, 10, 10_000_000, integer=True),
+        max_held=r.num("storage.max_held", AgentConfig.max_held, 10, 1_000_000, integer=True),
+        journal_max_entries=r.num("storage.journal_max_entries", AgentConfig.journal_max_entries, 100, 10_000_000,
+                                  integer=True),
+        journal_max_pending=r.num("storage.journal_max_pending", AgentConfig.journal_max_pending, 1, 100_000,
+                                  integer=True),
         log_level=level,
         source=source,
     )

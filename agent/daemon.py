@@ -63,10 +63,11 @@ class Agent:
         self.cfg = cfg
         self.boot = uuid.uuid4().hex
         self.started = time.time()
-        self.store = Store(cfg.data_dir)
-        self.db = Database(self.store.state / "agent.db")
-        self.journal = Journal(self.db)
-        self.spool = Spool(self.db, cfg.spool_max_records, cfg.receipts)
+        self.store = Store(cfg.data_dir, reserve_bytes=cfg.reserve_bytes, ballast_bytes=cfg.ballast_bytes)
+        self.db = Database(self.store.state / "agent.db", storage=self.store.storage)
+        self.journal = Journal(self.db, cfg.journal_max_entries, cfg.journal_max_pending)
+        self.spool = Spool(self.db, cfg.spool_max_records, cfg.receipts, max_events=cfg.max_events,
+                           max_replies=cfg.max_replies, max_held=cfg.max_held)
         self.registry = Registry()
         self.trusted = TrustedKeys.from_paths(cfg.trusted_keys)
         if not len(self.trusted):
@@ -98,10 +99,9 @@ class Agent:
         self.sender = Sender(self.spool, self.link.publish, resend_after_s=cfg.resend_after_s)
         self.reporter = Reporter(cfg.device, self.boot, self.link.topic("telemetry"), self.registry, self.spool,
                                  interval_s=self._initial_interval(), wake_sender=self.sender.wake,
-                                 status=lambda: {"spool": self.spool.count("telemetry"),
-                                                 "dropped_total": self.spool.dropped_total,
-                                                 "unconfirmed": self.spool.unconfirmed(),
-                                                 "resent_total": self.sender.resent})
+                                 status=lambda: {**self.spool.status(), "resent_total": self.sender.resent,
+                                                 "journal": self.journal.status(),
+                                                 "storage": self.store.storage.status()})
         self.dispatcher = Dispatcher(cfg.device, self.journal, self.spool, self.installer, self.registry,
                                      reply_topic=self.link.topic("reply"), wake_sender=self.sender.wake,
                                      describe=self.describe, configure=self.configure, event=self.event,
@@ -178,6 +178,7 @@ class Agent:
             if cmd["kind"] == "deploy":
                 keep.add(cmd["args"]["sha256"])
         self.store.recover(keep_downloads=keep)
+        self.store.storage.refill()  # the ballast a full disk will free for the agent's own writes
         for name, digest, error in self.installer.load_all():
             self.event("load", f"bundle {digest[:12]} of {name} does not open: {error}", level="error",
                        data={"name": name, "digest": digest})
@@ -196,7 +197,10 @@ class Agent:
         # Lets tools and tests find a port picked at random (api.listen = "127.0.0.1:0") and the running pid.
         info = {"pid": os.getpid(), "boot": self.boot, "device": self.cfg.device,
                 "api": f"{self.api.host}:{self.api.port}" if self.api else None}
-        atomic_write_text(self.store.state / "runtime.json", json.dumps(info) + "\n")
+        try:
+            atomic_write_text(self.store.state / "runtime.json", json.dumps(info) + "\n")
+        except OSError as exc:  # a full disk must not keep the agent from serving: the file is only advisory
+            log.error("cannot write runtime.json", extra={"error": str(exc)})
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to shut down (signal handlers call this)."""

@@ -1,11 +1,14 @@
 """Install a bundle so the device is never left without a working model.
 
-Steps, in order, each named in the reply when it fails: ``download`` (resume, size cap, sha256) → ``verify``
+Steps, in order, each named in the reply when it fails: ``download`` (free space for the archive and its unpacked
+files with the reserve left over, resume, size cap, free-space floor, sha256) → ``verify``
 (signature and manifest) → ``compatibility`` (target, ONNX Runtime version, providers offered) → ``extract``
 (every hash again, into ``store/<digest>`` via a staging rename) → ``session`` (on the device's provider, building
 the OpenVINO / TensorRT cache into the data dir now, not at the first request) → ``selftest`` (the bundle's
 validation set within its tolerances) → ``activate`` (one atomic pointer write, then the in-memory swap). Until
-``activate`` nothing that serves has changed; a failure or a kill before it leaves the old bundle serving.
+``activate`` nothing that serves has changed; a failure or a kill before it leaves the old bundle serving. A full
+disk at any step fails that step with ``storage.full`` and removes what the install had written (partial download,
+staging, the unreferenced bundle directory): the device is left as it was, serving.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from edgefleet.sdk.errors import (
 from .download import fetch
 from .failpoints import failpoint
 from .registry import Registry
+from .storage import StorageFullError, is_disk_full
 from .store import Store
 
 if TYPE_CHECKING:
@@ -126,10 +130,15 @@ class Installer:
             raise InstallError("download", TransportError(
                 f"bundle is {size} bytes, over install.max_bundle_bytes ({self.max_bundle_bytes})"))
         part = self.store.download_path(sha256)
+        try:
+            self.store.prepare_download(sha256, size)
+        except StorageFullError as exc:
+            raise InstallError("download", exc) from exc
         say("downloading")
         try:
-            fetch(url, part, size, sha256, timeout_s=self.timeout_s, ca_file=self.ca_file, max_s=self.download_max_s)
-        except TransportError as exc:
+            fetch(url, part, size, sha256, timeout_s=self.timeout_s, ca_file=self.ca_file, max_s=self.download_max_s,
+                  storage=self.store.storage)
+        except (TransportError, StorageFullError) as exc:
             raise InstallError("download", exc) from exc
         lap("download")
         _failpoint("after-download")
@@ -170,12 +179,20 @@ class Installer:
             _failpoint("before-extract")
             try:
                 if not reused:
+                    # The signed manifest gives the exact unpacked size: it must fit with the reserve left free.
+                    unpacked = sum(f.size for f in m.files.values()) + len(vm.raw) + (64 << 10)
+                    self.store.storage.require(unpacked, f"unpacking {m.name} {m.version}")
                     # extract_bundle checks every size and hash again while it writes, into a staging dir it renames
                     extract_bundle(part, self.trusted, dest)
-            except BundleError as exc:
+            except StorageFullError as exc:
                 raise InstallError("extract", exc) from exc
-            except OSError as exc:
-                raise InstallError("extract", BundleError(f"cannot write {dest}: {exc.strerror or exc}")) from exc
+            except (BundleError, OSError) as exc:
+                if is_disk_full(exc):
+                    raise InstallError("extract", StorageFullError(
+                        f"disk full while unpacking {m.name} {m.version} into {dest}: {exc}")) from exc
+                if isinstance(exc, OSError):
+                    exc = BundleError(f"cannot write {dest}: {exc.strerror or exc}")
+                raise InstallError("extract", exc) from exc
             lap("extract")
             _failpoint("after-extract")
         finally:
@@ -210,7 +227,9 @@ class Installer:
         try:
             pointer = self.store.activate(m.name, vm.digest)
         except OSError as exc:
-            raise InstallError("activate", exc) from exc
+            # The pointer file is replaced atomically: on failure it still names the old bundle, which serves.
+            self.store.collect()
+            raise InstallError("activate", _storage_error(exc, f"switching {m.name} to {m.version}")) from exc
         _failpoint("after-activate")
         self.registry.put(m.name, model)
         lap("activate")
@@ -289,7 +308,10 @@ class Installer:
         if not report.ok:
             raise InstallError("selftest", SelfTestError("; ".join(report.to_dict()["failures"])))
         _failpoint("rollback:after-selftest")
-        new = self.store.rollback(name)
+        try:
+            new = self.store.rollback(name)
+        except OSError as exc:
+            raise InstallError("rollback", _storage_error(exc, f"switching {name} back")) from exc
         _failpoint("rollback:after-pointer")
         self.registry.put(name, model)
         return InstallResult(name, model.version, new.active, new.previous, list(model.placement.serving),
@@ -301,9 +323,18 @@ class Installer:
             ptr = self.store.remove(name)
         except KeyError:
             raise InstallError("remove", NotInstalledError(f"no model named {name!r} is installed")) from None
+        except OSError as exc:
+            raise InstallError("remove", _storage_error(exc, f"removing {name}")) from exc
         self.registry.pop(name)
         self.store.collect()
         return ptr.active
+
+
+def _storage_error(exc: OSError, what: str) -> Exception:
+    """A full disk as StorageFullError (code storage.full), any other OS error as it is."""
+    if is_disk_full(exc):
+        return StorageFullError(f"disk full while {what}: {exc.strerror or exc}")
+    return exc
 
 
 def bundle_file(path: Path) -> tuple[str, int]:

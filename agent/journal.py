@@ -4,6 +4,12 @@ A command is journaled inside paho's ``on_message`` callback and acknowledged (m
 the broker forgets a command the agent has it on disk. A command whose id is already journaled is never executed again
 (idempotent by id, also across restarts). A command that was pending when the agent died is executed again after
 restart; its reply goes through the outbox, so exactly one reply per id reaches the broker.
+
+Bounded (issue 18: 1,000 refused commands left 1,000 whole journal entries): a finished command keeps only its id
+and kind (payload and MQTT properties are dropped when it is answered), at most ``max_entries`` finished ids are
+remembered (older ones are forgotten, counted in ``journal.forgotten``), and at most ``max_pending`` commands wait to
+run — beyond that :meth:`Journal.check_room` refuses the newcomer with ``journal.full`` (the dispatcher answers it at
+``receive``, counted in ``journal.refused``), so a flood can neither fill the disk nor queue work without end.
 """
 
 from __future__ import annotations
@@ -13,9 +19,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from edgefleet.sdk.errors import EdgefleetError
+
 from .db import Database
 
-__all__ = ["Journal", "JournalEntry"]
+__all__ = ["Journal", "JournalEntry", "JournalFullError"]
+
+
+class JournalFullError(EdgefleetError):
+    """Too many commands wait to run (``storage.journal_max_pending``): this one is refused, not queued."""
+
+    code = "journal.full"
 
 
 @dataclass(frozen=True)
@@ -30,11 +44,30 @@ class JournalEntry:
 
 
 class Journal:
-    """Commands by id with state pending/done; old done entries are pruned beyond ``keep``."""
+    """Commands by id with state pending/done; old done entries are pruned beyond ``keep``, pending ones are capped
+    at ``max_pending``."""
 
-    def __init__(self, db: Database, keep: int = 10_000) -> None:
+    def __init__(self, db: Database, keep: int = 10_000, max_pending: int = 100) -> None:
+        if keep < 1 or max_pending < 1:
+            raise ValueError(f"keep and max_pending must be >= 1, got {keep}, {max_pending}")
         self.db = db
         self.keep = keep
+        self.max_pending = max_pending
+
+    def check_room(self) -> JournalFullError | None:
+        """A refusal when ``max_pending`` commands already wait to run, else None (counted when refused)."""
+        with self.db.lock:
+            (n,) = self.db.conn.execute("SELECT COUNT(*) FROM commands WHERE state='pending'").fetchone()
+        if n < self.max_pending:
+            return None
+        try:
+            self.db.write(lambda c: c.execute(
+                "INSERT INTO meta(key, value) VALUES('journal.refused', 1) ON CONFLICT(key) DO UPDATE SET "
+                "value=CAST(value AS INTEGER) + 1"))
+        except EdgefleetError:
+            pass  # the refusal itself still goes out; only its count is lost
+        return JournalFullError(f"{n} commands already wait to run (storage.journal_max_pending = "
+                                f"{self.max_pending}); refused, send it again later")
 
     def receive(self, cmd_id: str, kind: str, payload: bytes, props: dict[str, Any], c: Any = None) -> bool:
         """Journal a command; False when this id was seen before (do not execute it again).
@@ -48,8 +81,7 @@ class Journal:
             return bool(cur.rowcount == 1)
         if c is not None:
             return run(c)
-        with self.db.tx() as conn:
-            return run(conn)
+        return self.db.write(run)
 
     def last_counter(self, c: Any) -> int:
         """The highest command counter this device accepted (0: none yet), inside the caller's transaction."""
@@ -62,22 +94,27 @@ class Journal:
                   "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(counter),))
 
     def finish(self, cmd_id: str, c: Any = None) -> None:
-        """Mark a command done (inside the caller's transaction when given, with the reply stored)."""
+        """Mark a command done (inside the caller's transaction when given, with the reply stored); only its id and
+        kind stay (the id is what makes a redelivery a duplicate), and beyond ``keep`` the oldest are forgotten."""
         def run(conn: Any) -> None:
-            conn.execute("UPDATE commands SET state='done', finished=? WHERE id=?", (time.time(), cmd_id))
-            conn.execute("DELETE FROM commands WHERE state='done' AND id NOT IN "
-                         "(SELECT id FROM commands ORDER BY received DESC LIMIT ?)", (self.keep,))
+            conn.execute("UPDATE commands SET state='done', finished=?, payload=x'', props='{}' WHERE id=?",
+                         (time.time(), cmd_id))
+            gone = conn.execute("DELETE FROM commands WHERE state='done' AND id NOT IN "
+                                "(SELECT id FROM commands ORDER BY received DESC LIMIT ?)", (self.keep,)).rowcount
+            if gone:
+                conn.execute("INSERT INTO meta(key, value) VALUES('journal.forgotten', ?) ON CONFLICT(key) DO UPDATE "
+                             "SET value=CAST(value AS INTEGER) + excluded.value", (gone,))
         if c is not None:
             run(c)
         else:
-            with self.db.tx() as conn:
-                run(conn)
+            self.db.write(run)
 
     def start(self, cmd_id: str) -> int:
         """Count one more execution attempt (durably, before executing); returns the count including this one."""
-        with self.db.tx() as c:
+        def run(c: Any) -> Any:
             c.execute("UPDATE commands SET attempts = attempts + 1 WHERE id=?", (cmd_id,))
-            row = c.execute("SELECT attempts FROM commands WHERE id=?", (cmd_id,)).fetchone()
+            return c.execute("SELECT attempts FROM commands WHERE id=?", (cmd_id,)).fetchone()
+        row = self.db.write(run)
         return int(row[0]) if row else 0
 
     def pending(self) -> list[JournalEntry]:
@@ -92,3 +129,13 @@ class Journal:
         with self.db.lock:
             row = self.db.conn.execute("SELECT state FROM commands WHERE id=?", (cmd_id,)).fetchone()
         return row[0] if row else None
+
+    def status(self) -> dict[str, int]:
+        """For telemetry: entries kept, pending, finished ids forgotten and commands refused as over the cap."""
+        with self.db.lock:
+            (n,) = self.db.conn.execute("SELECT COUNT(*) FROM commands").fetchone()
+            (p,) = self.db.conn.execute("SELECT COUNT(*) FROM commands WHERE state='pending'").fetchone()
+            meta = dict(self.db.conn.execute(
+                "SELECT key, value FROM meta WHERE key IN ('journal.forgotten', 'journal.refused')").fetchall())
+        return {"entries": int(n), "pending": int(p), "forgotten_total": int(meta.get("journal.forgotten", 0)),
+                "refused_total": int(meta.get("journal.refused", 0))}

@@ -5,8 +5,10 @@ Layout under the data dir::
     store/<digest>/            an extracted, verified bundle (digest = sha256 of its signed manifest)
     store/.staging-*           extraction in progress (extract_bundle renames it to store/<digest> when complete)
     cache/<digest>/            provider caches (OpenVINO blobs, TensorRT engines) built at install time
-    downloads/<sha256>.part    a download in progress, kept for HTTP Range resume
+    downloads/<sha256>.part    a download in progress, kept for HTTP Range resume (at most one: a new download
+                               removes any other)
     state/pointers.json        {"models": {name: {"active": digest, "previous": digest | null}}}
+    state/ballast              space the agent frees for its own writes when the disk fills (agent/storage.py)
 
 The pointer file is the only thing that decides what serves. It is replaced with write-temp + fsync + rename +
 fsync-dir, so after a crash at any instant it names either the old or the new bundle, never a mix. Anything in
@@ -30,6 +32,7 @@ from edgefleet.sdk._fs import fsync_dir
 from edgefleet.sdk.errors import ConfigError
 
 from .failpoints import failpoint
+from .storage import Storage, is_disk_full
 
 __all__ = ["Pointer", "Store"]
 
@@ -47,7 +50,8 @@ class Pointer:
 class Store:
     """Bundle directories by digest plus the atomic active/previous pointers."""
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], *, reserve_bytes: int = 64 << 20,
+                 ballast_bytes: int = 8 << 20) -> None:
         self.root = Path(data_dir)
         self.bundles = self.root / "store"
         self.caches = self.root / "cache"
@@ -61,6 +65,7 @@ class Store:
             except OSError as exc:
                 raise ConfigError(f"agent.data_dir: cannot create {d}: {exc.strerror or exc}") from exc
         self._lock_fd = self._lock_data_dir()
+        self.storage = Storage(self.root, reserve_bytes=reserve_bytes, ballast_bytes=ballast_bytes)
         self._pointers = self._read()
 
     def _lock_data_dir(self) -> int:
@@ -100,8 +105,16 @@ class Store:
 
     def _write(self, pointers: dict[str, Pointer], op: str = "activate") -> None:
         models = {n: {"active": p.active, "previous": p.previous} for n, p in sorted(pointers.items())}
-        data = {"v": 1, "models": models}
-        _atomic_write(self._pointer_file, (json.dumps(data, indent=1) + "\n").encode("utf-8"), op)
+        data = (json.dumps({"v": 1, "models": models}, indent=1) + "\n").encode("utf-8")
+        self.storage.ensure_headroom("pointer file")
+        try:
+            _atomic_write(self._pointer_file, data, op)
+        except OSError as exc:
+            # The old file is intact (atomic write): on a full disk free the ballast and try once more, else the
+            # caller fails and what served keeps serving.
+            if not (is_disk_full(exc) and self.storage.release_ballast(f"pointer file: {exc}")):
+                raise
+            _atomic_write(self._pointer_file, data, op)
         self._pointers = pointers
 
     def pointers(self) -> dict[str, Pointer]:
@@ -154,6 +167,21 @@ class Store:
     def download_path(self, sha256: str) -> Path:
         """Where a bundle file with this sha256 is downloaded to (kept across restarts for resume)."""
         return self.downloads / f"{sha256}.part"
+
+    def prepare_download(self, sha256: str, size: int) -> int:
+        """Make room for downloading a ``size``-byte bundle: remove every other partial download, then check that the
+        rest of the archive and its unpacked files (at most the archive's size: bundles are uncompressed tars) fit
+        with the reserve left free. Returns the bytes already downloaded (resumed); StorageFullError otherwise."""
+        keep = self.download_path(sha256)
+        for f in self.downloads.iterdir():
+            if f != keep:
+                f.unlink(missing_ok=True)
+        have = keep.stat().st_size if keep.exists() else 0
+        if have > size:
+            keep.unlink()
+            have = 0
+        self.storage.require(size - have + size, f"a {size}-byte bundle (download and unpack)")
+        return have
 
     def referenced(self) -> set[str]:
         """Digests the pointers name (active or previous)."""

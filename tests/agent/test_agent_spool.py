@@ -223,3 +223,95 @@ def test_mqtt_link_hands_over_only_valid_receipts_for_its_own_device(tmp_path: P
     assert got == [] and link._bad_receipts == 3
     link._receipt(Msg(protocol.encode(mine)))  # type: ignore[arg-type]
     assert [r["telemetry"] for r in got] == [{"b": [[1, 2]]}]
+
+
+def _reply(cmd_id: str, *, ok: bool = False, step: str = "receive") -> bytes:
+    if ok:
+        return protocol.encode(protocol.reply(cmd_id, "d", True, result={}))
+    return protocol.encode(protocol.reply(cmd_id, "d", False, code="command.signature", message="no", step=step))
+
+
+def _event(spool: Spool, kind: str) -> int:
+    return spool.add_event("t/events", lambda seq: protocol.encode(protocol.event("d", "b1", seq, kind, "m")),
+                           boot="b1")
+
+
+def test_spool_caps_replies_and_events_refusals_first_with_exact_drop_counts(tmp_path: Path) -> None:
+    """Issue 18: 1,000 refused commands while nobody takes the outbox. Replies and events are capped; refusals
+    (and deploy progress) go before anything else, so the reply to a real deploy stored before the flood survives;
+    every undelivered row dropped is counted, per kind, exactly, and the counts survive a reopen."""
+    spool = Spool(Database(tmp_path / "agent.db"), max_records=10, max_events=50, max_replies=40)
+    spool.add("reply", "t/reply", _reply("deploy-1", step="download"), ref="deploy-1")  # a real failure: kept
+    spool.add("reply", "t/reply", _reply("deploy-2", ok=True), ref="deploy-2")
+    _event(spool, "deploy")
+    for i in range(1000):
+        spool.add("reply", "t/reply", _reply(f"junk-{i}"), ref=f"junk-{i}")
+        _event(spool, "command.refused")
+    assert spool.count("reply") == 40 and spool.count("event") == 50
+    refs = {json.loads(r.payload)["id"] for r in spool.pending(1000) if r.kind == "reply"}
+    assert {"deploy-1", "deploy-2"} <= refs
+    assert {f"junk-{i}" for i in range(962, 1000)} <= refs  # the newest refusals, the oldest went first
+    kinds = [json.loads(r.payload)["kind"] for r in spool.pending(1000) if r.kind == "event"]
+    assert kinds.count("deploy") == 1
+    assert spool.dropped() == {"telemetry": 0, "event": 1001 - 50, "reply": 1002 - 40}
+    assert Spool(Database(tmp_path / "agent.db")).dropped() == spool.dropped()  # persisted
+    assert spool.status()["dropped_by_kind"] == spool.dropped()
+
+
+def test_spool_cap_never_drops_rows_in_flight_and_counts_delivered_drops_as_delivered(tmp_path: Path) -> None:
+    spool = Spool(Database(tmp_path / "agent.db"), max_replies=10, receipts="on")
+    for i in range(10):
+        spool.add("reply", "t/reply", _reply(f"a-{i}"), ref=f"a-{i}")
+    first = spool.pending(5)
+    spool.ack(*[r.id for r in first])  # delivered (the broker has them), awaiting a receipt
+    nxt = spool.pending(3)
+    spool.in_flight = lambda: [r.id for r in nxt]  # handed to paho, not yet acknowledged
+    for i in range(10):
+        spool.add("reply", "t/reply", _reply(f"b-{i}"), ref=f"b-{i}")
+    ids = {r.id for r in spool.pending(100)}
+    assert {r.id for r in nxt} <= ids  # paho retransmits these itself: never dropped
+    # 20 stored, cap 10 (+3 in flight kept beyond it): the 5 delivered went uncounted, 2 undelivered counted
+    assert spool.count("reply") == 13 and spool.dropped()["reply"] == 2
+
+
+def test_spool_holds_rows_in_memory_when_the_database_cannot_take_them(tmp_path: Path) -> None:
+    """The in-memory fallback, driven through the real database: a transaction failing as SQLite fails on a full
+    disk hands its outbox rows to the spool, which sends them first and stores them once there is room."""
+    import sqlite3
+
+    db = Database(tmp_path / "agent.db")
+    spool = Spool(db, max_held=3)
+    real = db.conn
+    failing = {"on": True}
+
+    class FullDisk:  # the connection, but COMMIT fails with SQLITE_FULL while "on"
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        def execute(self, sql: str, *a):
+            if failing["on"] and sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *a)
+
+    db.conn = FullDisk()  # type: ignore[assignment]
+    _tele(spool)
+    held_id = _event(spool, "deploy")
+    assert held_id < 0 and spool.held() == 2
+    spool.add("reply", "t/reply", _reply("r1", step="download"), ref="r1")
+    for _ in range(2):
+        _tele(spool)
+    assert spool.held() == 3 and spool.held_dropped["telemetry"] == 2  # the oldest held went, counted
+    pending = spool.pending(10)
+    assert [r.id < 0 for r in pending] == [True] * 3
+    tele_seqs = [json.loads(r.payload)["seq"] for r in pending if r.kind == "telemetry"]
+    failing["on"] = False
+    assert _tele(spool) > max(tele_seqs)  # a stored record never reuses a seq handed to a held one
+    assert spool.flush_held() == 3 and spool.held() == 0
+    assert spool.count() == 4 and all(r.id > 0 for r in spool.pending(10))
+    # exact accounting: the dropped fields of the records that remain add up to the records lost from memory
+    tele = [json.loads(r.payload) for r in spool.pending(10) if r.kind == "telemetry"]
+    assert sum(t["dropped"] for t in tele) == spool.held_dropped["telemetry"] == 2
+    assert len({t["seq"] for t in tele}) == len(tele)
+    _tele(spool)
+    assert json.loads(spool.pending(10)[-1].payload)["dropped"] == 0
+    assert spool.dropped()["telemetry"] == 2 and spool.dropped()["event"] == 0

@@ -255,3 +255,35 @@ def test_trickling_download_stops_at_the_deadline_and_resumes_later(tmp_path: Pa
     server.rate = None
     assert impatient.install(server.url("slow.efb"), sha, size).version == "1.0.0"
     assert server.requests[-1]["range"] == f"bytes={got}-"
+
+
+def test_downloads_hold_at_most_one_partial_and_failures_other_than_a_cut_delete_it(
+        installer: Installer, make_bundle, mlp_model, bundle_server) -> None:
+    a = make_bundle(mlp_model, version="1.0.0", filename="a.efb")
+    b = make_bundle(mlp_model, version="2.0.0", filename="b.efb")
+    sha_a, size_a = sha_size(a)
+    server = bundle_server(cut_after=size_a // 2)
+    with pytest.raises(InstallError):
+        installer.install(server.url("a.efb"), sha_a, size_a)
+    assert installer.store.download_path(sha_a).exists()  # a cut keeps the partial for resume
+    res = _install(installer, b)  # another bundle: its download removes a's partial first
+    assert res.version == "2.0.0" and not list(installer.store.downloads.iterdir())
+    _, size_b = sha_size(b)
+    with pytest.raises(InstallError) as err:  # a wrong hash: the partial goes
+        installer.install(server.url("b.efb"), "0" * 64, size_b)
+    assert err.value.step == "download" and not list(installer.store.downloads.iterdir())
+
+
+def test_free_space_check_counts_the_reserve_and_names_it(tmp_path: Path, trusted, make_bundle, mlp_model) -> None:
+    """The space check against the real filesystem: a reserve larger than the free space refuses every install at
+    the download step, before anything is written, and says which setting to change."""
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    inst = Installer(Store(tmp_path / "data", reserve_bytes=free + (1 << 30)), Registry(), trusted,
+                     targets=("x86-cpu",))
+    with pytest.raises(InstallError) as err:
+        _install(inst, make_bundle(mlp_model))
+    assert (err.value.step, err.value.code) == ("download", "storage.full")
+    assert "storage.reserve_bytes" in str(err.value)
+    assert not list(inst.store.downloads.iterdir()) and not _store_dirs(inst)

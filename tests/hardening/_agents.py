@@ -11,9 +11,19 @@ _AGENT_TESTS = str(Path(__file__).resolve().parents[1] / "agent")
 if _AGENT_TESTS not in sys.path:
     sys.path.insert(0, _AGENT_TESTS)
 
-from _agent_util import FLEET, AgentProc, Watcher, http_json, sha_size, wait_until, write_config  # noqa: E402
+from _agent_util import (  # noqa: E402
+    FLEET,
+    AgentProc,
+    BundleServer,
+    Watcher,
+    http_json,
+    sha_size,
+    wait_until,
+    write_config,
+)
 
-__all__ = ["FLEET", "AgentProc", "Watcher", "http_json", "make_agent", "serving_version", "sha_size", "wait_until"]
+__all__ = ["FLEET", "AgentProc", "BundleServer", "Watcher", "http_json", "make_agent", "serving_version", "sha_size",
+           "wait_until"]
 
 
 def make_agent(tmp: Path, broker_url: str, trusted_pub: Path, *, device: str | None = None, require_signed: bool = True,

@@ -41,3 +41,50 @@ def sdk_bundle_tools() -> Any:
         sys.modules["bundle_tools"] = module
         spec.loader.exec_module(module)
     return sys.modules["bundle_tools"]
+
+
+def mount_small_filesystem(path: Path, size_bytes: int) -> str | None:
+    """Mount a tmpfs of ``size_bytes`` at ``path`` (a real filesystem that fills up); None, or why it cannot."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(path)],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return None if r.returncode == 0 else (r.stderr.strip() or f"mount exited {r.returncode}")
+
+
+def unmount(path: Path) -> None:
+    """Unmount what :func:`mount_small_filesystem` mounted (lazily if still busy)."""
+    import subprocess
+
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(path: Path, leave: int = 0) -> int:
+    """Write zeros into the file ``path`` until its filesystem has at most ``leave`` bytes free (or is full);
+    returns the bytes written."""
+    import shutil
+
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for block in (1 << 20, 1 << 12):
+            chunk = bytes(block)
+            while shutil.disk_usage(path.parent).free - block >= leave:
+                try:
+                    written += os.write(fd, chunk)
+                except OSError:
+                    break
+        if leave == 0:
+            try:
+                while True:
+                    written += os.write(fd, b"\0" * 512)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return written
