@@ -481,6 +481,8 @@ class Sender:
         self._next_requeue = 0.0
         self._next_expire = 0.0
         self._next_flush = 0.0
+        self._next_full_log = 0.0
+        self._unacked: set[int] = set()  # acknowledged rows whose PUBACK the full disk could not record yet
         self.confirmed = 0
         self.resent = 0
         self._inflight: dict[int, _Info] = {}  # row id -> paho message info
@@ -518,7 +520,7 @@ class Sender:
 
     def _in_flight_ids(self) -> list[int]:
         with self._inflight_lock:
-            return list(self._inflight)
+            return [*self._inflight, *self._unacked]
 
     def inflight(self) -> int:
         """Messages handed to paho and not yet acknowledged."""
@@ -534,21 +536,33 @@ class Sender:
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
-            try:
-                self._reap()
-                self._apply_receipts()
-                if time.monotonic() >= self._next_flush:
-                    self._next_flush = time.monotonic() + 1.0
-                    if self.spool.held():
-                        # The disk had no room for these: store them now if it has (receipts then apply as usual).
-                        self.spool.flush_held()
-                    if self.spool.db.storage is not None:
-                        self.spool.db.storage.refill()  # the ballast, once the disk has room again
-                if self._connected:
-                    self._send_some()
-            except Exception:
-                log.exception("outbox sender error")
+            # Each step on its own: a database that cannot be written (full disk) must not stop the sending of rows
+            # held in memory.
+            failed = False
+            for step in (self._reap, self._apply_receipts, self._maintain, self._send_some):
+                try:
+                    step()
+                except StorageFullError as exc:
+                    failed = True
+                    now = time.monotonic()
+                    if now >= self._next_full_log:
+                        self._next_full_log = now + 60.0
+                        log.error("outbox: disk full", extra={"step": step.__name__, "error": str(exc)})
+                except Exception:
+                    failed = True
+                    log.exception("outbox sender error")
+            if failed:
                 time.sleep(0.5)
+
+    def _maintain(self) -> None:
+        if time.monotonic() < self._next_flush:
+            return
+        self._next_flush = time.monotonic() + 1.0
+        if self.spool.held():
+            # The disk had no room for these: store them now if it has (receipts then apply as usual).
+            self.spool.flush_held()
+        if self.spool.db.storage is not None:
+            self.spool.db.storage.refill()  # the ballast, once the disk has room again
 
     def _apply_receipts(self) -> None:
         got = False
@@ -577,14 +591,25 @@ class Sender:
         with self._inflight_lock:
             items = list(self._inflight.items())
         done = [rowid for rowid, info in items if acknowledged(info)]
-        if done:
-            self.spool.ack(*done)
+        todo = done + sorted(self._unacked)
+        if not todo:
+            return
+        try:
+            self.spool.ack(*todo)
+            self._unacked.clear()
+        except StorageFullError:
+            # PUBACKs the full disk cannot record yet: kept here (never sent again meanwhile), applied later.
+            self._unacked.update(r for r in done if r > 0)
+            raise
+        finally:
             with self._inflight_lock:
                 for rowid in done:
                     del self._inflight[rowid]
             self.acked += len(done)
 
     def _send_some(self) -> None:
+        if not self._connected:
+            return
         room = self.window - len(self._inflight)
         if room <= 0:
             return

@@ -221,6 +221,18 @@ def _deploy(w: Watcher, bundle: Path, server: BundleServer | None = None) -> dic
     return w.wait_reply(cid, timeout=60)
 
 
+def _fill_paused(agent: Any, path: Path) -> int:
+    """Fill the disk to the last byte while the agent is paused (SIGSTOP), so the agent meets a full disk at its next
+    write — not midway through the fill, which would then eat the ballast the agent just freed."""
+    import signal
+
+    os.kill(agent.proc.pid, signal.SIGSTOP)
+    try:
+        return fill_disk(path)
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+
+
 def _free_port() -> int:
     import socket
 
@@ -269,7 +281,7 @@ def test_agent_on_a_full_disk_reports_the_failure_keeps_serving_and_restarts(
         wait_until(lambda: ballast.exists(), 10, what="ballast allocated")
 
         # 1. something else fills the disk to the last byte: the ballast goes, the deploy is refused and answered
-        fig["filler_1_bytes"] = fill_disk(disk / "filler1")
+        fig["filler_1_bytes"] = _fill_paused(agent, disk / "filler1")
         t_full = time.time()
         reply = _deploy(w, v2)
         assert reply["status"] == "error" and (reply["error"]["code"], reply["error"]["step"]) == (
@@ -283,7 +295,7 @@ def test_agent_on_a_full_disk_reports_the_failure_keeps_serving_and_restarts(
                                "storage": w.payloads("telemetry")[-1]["system"]["storage"]}
 
         # 2. filled again, with no ballast left: rows the database cannot take are held in memory and still sent
-        fig["filler_2_bytes"] = fill_disk(disk / "filler2")
+        fig["filler_2_bytes"] = _fill_paused(agent, disk / "filler2")
         t_full2 = time.time()
         reply2 = _deploy(w, v2)
         assert (reply2["status"], reply2["error"]["code"]) == ("error", "storage.full"), reply2
