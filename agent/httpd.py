@@ -425,9 +425,9 @@ class HttpServer:
         Returns True if no request was still in progress.
         """
         self.stopping = True
+        wake = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         try:  # wake the blocking accept()
-            socket.create_connection((self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1", self.port),
-                                     timeout=0.5).close()
+            socket.create_connection((wake, self.port), timeout=0.5).close()
         except OSError:
             pass
         self._thread.join(5)
