@@ -24,6 +24,15 @@ from edgefleet.sdk.errors import (
     EdgefleetError,
     ProtocolError,
 )
+from edgefleet.sdk.protocol import (
+    BenchmarkArgs,
+    Command,
+    DeployArgs,
+    Description,
+    RemoveArgs,
+    Reply,
+    RollbackArgs,
+)
 
 from .failpoints import failpoint
 from .installer import Installer, InstallError
@@ -66,7 +75,7 @@ class Dispatcher:
     """Receives, journals, executes and answers commands."""
 
     def __init__(self, device: str, journal: Journal, spool: Spool, installer: Installer, registry: Registry, *,
-                 reply_topic: str, wake_sender: Callable[[], None], describe: Callable[[], dict[str, Any]],
+                 reply_topic: str, wake_sender: Callable[[], None], describe: Callable[[], Description],
                  configure: Callable[[Mapping[str, Any]], dict[str, Any]],
                  event: Callable[..., None], changed: Callable[[], None],
                  trusted: TrustedKeys | None = None, require_signed: bool = True) -> None:
@@ -95,7 +104,7 @@ class Dispatcher:
         payload = bytes(message.payload)
         props = _props_of(message)
         try:
-            cmd = protocol.parse_command(payload)
+            cmd = Command.from_json(payload)
         except ProtocolError as exc:
             cmd_id = _salvage_id(payload)
             if cmd_id is None:
@@ -104,27 +113,27 @@ class Dispatcher:
             if self.journal.receive(cmd_id, "invalid", payload, props):
                 self._reply(cmd_id, props, None, CommandFailed(exc.code, "parse", str(exc)))
             return
-        first: EdgefleetError | None = self._authenticate(cmd) or self.journal.check_room()
+        first: EdgefleetError | None = self._authenticate(cmd, payload) or self.journal.check_room()
         for attempt in (0, 1):  # a full disk fails the first attempt and releases the ballast (agent/storage.py)
             refusal = first
             try:
                 with self.spool.db.tx(hold=False) as c:
-                    if not self.journal.receive(cmd["id"], cmd["kind"], payload, props, c):
-                        log.info("duplicate command ignored", extra={"id": cmd["id"], "kind": cmd["kind"]})
+                    if not self.journal.receive(cmd.id, cmd.kind, payload, props, c):
+                        log.info("duplicate command ignored", extra={"id": cmd.id, "kind": cmd.kind})
                         return
-                    if refusal is None and "counter" in cmd:
+                    if refusal is None and cmd.counter is not None:
                         # Checked and stored with the journal entry, in one transaction: a counter is accepted once,
                         # and a restart never forgets it (a captured older command stays refused).
                         last = self.journal.last_counter(c)
-                        if cmd["counter"] <= last:
-                            refusal = CommandReplayError(f"command {cmd['id']!r}: counter {cmd['counter']} is not "
+                        if cmd.counter <= last:
+                            refusal = CommandReplayError(f"command {cmd.id!r}: counter {cmd.counter} is not "
                                                          f"above the last accepted {last}: a replayed or reordered "
                                                          "command")
                         else:
-                            self.journal.accept_counter(cmd["counter"], c)
+                            self.journal.accept_counter(cmd.counter, c)
                     if refusal is not None:
                         # Answered, never executed: the reply and the "done" mark commit with the journal entry.
-                        self._store_reply(c, cmd["id"], props, None, CommandFailed(refusal.code, "receive",
+                        self._store_reply(c, cmd.id, props, None, CommandFailed(refusal.code, "receive",
                                                                                    str(refusal)))
                 break
             except StorageFullError as exc:
@@ -133,28 +142,29 @@ class Dispatcher:
                 # Not even the journal entry fits on the disk: answer at once (the outbox holds the reply in memory
                 # if it must); a redelivery of this id is answered again.
                 why = refusal or exc
-                self.spool.add("reply", self.reply_topic, protocol.encode(protocol.reply(
-                    cmd["id"], self.device, False, code=why.code, message=str(why), step="receive")),
-                    {"correlation": props["correlation"]} if props.get("correlation") else {}, ref=cmd["id"])
+                self.spool.add("reply", self.reply_topic,
+                               Reply.failed(cmd.id, self.device, why.code, str(why), "receive").to_json(),
+                               {"correlation": props["correlation"]} if props.get("correlation") else {}, ref=cmd.id)
                 self.wake_sender()
                 return
         if refusal is not None:
-            log.warning("command refused", extra={"id": cmd["id"], "kind": cmd["kind"], "code": refusal.code,
+            log.warning("command refused", extra={"id": cmd.id, "kind": cmd.kind, "code": refusal.code,
                                                   "error": str(refusal)})
-            self.event("command.refused", f"{cmd['kind']} command refused: {refusal}", level="warning",
-                       data={"command": cmd["id"], "code": refusal.code})
+            self.event("command.refused", f"{cmd.kind} command refused: {refusal}", level="warning",
+                       data={"command": cmd.id, "code": refusal.code})
             self.wake_sender()
             return
         failpoint("journal:received")
-        self._queue.put(JournalEntry(cmd["id"], cmd["kind"], payload, props, "pending"))
+        self._queue.put(JournalEntry(cmd.id, cmd.kind, payload, props, "pending"))
 
-    def _authenticate(self, cmd: Mapping[str, Any]) -> CommandError | None:
+    def _authenticate(self, cmd: Command, payload: bytes) -> CommandError | None:
         """Signature (required unless relaxed for development) and expiry; None when the command may run."""
         try:
-            if "signature" in cmd or self.require_signed:
+            if cmd.signature is not None or self.require_signed:
                 if self.trusted is None or not len(self.trusted):
-                    raise CommandSignatureError(f"command {cmd['id']!r} is signed but no keys are trusted")
-                protocol.verify_command(cmd, self.trusted)
+                    raise CommandSignatureError(f"command {cmd.id!r} is signed but no keys are trusted")
+                # Over the bytes received: a field this agent's model does not know is covered all the same.
+                protocol.verify_command(cmd, self.trusted, payload=payload)
             else:
                 protocol.check_expiry(cmd)
         except CommandError as exc:
@@ -210,12 +220,12 @@ class Dispatcher:
                 # instead of crash-looping; the old bundle is still what serves.
                 raise CommandFailed("crashloop", entry.kind, f"the agent stopped {attempts - 1} times while running "
                                                              "this command; not trying again")
-            cmd = protocol.parse_command(entry.payload)
+            cmd = Command.from_json(entry.payload)
             try:
                 protocol.check_expiry(cmd)  # e.g. resumed after a restart long after it was received
             except CommandError as exc:
                 raise CommandFailed(exc.code, "receive", str(exc)) from None
-            result = self._run(cmd["kind"], cmd["args"], entry.id)
+            result = self._run(cmd, entry.id)
             error: EdgefleetError | None = None
         except InstallError as exc:
             result, error = None, CommandFailed(exc.code, exc.step, str(exc.cause))
@@ -240,14 +250,17 @@ class Dispatcher:
                 self.changed()
         self._reply(entry.id, entry.props, result, error)
 
-    def _run(self, kind: str, args: Mapping[str, Any], cmd_id: str) -> dict[str, Any]:
+    def _run(self, cmd: Command, cmd_id: str) -> dict[str, Any]:
+        kind = cmd.kind
         if kind == "deploy":
+            args = cmd.args_as(DeployArgs)
+
             def progress(state: str) -> None:
                 self.event("deploy.progress", f"deploy {state}", data={"command": cmd_id, "state": state})
 
-            return self.installer.install(args["url"], args["sha256"], int(args["size"]), progress).to_dict()
+            return self.installer.install(args.url, args.sha256, args.size, progress).to_dict()
         if kind == "rollback":
-            name = self._model_name(args, "rollback")
+            name = self._model_name(cmd.args_as(RollbackArgs).name, "rollback")
             # Which bundle this command rolls back to is fixed at its first attempt: resumed after a crash that
             # came after the pointer swap, it must not swap again (and serve the bundle it rolled back from).
             key = f"rollback.{cmd_id}"
@@ -259,26 +272,25 @@ class Dispatcher:
                     self.journal.db.set_meta(key, target)
             return self.installer.rollback(name, target=target).to_dict()
         if kind == "remove":
-            name = args["name"]
+            name = cmd.args_as(RemoveArgs).name
             return {"name": name, "removed": self.installer.remove(name)}
         if kind == "benchmark":
-            name = self._model_name(args, "benchmark")
+            bench = cmd.args_as(BenchmarkArgs)
+            name = self._model_name(bench.name, "benchmark")
             model = self.registry.get(name)
             if model is None:
                 raise CommandFailed("not_found", "benchmark", f"no model named {name!r} is serving")
-            runs = int(args.get("runs", 100))
-            res = model.benchmark(runs)
+            res = model.benchmark(bench.runs)
             return {"name": name, "version": model.version, "providers": list(model.placement.serving),
                     **res.to_dict()}
         if kind == "describe":
-            return self.describe()
+            return self.describe().to_dict()
         if kind == "configure":
-            return self.configure(args)
+            return self.configure(cmd.args)
         raise CommandFailed("protocol", "parse", f"unknown command kind {kind!r}")
 
-    def _model_name(self, args: Mapping[str, Any], step: str) -> str:
-        name = args.get("name")
-        if isinstance(name, str) and name:
+    def _model_name(self, name: str | None, step: str) -> str:
+        if name:
             return name
         names = [n for n, _ in self.registry.items()]
         if len(names) == 1:
@@ -305,11 +317,15 @@ class Dispatcher:
     def _store_reply(self, c: Any, cmd_id: str, props: Mapping[str, Any], result: Mapping[str, Any] | None,
                      error: EdgefleetError | None) -> None:
         if error is None:
-            msg = protocol.reply(cmd_id, self.device, True, result=result or {})
+            try:
+                msg = Reply.ok(cmd_id, self.device, result or {})
+            except ProtocolError as exc:
+                # The command ran, but its result cannot be carried (say a NaN): still exactly one reply.
+                msg = Reply.failed(cmd_id, self.device, exc.code, f"the result is not representable: {exc}",
+                                   "reply")
         else:
-            msg = protocol.reply(cmd_id, self.device, False, code=error.code, message=str(error),
-                                 step=getattr(error, "step", ""))
-        payload = protocol.encode(msg)
+            msg = Reply.failed(cmd_id, self.device, error.code, str(error), getattr(error, "step", ""))
+        payload = msg.to_json()
         out_props = {"correlation": props["correlation"]} if props.get("correlation") else {}
         self.spool.add("reply", self.reply_topic, payload, out_props, c, ref=cmd_id)
         rt = props.get("response_topic")

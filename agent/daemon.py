@@ -18,9 +18,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from edgefleet.sdk import protocol
 from edgefleet.sdk._fs import atomic_write_text
-from edgefleet.sdk.errors import ConfigError, EdgefleetError
+from edgefleet.sdk.errors import ConfigError, EdgefleetError, ProtocolError
+from edgefleet.sdk.protocol import Command, DeployArgs, Description, Event
 
 from .commands import CommandFailed, Dispatcher
 from .config import AgentConfig
@@ -113,7 +113,7 @@ class Agent:
 
     # -- pieces the others call ---------------------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Description:
         """The device description (birth message, describe command)."""
         api = f"{self.api.host}:{self.api.port}" if self.api else None
         return describe(self.host, self.profile, self.profile_reasons, self.registry, self.store, {
@@ -124,8 +124,20 @@ class Agent:
     def event(self, kind: str, message: str, *, level: str = "info", data: Mapping[str, Any] | None = None) -> None:
         """Store an event in the outbox (published on the events channel)."""
         topic = self.link.topic("events")
-        self.spool.add_event(topic, lambda seq: protocol.encode(
-            protocol.event(self.cfg.device, self.boot, seq, kind, message, level=level, data=data)), boot=self.boot)
+        lvl: Any = level
+
+        def make(seq: int) -> bytes:
+            ev = dict(device=self.cfg.device, boot=self.boot, seq=seq, kind=kind, level=lvl)
+            try:
+                return Event(**ev, message=message[:4096], data=dict(data or {})).to_json()
+            except ProtocolError as exc:
+                # Data the protocol cannot carry (say a NaN in a result) must not cost the event: send what can go.
+                log.warning("event data not sent", extra={"kind": kind, "error": str(exc)})
+                cmd = (data or {}).get("command")
+                keep = {"command": cmd} if isinstance(cmd, str) else {}
+                return Event(**ev, message=f"{message} (data not representable: {exc})"[:4096], data=keep).to_json()
+
+        self.spool.add_event(topic, make, boot=self.boot)
         self.sender.wake()
 
     def configure(self, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,11 +184,11 @@ class Agent:
         keep = set()
         for entry in self.journal.pending():
             try:
-                cmd = protocol.parse_command(entry.payload)
+                cmd = Command.from_json(entry.payload)
+                if cmd.kind == "deploy":
+                    keep.add(cmd.args_as(DeployArgs).sha256)
             except EdgefleetError:
                 continue
-            if cmd["kind"] == "deploy":
-                keep.add(cmd["args"]["sha256"])
         self.store.recover(keep_downloads=keep)
         self.store.storage.refill()  # the ballast a full disk will free for the agent's own writes
         for name, digest, error in self.installer.load_all():

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgefleet.sdk.protocol import Description
+
 if TYPE_CHECKING:
     from .registry import Registry
     from .store import Store
@@ -23,7 +25,7 @@ def kernel_boot_id() -> str:
 
 
 def describe(host: dict[str, Any], profile: str, profile_reasons: list[str], registry: Registry, store: Store,
-             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+             extra: dict[str, Any] | None = None) -> Description:
     """Profile, ONNX Runtime (version, flavour, providers), CPU, RAM, agent version and the bundles installed."""
     from edgefleet.sdk import __version__
 
@@ -37,7 +39,7 @@ def describe(host: dict[str, Any], profile: str, profile_reasons: list[str], reg
             "requested_providers": list(model.placement.requested), "fallback": model.placement.fallback,
             "previous": ptr.previous if ptr else None,
         })
-    return {
+    return Description.from_dict({
         "profile": profile,
         "profile_reasons": profile_reasons,
         "agent_version": __version__,
@@ -52,4 +54,4 @@ def describe(host: dict[str, Any], profile: str, profile_reasons: list[str], reg
         "models": models,
         "executable": sys.executable,
         **(extra or {}),
-    }
+    })

@@ -20,6 +20,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from edgefleet.sdk import protocol
 from edgefleet.sdk.errors import ConfigError, ProtocolError
+from edgefleet.sdk.protocol import Description, Receipt, Status
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -41,7 +42,7 @@ class MqttLink:
     """One MQTT connection for one device: status, command subscription, publishing."""
 
     def __init__(self, broker: BrokerConfig, fleet: str, device: str, boot: str, *,
-                 describe: Callable[[], dict[str, Any]], on_command: Callable[[paho.MQTTMessage], None],
+                 describe: Callable[[], Description], on_command: Callable[[paho.MQTTMessage], None],
                  on_connected: Callable[[bool], None] | None = None,
                  on_published: Callable[[], None] | None = None,
                  on_receipt: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -78,7 +79,7 @@ class MqttLink:
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 raise ConfigError(f"mqtt.ca_file/cert_file/key_file: cannot set up TLS: {exc}") from exc
         # The will goes in the CONNECT packet: set it before connecting (and it stays for every reconnect).
-        offline = protocol.encode(protocol.status(device, "offline", boot=boot, reason="connection lost"))
+        offline = Status(device=device, state="offline", boot=boot, reason="connection lost").to_json()
         c.will_set(self.topic("status"), offline, qos=1, retain=True)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = broker.session_expiry_s
@@ -99,7 +100,7 @@ class MqttLink:
         """Publish a retained offline status, disconnect cleanly (no will) and stop the network thread."""
         self._closing = True
         if self.connected.is_set():
-            payload = protocol.encode(protocol.status(self.device, "offline", boot=self.boot, reason=reason))
+            payload = Status(device=self.device, state="offline", boot=self.boot, reason=reason).to_json()
             info = self.client.publish(self.topic("status"), payload, qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout)
@@ -162,8 +163,7 @@ class MqttLink:
         if self.on_receipt is not None:
             subs.append((self.topic("receipt"), 1))
         client.subscribe(subs)
-        birth = protocol.status(self.device, "online", boot=self.boot, description=self.describe())
-        client.publish(self.topic("status"), protocol.encode(birth), qos=1, retain=True)
+        client.publish(self.topic("status"), self._birth(), qos=1, retain=True)
         self.connected.set()
         log.info("connected", extra={"broker": self.broker.url, "session_present": bool(flags.session_present)})
         self.on_connected(True)
@@ -189,16 +189,16 @@ class MqttLink:
 
     def _receipt(self, message: paho.MQTTMessage) -> None:
         try:
-            parsed = protocol.parse_receipt(message.payload)
-            if parsed["device"] != self.device:
-                raise ProtocolError(f"receipt is for device {parsed['device']!r}, not {self.device!r}")
+            parsed = Receipt.from_json(message.payload)
+            if parsed.device != self.device:
+                raise ProtocolError(f"receipt is for device {parsed.device!r}, not {self.device!r}")
         except ProtocolError as exc:
             self._bad_receipts += 1
             if self._bad_receipts <= 3:  # a broken or hostile controller must not flood the log
                 log.warning("ignored a malformed receipt", extra={"error": str(exc)})
             return
         if self.on_receipt is not None:
-            self.on_receipt(parsed)
+            self.on_receipt(parsed.to_dict())
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if getattr(reason, "is_failure", False):
@@ -208,5 +208,7 @@ class MqttLink:
     def republish_status(self) -> None:
         """Publish the birth message again (the description changed: a model was installed or removed)."""
         if self.connected.is_set():
-            birth = protocol.status(self.device, "online", boot=self.boot, description=self.describe())
-            self.client.publish(self.topic("status"), protocol.encode(birth), qos=1, retain=True)
+            self.client.publish(self.topic("status"), self._birth(), qos=1, retain=True)
+
+    def _birth(self) -> bytes:
+        return Status(device=self.device, state="online", boot=self.boot, description=self.describe()).to_json()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.sdk import protocol
+from edgefleet.sdk.protocol import ColdStart, ModelTotals, ModelWindow, ProcessStats, SystemStats, Telemetry
 from edgefleet.sdk.sketch import LatencySnapshot
 
 from .registry import Registry
@@ -55,21 +55,21 @@ def read_temperature() -> float | None:
     return best
 
 
-def model_entry(model: Model, snap: LatencySnapshot) -> dict[str, Any]:
+def model_entry(model: Model, snap: LatencySnapshot) -> ModelWindow:
     """The telemetry entry of one model window."""
     pct = snap.percentiles()
-    return {
-        "name": model.name, "version": model.version, "digest": model.digest, "target": model.manifest.target,
-        "count": snap.count, "errors": snap.errors, "window_s": round(snap.seconds, 3),
-        "throughput": round(snap.throughput, 3),
-        "p50_ms": pct["p50"], "p95_ms": pct["p95"], "p99_ms": pct["p99"], "mean_ms": pct["mean"],
-        "sketch": snap.sketch.to_dict(),
-        "providers": list(model.placement.serving),
-        "fallback": model.placement.fallback,
-        "cold_start": {"session_ms": round(model.session_ms, 3),
-                       "first_run_ms": None if model.first_run_ms is None else round(model.first_run_ms, 3)},
-        "total": {"count": model.recorder.total_count, "errors": model.recorder.total_errors},
-    }
+    return ModelWindow(
+        name=model.name, version=model.version, digest=model.digest, target=model.manifest.target,
+        count=snap.count, errors=snap.errors, window_s=round(snap.seconds, 3),
+        throughput=round(snap.throughput, 3),
+        p50_ms=pct["p50"], p95_ms=pct["p95"], p99_ms=pct["p99"], mean_ms=pct["mean"],
+        sketch=snap.sketch.to_wire(),
+        providers=list(model.placement.serving),
+        fallback=model.placement.fallback,
+        cold_start=ColdStart(session_ms=round(model.session_ms, 3),
+                             first_run_ms=None if model.first_run_ms is None else round(model.first_run_ms, 3)),
+        total=ModelTotals(count=model.recorder.total_count, errors=model.recorder.total_errors),
+    )
 
 
 class Reporter:
@@ -148,8 +148,8 @@ class Reporter:
         models += [model_entry(m, m.recorder.take(now)) for _, m in self.registry.items()]
         with self._proc.oneshot():
             mem = self._proc.memory_info()
-            process = {"cpu_percent": self._proc.cpu_percent(None), "rss_bytes": mem.rss,
-                       "threads": self._proc.num_threads()}
+            process = ProcessStats(cpu_percent=self._proc.cpu_percent(None), rss_bytes=mem.rss,
+                                   threads=self._proc.num_threads())
         vm = psutil.virtual_memory()
         system: dict[str, Any] = {"mem_available_bytes": vm.available, "mem_total_bytes": vm.total,
                                   "temperature_c": read_temperature()}
@@ -160,10 +160,11 @@ class Reporter:
         system.update(self.status())
         interval = self._interval
 
+        stats = SystemStats(**system)
+
         def make(seq: int, dropped: int) -> bytes:
-            rec = protocol.telemetry(self.device, self.boot, seq, models, interval_s=interval, process=process,
-                                     system=system, dropped=dropped)
-            return protocol.encode(rec)
+            return Telemetry(device=self.device, boot=self.boot, seq=seq, models=models, interval_s=interval,
+                             process=process, system=stats, dropped=dropped).to_json()
 
         _, seq = self.spool.add_telemetry(self.topic, make, boot=self.boot)
         self.records += 1

@@ -217,11 +217,11 @@ class Controller:
              timeout: float = 120) -> tuple[float, float, dict[str, Any]]:
         cmd = self.protocol.command(kind, args)
         t0 = time.perf_counter()
-        self.c.publish(self.protocol.topic(self.fleet, device, "cmd"), self.protocol.encode(cmd), qos=1)
+        self.c.publish(self.protocol.topic(self.fleet, device, "cmd"), cmd.to_json(), qos=1)
         with self.cond:
-            if not self.cond.wait_for(lambda: cmd["id"] in self.replies, timeout):
+            if not self.cond.wait_for(lambda: cmd.id in self.replies, timeout):
                 raise RuntimeError(f"no reply to {kind} within {timeout} s")
-            t1, reply = self.replies[cmd["id"]]
+            t1, reply = self.replies[cmd.id]
         if reply["status"] != "ok":
             raise RuntimeError(f"{device} {kind}: {reply}")
         return t0, t1, reply

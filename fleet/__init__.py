@@ -1,9 +1,11 @@
 """edgefleet.fleet: the controller (ingest, store, deployments, dashboard, API) and the operator's tools.
 
-Modules, one idea each: ``store`` (the Store interface and SQLite), ``ingest`` (MQTT into the store), ``deploy``
-(selectors, bundle library, canary rollouts), ``http`` (dashboard, REST, SSE, /metrics, bundle downloads),
-``controller`` (one process wiring them), ``top`` (terminal view from MQTT), ``simulate`` (simulated devices),
-``cli``. Imports ``edgefleet.sdk`` only; names load lazily so ``import edgefleet.fleet`` stays cheap.
+Modules, one idea each: ``store`` (the Store interface in ``store.base``, one module per backend: ``store.sqlite``),
+``ingest`` (MQTT into the store), ``rollout`` (the deployment state machine: selectors, canary verdicts, the rollout
+driver, target state rules), ``bundles`` (the verified bundle library), ``http`` (dashboard, REST, SSE, /metrics,
+bundle downloads), ``controller`` (one process wiring them), ``top`` (terminal view from MQTT), ``simulate``
+(simulated devices), ``enroll`` (broker credentials), ``cli``. Imports ``edgefleet.sdk`` only; names load lazily so
+``import edgefleet.fleet`` stays cheap.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "BundleLibrary",
     "Controller",
     "ControllerConfig",
     "Deployer",
@@ -25,9 +28,9 @@ __all__ = [
 ]
 
 _WHERE = {
-    "Controller": "controller", "ControllerConfig": "controller", "Deployer": "deploy", "RolloutPolicy": "deploy",
-    "Selector": "deploy", "Ingestor": "ingest", "SQLiteStore": "store", "Store": "store", "open_store": "store",
-    "Simulator": "simulate",
+    "BundleLibrary": "bundles", "Controller": "controller", "ControllerConfig": "controller", "Deployer": "rollout",
+    "RolloutPolicy": "rollout", "Selector": "rollout", "Ingestor": "ingest", "SQLiteStore": "store", "Store": "store",
+    "open_store": "store", "Simulator": "simulate",
 }
 
 

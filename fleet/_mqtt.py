@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from edgefleet.sdk.errors import ConfigError, TransportError
-from edgefleet.sdk.protocol import encode, topic
+from edgefleet.sdk.protocol import Command, topic
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -75,12 +74,12 @@ def command_properties(fleet: str, device: str, cmd_id: str) -> Properties:
     return props
 
 
-def publish_command(client: mqtt.Client, fleet: str, device: str, cmd: dict[str, Any]) -> None:
+def publish_command(client: mqtt.Client, fleet: str, device: str, cmd: Command) -> None:
     """Publish one command (QoS 1, not retained); the device's persistent session queues it while it is offline."""
-    info = client.publish(topic(fleet, device, "cmd"), encode(cmd), qos=1, retain=False,
-                          properties=command_properties(fleet, device, cmd["id"]))
+    info = client.publish(topic(fleet, device, "cmd"), cmd.to_json(), qos=1, retain=False,
+                          properties=command_properties(fleet, device, cmd.id))
     if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
-        raise TransportError(f"publishing command {cmd['id']} to {device} failed: {mqtt.error_string(info.rc)}")
+        raise TransportError(f"publishing command {cmd.id} to {device} failed: {mqtt.error_string(info.rc)}")
 
 
 def wait_connected(event: threading.Event, url: str | BrokerURL, timeout_s: float) -> None:

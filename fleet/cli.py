@@ -12,10 +12,20 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import click
-from edgefleet.sdk.errors import EdgefleetError, InputError, TransportError
+from edgefleet.sdk.errors import EdgefleetError, InputError, ProtocolError, TransportError
+from edgefleet.sdk.protocol import (
+    ApiError,
+    BundleUploaded,
+    Deployment,
+    DeploymentList,
+    DeploymentRequest,
+    Model,
+    RollbackRequest,
+    RollbackSent,
+)
 
 __all__ = ["deploy", "deployments", "fleet", "rollback"]
 
@@ -23,6 +33,7 @@ _DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
 _controller_option = click.option("--controller", default=_DEFAULT_CONTROLLER, show_default=True,
                                   envvar="EDGEFLEET_CONTROLLER", help="Base URL of a running controller.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+M = TypeVar("M", bound=Model)
 
 
 def _fraction(value: str, what: str) -> float:
@@ -44,23 +55,29 @@ def _percent(value: str) -> float:
         raise click.BadParameter(f"canary must be a percentage like 10%, got {value!r}") from None
 
 
-def _request(base: str, method: str, path: str, body: bytes | BinaryIO | None = None,
-             content_type: str = "application/json", timeout_s: float = 120.0, length: int | None = None) -> Any:
+def _request(base: str, method: str, path: str, answer: type[M], body: bytes | BinaryIO | Model | None = None,
+             content_type: str = "application/json", timeout_s: float = 120.0, length: int | None = None) -> M:
+    """Call the controller's API; the answer is parsed as ``answer`` (the same class the controller built it with)."""
     headers = {"Content-Type": content_type} if body is not None else {}
     if length is not None:
         headers["Content-Length"] = str(length)  # a file body is streamed, not read into memory
-    req = urllib.request.Request(base.rstrip("/") + path, data=body, method=method, headers=headers)
+    data = body.to_json() if isinstance(body, Model) else body
+    req = urllib.request.Request(base.rstrip("/") + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read() or b"null")
+            raw = resp.read()
     except urllib.error.HTTPError as exc:
         try:
-            msg = json.loads(exc.read()).get("error", "")
-        except ValueError:
+            msg = ApiError.from_json(exc.read()).error
+        except ProtocolError:
             msg = ""
         raise InputError(f"controller refused ({exc.code}): {msg or exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise TransportError(f"cannot reach the controller at {base}: {getattr(exc, 'reason', exc)}") from exc
+    try:
+        return answer.from_json(raw)
+    except ProtocolError as exc:
+        raise TransportError(f"the controller at {base} answered {path} with {exc}") from exc
 
 
 # -- fleet group ----------------------------------------------------------------------------------------------------
@@ -94,9 +111,11 @@ def fleet() -> None:
 @click.option("--public-url", default="", help="Base URL agents download bundles from (default: http://HOST:PORT).")
 @click.option("--retention-days", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Delete telemetry, events and replies older than this (hourly); 0 keeps everything.")
+@click.option("--max-clock-skew", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Refuse statuses and telemetry whose timestamp is this many seconds ahead of this clock.")
 def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...], signing_key: Path | None,
           command_ttl: float, fleet_id: str, client_id: str, share_group: str, receipts: bool, public_url: str,
-          retention_days: float) -> None:
+          retention_days: float, max_clock_skew: float) -> None:
     """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads."""
     from .controller import Controller, ControllerConfig
 
@@ -106,7 +125,7 @@ def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[
     cfg = ControllerConfig(broker=broker, db=db, fleet=fleet_id, http_host=host, http_port=int(port),
                            bundles_dir=bundles_dir, trust=list(trust), client_id=client_id, share_group=share_group,
                            public_url=public_url, retention_days=retention_days, signing_key=signing_key,
-                           command_ttl_s=command_ttl, receipts=receipts)
+                           command_ttl_s=command_ttl, receipts=receipts, max_clock_skew_s=max_clock_skew)
     ctl = Controller(cfg)
     click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {db}", err=True)
     if not trust:
@@ -179,19 +198,18 @@ def simulate(broker: str, fleet_id: str, n: int, interval: float, profiles: str,
 
 # -- deployments ----------------------------------------------------------------------------------------------------
 
-def _print_deployment(dep: dict[str, Any]) -> None:
-    b = ", ".join(f"{x['name']} {x['version']} ({x['target']})" for x in dep["bundles"])
-    click.echo(f"deployment {dep['id']}: {dep['state']}  {b}")
-    click.echo(f"  to {','.join(dep['selector'])}  canary {dep['canary_pct']:g}%  "
-               f"max p95 regression {dep['max_p95_regression']:.0%}")
-    if dep.get("message"):
-        click.echo(f"  {dep['message']}")
-    prog = dep.get("progress") or {}
-    click.echo("  " + "  ".join(f"{k}: {v}" for k, v in sorted(prog.items())))
-    for t in dep.get("targets", []):
-        extra = f"  ({t['reason']})" if t.get("reason") else ""
-        ver = f"{t['previous_version'] or '-'} → {t['version']}" if t["version"] else "-"
-        click.echo(f"  {t['device']:<24} {t['profile']:<20} {t['phase']:<7} {t['state']:<12} {ver}{extra}")
+def _print_deployment(dep: Deployment) -> None:
+    b = ", ".join(f"{x.name} {x.version} ({x.target})" for x in dep.bundles)
+    click.echo(f"deployment {dep.id}: {dep.state}  {b}")
+    click.echo(f"  to {','.join(dep.selector)}  canary {dep.canary_pct:g}%  "
+               f"max p95 regression {dep.max_p95_regression:.0%}")
+    if dep.message:
+        click.echo(f"  {dep.message}")
+    click.echo("  " + "  ".join(f"{k}: {v}" for k, v in sorted(dep.progress.items())))
+    for t in dep.targets or []:
+        extra = f"  ({t.reason})" if t.reason else ""
+        ver = f"{t.previous_version or '-'} → {t.version}" if t.version else "-"
+        click.echo(f"  {t.device:<24} {t.profile:<20} {t.phase:<7} {t.state:<12} {ver}{extra}")
 
 
 @click.command("deploy")
@@ -218,30 +236,34 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_
     verifies every bundle with its trusted keys before anything is sent.
     """
     # Check every option before uploading anything.
-    body: dict[str, Any] = {"to": list(to), "canary": _percent(canary),
-                            "max_p95_regression": _fraction(max_p95_regression, "--max-p95-regression"),
-                            "max_error_increase": _fraction(max_error_increase, "--max-error-increase"),
-                            "observe_s": observe_s, "min_samples": min_samples}
+    fields: dict[str, Any] = {"to": list(to), "canary": _percent(canary),
+                              "max_p95_regression": _fraction(max_p95_regression, "--max-p95-regression"),
+                              "max_error_increase": _fraction(max_error_increase, "--max-error-increase"),
+                              "observe_s": observe_s, "min_samples": min_samples}
+    try:
+        DeploymentRequest.from_dict({**fields, "bundles": ["0" * 64]})
+    except ProtocolError as exc:
+        raise click.BadParameter(str(exc)) from None
     ids = []
     for b in bundles:
         with open(b, "rb") as fh:
-            up = _request(controller, "POST", "/api/bundles", fh, "application/octet-stream",
+            up = _request(controller, "POST", "/api/bundles", BundleUploaded, fh, "application/octet-stream",
                           length=b.stat().st_size)
-        ids.append(up["sha256"])
+        ids.append(up.sha256)
         if not as_json:
-            click.echo(f"uploaded {b.name}: {up['name']} {up['version']} for {up['target']} (signed by {up['key_id']})")
-    body["bundles"] = ids
-    dep = _request(controller, "POST", "/api/deployments", json.dumps(body).encode())
+            click.echo(f"uploaded {b.name}: {up.name} {up.version} for {up.target} (signed by {up.key_id})")
+    dep = _request(controller, "POST", "/api/deployments", Deployment,
+                   DeploymentRequest.from_dict({**fields, "bundles": ids}))
     if wait:
         deadline = time.monotonic() + wait_timeout
-        while dep["state"] in ("canary", "observing", "rolling-out"):
+        while dep.state in ("canary", "observing", "rolling-out"):
             if time.monotonic() > deadline:
-                raise TransportError(f"deployment {dep['id']} still {dep['state']} after {wait_timeout:g} s; "
-                                     f"follow it with: edgefleet deployments show {dep['id']}")
+                raise TransportError(f"deployment {dep.id} still {dep.state} after {wait_timeout:g} s; "
+                                     f"follow it with: edgefleet deployments show {dep.id}")
             time.sleep(1.0)
-            dep = _request(controller, "GET", f"/api/deployments/{dep['id']}")
+            dep = _request(controller, "GET", f"/api/deployments/{dep.id}", Deployment)
     if as_json:
-        click.echo(json.dumps(dep, indent=2))
+        click.echo(json.dumps(dep.to_dict(), indent=2))
     else:
         _print_deployment(dep)
 
@@ -256,16 +278,16 @@ def deployments() -> None:
 @_json_option
 def deployments_list(controller: str, as_json: bool) -> None:
     """Deployments, newest first, with per-state device counts."""
-    deps = _request(controller, "GET", "/api/deployments")["deployments"]
+    deps = _request(controller, "GET", "/api/deployments", DeploymentList).deployments
     if as_json:
-        click.echo(json.dumps(deps, indent=2))
+        click.echo(json.dumps([d.to_dict() for d in deps], indent=2))
         return
     if not deps:
         click.echo("no deployments")
     for d in deps:
-        b = ", ".join(f"{x['name']} {x['version']}" for x in d["bundles"])
-        prog = " ".join(f"{k}={v}" for k, v in sorted(d["progress"].items()))
-        click.echo(f"{d['id']}  {d['state']:<12} {b:<30} {prog}")
+        b = ", ".join(f"{x.name} {x.version}" for x in d.bundles)
+        prog = " ".join(f"{k}={v}" for k, v in sorted(d.progress.items()))
+        click.echo(f"{d.id}  {d.state:<12} {b:<30} {prog}")
 
 
 @deployments.command("show")
@@ -274,9 +296,9 @@ def deployments_list(controller: str, as_json: bool) -> None:
 @_json_option
 def deployments_show(dep_id: str, controller: str, as_json: bool) -> None:
     """One deployment: policy, canary decision and every device's state."""
-    dep = _request(controller, "GET", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}")
+    dep = _request(controller, "GET", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}", Deployment)
     if as_json:
-        click.echo(json.dumps(dep, indent=2))
+        click.echo(json.dumps(dep.to_dict(), indent=2))
     else:
         _print_deployment(dep)
 
@@ -287,9 +309,10 @@ def deployments_show(dep_id: str, controller: str, as_json: bool) -> None:
 @_controller_option
 def rollback(dep_id: str, devices: tuple[str, ...], controller: str) -> None:
     """Roll the devices of deployment DEP_ID back to the bundle they ran before."""
-    body = json.dumps({"devices": list(devices)} if devices else {}).encode()
-    res = _request(controller, "POST", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}/rollback", body)
-    sent = res["rollback_sent"]
+    body = RollbackRequest(devices=list(devices) if devices else None)
+    res = _request(controller, "POST", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}/rollback",
+                   RollbackSent, body)
+    sent = res.rollback_sent
     if not sent:
         raise EdgefleetError(f"no active device in deployment {dep_id} to roll back")
     click.echo(f"rollback sent to {len(sent)} device(s): {', '.join(sent)}")

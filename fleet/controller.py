@@ -11,17 +11,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from edgefleet.sdk.errors import ConfigError
 from edgefleet.sdk.keys import PrivateKey, TrustedKeys, load_private_key
-from edgefleet.sdk.protocol import check_id, sign_command
+from edgefleet.sdk.protocol import MAX_FUTURE_SKEW_S, Command, check_id, sign_command
 
 from ._mqtt import publish_command
-from .deploy import BundleLibrary, Deployer
+from .bundles import BundleLibrary
 from .http import make_app
 from .ingest import Ingestor
+from .rollout import Deployer
 from .store import Store, open_store
 
 __all__ = ["CommandSigner", "Controller", "ControllerConfig"]
@@ -51,7 +51,7 @@ class CommandSigner:
             self._last[device] = counter
             return counter
 
-    def sign(self, device: str, cmd: dict[str, Any]) -> dict[str, Any]:
+    def sign(self, device: str, cmd: Command) -> Command:
         """``cmd`` signed for ``device``."""
         return sign_command(cmd, self.key, counter=self.next_counter(device), ttl_s=self.ttl_s)
 
@@ -75,11 +75,14 @@ class ControllerConfig:
     rollout_lease_s: float = 30.0  # a rollout whose controller is silent this long is resumed by another one
     signing_key: Path | None = None  # Ed25519 fleet key that signs every command (agents require it by default)
     command_ttl_s: float = 86400.0  # a command not executed within this time is refused by the agent (expired)
+    max_clock_skew_s: float = MAX_FUTURE_SKEW_S  # statuses/telemetry further ahead of our clock are refused
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
         if not self.command_ttl_s > 0:
             raise ConfigError(f"command_ttl_s must be > 0, got {self.command_ttl_s}")
+        if not self.max_clock_skew_s > 0:
+            raise ConfigError(f"max_clock_skew_s must be > 0, got {self.max_clock_skew_s}")
         if not self.retention_days >= 0:
             raise ConfigError(f"retention_days must be >= 0, got {self.retention_days}")
         if not self.client_id:
@@ -101,7 +104,8 @@ class Controller:
         trusted = TrustedKeys.from_paths(config.trust) if config.trust else TrustedKeys()
         self.library = BundleLibrary(config.bundles_dir, trusted)
         self.ingest = Ingestor(self.store, broker=config.broker, fleet=config.fleet, client_id=config.client_id,
-                               share_group=config.share_group, receipts=config.receipts)
+                               share_group=config.share_group, receipts=config.receipts,
+                               max_future_skew_s=config.max_clock_skew_s)
         self.deployer = Deployer(self.store, config.fleet, self.library, self._publish, self.public_url,
                                  owner=config.client_id, lease_s=config.rollout_lease_s)
         self.app = make_app(self.store, config.fleet, self.deployer, self.ingest)
@@ -124,7 +128,7 @@ class Controller:
         """Base URL of the HTTP API."""
         return f"http://{self.config.http_host}:{self.port}"
 
-    def _publish(self, device: str, cmd: dict[str, Any]) -> None:
+    def _publish(self, device: str, cmd: Command) -> None:
         if self.signer is not None:
             cmd = self.signer.sign(device, cmd)
         publish_command(self.ingest.client, self.config.fleet, device, cmd)

@@ -20,13 +20,32 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from edgefleet.sdk.errors import BundleError, EdgefleetError, InputError
+from edgefleet.sdk.protocol import (
+    ApiError,
+    BundleUploaded,
+    DeploymentList,
+    DeploymentRequest,
+    DeviceList,
+    DeviceRow,
+    EventList,
+    EventRow,
+    IngestCounters,
+    Rejected,
+    RollbackRequest,
+    RollbackSent,
+    VersionList,
+    VersionStats,
+    WindowList,
+)
 from edgefleet.sdk.sketch import DDSketch
 
-from .deploy import Deployer, RolloutPolicy, Selector
+from .bundles import bundle_filename
 from .ingest import Ingestor
-from .store import Store
+from .rollout import Deployer, Selector
+from .store import Store, VersionSketch, VersionTotal
 
 __all__ = ["MAX_UPLOAD", "make_app", "metrics_text"]
 
@@ -43,12 +62,16 @@ IngestKey = web.AppKey("ingest", Ingestor)
 HubKey: web.AppKey[_Hub] = web.AppKey("hub")
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":"), default=str))
+    """A JSON response from a protocol object (what docs/api.md and sdk/schemas/api-*.json describe)."""
+    return web.Response(body=_encode(data), status=status, content_type="application/json")
 
 
 def _error(status: int, message: str) -> web.Response:
-    return _json({"error": message}, status)
+    return _json(ApiError(error=message[:4000]), status)
 
 
 @web.middleware
@@ -93,8 +116,10 @@ async def _big(request: web.Request, text: str, content_type: str) -> web.Respon
     return web.Response(body=body, content_type=content_type, charset="utf-8")
 
 
-def _pcts(sk: DDSketch) -> dict[str, float | None]:
-    return {"p50": sk.quantile(0.5), "p95": sk.quantile(0.95), "p99": sk.quantile(0.99), "mean": sk.mean}
+def _version_stats(v: VersionSketch) -> VersionStats:
+    sk = v.sketch
+    return VersionStats(name=v.name, version=v.version, count=v.count, errors=v.errors, p50=sk.quantile(0.5),
+                        p95=sk.quantile(0.95), p99=sk.quantile(0.99), mean=sk.mean)
 
 
 # -- REST -----------------------------------------------------------------------------------------------------------
@@ -110,7 +135,8 @@ async def api_devices(request: web.Request) -> web.Response:
     now = time.time()
     store, fleet = request.app[StoreKey], request.app[FleetKey]
     if request.query.get("full") in ("1", "true"):
-        return _json({"fleet": fleet, "now": now, "devices": await _run(store.devices, fleet, since)})
+        rows = await _run(store.devices, fleet, since)
+        return _json(DeviceList(fleet=fleet, now=now, total=len(rows), devices=rows))
     limit = int(_num(request, "limit", -1, 1, 1e9)) if "limit" in request.query else None
     total, rows = await _run(store.devices_json, fleet, since, limit)
     # The rows arrive as JSON text from the store: splice them in rather than decode and re-encode 10,000 rows.
@@ -137,16 +163,14 @@ async def api_telemetry(request: web.Request) -> web.Response:
     device = request.match_info.get("device") or request.query.get("device")
     rows = await _run(request.app[StoreKey].windows, request.app[FleetKey], device, since, until,
                       request.query.get("name"), request.query.get("version"), limit)
-    return _json({"since": since, "until": None if math.isinf(until) else until, "windows": rows})
+    return _json(WindowList(since=since, until=None if math.isinf(until) else until, windows=rows))
 
 
 async def api_versions(request: web.Request) -> web.Response:
     """Fleet-wide p50/p95/p99 per (model, version) from merged sketches over the last ``window`` seconds."""
     window = _num(request, "window", 900.0, 60.0, 30 * 86400.0)
     stats = await _run(request.app[StoreKey].version_stats, request.app[FleetKey], time.time() - window)
-    return _json({"window_s": window, "versions": [
-        {"name": s["name"], "version": s["version"], "count": s["count"], "errors": s["errors"], **_pcts(s["sketch"])}
-        for s in stats]})
+    return _json(VersionList(window_s=window, versions=[_version_stats(s) for s in stats]))
 
 
 async def api_events(request: web.Request) -> web.Response:
@@ -154,77 +178,57 @@ async def api_events(request: web.Request) -> web.Response:
     since = _num(request, "since", 0.0, 0.0)
     rows = await _run(request.app[StoreKey].events, request.app[FleetKey], request.query.get("device"), since,
                       int(_num(request, "limit", 200, 1, 5000)))
-    return _json({"events": rows})
+    return _json(EventList(events=rows))
 
 
 async def api_ingest(request: web.Request) -> web.Response:
     """This controller's ingest counters and the store's row counts."""
     ing = request.app[IngestKey]
     counts = await _run(request.app[StoreKey].counts, request.app[FleetKey])
-    return _json({"client_id": ing.client_id, "connected": ing.connected, "backlog": ing.backlog,
-                  **ing.stats.snapshot(), "store": counts})
+    snap = ing.stats.snapshot()
+    return _json(IngestCounters(client_id=ing.client_id, connected=ing.connected, backlog=ing.backlog,
+                                received=snap["received"], stored=snap["stored"], duplicates=snap["duplicates"],
+                                rejected=[Rejected(**r) for r in snap["rejected"]],
+                                rejected_total=snap["rejected_total"], batches=snap["batches"],
+                                receipts=snap["receipts"], write_errors=snap["write_errors"], store=counts))
 
 
 async def api_deployments(request: web.Request) -> web.Response:
     """Deployments, newest first."""
     limit = int(_num(request, "limit", 100, 1, 10_000))
-    return _json({"deployments": await _run(request.app[StoreKey].deployments, request.app[FleetKey], limit)})
+    return _json(DeploymentList(deployments=await _run(request.app[StoreKey].deployments, request.app[FleetKey],
+                                                        limit)))
 
 
 async def api_deployment(request: web.Request) -> web.Response:
     """One deployment with every target."""
     dep = await _run(request.app[StoreKey].deployment, request.match_info["id"])
-    if dep is None or dep["fleet"] != request.app[FleetKey]:
+    if dep is None or dep.fleet != request.app[FleetKey]:
         return _error(404, f"no deployment {request.match_info['id'][:64]!r}")
     return _json(dep)
 
 
-async def _body_json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeError) as exc:
-        raise InputError(f"request body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InputError("request body must be a JSON object")
-    return body
+async def _body(request: web.Request) -> bytes:
+    if request.content_type != "application/json":
+        raise InputError(f"request body must be application/json, got {request.content_type!r}")
+    return await request.read()
 
 
 async def api_create_deployment(request: web.Request) -> web.Response:
-    """Create a deployment: ``{"bundles": [sha256...], "to": [selector...], "canary": pct, ...}``."""
-    body = await _body_json(request)
-    bundles = body.get("bundles")
-    to = body.get("to")
-    if not isinstance(bundles, list) or not all(isinstance(b, str) for b in bundles) or not bundles:
-        raise InputError("bundles must be a non-empty list of bundle sha256 ids (upload with POST /api/bundles)")
-    if isinstance(to, str):
-        to = [to]
-    if not isinstance(to, list) or not all(isinstance(t, str) for t in to):
-        raise InputError("to must be a selector string or a list of them")
-    kw: dict[str, Any] = {}
-    for key, field, typ in (("canary", "canary_pct", float), ("max_p95_regression", "max_p95_regression", float),
-                            ("max_error_increase", "max_error_increase", float), ("observe_s", "observe_s", float),
-                            ("min_samples", "min_samples", int), ("install_timeout_s", "install_timeout_s", float),
-                            ("baseline_s", "baseline_s", float)):
-        if key in body:
-            val = body[key]
-            if isinstance(val, bool) or not isinstance(val, (int, float)):
-                raise InputError(f"{key} must be a number, got {val!r}")
-            kw[field] = typ(val)
-    policy = RolloutPolicy(**kw)
-    selector = Selector.parse(to)
-    dep = await _run(request.app[DeployerKey].create, bundles, selector, policy)
+    """Create a deployment (:class:`DeploymentRequest`: bundle ids, a selector, the rollout policy)."""
+    req = DeploymentRequest.from_json(await _body(request))
+    selector = Selector.parse(req.selectors())
+    dep = await _run(request.app[DeployerKey].create, req.bundles, selector, req.policy())
     request.app[HubKey].poke()
     return _json(dep, 201)
 
 
 async def api_rollback(request: web.Request) -> web.Response:
     """Roll back a deployment's active devices (optionally only ``{"devices": [...]}``)."""
-    body = await _body_json(request) if request.can_read_body else {}
-    devices = body.get("devices")
-    if devices is not None and (not isinstance(devices, list) or not all(isinstance(d, str) for d in devices)):
-        raise InputError("devices must be a list of device ids")
-    sent = await _run(request.app[DeployerKey].rollback, request.match_info["id"], devices)
-    return _json({"deployment": request.match_info["id"], "rollback_sent": sent})
+    raw = await _body(request) if request.can_read_body else b""
+    req = RollbackRequest.from_json(raw) if raw.strip() else RollbackRequest()
+    sent = await _run(request.app[DeployerKey].rollback, request.match_info["id"], req.devices)
+    return _json(RollbackSent(deployment=request.match_info["id"], rollback_sent=sent))
 
 
 async def api_upload_bundle(request: web.Request) -> web.Response:
@@ -246,8 +250,7 @@ async def api_upload_bundle(request: web.Request) -> web.Response:
         stored = await _run(library.add, tmp, "uploaded bundle")
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return _json({"sha256": stored.sha256, "size": stored.size, "name": stored.name, "version": stored.version,
-                  "target": stored.target, "key_id": stored.key_id, "url": f"/bundles/{stored.filename}"}, 201)
+    return _json(BundleUploaded(**stored.to_dict(), url=f"/bundles/{bundle_filename(stored.sha256)}"), 201)
 
 
 async def bundle_file(request: web.Request) -> web.StreamResponse:
@@ -278,8 +281,13 @@ def _fmt(v: float | None) -> str:
     return repr(float(v))
 
 
-def metrics_text(fleet: str, devices: list[dict[str, Any]], versions: list[dict[str, Any]],
-                 totals: list[dict[str, Any]], ingest: dict[str, Any], backlog: int) -> str:
+def _count(v: float) -> str:
+    """A counter from a floating-point total: an integer while it is exact (below 2^53), else the float."""
+    return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+
+
+def metrics_text(fleet: str, devices: list[DeviceRow], versions: list[VersionSketch], totals: list[VersionTotal],
+                 ingest: dict[str, Any], backlog: int) -> str:
     """The Prometheus text exposition (format 0.0.4) of the fleet."""
     out: list[str] = []
 
@@ -289,53 +297,53 @@ def metrics_text(fleet: str, devices: list[dict[str, Any]], versions: list[dict[
 
     family("edgefleet_device_online", "gauge", "1 when the device's retained status is online.")
     for d in devices:
-        out.append(f"edgefleet_device_online{_labels(fleet=fleet, device=d['device'], profile=d['profile'])} "
-                   f"{1 if d['state'] == 'online' else 0}")
+        out.append(f"edgefleet_device_online{_labels(fleet=fleet, device=d.device, profile=d.profile)} "
+                   f"{1 if d.state == 'online' else 0}")
     family("edgefleet_device_last_seen_timestamp_seconds", "gauge", "When the controller last stored telemetry.")
     for d in devices:
-        if d["last_seen"]:
-            out.append(f"edgefleet_device_last_seen_timestamp_seconds{_labels(fleet=fleet, device=d['device'])} "
-                       f"{_fmt(d['last_seen'])}")
-    per_model = [(d, m) for d in devices for m in d["models"]]
+        if d.last_seen:
+            out.append(f"edgefleet_device_last_seen_timestamp_seconds{_labels(fleet=fleet, device=d.device)} "
+                       f"{_fmt(d.last_seen)}")
+    per_model = [(d, m) for d in devices for m in d.models]
     family("edgefleet_device_latency_ms", "gauge", "Latency quantile over the device's latest telemetry window.")
     for d, m in per_model:
-        for q, key in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")):
-            out.append("edgefleet_device_latency_ms" + _labels(fleet=fleet, device=d["device"], model=m["name"],
-                       version=m["version"], quantile=q) + f" {_fmt(m[key])}")
+        for q, val in (("0.5", m.p50), ("0.95", m.p95), ("0.99", m.p99)):
+            out.append("edgefleet_device_latency_ms" + _labels(fleet=fleet, device=d.device, model=m.name,
+                       version=m.version, quantile=q) + f" {_fmt(val)}")
     family("edgefleet_device_throughput_rps", "gauge", "Requests per second over the latest window.")
     for d, m in per_model:
-        out.append("edgefleet_device_throughput_rps" + _labels(fleet=fleet, device=d["device"], model=m["name"],
-                   version=m["version"]) + f" {_fmt(m['throughput'])}")
+        out.append("edgefleet_device_throughput_rps" + _labels(fleet=fleet, device=d.device, model=m.name,
+                   version=m.version) + f" {_fmt(m.throughput)}")
     family("edgefleet_device_errors", "gauge", "Failed requests in the latest window.")
     for d, m in per_model:
-        out.append("edgefleet_device_errors" + _labels(fleet=fleet, device=d["device"], model=m["name"],
-                   version=m["version"]) + f" {m['errors']}")
+        out.append("edgefleet_device_errors" + _labels(fleet=fleet, device=d.device, model=m.name,
+                   version=m.version) + f" {m.errors}")
     family("edgefleet_device_process_rss_bytes", "gauge", "Agent process resident memory.")
     for d in devices:
-        rss = (d.get("process") or {}).get("rss_bytes")
-        if isinstance(rss, (int, float)) and not isinstance(rss, bool):
-            out.append(f"edgefleet_device_process_rss_bytes{_labels(fleet=fleet, device=d['device'])} {_fmt(rss)}")
+        if d.process.rss_bytes is not None:
+            out.append(f"edgefleet_device_process_rss_bytes{_labels(fleet=fleet, device=d.device)} "
+                       f"{_fmt(d.process.rss_bytes)}")
     family("edgefleet_device_process_cpu_percent", "gauge", "Agent process CPU use.")
     for d in devices:
-        cpu = (d.get("process") or {}).get("cpu_percent")
-        if isinstance(cpu, (int, float)) and not isinstance(cpu, bool):
-            out.append(f"edgefleet_device_process_cpu_percent{_labels(fleet=fleet, device=d['device'])} {_fmt(cpu)}")
+        if d.process.cpu_percent is not None:
+            out.append(f"edgefleet_device_process_cpu_percent{_labels(fleet=fleet, device=d.device)} "
+                       f"{_fmt(d.process.cpu_percent)}")
     family("edgefleet_model_latency_ms", "summary", "Fleet-wide latency per model version: quantiles from merged "
            "sketches over the last 5 minutes; _count and _sum over all stored telemetry.")
-    tot = {(t["name"], t["version"]): t for t in totals}
     for v in versions:
-        sk: DDSketch = v["sketch"]
-        lbl = dict(fleet=fleet, model=v["name"], version=v["version"])
+        sk: DDSketch = v.sketch
+        lbl = dict(fleet=fleet, model=v.name, version=v.version)
         for quant in (0.5, 0.9, 0.95, 0.99):
             out.append(f"edgefleet_model_latency_ms{_labels(**lbl, quantile=quant)} {_fmt(sk.quantile(quant))}")
-    for (name, version), t in sorted(tot.items()):
-        lbl = dict(fleet=fleet, model=name, version=version)
-        out.append(f"edgefleet_model_latency_ms_count{_labels(**lbl)} {int(t['count'] or 0)}")
-        out.append(f"edgefleet_model_latency_ms_sum{_labels(**lbl)} {_fmt(t['sum_ms'] or 0.0)}")
+    tot = sorted(totals, key=lambda t: (t.name, t.version))
+    for t in tot:
+        lbl = dict(fleet=fleet, model=t.name, version=t.version)
+        out.append(f"edgefleet_model_latency_ms_count{_labels(**lbl)} {_count(t.count)}")
+        out.append(f"edgefleet_model_latency_ms_sum{_labels(**lbl)} {_fmt(t.sum_ms)}")
     family("edgefleet_model_errors_total", "counter", "Failed requests per model version, all stored telemetry.")
-    for (name, version), t in sorted(tot.items()):
-        out.append(f"edgefleet_model_errors_total{_labels(fleet=fleet, model=name, version=version)} "
-                   f"{int(t['errors'] or 0)}")
+    for t in tot:
+        out.append(f"edgefleet_model_errors_total{_labels(fleet=fleet, model=t.name, version=t.version)} "
+                   f"{_count(t.errors)}")
     family("edgefleet_ingest_received_total", "counter", "MQTT messages this controller received, per channel.")
     for ch, n in sorted(ingest["received"].items()):
         out.append(f"edgefleet_ingest_received_total{_labels(channel=ch)} {n}")
@@ -404,20 +412,20 @@ class _Hub:
                 elif n:
                     self._send("devices", f'{{"now":{now!r},"devices":{rows}}}')
                 deps = await _run(self.store.deployments, self.fleet, 20)
-                sig = json.dumps([(d["id"], d["state"], d["progress"], d["updated"]) for d in deps])
+                sig = json.dumps([(d.id, d.state, d.progress, d.updated) for d in deps])
                 if sig != dep_sig:
                     dep_sig = sig
-                    self._send("deployments", json.dumps({"deployments": deps}, separators=(",", ":"), default=str))
+                    self._send("deployments", _encode(DeploymentList(deployments=deps)).decode())
                 # Same 2 s overlap as for devices (another controller may commit a little late); what was already
                 # sent is skipped by its key.
                 evs = await _run(self.store.events, self.fleet, None, ev_since - 2.0, 200)
-                fresh = [e for e in evs if (e["device"], e["boot"], e["seq"]) not in sent_events]
+                fresh: list[EventRow] = [e for e in evs if (e.device, e.boot, e.seq) not in sent_events]
                 if fresh:
-                    ev_since = max(ev_since, evs[-1]["received"])
-                    sent_events.update({(e["device"], e["boot"], e["seq"]): e["received"] for e in fresh})
+                    ev_since = max(ev_since, evs[-1].received)
+                    sent_events.update({(e.device, e.boot, e.seq): e.received for e in fresh})
                     # Only keys inside the overlap can come again: forget the rest.
                     sent_events = {k: r for k, r in sent_events.items() if r >= ev_since - 2.0}
-                    self._send("events", json.dumps({"events": fresh}, separators=(",", ":")))
+                    self._send("events", _encode(EventList(events=fresh)).decode())
             except Exception:
                 log.exception("live update poll failed")
 

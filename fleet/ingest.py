@@ -14,9 +14,12 @@ Then each device whose messages were stored gets a ``receipt`` (QoS 1, at most o
 record until one does, and sends again what a receipt skipped, so a broker that acknowledged a message and then
 lost it (a restart: Mosquitto 2.0.11 restores no shared subscription, and after a SIGKILL nothing since its last
 autosave) loses nothing either.
-The network thread only queues; a writer thread validates with :mod:`edgefleet.sdk.protocol`, writes batches in one
-transaction and acks. A payload that is malformed, oversized, of an unknown protocol version or about another device
-is counted per channel and reason, logged once per (device, channel), acked and dropped: it never stops ingest.
+The network thread only queues; a writer thread parses every payload with its :mod:`edgefleet.sdk.protocol` class
+(types and ranges), writes batches in one transaction and acks. A payload that is malformed, oversized, of an
+unknown protocol version or about another device is counted per channel and reason, logged once per (device,
+channel), acked and dropped: it never stops ingest. A status or telemetry record whose timestamp is more than
+``max_future_skew_s`` ahead of this controller's clock is refused the same way (reason ``clock``); a refused
+telemetry record is still named in the device's receipt, since sending it again would not change the verdict.
 A valid message the store still cannot take (say a ``seq`` beyond 64 bits) is isolated the same way (``unstorable``);
 a store that fails altogether is retried with backoff, the messages staying un-acked.
 """
@@ -33,15 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from edgefleet.sdk.errors import ProtocolError
+from edgefleet.sdk.errors import PayloadTooLargeError, ProtocolError, ProtocolVersionError
 from edgefleet.sdk.protocol import (
-    MAX_PAYLOAD,
+    MAX_FUTURE_SKEW_S,
+    Event,
+    Reply,
+    Status,
+    Telemetry,
+    check_clock,
     check_id,
-    encode,
-    parse_event,
-    parse_reply,
-    parse_status,
-    parse_telemetry,
     parse_topic,
     receipts,
     subscription,
@@ -84,18 +87,17 @@ class IngestStats:
         }
 
 
-def _reason(exc: ProtocolError, size: int) -> str:
-    if size > MAX_PAYLOAD:
+def _reason(exc: ProtocolError) -> str:
+    if isinstance(exc, PayloadTooLargeError):
         return "oversized"
-    if "unsupported version" in str(exc):
+    if isinstance(exc, ProtocolVersionError):
         return "version"
     return "malformed"
 
 
-_PARSERS: dict[str, Callable[[bytes], dict[str, Any]]] = {
-    "status": parse_status, "telemetry": parse_telemetry, "events": parse_event, "reply": parse_reply,
+_TYPES: dict[str, type[Status | Telemetry | Event | Reply]] = {
+    "status": Status, "telemetry": Telemetry, "events": Event, "reply": Reply,
 }
-_BATCH_FIELD = {"status": "statuses", "telemetry": "telemetry", "events": "events", "reply": "replies"}
 
 
 class Ingestor:
@@ -103,7 +105,8 @@ class Ingestor:
 
     def __init__(self, store: Store, *, broker: str, fleet: str, client_id: str, share_group: str = "edgefleet",
                  batch_max: int = 500, session_expiry_s: int = 3600, receipts: bool = True,
-                 receipt_interval_s: float = 0.5, on_write: Callable[[WriteResult], None] | None = None) -> None:
+                 receipt_interval_s: float = 0.5, max_future_skew_s: float = MAX_FUTURE_SKEW_S,
+                 on_write: Callable[[WriteResult], None] | None = None) -> None:
         self.store = store
         self.fleet = check_id("fleet", fleet)
         self.client_id = check_id("client id", client_id)
@@ -113,6 +116,7 @@ class Ingestor:
         self.session_expiry_s = session_expiry_s
         self.receipts = receipts
         self.receipt_interval_s = receipt_interval_s
+        self.max_future_skew_s = max_future_skew_s
         # What is stored and not yet receipted: (device, "telemetry" | "events") -> boot -> seqs; device -> reply ids
         self._unreceipted: dict[tuple[str, str], dict[str, set[int]]] = {}
         self._unreceipted_replies: dict[str, set[str]] = {}
@@ -237,8 +241,9 @@ class Ingestor:
 
     def _flush(self, items: list[tuple[str, bytes, int, int, int]]) -> None:
         batch = Batch(self.fleet)
+        refused: list[Telemetry] = []  # valid but refused for good (clock): receipted so the agent stops resending
         for topic_name, payload, _mid, _qos, _gen in items:
-            self._parse_into(batch, topic_name, payload)
+            self._parse_into(batch, topic_name, payload, refused)
         if len(batch) and not self._write(batch):
             return  # shutting down while the store fails: leave them un-acked, the broker redelivers to the session
         gen = self._gen
@@ -247,21 +252,20 @@ class Ingestor:
             if qos > 0 and item_gen == gen:
                 self.client.ack(mid, qos)
         if self.receipts:
-            self._note_receipts(batch)
+            self._note_receipts(batch, refused)
             self._flush_receipts()
         self.stats.batches += 1
         self.stats.last_batch_s = time.time()
 
-    def _note_receipts(self, batch: Batch) -> None:
-        """Remember what of each device is now stored (new rows and duplicates alike: both are in the store)."""
+    def _note_receipts(self, batch: Batch, refused: list[Telemetry]) -> None:
+        """Remember what of each device this controller is done with: stored (new rows and duplicates alike), or
+        refused for good (a timestamp from the future: sending it again would not change that)."""
         seqs = self._unreceipted
-        for kind, objs in (("telemetry", batch.telemetry), ("events", batch.events)):
+        for kind, objs in (("telemetry", [*batch.telemetry, *refused]), ("events", batch.events)):
             for o in objs:
-                seq, boot = o.get("seq"), o.get("boot")
-                if type(seq) is int and 0 <= seq < 2**63 and isinstance(boot, str):  # what an agent can key by
-                    seqs.setdefault((o["device"], kind), {}).setdefault(boot, set()).add(seq)
-        for o in batch.replies:
-            self._unreceipted_replies.setdefault(o["device"], set()).add(o["id"])
+                seqs.setdefault((o.device, kind), {}).setdefault(o.boot, set()).add(o.seq)
+        for r in batch.replies:
+            self._unreceipted_replies.setdefault(r.device, set()).add(r.id)
 
     def _flush_receipts(self, force: bool = False) -> None:
         """Publish one receipt per device for what was stored since the last flush (at most every interval)."""
@@ -274,7 +278,7 @@ class Ingestor:
         for device in {d for d, _ in seqs} | set(replies):
             for msg in receipts(device, telemetry=seqs.get((device, "telemetry")),
                                 events=seqs.get((device, "events")), replies=replies.get(device, ())):
-                info = self.client.publish(topic(self.fleet, device, "receipt"), encode(msg), qos=1)
+                info = self.client.publish(topic(self.fleet, device, "receipt"), msg.to_json(), qos=1)
                 if info.rc == mqtt.MQTT_ERR_SUCCESS:
                     self.stats.receipts += 1
             # Not connected: paho queues it; and a receipt that never arrives only makes the agent send again.
@@ -319,7 +323,7 @@ class Ingestor:
                 try:
                     result = self.store.write(one)
                 except Exception as exc:  # noqa: BLE001 - this one message is unstorable: count, log once, drop
-                    self._reject(str(obj.get("device", "?")), channel, "unstorable", exc)
+                    self._reject(obj.device, channel, "unstorable", exc)
                     continue
                 self._count(one, result)
 
@@ -333,7 +337,7 @@ class Ingestor:
             if channel != "status":  # a status not newer than the stored one is not a duplicate, just stale
                 s.duplicates[channel] += sent - new
 
-    def _parse_into(self, batch: Batch, topic_name: str, payload: bytes) -> None:
+    def _parse_into(self, batch: Batch, topic_name: str, payload: bytes, refused: list[Telemetry]) -> None:
         try:
             t = parse_topic(topic_name)
         except ProtocolError as exc:
@@ -342,20 +346,35 @@ class Ingestor:
         if t.fleet != self.fleet:
             return
         self.stats.received[t.channel] += 1
-        parse = _PARSERS.get(t.channel)
-        if parse is None:
+        cls = _TYPES.get(t.channel)
+        if cls is None:
             return  # cmd: the controller's own commands; not subscribed, but a wildcard broker bridge may send them
         if t.channel == "status" and not payload:
             return  # an empty retained payload is how an operator clears a device's retained status
         try:
-            obj = parse(payload)
-            if obj["device"] != t.device:
-                raise ProtocolError(f"{t.channel}: payload is about device {obj['device']!r} but came on "
+            obj = cls.from_json(payload)
+            if obj.device != t.device:
+                raise ProtocolError(f"{t.channel}: payload is about device {obj.device!r} but came on "
                                     f"{t.device!r}'s topic")
         except ProtocolError as exc:
-            self._reject(t.device, t.channel, _reason(exc, len(payload)), exc)
+            self._reject(t.device, t.channel, _reason(exc), exc)
             return
-        getattr(batch, _BATCH_FIELD[t.channel]).append(obj)
+        if isinstance(obj, (Status, Telemetry)):
+            try:
+                check_clock(obj.ts, batch.received, t.channel, self.max_future_skew_s)
+            except ProtocolError as exc:
+                self._reject(t.device, t.channel, "clock", exc)
+                if isinstance(obj, Telemetry):
+                    refused.append(obj)
+                return
+        if isinstance(obj, Status):
+            batch.statuses.append(obj)
+        elif isinstance(obj, Telemetry):
+            batch.telemetry.append(obj)
+        elif isinstance(obj, Event):
+            batch.events.append(obj)
+        else:
+            batch.replies.append(obj)
 
     def _reject(self, device: str, channel: str, reason: str, exc: Exception) -> None:
         self.stats.rejected[(channel, reason)] += 1

@@ -26,13 +26,19 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from edgefleet.sdk.errors import EdgefleetError, ProtocolError
 from edgefleet.sdk.protocol import (
+    Command,
+    DeployArgs,
+    Description,
+    Event,
+    ModelWindow,
+    OrtInfo,
+    ProcessStats,
+    Reply,
+    ServedModel,
+    Sketch,
+    Status,
+    Telemetry,
     check_id,
-    encode,
-    event,
-    parse_command,
-    reply,
-    status,
-    telemetry,
     topic,
 )
 from edgefleet.sdk.sketch import DDSketch
@@ -72,13 +78,13 @@ class SimDevice:
     seq: int = 0
     previous: list[str] = field(default_factory=list)  # versions to roll back to, newest last
 
-    def description(self) -> dict[str, Any]:
+    def description(self) -> Description:
         """The status description an agent would publish."""
         providers = PROFILE_LATENCY_MS.get(self.profile, (10.0, ["CPUExecutionProvider"]))[1]
-        return {"profile": self.profile, "tags": self.tags, "providers": providers,
-                "ort": {"version": "1.20.1", "flavour": "sim"}, "agent_version": "sim",
-                "models": [{"name": self.model, "version": self.version, "target": self.profile,
-                            "providers": providers}]}
+        return Description(profile=self.profile, tags=self.tags, providers=providers,
+                           ort=OrtInfo(version="1.20.1", flavour="sim", providers=providers), agent_version="sim",
+                           models=[ServedModel(name=self.model, version=self.version, target=self.profile,
+                                               providers=providers)])
 
 
 class _SketchPool:
@@ -87,9 +93,10 @@ class _SketchPool:
     def __init__(self, seed: int, per_window: int) -> None:
         self._rng = random.Random(seed)
         self._per_window = per_window
-        self._pools: dict[tuple[str, float], list[dict[str, Any]]] = {}
+        self._pools: dict[tuple[str, float], list[tuple[int, Sketch]]] = {}
 
-    def window(self, profile: str, factor: float, errors_rate: float = 0.002) -> dict[str, Any]:
+    def window(self, profile: str, factor: float, errors_rate: float = 0.002) -> tuple[int, Sketch]:
+        """``(errors, sketch)`` of one window of that profile's latencies."""
         key = (profile, factor)
         pool = self._pools.get(key)
         if pool is None:
@@ -101,7 +108,7 @@ class _SketchPool:
                 for _ in range(n):
                     sk.add(self._rng.lognormvariate(0.0, 0.25) * median)
                 errors = sum(1 for _ in range(n) if self._rng.random() < errors_rate)
-                pool.append({"count": n, "errors": errors, "sketch": sk.to_dict()})
+                pool.append((errors, sk.to_wire()))
             self._pools[key] = pool
         return pool[self._rng.randrange(_POOL)]
 
@@ -149,8 +156,8 @@ class Simulator:
             client.max_queued_messages_set(0)
             if self._own:
                 client.will_set(topic(self.fleet, group[0], "status"),
-                                encode(status(group[0], "offline", boot=self.devices[group[0]].boot, reason="lost")),
-                                qos=1, retain=True)
+                                Status(device=group[0], state="offline", boot=self.devices[group[0]].boot,
+                                       reason="lost").to_json(), qos=1, retain=True)
             connected = threading.Event()
             client.on_connect = self._make_on_connect(group, connected)
             client.on_message = self._on_message
@@ -170,8 +177,8 @@ class Simulator:
             for dev in group:
                 d = self.devices[dev]
                 client.publish(topic(self.fleet, dev, "status"),
-                               encode(status(dev, "online", boot=d.boot, description=d.description())),
-                               qos=1, retain=True)
+                               Status(device=dev, state="online", boot=d.boot,
+                                      description=d.description()).to_json(), qos=1, retain=True)
             if self.answer_commands:
                 client.subscribe([(topic(self.fleet, dev, "cmd"), SubscribeOptions(qos=1)) for dev in group])
             connected.set()
@@ -186,8 +193,8 @@ class Simulator:
             if graceful:
                 for dev in group:
                     client.publish(topic(self.fleet, dev, "status"),
-                                   encode(status(dev, "offline", boot=self.devices[dev].boot, reason="shutdown")),
-                                   qos=1, retain=True).wait_for_publish(5)
+                                   Status(device=dev, state="offline", boot=self.devices[dev].boot,
+                                          reason="shutdown").to_json(), qos=1, retain=True).wait_for_publish(5)
                 client.disconnect()
             else:
                 client._sock_close()  # no DISCONNECT packet: the broker sees a lost connection and sends the will
@@ -204,14 +211,15 @@ class Simulator:
     def record(self, d: SimDevice, ts: float | None = None) -> bytes:
         """The next telemetry payload of one device (advances its seq)."""
         factor = self.slow.get(d.version, 1.0)
-        w = self._pool.window(d.profile, factor, self.error_rates.get(d.version, 0.002))
+        errors, sk = self._pool.window(d.profile, factor, self.error_rates.get(d.version, 0.002))
         providers = PROFILE_LATENCY_MS.get(d.profile, (10.0, ["CPUExecutionProvider"]))[1]
         d.seq += 1
-        models = [{"name": d.model, "version": d.version, "count": w["count"], "errors": w["errors"],
-                   "providers": providers, "sketch": w["sketch"]}]
-        return encode(telemetry(d.device, d.boot, d.seq, models, interval_s=self.interval_s, ts=ts,
-                                process={"cpu_percent": round(random.uniform(2, 30), 1),
-                                         "rss_bytes": 180 << 20}))
+        models = [ModelWindow(name=d.model, version=d.version, count=sk.count, errors=errors, providers=providers,
+                              sketch=sk)]
+        return Telemetry(device=d.device, boot=d.boot, seq=d.seq, models=models, interval_s=self.interval_s,
+                         ts=time.time() if ts is None else ts,
+                         process=ProcessStats(cpu_percent=round(random.uniform(2, 30), 1),
+                                              rss_bytes=180 << 20)).to_json()
 
     def publish_round(self) -> int:
         """Publish one telemetry record for every device now; returns how many."""
@@ -255,66 +263,71 @@ class Simulator:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         dev = msg.topic.split("/")[3]
         try:
-            cmd = parse_command(msg.payload)
+            cmd = Command.from_json(msg.payload)
         except ProtocolError as exc:
             log.warning("sim %s: bad command: %s", dev, exc)
             return
         with self._lock:
-            self.commands.append({"device": dev, **cmd})
+            self.commands.append({"device": dev, **cmd.to_dict()})
         # Off the network thread: a deploy downloads over HTTP, which must not block MQTT keepalives.
         threading.Thread(target=self._handle, args=(client, dev, cmd), daemon=True).start()
 
     def _emit(self, client: mqtt.Client, d: SimDevice, kind: str, message: str, data: dict[str, Any],
               level: str = "info") -> None:
+        """An event as the agent sends it (``data.command``: the command it is about; ``data.state``: progress)."""
         d.seq += 1
+        lvl: Any = level
         client.publish(topic(self.fleet, d.device, "events"),
-                       encode(event(d.device, d.boot, d.seq, kind, message, level=level, data=data)), qos=1)
+                       Event(device=d.device, boot=d.boot, seq=d.seq, kind=kind, message=message, level=lvl,
+                             data=data).to_json(), qos=1)
 
-    def _handle(self, client: mqtt.Client, dev: str, cmd: dict[str, Any]) -> None:
+    def _handle(self, client: mqtt.Client, dev: str, cmd: Command) -> None:
         d = self.devices[dev]
-        cid = cmd["id"]
+        cid = cmd.id
         try:
-            if cmd["kind"] == "deploy":
-                result = self._deploy(client, d, cid, cmd["args"])
-            elif cmd["kind"] == "rollback":
+            if cmd.kind == "deploy":
+                result = self._deploy(client, d, cid, cmd.args_as(DeployArgs))
+            elif cmd.kind == "rollback":
                 with self._lock:
                     if not d.previous:
                         raise EdgefleetError("nothing to roll back to")
                     old, d.version = d.version, d.previous.pop()
                 self._emit(client, d, "rollback", f"rolled back {d.model} {old} -> {d.version}",
-                           {"cmd_id": cid, "state": "rolled-back", "version": d.version})
+                           {"command": cid, "version": d.version})
                 result = {"name": d.model, "version": d.version}
             else:
-                result = {"description": d.description()}
-            payload = reply(cid, dev, True, result=result)
+                result = {"description": d.description().to_dict()}
+            answer = Reply.ok(cid, dev, result)
         except EdgefleetError as exc:
-            payload = reply(cid, dev, False, code=exc.code, message=str(exc), step=cmd["kind"])
+            answer = Reply.failed(cid, dev, exc.code, str(exc), cmd.kind)
         client.publish(topic(self.fleet, dev, "status"),
-                       encode(status(dev, "online", boot=d.boot, description=d.description())), qos=1, retain=True)
-        client.publish(topic(self.fleet, dev, "reply"), encode(payload), qos=1)
+                       Status(device=dev, state="online", boot=d.boot, description=d.description()).to_json(),
+                       qos=1, retain=True)
+        client.publish(topic(self.fleet, dev, "reply"), answer.to_json(), qos=1)
 
-    def _deploy(self, client: mqtt.Client, d: SimDevice, cid: str, args: dict[str, Any]) -> dict[str, Any]:
-        self._emit(client, d, "deploy.downloading", "downloading bundle", {"cmd_id": cid, "state": "downloading"})
+    def _deploy(self, client: mqtt.Client, d: SimDevice, cid: str, args: DeployArgs) -> dict[str, Any]:
+        self._emit(client, d, "deploy.progress", "downloading bundle", {"command": cid, "state": "downloading"})
         try:
-            with urllib.request.urlopen(args["url"], timeout=30) as resp:
-                data = resp.read(args["size"] + 1)
+            with urllib.request.urlopen(args.url, timeout=30) as resp:
+                data = resp.read(args.size + 1)
         except OSError as exc:
-            self._emit(client, d, "deploy.failed", f"download failed: {exc}", {"cmd_id": cid, "state": "failed"},
+            self._emit(client, d, "deploy", f"download failed: {exc}", {"command": cid, "step": "download"},
                        "error")
             raise EdgefleetError(f"download failed: {exc}") from exc
-        self._emit(client, d, "deploy.verifying", "verifying bundle", {"cmd_id": cid, "state": "verifying"})
-        if len(data) != args["size"] or hashlib.sha256(data).hexdigest() != args["sha256"]:
+        self._emit(client, d, "deploy.progress", "verifying bundle", {"command": cid, "state": "verifying"})
+        if len(data) != args.size or hashlib.sha256(data).hexdigest() != args.sha256:
             raise EdgefleetError(f"bundle size/sha256 differ from the command ({len(data)} bytes)")
         with tarfile.open(fileobj=io.BytesIO(data)) as tf:
             member = tf.extractfile("manifest.json")
             manifest = json.loads(member.read()) if member else {}
         if manifest.get("target") != d.profile:
             raise EdgefleetError(f"bundle target {manifest.get('target')!r} is not this device's {d.profile!r}")
-        self._emit(client, d, "deploy.selftest", "self-test", {"cmd_id": cid, "state": "self-test"})
+        self._emit(client, d, "deploy.progress", "self-test", {"command": cid, "state": "self-test"})
         with self._lock:
             d.previous.append(d.version)
             d.model, d.version = manifest["name"], manifest["version"]
-        self._emit(client, d, "deploy.active", f"{d.model} {d.version} active", {"cmd_id": cid, "state": "active"})
+        self._emit(client, d, "deploy", f"{d.model} {d.version} active", {"command": cid, "name": d.model,
+                                                                            "version": d.version})
         return {"name": d.model, "version": d.version}
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from edgefleet.sdk.errors import ProtocolError
-from edgefleet.sdk.protocol import check_id, parse_status, parse_telemetry, parse_topic, subscription
-from edgefleet.sdk.sketch import DDSketch
+from edgefleet.sdk.protocol import Status, Telemetry, check_id, parse_topic, subscription
+from edgefleet.sdk.sketch import DDSketch, quantiles
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from rich.console import Console, Group
 from rich.live import Live
@@ -23,7 +23,6 @@ from rich.table import Table
 from rich.text import Text
 
 from ._mqtt import make_client, parse_broker_url, wait_connected
-from .store import window_quantiles
 
 __all__ = ["FleetView", "run_top"]
 
@@ -54,7 +53,8 @@ class FleetView:
             t = parse_topic(topic_name)
             if t.fleet != self.fleet or not payload:
                 return
-            obj = parse_status(payload) if t.channel == "status" else parse_telemetry(payload)
+            obj: Status | Telemetry = (Status.from_json(payload) if t.channel == "status"
+                                       else Telemetry.from_json(payload))
         except ProtocolError:
             with self._lock:
                 self.rejected += 1
@@ -62,19 +62,20 @@ class FleetView:
         with self._lock:
             self.messages += 1
             row = self.rows.setdefault(t.device, _Row(t.device))
-            if t.channel == "status":
-                row.state = obj["state"]
-                row.profile = str((obj.get("description") or {}).get("profile", row.profile))
+            if isinstance(obj, Status):
+                row.state = obj.state
+                if obj.description is not None:
+                    row.profile = obj.description.profile
                 return
             row.last_seen = time.time()
             row.models = []
-            for m in obj["models"]:
-                p50, p95, p99 = window_quantiles(m["sketch"])
-                row.models.append({"name": m["name"], "version": m["version"], "p50": p50, "p95": p95, "p99": p99,
-                                   "rps": m["count"] / (obj["interval_s"] or 1.0), "errors": m["errors"],
-                                   "providers": m["providers"]})
+            for m in obj.models:
+                p50, p95, p99 = quantiles(m.sketch)
+                row.models.append({"name": m.name, "version": m.version, "p50": p50, "p95": p95, "p99": p99,
+                                   "rps": m.count / obj.interval_s, "errors": m.errors,
+                                   "providers": m.providers})
                 # Fleet-wide per version since top started: merged sketches, never averaged percentiles.
-                self.versions.setdefault((m["name"], m["version"]), DDSketch()).merge(DDSketch.from_dict(m["sketch"]))
+                self.versions.setdefault((m.name, m.version), DDSketch()).merge(DDSketch.from_wire(m.sketch))
 
     def table(self, sort_key: str = "device", limit: int = 50) -> Group:
         """The rich renderable: per-device table and per-version percentiles."""

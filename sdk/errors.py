@@ -19,7 +19,9 @@ Every error edgefleet raises on purpose derives from :class:`EdgefleetError` and
     ├── SelfTestError                   selftest         outputs outside the bundle's tolerances on this device
     ├── PackagingError                  packaging        the packager could not produce a bundle
     │   └── AccuracyBudgetError         packaging.accuracy   no candidate within the accuracy budget
-    ├── ProtocolError                   protocol         an MQTT payload that does not match its schema
+    ├── ProtocolError                   protocol         a message (MQTT payload, HTTP body) not matching its schema
+    │   ├── ProtocolVersionError        protocol.version     another major protocol version (``"v"``)
+    │   └── PayloadTooLargeError        protocol.size        over the size cap before it is even parsed
     ├── CommandError                    command
     │   ├── CommandSignatureError       command.signature   unsigned (where required), untrusted key, bad signature
     │   ├── CommandExpiredError         command.expired     past its ``expires`` time
@@ -47,7 +49,9 @@ __all__ = [
     "InputError",
     "ModelError",
     "PackagingError",
+    "PayloadTooLargeError",
     "ProtocolError",
+    "ProtocolVersionError",
     "ProviderError",
     "ProviderFallbackError",
     "ProviderUnavailableError",
@@ -154,9 +158,21 @@ class AccuracyBudgetError(PackagingError):
 
 
 class ProtocolError(EdgefleetError, ValueError):
-    """An MQTT payload does not match its schema."""
+    """A message (MQTT payload, HTTP body) does not match its schema; the message names the field."""
 
     code = "protocol"
+
+
+class ProtocolVersionError(ProtocolError):
+    """A message of a protocol major version this edgefleet does not speak."""
+
+    code = "protocol.version"
+
+
+class PayloadTooLargeError(ProtocolError):
+    """A message over the size cap, refused before it is parsed."""
+
+    code = "protocol.size"
 
 
 class CommandError(EdgefleetError):

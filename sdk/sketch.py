@@ -4,22 +4,33 @@ Fleet-wide percentiles must come from merged sketches, never from averaged perce
 p95 is not the p95 of their union. A sketch maps a positive value ``x`` to bucket ``ceil(log_gamma(x))`` with
 ``gamma = (1 + alpha) / (1 - alpha)``; every value in a bucket is within ``alpha`` of the bucket's representative,
 so any quantile is within ``alpha`` relative error. Merging adds bucket counts, which is exact and associative.
+
+This module is the only sketch arithmetic in edgefleet: the agent records (:class:`LatencyRecorder`), the wire form
+is :class:`edgefleet.sdk.protocol.Sketch`, and the fleet merges (:class:`SketchSum`, :meth:`DDSketch.merge`) and
+reads percentiles (:func:`quantiles`) with it. Merged counts saturate at 2^63 - 1, so no sum of stored sketches can
+overflow a 64-bit column (docs/mqtt-protocol.md, "Limits").
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ProtocolError
+from .protocol import Sketch
+from .protocol._limits import INT64_MAX, MAX_BINS, MIN_SKETCH_VALUE
 
-__all__ = ["DDSketch", "LatencyRecorder", "LatencySnapshot"]
+__all__ = ["DDSketch", "LatencyRecorder", "LatencySnapshot", "SketchSum", "quantiles", "saturating_add"]
 
-_MIN_VALUE = 1e-6  # values below (in the sketch's unit, ms) count in the zero bucket
-_MAX_BINS = 4096
+_MIN_VALUE = MIN_SKETCH_VALUE  # values below (in the sketch's unit, ms) count in the zero bucket
+_MAX_BINS = MAX_BINS
+
+
+def saturating_add(a: int, b: int) -> int:
+    """``a + b`` for counts, capped at the largest 64-bit integer (what storage holds)."""
+    return min(a + b, INT64_MAX)
 
 
 class DDSketch:
@@ -71,9 +82,9 @@ class DDSketch:
         if other.alpha != self.alpha:
             raise ValueError(f"cannot merge sketches with alpha {self.alpha} and {other.alpha}")
         for k, c in other._bins.items():
-            self._bins[k] = self._bins.get(k, 0) + c
-        self.count += other.count
-        self.zero += other.zero
+            self._bins[k] = saturating_add(self._bins.get(k, 0), c)
+        self.count = saturating_add(self.count, other.count)
+        self.zero = saturating_add(self.zero, other.zero)
         self.sum += other.sum
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
@@ -104,7 +115,7 @@ class DDSketch:
         return self.sum / self.count if self.count else None
 
     def to_dict(self) -> dict[str, Any]:
-        """Compact JSON form: dense bucket counts from ``offset``."""
+        """Dense JSON form (:class:`edgefleet.sdk.protocol.Sketch`): bucket counts from ``offset``."""
         if self._bins:
             lo, hi = min(self._bins), max(self._bins)
             counts = [self._bins.get(k, 0) for k in range(lo, hi + 1)]
@@ -121,43 +132,32 @@ class DDSketch:
             "counts": counts,
         }
 
+    def to_wire(self) -> Sketch:
+        """The validated wire form (raises ProtocolError for a sketch telemetry may not carry, e.g. > 2^40 values)."""
+        return Sketch.from_dict(self.to_dict())
+
+    @classmethod
+    def from_wire(cls, s: Sketch | Mapping[str, Any]) -> DDSketch:
+        """A sketch from its wire form, already validated (:class:`Sketch`), or a dense dict this process wrote
+        (a stored merge: not re-validated, its counts may exceed one window's limit)."""
+        get = s.__getitem__ if isinstance(s, Mapping) else s.__getattribute__
+        sk = cls(float(get("alpha")))
+        offset = int(get("offset"))
+        for i, c in enumerate(get("counts")):
+            if c:
+                sk._bins[offset + i] = int(c)
+        sk.count = int(get("count"))
+        sk.zero = int(get("zero"))
+        sk.sum = float(get("sum"))
+        if sk.count:
+            sk.min = float(get("min"))
+            sk.max = float(get("max"))
+        return sk
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DDSketch:
-        """Parse the JSON form, rejecting anything inconsistent with a ProtocolError."""
-        try:
-            sk = cls(float(d["alpha"]))
-            counts = d["counts"]
-            offset = d["offset"]
-            if not isinstance(counts, list) or not isinstance(offset, int) or len(counts) > _MAX_BINS:
-                raise ValueError("counts must be a list of at most 4096 ints and offset an int")
-            zero = d["zero"]
-            if not isinstance(zero, int) or isinstance(zero, bool) or zero < 0:
-                raise ValueError(f"zero count {zero!r} is not a non-negative int")
-            total = zero
-            for i, c in enumerate(counts):
-                if not isinstance(c, int) or isinstance(c, bool) or c < 0:
-                    raise ValueError(f"bucket count {c!r} is not a non-negative int")
-                if c:
-                    sk._bins[offset + i] = c
-                    total += c
-            if sk._bins and max(-min(sk._bins), max(sk._bins)) * sk._gamma_ln > 700.0:
-                # a bucket whose value exp(key * ln gamma) has no float: quantile() would raise OverflowError
-                raise ValueError(f"bucket keys {min(sk._bins)}..{max(sk._bins)} are out of range")
-            if isinstance(d["count"], bool) or total != d["count"]:
-                raise ValueError(f"bucket counts add up to {total}, count says {d['count']}")
-            sk.count = total
-            sk.zero = zero
-            sk.sum = float(d["sum"])
-            if not math.isfinite(sk.sum) or sk.sum < 0:
-                raise ValueError(f"sum must be a finite number >= 0, got {d['sum']!r}")
-            if total:
-                sk.min = float(d["min"])
-                sk.max = float(d["max"])
-                if not (0.0 <= sk.min <= sk.max < math.inf):
-                    raise ValueError(f"min {d['min']!r} and max {d['max']!r} are inconsistent")
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: float() of a 309-digit int
-            raise ProtocolError(f"invalid latency sketch: {exc}") from exc
-        return sk
+        """Parse an untrusted dense dict, rejecting anything inconsistent with a ProtocolError naming the field."""
+        return cls.from_wire(Sketch.from_dict(d))
 
     @classmethod
     def merged(cls, sketches: Iterable[DDSketch], alpha: float = 0.01) -> DDSketch:
@@ -186,6 +186,111 @@ class LatencySnapshot:
         """p50/p95/p99/mean in milliseconds."""
         s = self.sketch
         return {"p50": s.quantile(0.5), "p95": s.quantile(0.95), "p99": s.quantile(0.99), "mean": s.mean}
+
+
+def quantiles(sketch: Sketch | Mapping[str, Any], qs: Sequence[float] = (0.5, 0.95, 0.99)) -> list[float | None]:
+    """Quantiles (ascending ``qs``) of a sketch in its dense form, in one pass over the buckets.
+
+    Same rule as :meth:`DDSketch.quantile` (tests check they agree) without building the sketch and sorting its
+    buckets once per quantile: ingest computes three quantiles for every model window it stores. (A plain loop beats
+    numpy here: a window has tens of buckets, numpy's per-call overhead dominates.)
+    """
+    if isinstance(sketch, Mapping):
+        alpha, count, zero, lo_, hi_, offset, counts = (sketch["alpha"], sketch["count"], sketch["zero"],
+                                                        sketch["min"], sketch["max"], sketch["offset"],
+                                                        sketch["counts"])
+    else:
+        alpha, count, zero, lo_, hi_, offset, counts = (sketch.alpha, sketch.count, sketch.zero, sketch.min,
+                                                        sketch.max, sketch.offset, sketch.counts)
+    n = len(qs)
+    if not count:
+        return [None] * n
+    gamma_ln = math.log((1.0 + alpha) / (1.0 - alpha))
+    gamma = math.exp(gamma_ln)
+    lo, hi = float(lo_), float(hi_)
+    ranks = [q * (count - 1) for q in qs]
+    out: list[float | None] = [hi] * n
+    seen = zero
+    todo = 0
+    while todo < n and ranks[todo] < seen:
+        out[todo] = max(lo, 0.0)
+        todo += 1
+    key = offset
+    for c in counts:
+        if todo == n:
+            break
+        seen += c
+        while todo < n and seen > ranks[todo]:
+            out[todo] = min(max(2.0 * math.exp(key * gamma_ln) / (gamma + 1.0), lo), hi)
+            todo += 1
+        key += 1
+    return out
+
+
+class SketchSum:
+    """Adds sketches in their dense form without building :class:`DDSketch` objects (the store's per-minute
+    merges); every count saturates at 2^63 - 1, so a sum a 64-bit column holds is what it produces."""
+
+    __slots__ = ("alpha", "count", "counts", "lo", "max", "min", "sum", "zero")
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.lo = 0
+        self.counts: Any = None  # numpy int64 array, imported when the first buckets arrive (the agent never does)
+        self.zero = 0
+        self.count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, d: Sketch | Mapping[str, Any]) -> None:
+        """Add one sketch (validated wire form, or a dense dict written by :meth:`to_dict`)."""
+        import numpy as np
+
+        get = d.__getitem__ if isinstance(d, Mapping) else d.__getattribute__
+        if get("alpha") != self.alpha:
+            raise ValueError(f"cannot merge sketches with alpha {self.alpha} and {get('alpha')}")
+        c = get("counts")
+        if c:
+            off = int(get("offset"))
+            add = np.asarray(c, dtype=np.int64)
+            if self.counts is None:
+                self.lo, self.counts = off, add.copy()
+            else:
+                lo, top = min(self.lo, off), max(self.lo + len(self.counts), off + len(c))
+                if lo != self.lo or top != self.lo + len(self.counts):
+                    grown = np.zeros(top - lo, np.int64)
+                    grown[self.lo - lo:self.lo - lo + len(self.counts)] = self.counts
+                    self.lo, self.counts = lo, grown
+                part = self.counts[off - self.lo:off - self.lo + len(c)]
+                # Saturating add: both sides are >= 0, so adding min(add, MAX - part) cannot overflow.
+                part += np.minimum(add, INT64_MAX - part)
+        self.zero = saturating_add(self.zero, int(get("zero")))
+        self.count = saturating_add(self.count, int(get("count")))
+        self.sum += float(get("sum"))
+        if get("count"):
+            self.min = min(self.min, float(get("min")))
+            self.max = max(self.max, float(get("max")))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The merged sketch in dense form (the lowest buckets folded beyond 4096, as DDSketch does)."""
+        import numpy as np
+
+        counts = self.counts if self.counts is not None else np.zeros(0, np.int64)
+        lo = self.lo
+        if len(counts) > _MAX_BINS:
+            excess = len(counts) - _MAX_BINS
+            folded = min(int(counts[:excess].sum(dtype=object)), INT64_MAX)
+            counts = counts[excess:].copy()
+            counts[0] = saturating_add(int(counts[0]), folded)
+            lo += excess
+        return {"alpha": self.alpha, "count": self.count, "zero": self.zero, "sum": self.sum,
+                "min": self.min if self.count else None, "max": self.max if self.count else None,
+                "offset": lo if len(counts) else 0, "counts": counts.tolist()}
+
+    def to_ddsketch(self) -> DDSketch:
+        """The merged sketch as a :class:`DDSketch`."""
+        return DDSketch.from_wire(self.to_dict())
 
 
 class LatencyRecorder:

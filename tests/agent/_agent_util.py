@@ -208,10 +208,10 @@ class Watcher:
         props = Properties(PacketTypes.PUBLISH)
         if correlation:
             props.CorrelationData = correlation
-        info = self.client.publish(self.protocol.topic(FLEET, self.device, "cmd"), self.protocol.encode(cmd), qos=1,
+        info = self.client.publish(self.protocol.topic(FLEET, self.device, "cmd"), cmd.to_json(), qos=1,
                                    properties=props)
         info.wait_for_publish(10)
-        return cmd["id"]
+        return cmd.id
 
     def send_raw(self, payload: bytes) -> None:
         self.client.publish(self.protocol.topic(FLEET, self.device, "cmd"), payload, qos=1).wait_for_publish(10)

@@ -34,7 +34,7 @@ def test_birth_describes_device_and_last_will_marks_offline_after_kill9(agent_fa
     w = Watcher(mosquitto, agent.device)
     agent.start()
     birth = w.wait_for("status", lambda s: s["state"] == "online")
-    protocol.parse_status(json.dumps(birth))
+    protocol.Status.from_json(json.dumps(birth))
     d = birth["description"]
     assert d["profile"] == "x86-cpu"
     ort = ort_info()  # the agent runs on the same ONNX Runtime as this test process
@@ -89,7 +89,7 @@ def test_deploy_selftest_serve_and_telemetry_counts_then_sigterm(agent_factory, 
     server = bundle_server()
     cid = _deploy(w, bundle, server.url("m.efb"), correlation=b"corr-1")
     reply = w.wait_reply(cid)
-    protocol.parse_reply(json.dumps(reply))
+    protocol.Reply.from_json(json.dumps(reply))
     assert reply["status"] == "ok", reply
     res = reply["result"]
     assert res["version"] == "1.0.0" and res["providers"] == ["CPUExecutionProvider"]
@@ -99,7 +99,7 @@ def test_deploy_selftest_serve_and_telemetry_counts_then_sigterm(agent_factory, 
     raw = next(m for m in w.messages["reply"] if json.loads(m.payload)["id"] == cid)
     assert raw.properties.CorrelationData == b"corr-1"
     ev = w.wait_for("events", lambda e: e["kind"] == "deploy")
-    protocol.parse_event(json.dumps(ev))
+    protocol.Event.from_json(json.dumps(ev))
     assert ev["level"] == "info" and ev["data"]["command"] == cid and ev["data"]["version"] == "1.0.0"
     progress = [e["data"]["state"] for e in w.payloads("events")
                 if e["kind"] == "deploy.progress" and e["data"]["command"] == cid]
@@ -114,8 +114,8 @@ def test_deploy_selftest_serve_and_telemetry_counts_then_sigterm(agent_factory, 
     assert http_json("POST", f"http://{agent.api}/v2/models/testmodel/infer", bad)[0] == 400
 
     def counted() -> int:
-        recs = [protocol.parse_telemetry(json.dumps(t)) for t in w.payloads("telemetry")]
-        return sum(m["count"] for r in recs for m in r["models"] if m["name"] == "testmodel")
+        recs = [protocol.Telemetry.from_json(json.dumps(t)) for t in w.payloads("telemetry")]
+        return sum(m.count for r in recs for m in r.models if m.name == "testmodel")
 
     wait_until(lambda: counted() == n, 10, what=f"{n} inferences counted in telemetry")
     recs = w.payloads("telemetry")
@@ -234,9 +234,9 @@ def test_benchmark_rollback_remove_configure_and_expiry_over_mqtt(agent_factory,
     assert again["error"]["step"] == "rollback" and again["error"]["code"] == "not_found"
     bad_conf = w.wait_reply(w.send("configure", {"telemetry_interval_s": 1.0, "colour": "red"}))
     assert bad_conf["error"]["step"] == "configure" and "colour" in bad_conf["error"]["message"]
-    expired = protocol.command("describe", cmd_id="old-1")
-    expired["expires"] = time.time() - 60
-    w.send_raw(protocol.encode(expired))
+    fresh = protocol.command("describe", cmd_id="old-1")
+    expired = protocol.Command(id=fresh.id, kind=fresh.kind, args=fresh.args, ts=fresh.ts, expires=time.time() - 60)
+    w.send_raw(expired.to_json())
     reply = w.wait_reply("old-1")
     assert reply["error"]["code"] == "command.expired" and reply["error"]["step"] == "receive"
     w.close()
@@ -257,7 +257,7 @@ def test_mqtt5_response_topic_gets_a_copy_with_correlation_data(agent_factory, m
     props.ResponseTopic = f"ctl/responses/{agent.device}"
     props.CorrelationData = b"\x00\x01req-7"
     cmd = protocol.command("describe", cmd_id="rr-1")
-    w.client.publish(protocol.topic("testfleet", agent.device, "cmd"), protocol.encode(cmd), qos=1,
+    w.client.publish(protocol.topic("testfleet", agent.device, "cmd"), cmd.to_json(), qos=1,
                      properties=props).wait_for_publish(10)
     on_channel = w.wait_reply("rr-1")
     wait_until(lambda: got, 10, what="reply on the response topic")

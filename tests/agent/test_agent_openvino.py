@@ -54,11 +54,11 @@ def test_openvino_agent_installs_compiles_and_serves_through_openvino(agent_fact
     status, meta = http_json("GET", f"http://{agent.api}/v2/models/testmodel")
     assert status == 200 and meta["parameters"]["providers"][0] == "OpenVINOExecutionProvider"
 
-    def served() -> list[dict]:
-        recs = [protocol.parse_telemetry(json.dumps(t)) for t in w.payloads("telemetry")]
-        return [m for r in recs for m in r["models"] if m["count"]]
+    def served() -> list[protocol.ModelWindow]:
+        recs = [protocol.Telemetry.from_json(json.dumps(t)) for t in w.payloads("telemetry")]
+        return [m for r in recs for m in r.models if m.count]
 
     entries = wait_until(served, 10, what="telemetry with the inference")
-    assert entries[0]["providers"][0] == "OpenVINOExecutionProvider" and entries[0]["count"] == 1
+    assert entries[0].providers[0] == "OpenVINOExecutionProvider" and entries[0].count == 1
     assert agent.terminate() == 0
     w.close()

@@ -45,8 +45,8 @@ def _run(agent_factory, mosquitto, make_bundle, profile: str, providers: tuple[P
     assert (got.argmax(1) == expected.argmax(1)).all()
 
     def counted() -> int:
-        recs = [protocol.parse_telemetry(json.dumps(t)) for t in w.payloads("telemetry")]
-        return sum(m["count"] for r in recs for m in r["models"] if m["name"] == "magika")
+        recs = [protocol.Telemetry.from_json(json.dumps(t)) for t in w.payloads("telemetry")]
+        return sum(m.count for r in recs for m in r.models if m.name == "magika")
 
     wait_until(lambda: counted() == 3, 10, what="3 inferences in telemetry")
     assert agent.terminate() == 0

@@ -63,11 +63,11 @@ def test_broker_restart_loses_no_telemetry_record(agent_factory, mosquitto) -> N
     while (missing := sorted(set(range(1, last + 1)) - seqs())) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not missing, f"seqs never delivered: {missing} of 1..{last}"
-    recs = [protocol.parse_telemetry(json.dumps(t)) for t in sub.payloads("telemetry")]
+    recs = [protocol.Telemetry.from_json(json.dumps(t)) for t in sub.payloads("telemetry")]
     assert seqs() == set(range(1, last + 1))
-    during = [r for r in recs if down_at < r["ts"] < up_at]
+    during = [r for r in recs if down_at < r.ts < up_at]
     assert len(during) >= 3, "records made while the broker was down must arrive later"
-    assert all(r["dropped"] == 0 for r in recs)
+    assert all(r.dropped == 0 for r in recs)
     sub.close()
 
 
@@ -75,7 +75,8 @@ def test_spool_caps_telemetry_drops_oldest_and_reports_it(tmp_path: Path) -> Non
     spool = Spool(Database(tmp_path / "agent.db"), max_records=5)
 
     def make(seq: int, dropped: int) -> bytes:
-        return protocol.encode(protocol.telemetry("d", "b", seq, [], interval_s=1.0, dropped=dropped))
+        return protocol.Telemetry(device="d", boot="b", seq=seq, models=[], interval_s=1.0,
+                                  dropped=dropped).to_json()
 
     spool.add("reply", "t/reply", b"{}")  # replies never count against the cap
     for _ in range(8):
@@ -102,8 +103,8 @@ class _Acked:
 
 
 def _tele(spool: Spool, boot: str = "b1") -> int:
-    return spool.add_telemetry("t/telemetry", lambda seq, dropped: protocol.encode(
-        protocol.telemetry("d", boot, seq, [], interval_s=1.0, dropped=dropped)), boot=boot)[1]
+    return spool.add_telemetry("t/telemetry", lambda seq, dropped: protocol.Telemetry(
+        device="d", boot=boot, seq=seq, models=[], interval_s=1.0, dropped=dropped).to_json(), boot=boot)[1]
 
 
 def test_spool_keeps_delivered_rows_until_a_receipt_names_them_once_receipts_were_seen(tmp_path: Path) -> None:
@@ -112,7 +113,8 @@ def test_spool_keeps_delivered_rows_until_a_receipt_names_them_once_receipts_wer
     first = [_tele(spool) for _ in range(2)]
     spool.ack(*[r.id for r in spool.pending(10)])
     assert spool.count() == 0
-    spool.confirm(protocol.parse_receipt(protocol.encode(protocol.receipts("d", telemetry={"b1": first})[0])))
+    receipt = protocol.receipts("d", telemetry={"b1": first})[0]
+    spool.confirm(protocol.Receipt.from_json(receipt.to_json()).to_dict())
     assert spool.receipts and Spool(Database(tmp_path / "agent.db")).receipts  # persisted for the next start
     seqs = [_tele(spool) for _ in range(5)]
     spool.add("reply", "t/reply", b"{}", ref="cmd-1")
@@ -120,9 +122,10 @@ def test_spool_keeps_delivered_rows_until_a_receipt_names_them_once_receipts_wer
     spool.ack(*[r.id for r in spool.pending(10)])
     assert spool.count() == 6 and spool.unconfirmed() == 6 and spool.pending(10) == []
     # a receipt for another boot, or for seqs it never sent, changes nothing
-    spool.confirm(protocol.receipts("d", telemetry={"b0": seqs})[0])
+    spool.confirm(protocol.receipts("d", telemetry={"b0": seqs})[0].to_dict())
     assert spool.count() == 6
-    spool.confirm(protocol.receipts("d", telemetry={"b1": [seqs[0], seqs[1], seqs[3]]}, replies=["cmd-1"])[0])
+    spool.confirm(protocol.receipts("d", telemetry={"b1": [seqs[0], seqs[1], seqs[3]]},
+                                    replies=["cmd-1"])[0].to_dict())
     assert spool.pending(10) == [] and spool.count() == 2
     assert spool.requeue(delivered_before=time.time() + 1) == 2
     assert sorted(json.loads(r.payload)["seq"] for r in spool.pending(10)) == [seqs[2], seqs[4]]
@@ -164,10 +167,10 @@ def test_sender_resends_only_what_a_later_receipt_skipped(tmp_path: Path) -> Non
         time.sleep(1.5)  # no receipt yet: the controller may be away, so nothing is resent
         assert sorted(sent) == seqs
         time.sleep(0.3)
-        sender.receipt(protocol.receipts("d", telemetry={"b1": seqs[:2] + seqs[3:5]})[0])
+        sender.receipt(protocol.receipts("d", telemetry={"b1": seqs[:2] + seqs[3:5]})[0].to_dict())
         wait_until(lambda: len(sent) == 8, 5, what="the two skipped records resent")
         assert sorted(sent[6:]) == [seqs[2], seqs[5]]
-        sender.receipt(protocol.receipts("d", telemetry={"b1": [seqs[2], seqs[5]]})[0])
+        sender.receipt(protocol.receipts("d", telemetry={"b1": [seqs[2], seqs[5]]})[0].to_dict())
         wait_until(lambda: spool.count() == 0, 5, what="outbox empty")
         assert sender.resent == 2 and sender.confirmed == 6 and sender.drained(confirmed=True)
     finally:
@@ -209,19 +212,19 @@ def test_mqtt_link_hands_over_only_valid_receipts_for_its_own_device(tmp_path: P
     from edgefleet.agent.mqtt import MqttLink
 
     got: list[dict] = []
-    link = MqttLink(BrokerConfig(), "testfleet", "dev-a", "boot", describe=dict, on_command=lambda m: None,
-                    on_receipt=got.append)
+    link = MqttLink(BrokerConfig(), "testfleet", "dev-a", "boot", describe=protocol.Description,
+                    on_command=lambda m: None, on_receipt=got.append)
 
     class Msg:
         def __init__(self, payload: bytes) -> None:
             self.payload = payload
 
     mine = protocol.receipts("dev-a", telemetry={"b": [1, 2]})[0]
-    for bad in (protocol.encode(protocol.receipts("dev-b", telemetry={"b": [1]})[0]),  # another device's
-                b"{not json", protocol.encode({**mine, "telemetry": {"b": [[2, 1]]}})):
+    for bad in (protocol.receipts("dev-b", telemetry={"b": [1]})[0].to_json(),  # another device's
+                b"{not json", json.dumps({**mine.to_dict(), "telemetry": {"b": [[2, 1]]}}).encode()):
         link._receipt(Msg(bad))  # type: ignore[arg-type]
     assert got == [] and link._bad_receipts == 3
-    link._receipt(Msg(protocol.encode(mine)))  # type: ignore[arg-type]
+    link._receipt(Msg(mine.to_json()))  # type: ignore[arg-type]
     assert [r["telemetry"] for r in got] == [{"b": [[1, 2]]}]
 
 

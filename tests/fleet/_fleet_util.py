@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+EDGEFLEET = Path(sys.executable).with_name("edgefleet")
 
 
 def wait_until(pred: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
@@ -28,3 +37,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Agent:
+    """One real agent process with its own data directory."""
+
+    def __init__(self, tmp: Path, device: str, broker: str, fleet: str, trust: Path) -> None:
+        self.device = device
+        self.data = tmp / device
+        self.data.mkdir(exist_ok=True)  # a second Agent on the same dir is the device restarting
+        self.log = open(tmp / f"{device}.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(EDGEFLEET), "agent", "run", "--device", device, "--fleet", fleet, "--broker", broker,
+             "--data-dir", str(self.data), "--trust", str(trust), "--profile", "x86-cpu",
+             "--telemetry-interval", "0.3", "--api", "127.0.0.1:0", "--log-level", "warning"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def api(self) -> str:
+        runtime = self.data / "state" / "runtime.json"
+        wait_until(lambda: runtime.exists() or self.proc.poll() is not None, 30, what=f"{self.device} runtime.json")
+        if self.proc.poll() is not None:
+            pytest.fail(f"agent {self.device} exited: {(self.log.name and Path(self.log.name).read_text()[-3000:])}")
+        return json.loads(runtime.read_text())["api"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def infer_load(apis: list[str], stop: threading.Event, deadline_s: float) -> None:
+    """Inference requests to every agent's local API until stopped (bounded in time)."""
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16],
+                                   "data": [0.1 * i for i in range(16)]}]}).encode()
+    end = time.monotonic() + deadline_s
+    while not stop.is_set() and time.monotonic() < end:
+        for api in apis:
+            req = urllib.request.Request(f"http://{api}/v2/models/testmodel/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(req, timeout=5).read()
+            except OSError:
+                time.sleep(0.05)  # the model is being swapped (deploy/rollback): try again

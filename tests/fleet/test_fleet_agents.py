@@ -4,8 +4,6 @@ deliberately slowed bundle halts and rolls back by itself."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _fleet_util import wait_until
+from _fleet_util import Agent, infer_load, wait_until
 from click.testing import CliRunner
 from edgefleet.sdk.cli import cli
 
@@ -47,54 +45,6 @@ def make_slow_mlp(path: Path, layers: int = 24, width: int = 512) -> Path:
     return path
 
 
-class Agent:
-    """One real agent process with its own data directory."""
-
-    def __init__(self, tmp: Path, device: str, broker: str, fleet: str, trust: Path) -> None:
-        self.device = device
-        self.data = tmp / device
-        self.data.mkdir(exist_ok=True)  # a second Agent on the same dir is the device restarting
-        self.log = open(tmp / f"{device}.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(EDGEFLEET), "agent", "run", "--device", device, "--fleet", fleet, "--broker", broker,
-             "--data-dir", str(self.data), "--trust", str(trust), "--profile", "x86-cpu",
-             "--telemetry-interval", "0.3", "--api", "127.0.0.1:0", "--log-level", "warning"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-    @property
-    def api(self) -> str:
-        runtime = self.data / "state" / "runtime.json"
-        wait_until(lambda: runtime.exists() or self.proc.poll() is not None, 30, what=f"{self.device} runtime.json")
-        if self.proc.poll() is not None:
-            pytest.fail(f"agent {self.device} exited: {(self.log.name and Path(self.log.name).read_text()[-3000:])}")
-        return json.loads(runtime.read_text())["api"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
-
-
-def _load(apis: list[str], stop: threading.Event, deadline_s: float) -> None:
-    """Inference requests to every agent's local API until stopped (bounded in time)."""
-    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16],
-                                   "data": [0.1 * i for i in range(16)]}]}).encode()
-    end = time.monotonic() + deadline_s
-    while not stop.is_set() and time.monotonic() < end:
-        for api in apis:
-            req = urllib.request.Request(f"http://{api}/v2/models/testmodel/infer", data=body,
-                                         headers={"Content-Type": "application/json"})
-            try:
-                urllib.request.urlopen(req, timeout=5).read()
-            except OSError:
-                time.sleep(0.05)  # the model is being swapped (deploy/rollback): try again
-
-
 def test_real_agents_report_latency_and_a_slowed_canary_is_rolled_back(controller_factory, mosquitto, fleet_id,
                                                                        trust_file, mlp_model, make_bundle,
                                                                        tmp_path) -> None:
@@ -102,7 +52,7 @@ def test_real_agents_report_latency_and_a_slowed_canary_is_rolled_back(controlle
     agents = [Agent(tmp_path, f"agent-{i}", mosquitto.url, fleet_id, trust_file) for i in range(2)]
     stop = threading.Event()
     try:
-        wait_until(lambda: sum(d["state"] == "online" and d["profile"] == "x86-cpu"
+        wait_until(lambda: sum(d.state == "online" and d.profile == "x86-cpu"
                                for d in ctl.store.devices(fleet_id)) == 2, 60, what="2 agents online (x86-cpu)")
         fast = make_bundle(mlp_model, version="1.0.0", filename="fast.efb")
         res = CliRunner().invoke(cli, ["deploy", str(fast), "--to", "all", "--controller", ctl.url, "--json", "--wait"])
@@ -110,12 +60,12 @@ def test_real_agents_report_latency_and_a_slowed_canary_is_rolled_back(controlle
         first = json.loads(res.output)
         assert first["state"] == "completed" and first["progress"] == {"active": 2}, first
 
-        load = threading.Thread(target=_load, args=([a.api for a in agents], stop, 120.0), daemon=True)
+        load = threading.Thread(target=infer_load, args=([a.api for a in agents], stop, 120.0), daemon=True)
         load.start()
 
         def reporting() -> bool:
             devs = ctl.store.devices(fleet_id)
-            return all(any(m["version"] == "1.0.0" and m["count"] > 0 and m["p95"] for m in d["models"])
+            return all(any(m.version == "1.0.0" and m.count > 0 and m.p95 for m in d.models)
                        for d in devs) and len(devs) == 2
         wait_until(reporting, 30, what="both agents reporting latency of 1.0.0")
         with urllib.request.urlopen(f"{ctl.url}/api/devices") as r:
@@ -135,12 +85,13 @@ def test_real_agents_report_latency_and_a_slowed_canary_is_rolled_back(controlle
         (canary,) = [t for t in dep["targets"] if t["phase"] == "canary"]
         (other,) = [t for t in dep["targets"] if t["phase"] == "rest"]
         assert other["state"] == "pending" and other["cmd_id"] == ""  # the rest never received the slow bundle
-        wait_until(lambda: {t["device"]: t["state"] for t in ctl.store.deployment(dep["id"])["targets"]}
+        wait_until(lambda: {t.device: t.state for t in ctl.store.deployment(dep["id"]).targets}
                    [canary["device"]] == "rolled-back", 60, what="the canary rolled back")
 
         def runs(version: str) -> bool:
-            d = ctl.store.device(fleet_id, canary["device"]) or {}
-            return any(m.get("version") == version for m in (d.get("description") or {}).get("models", []))
+            d = ctl.store.device(fleet_id, canary["device"])
+            return d is not None and d.description is not None and any(
+                m.version == version for m in d.description.models)
         wait_until(lambda: runs("1.0.0"), 30, what="the canary's status showing 1.0.0 again")
     finally:
         stop.set()
@@ -156,25 +107,25 @@ def test_deploy_queued_for_an_offline_device_survives_a_broker_that_lost_its_sta
     ctl = controller_factory()
     agent = Agent(tmp_path, "restart-0", mosquitto.url, fleet_id, trust_file)
     try:
-        wait_until(lambda: (ctl.store.device(fleet_id, "restart-0") or {}).get("state") == "online", 60,
+        wait_until(lambda: getattr(ctl.store.device(fleet_id, "restart-0"), "state", None) == "online", 60,
                    what="agent online")
         agent.stop()
-        wait_until(lambda: (ctl.store.device(fleet_id, "restart-0") or {}).get("state") == "offline", 30,
+        wait_until(lambda: getattr(ctl.store.device(fleet_id, "restart-0"), "state", None) == "offline", 30,
                    what="agent offline")
         bundle = make_bundle(mlp_model, version="1.0.0", filename="queued.efb")
         res = CliRunner().invoke(cli, ["deploy", str(bundle), "--to", "all", "--controller", ctl.url, "--json"])
         assert res.exit_code == 0, res.output
         dep_id = json.loads(res.output)["id"]
-        wait_until(lambda: ctl.store.deployment(dep_id)["targets"][0]["cmd_id"], 30, what="deploy command sent")
+        wait_until(lambda: ctl.store.deployment(dep_id).targets[0].cmd_id, 30, what="deploy command sent")
         time.sleep(0.5)  # the broker has queued it in the offline device's session ...
         mosquitto.kill()  # ... and loses it: killed, and its persistence gone with the disk
         (mosquitto.workdir / "data" / "mosquitto.db").unlink(missing_ok=True)
         mosquitto.start()
         wait_until(lambda: ctl.ingest.connected, 30, what="controller reconnected")
         agent = Agent(tmp_path, "restart-0", mosquitto.url, fleet_id, trust_file)
-        wait_until(lambda: ctl.store.deployment(dep_id)["state"] == "completed", 90, what="deployment completed")
-        (target,) = ctl.store.deployment(dep_id)["targets"]
-        assert target["state"] == "active"
+        wait_until(lambda: ctl.store.deployment(dep_id).state == "completed", 90, what="deployment completed")
+        (target,) = ctl.store.deployment(dep_id).targets
+        assert target.state == "active"
         assert ctl.deployer.resent >= 1  # it did take the resend: the restarted broker had lost the command
     finally:
         agent.stop()

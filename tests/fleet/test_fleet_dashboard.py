@@ -105,7 +105,7 @@ def test_dashboard_shows_deployment_progress_and_a_halted_canary(controller_fact
     sim.start()
     try:
         sim.run_telemetry(duration_s=60)
-        wait_until(lambda: len([d for d in ctl.store.devices(fleet_id) if d["models"]]) == 4, what="4 reporting")
+        wait_until(lambda: len([d for d in ctl.store.devices(fleet_id) if d.models]) == 4, what="4 reporting")
         page.goto(ctl.url + "/")
         page.wait_for_selector("body[data-ready='1']", timeout=10_000)
         time.sleep(1.0)  # baseline on 1.0.0
@@ -128,7 +128,8 @@ def test_dashboard_shows_deployment_progress_and_a_halted_canary(controller_fact
         page.wait_for_function("() => document.querySelector('#events').innerText.includes('rolled back')",
                                timeout=10_000)
         events = page.locator("#events li").all_inner_texts()
-        assert sum("deploy.active" in e for e in events) == 1 and sum("rollback" in e for e in events) == 1
+        assert sum("deploy: testmodel 2.0.0 active" in e for e in events) == 1
+        assert sum("rollback" in e for e in events) == 1
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "fleet-dashboard-deployment.png"), full_page=True)
     finally:
@@ -137,12 +138,13 @@ def test_dashboard_shows_deployment_progress_and_a_halted_canary(controller_fact
 
 def test_dashboard_pages_a_large_fleet_and_filters_all_of_it(controller_factory, fleet_id, page) -> None:
     from edgefleet.fleet.store import Batch
-    from edgefleet.sdk.protocol import status
+    from edgefleet.sdk.protocol import Status
 
     ctl = controller_factory()
     profiles = ["x86-cpu", "jetson-orin", "raspberry-pi-5"]
     ctl.store.write(Batch(fleet_id, statuses=[
-        status(f"big-{i:04d}", "online" if i % 10 else "offline", boot="b", description={"profile": profiles[i % 3]})
+        Status(device=f"big-{i:04d}", state="online" if i % 10 else "offline", boot="b",
+               description={"profile": profiles[i % 3]})
         for i in range(250)]))
     page.goto(ctl.url + "/")
     page.wait_for_selector("body[data-complete='1']", timeout=15_000)

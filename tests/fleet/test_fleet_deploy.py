@@ -8,10 +8,11 @@ import time
 import pytest
 from _fleet_util import wait_until
 from click.testing import CliRunner
-from edgefleet.fleet.deploy import RolloutPolicy, Selector, compare
+from edgefleet.fleet.rollout import Selector, compare
 from edgefleet.fleet.simulate import Simulator, make_devices
 from edgefleet.sdk.cli import cli
 from edgefleet.sdk.errors import InputError
+from edgefleet.sdk.protocol import DeviceRow, RolloutPolicy, TelemetryWindow
 from edgefleet.sdk.sketch import DDSketch
 
 pytestmark = pytest.mark.mosquitto
@@ -27,7 +28,7 @@ def fleet(controller_factory, mosquitto, fleet_id):
                     client_prefix=f"{fleet_id}-sim")
     sim.start()
     sim.run_telemetry(duration_s=120)
-    wait_until(lambda: len([d for d in ctl.store.devices(fleet_id) if d["models"]]) == 12, what="12 devices reporting")
+    wait_until(lambda: len([d for d in ctl.store.devices(fleet_id) if d.models]) == 12, what="12 devices reporting")
     yield ctl, sim
     sim.stop()
 
@@ -107,10 +108,10 @@ def test_canary_rollout_halts_and_rolls_back_on_p95_regression(fleet, mlp_model,
     # The rest never got the bundle; the canaries got it, then a rollback, and run 1.0.0 again.
     deployed_to = {c["device"] for c in sim.commands if c["kind"] == "deploy"}
     assert deployed_to == {t["device"] for t in canaries}
-    wait_until(lambda: all(t["state"] == "rolled-back" for t in ctl.store.deployment(dep["id"])["targets"]
-                           if t["phase"] == "canary"), what="canaries rolled back")
+    wait_until(lambda: all(t.state == "rolled-back" for t in ctl.store.deployment(dep["id"]).targets
+                           if t.phase == "canary"), what="canaries rolled back")
     assert all(sim.devices[t["device"]].version == "1.0.0" for t in canaries)
-    assert all(t["state"] == "pending" for t in ctl.store.deployment(dep["id"])["targets"] if t["phase"] == "rest")
+    assert all(t.state == "pending" for t in ctl.store.deployment(dep["id"]).targets if t.phase == "rest")
     shown = CliRunner().invoke(cli, ["deployments", "show", dep["id"], "--controller", ctl.url])
     assert shown.exit_code == 0 and "halted" in shown.output and "rolled-back" in shown.output
 
@@ -130,12 +131,13 @@ def test_canary_rollout_proceeds_when_latency_holds_and_rollback_command_reverts
     rb = CliRunner().invoke(cli, ["rollback", dep["id"], "--device", "x-0005", "--controller", ctl.url])
     assert rb.exit_code == 0 and "rollback sent to 1 device(s): x-0005" in rb.output
     wait_until(lambda: sim.devices["x-0005"].version == "1.0.0", what="x-0005 back on 1.0.0")
-    wait_until(lambda: {t["device"]: t["state"] for t in ctl.store.deployment(dep["id"])["targets"]}["x-0005"]
+    wait_until(lambda: {t.device: t.state for t in ctl.store.deployment(dep["id"]).targets}["x-0005"]
                == "rolled-back", what="x-0005 rolled-back in the store")
 
 
 def test_selector_parsing_and_matching() -> None:
-    dev = {"device": "cam-1", "profile": "jetson-orin", "tags": ["lobby", "eu"]}
+    dev = DeviceRow(device="cam-1", state="online", boot="", profile="jetson-orin", tags=["lobby", "eu"], last_seen=0,
+                    models=[], telemetry_ts=0, process={}, updated=0)
     assert Selector.parse(["cam-1"]).matches(dev)
     assert Selector.parse(["tag:eu"]).matches(dev)
     assert Selector.parse(["profile:x86-cpu,profile:jetson-orin"]).matches(dev)
@@ -146,11 +148,12 @@ def test_selector_parsing_and_matching() -> None:
         Selector.parse([" , "])
 
 
-def _windows(median: float, n: int, errors: int = 0) -> list[dict]:
+def _windows(median: float, n: int, errors: int = 0) -> list[TelemetryWindow]:
     sk = DDSketch()
     for i in range(n):
         sk.add(median * (0.8 + 0.4 * i / n))
-    return [{"sketch": sk.to_dict(), "errors": errors, "count": n}]
+    return [TelemetryWindow(device="d", boot="b", seq=1, ts=1.0, name="m", version="1", count=n, errors=errors,
+                            interval_s=1.0, p50=None, p95=None, p99=None, providers=[], sketch=sk.to_wire())]
 
 
 def test_compare_halts_on_error_rise_and_passes_small_changes() -> None:
@@ -171,20 +174,20 @@ def test_a_rollout_is_resumed_by_another_controller_when_its_own_stops(controlle
     sim.start()
     try:
         sim.run_telemetry(duration_s=60)
-        wait_until(lambda: len([d for d in a.store.devices(fleet_id) if d["models"]]) == 6, what="6 reporting")
+        wait_until(lambda: len([d for d in a.store.devices(fleet_id) if d.models]) == 6, what="6 reporting")
         time.sleep(1.0)
         sha = a.library.add(make_bundle(mlp_model, version="1.3.0")).sha256
         b.library.add(a.library.path(sha))  # each controller serves from its own bundle directory
         dep = a.deployer.create([sha], Selector.parse(["all"]), RolloutPolicy(canary_pct=34, observe_s=3,
                                                                                 min_samples=50))
-        assert dep["owner"] == a.config.client_id
-        wait_until(lambda: a.store.deployment(dep["id"])["state"] == "observing", what="canaries observed")
+        assert dep.owner == a.config.client_id
+        wait_until(lambda: a.store.deployment(dep.id).state == "observing", what="canaries observed")
         a.deployer.stop()  # controller a goes away mid-rollout
-        wait_until(lambda: b.store.deployment(dep["id"])["state"] == "completed", timeout_s=40,
+        wait_until(lambda: b.store.deployment(dep.id).state == "completed", timeout_s=40,
                    what="controller b finishing the rollout")
-        final = b.store.deployment(dep["id"])
-        assert final["owner"] == b.config.client_id
-        assert final["progress"] == {"active": 6}
+        final = b.store.deployment(dep.id)
+        assert final.owner == b.config.client_id
+        assert final.progress == {"active": 6}
         # Each device got exactly one deploy command: nothing was sent twice by the takeover.
         deploys = [c["device"] for c in sim.commands if c["kind"] == "deploy"]
         assert sorted(deploys) == sorted(d.device for d in devs)
@@ -198,13 +201,13 @@ def test_rolling_back_a_whole_deployment_stops_its_rollout(fleet, mlp_model, mak
     sha = ctl.library.add(make_bundle(mlp_model, version="1.4.0")).sha256
     dep = ctl.deployer.create([sha], Selector.parse(["tag:lab"]),
                               RolloutPolicy(canary_pct=20, observe_s=30, min_samples=50))
-    wait_until(lambda: ctl.store.deployment(dep["id"])["state"] == "observing", what="canaries observed")
-    res = CliRunner().invoke(cli, ["rollback", dep["id"], "--controller", ctl.url])
+    wait_until(lambda: ctl.store.deployment(dep.id).state == "observing", what="canaries observed")
+    res = CliRunner().invoke(cli, ["rollback", dep.id, "--controller", ctl.url])
     assert res.exit_code == 0 and "rollback sent to 2 device(s)" in res.output, res.output
-    ctl.deployer.wait(dep["id"], 10)  # the rollout thread gives up at its next lease renewal
-    assert not ctl.deployer._threads[dep["id"]].is_alive()
-    wait_until(lambda: all(t["state"] in ("rolled-back", "pending") for t in ctl.store.deployment(dep["id"])["targets"]
-                           if t["phase"] != "none"), what="canaries rolled back, the rest untouched")
-    final = ctl.store.deployment(dep["id"])
-    assert final["state"] == "rolled-back" and final["progress"] == {"rolled-back": 2, "pending": 8}
+    ctl.deployer.wait(dep.id, 10)  # the rollout thread gives up at its next lease renewal
+    assert not ctl.deployer._threads[dep.id].is_alive()
+    wait_until(lambda: all(t.state in ("rolled-back", "pending") for t in ctl.store.deployment(dep.id).targets
+                           if t.phase != "none"), what="canaries rolled back, the rest untouched")
+    final = ctl.store.deployment(dep.id)
+    assert final.state == "rolled-back" and final.progress == {"rolled-back": 2, "pending": 8}
     assert len([c for c in sim.commands if c["kind"] == "deploy"]) == 2

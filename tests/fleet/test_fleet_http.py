@@ -95,11 +95,11 @@ def test_api_versions_percentiles_come_from_merged_sketches(running, fleet_id) -
     assert status == 200
     (v,) = json.loads(body)["versions"]
     windows = ctl.store.windows(fleet_id, with_sketch=True)
-    merged = DDSketch.merged(DDSketch.from_dict(w["sketch"]) for w in windows)
-    assert v["count"] == merged.count == sum(w["count"] for w in windows)
+    merged = DDSketch.merged(DDSketch.from_wire(w.sketch) for w in windows if w.sketch is not None)
+    assert v["count"] == merged.count == sum(w.count for w in windows)
     assert v["p95"] == pytest.approx(merged.quantile(0.95))
     # ... and not the mean of per-device p95s, which differs for a mixed x86/Jetson fleet.
-    assert v["p95"] != pytest.approx(sum(w["p95"] for w in windows) / len(windows), rel=0.01)
+    assert v["p95"] != pytest.approx(sum(w.p95 or 0.0 for w in windows) / len(windows), rel=0.01)
 
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\})? '
@@ -144,7 +144,7 @@ def test_metrics_is_prometheus_text_with_device_gauges_and_version_summaries(run
     assert set(quantiles) == {"0.5", "0.9", "0.95", "0.99"}
     assert quantiles["0.5"] <= quantiles["0.95"] <= quantiles["0.99"]
     (count,) = [v for lbl, v in m["edgefleet_model_latency_ms_count"] if lbl["version"] == "1.0.0"]
-    assert count == sum(w["count"] for w in ctl.store.windows(ctl.config.fleet))
+    assert count == sum(w.count for w in ctl.store.windows(ctl.config.fleet))
     assert [v for lbl, v in m["edgefleet_ingest_stored_total"] if lbl["channel"] == "telemetry"] == [20.0]
     assert all(not math.isnan(v) for _, v in m["edgefleet_device_throughput_rps"])
     assert {lbl["device"]: v for lbl, v in m["edgefleet_device_process_rss_bytes"]}["h-0003"] == 180 * 2**20
@@ -207,11 +207,12 @@ def test_large_device_lists_are_gzipped_for_clients_that_accept_it(running, flee
     import gzip
 
     from edgefleet.fleet.store import Batch
-    from edgefleet.sdk.protocol import status
+    from edgefleet.sdk.protocol import Status
 
     ctl, _ = running
-    ctl.store.write(Batch(fleet_id, statuses=[status(f"bulk-{i:04d}", "online", boot="b",
-                                                     description={"profile": "x86-cpu", "tags": ["t" * 200]})
+    tags = [f"t{j:063d}" for j in range(4)]
+    ctl.store.write(Batch(fleet_id, statuses=[Status(device=f"bulk-{i:04d}", state="online", boot="b",
+                                                     description={"profile": "x86-cpu", "tags": tags})
                                               for i in range(400)]))
     status_code, body, headers = get(f"{ctl.url}/api/devices", {"Accept-Encoding": "gzip"})
     assert status_code == 200 and headers["Content-Encoding"] == "gzip"

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
+import time
+import urllib.request
 
 import pytest
 from _fleet_util import wait_until
+from edgefleet.fleet.controller import Controller, ControllerConfig
 from edgefleet.fleet.simulate import Simulator, make_devices
-from edgefleet.sdk.protocol import MAX_PAYLOAD, encode, event, status, telemetry, topic
+from edgefleet.fleet.store import Batch, SQLiteStore, WriteResult
+from edgefleet.sdk.protocol import MAX_PAYLOAD, Event, ModelWindow, Status, Telemetry, topic
 from edgefleet.sdk.sketch import DDSketch
 
 pytestmark = pytest.mark.mosquitto
@@ -17,9 +23,9 @@ def _record(device: str, seq: int, boot: str = "boot1", latency: float = 5.0) ->
     sk = DDSketch()
     for i in range(10):
         sk.add(latency + i * 0.1)
-    models = [{"name": "m", "version": "1.0.0", "count": 10, "errors": 1, "providers": ["CPUExecutionProvider"],
-               "sketch": sk.to_dict()}]
-    return encode(telemetry(device, boot, seq, models, interval_s=1.0))
+    models = [ModelWindow(name="m", version="1.0.0", count=10, errors=1, providers=["CPUExecutionProvider"],
+                          sketch=sk.to_wire())]
+    return Telemetry(device=device, boot=boot, seq=seq, models=models, interval_s=1.0).to_json()
 
 
 def test_ingest_stores_one_row_per_message_and_ignores_replays(controller_factory, publisher, fleet_id) -> None:
@@ -40,7 +46,7 @@ def test_ingest_stores_one_row_per_message_and_ignores_replays(controller_factor
     assert counts["devices"] == 5
     # Derived views count each window once: the replay did not inflate the fleet-wide totals.
     totals = ctl.store.version_totals(fleet_id)
-    assert [(t["name"], t["version"], t["count"], t["errors"]) for t in totals] == [("m", "1.0.0", 2000, 200)]
+    assert [(t.name, t.version, t.count, t.errors) for t in totals] == [("m", "1.0.0", 2000, 200)]
 
 
 def test_ingest_counts_bad_payloads_logs_once_and_keeps_going(controller_factory, publisher, fleet_id, caplog) -> None:
@@ -61,7 +67,7 @@ def test_ingest_counts_bad_payloads_logs_once_and_keeps_going(controller_factory
         publisher.publish(t, p)
         publisher.publish(topic(fleet_id, "good", "telemetry"), _record("good", i))
     publisher.publish(topic(fleet_id, "good", "events"),
-                      encode(event("good", "boot1", 1, "install", "installed m 1.0.0")))
+                      Event(device="good", boot="boot1", seq=1, kind="install", message="installed m 1.0.0").to_json())
     publisher.flush()
     wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == len(bad), what="every good record stored")
     wait_until(lambda: ctl.ingest.stats.snapshot()["rejected_total"] == len(bad), what="every bad payload counted")
@@ -83,49 +89,95 @@ def test_status_birth_and_last_will_reach_the_store(controller_factory, mosquitt
     sim = Simulator(mosquitto.url, fleet_id, devs, interval_s=0.2, client_prefix=f"{fleet_id}-sim")
     sim.start()
     try:
-        wait_until(lambda: sum(d["state"] == "online" for d in ctl.store.devices(fleet_id)) == 3, what="3 online")
-        by_id = {d["device"]: d for d in ctl.store.devices(fleet_id)}
-        assert by_id["w-0000"]["profile"] == "jetson-orin"
-        assert by_id["w-0001"]["profile"] == "raspberry-pi-5"
-        assert by_id["w-0000"]["tags"] == ["lab"]
+        wait_until(lambda: sum(d.state == "online" for d in ctl.store.devices(fleet_id)) == 3, what="3 online")
+        by_id = {d.device: d for d in ctl.store.devices(fleet_id)}
+        assert by_id["w-0000"].profile == "jetson-orin"
+        assert by_id["w-0001"].profile == "raspberry-pi-5"
+        assert by_id["w-0000"].tags == ["lab"]
     finally:
         sim.stop(graceful=False)  # drop the connections: the broker publishes each device's Last Will
-    wait_until(lambda: all(d["state"] == "offline" for d in ctl.store.devices(fleet_id)), timeout_s=30,
+    wait_until(lambda: all(d.state == "offline" for d in ctl.store.devices(fleet_id)), timeout_s=30,
                what="Last Will offline statuses")
     # The will carries no description: the profile learnt from the birth is kept.
-    assert {d["profile"] for d in ctl.store.devices(fleet_id)} == {"jetson-orin", "raspberry-pi-5"}
+    assert {d.profile for d in ctl.store.devices(fleet_id)} == {"jetson-orin", "raspberry-pi-5"}
 
 
 def test_status_older_than_stored_one_is_ignored(controller_factory, publisher, fleet_id) -> None:
     ctl = controller_factory()
     st = topic(fleet_id, "o1", "status")
-    new = status("o1", "online", boot="b2", description={"profile": "x86-cpu"})
-    old = {**status("o1", "offline", boot="b1"), "ts": new["ts"] - 100}
-    publisher.publish(st, encode(new))
+    new = Status(device="o1", state="online", boot="b2", description={"profile": "x86-cpu"})
+    old = Status(device="o1", state="offline", boot="b1", ts=new.ts - 100)
+    publisher.publish(st, new.to_json())
     publisher.flush()
-    wait_until(lambda: (ctl.store.device(fleet_id, "o1") or {}).get("state") == "online", what="online")
-    publisher.publish(st, encode(old))
-    publisher.publish(topic(fleet_id, "marker", "status"), encode(status("marker", "online")))
+    wait_until(lambda: getattr(ctl.store.device(fleet_id, "o1"), "state", None) == "online", what="online")
+    publisher.publish(st, old.to_json())
+    publisher.publish(topic(fleet_id, "marker", "status"), Status(device="marker", state="online").to_json())
     publisher.flush()
     wait_until(lambda: ctl.store.device(fleet_id, "marker"), what="marker status stored after the stale one")
     d = ctl.store.device(fleet_id, "o1")
-    assert d is not None and d["state"] == "online" and d["boot"] == "b2"
+    assert d is not None and d.state == "online" and d.boot == "b2"
 
 
-def test_a_valid_message_the_store_cannot_take_is_dropped_alone(controller_factory, publisher, fleet_id) -> None:
+def test_a_valid_message_the_store_cannot_take_is_dropped_alone(mosquitto, tmp_path, publisher, fleet_id) -> None:
+    class RefusingStore(SQLiteStore):
+        """A real SQLite store that cannot take one device's records (as a broken row or a constraint would)."""
+
+        def write(self, batch: Batch) -> WriteResult:
+            if any(t.device == "big" for t in batch.telemetry):
+                raise sqlite3.IntegrityError("cannot store this one")
+            return super().write(batch)
+
+    ctl = Controller(ControllerConfig(broker=mosquitto.url, db=str(tmp_path / "f.db"), fleet=fleet_id, http_port=0,
+                                      bundles_dir=tmp_path / "b", client_id=f"{fleet_id}-refusing"),
+                     store=RefusingStore(tmp_path / "f.db"))
+    ctl.start()
+    try:
+        for i in range(10):
+            publisher.publish(topic(fleet_id, "ok", "telemetry"), _record("ok", i))
+            if i == 5:
+                publisher.publish(topic(fleet_id, "big", "telemetry"), _record("big", 1))
+        publisher.flush()
+        wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 10, what="the 10 storable records")
+        wait_until(lambda: ctl.ingest.stats.rejected[("telemetry", "unstorable")] == 1, what="the poison one counted")
+        # Ingest goes on afterwards.
+        publisher.publish(topic(fleet_id, "ok", "telemetry"), _record("ok", 99))
+        publisher.flush()
+        wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 11, what="ingest after the poison message")
+    finally:
+        ctl.stop()
+
+
+def _raw(device: str, seq: int, count: int, ts: float | None = None) -> bytes:
+    """A telemetry record written by hand, to put values at the edges of what the protocol allows."""
+    sketch = {"alpha": 0.01, "count": count, "zero": count, "sum": 0.0, "min": 0.0 if count else None,
+              "max": 0.0 if count else None, "offset": 0, "counts": []}
+    rec = {"v": 1, "device": device, "boot": "b", "seq": seq, "ts": time.time() if ts is None else ts,
+           "interval_s": 1.0, "models": [{"name": "edge", "version": "1", "count": count, "errors": count,
+                                          "providers": [], "sketch": sketch}]}
+    return json.dumps(rec).encode()
+
+
+def test_records_at_the_int64_edge_are_refused_or_stored_and_never_poison_others(controller_factory, publisher,
+                                                                                  fleet_id) -> None:
+    """Issue 18: one record with int64-edge counters made every later record of that model unstorable."""
     ctl = controller_factory()
-    huge = _record("big", 2**70)  # passes the schema (an int >= 0) but is beyond SQLite's 64-bit integers
-    for i in range(10):
-        publisher.publish(topic(fleet_id, "ok", "telemetry"), _record("ok", i))
-        if i == 5:
-            publisher.publish(topic(fleet_id, "big", "telemetry"), huge)
+    tel = topic(fleet_id, "edge", "telemetry")
+    publisher.publish(tel, _raw("edge", 2**70, 1))  # seq beyond 64 bits: refused by the protocol
+    publisher.publish(tel, _raw("edge", 1, 2**63 - 1))  # a window of 2^63 - 1 requests: over the 2^40 limit
+    publisher.publish(tel, _raw("edge", 2, 2**40))  # the largest window allowed: stored
+    publisher.publish(tel, b'{"v":1,"device":"edge","boot":"b","seq":3,"ts":1e999}')  # no float for it
+    publisher.publish(tel, _raw("edge", 4, 1, ts=time.time() + 86400))  # a day ahead of the controller's clock
+    for i in range(20):  # other devices, same model and minute, after the edge ones
+        publisher.publish(topic(fleet_id, f"ok{i % 4}", "telemetry"), _raw(f"ok{i % 4}", i, 10))
     publisher.flush()
-    wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 10, what="the 10 storable records")
-    wait_until(lambda: ctl.ingest.stats.rejected[("telemetry", "unstorable")] == 1, what="the poison one counted")
-    # Ingest goes on afterwards.
-    publisher.publish(topic(fleet_id, "ok", "telemetry"), _record("ok", 99))
-    publisher.flush()
-    wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 11, what="ingest after the poison message")
+    wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 21, what="the 20 normal records and the edge one")
+    rejected = ctl.ingest.stats.rejected
+    assert rejected[("telemetry", "malformed")] == 3 and rejected[("telemetry", "clock")] == 1
+    assert rejected[("telemetry", "unstorable")] == 0
+    (total,) = ctl.store.version_totals(fleet_id)
+    assert total.count == 2**40 + 200
+    with urllib.request.urlopen(f"{ctl.url}/metrics") as r:
+        assert r.status == 200 and b'edgefleet_model_latency_ms_count{fleet="' in r.read()
 
 
 def test_graceful_restart_under_load_loses_nothing_and_stores_nothing_twice(controller_factory, publisher,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from _fleet_util import wait_until
-from edgefleet.sdk.protocol import encode, status, telemetry, topic
+from edgefleet.sdk.protocol import ModelWindow, Status, Telemetry, topic
 from edgefleet.sdk.sketch import DDSketch
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
@@ -59,16 +59,18 @@ def test_two_controller_processes_split_ingest_without_loss_or_duplicates(mosqui
         n_dev, n_seq = 20, 100
         for d in range(n_dev):
             publisher.publish(topic(fleet_id, f"s{d}", "status"),
-                              encode(status(f"s{d}", "online", boot="b", description={"profile": "x86-cpu"})),
+                              Status(device=f"s{d}", state="online", boot="b",
+                                     description={"profile": "x86-cpu"}).to_json(),
                               retain=True)
         sk = DDSketch()
         sk.add(4.2)
-        models = [{"name": "m", "version": "1", "count": 1, "errors": 0, "providers": ["CPUExecutionProvider"],
-                   "sketch": sk.to_dict()}]
+        models = [ModelWindow(name="m", version="1", count=1, errors=0, providers=["CPUExecutionProvider"],
+                              sketch=sk.to_wire())]
         for seq in range(n_seq):
             for d in range(n_dev):
                 publisher.publish(topic(fleet_id, f"s{d}", "telemetry"),
-                                  encode(telemetry(f"s{d}", "b", seq, models, interval_s=1.0)))
+                                  Telemetry(device=f"s{d}", boot="b", seq=seq, models=models,
+                                            interval_s=1.0).to_json())
         publisher.flush()
         total = n_dev * n_seq
         wait_until(lambda: sum(_get(u + "/api/ingest")["received"].get("telemetry", 0) for u in urls) >= total,

@@ -50,7 +50,7 @@ class Device:
         self.status_latency: list[float] = []
         self.duplicate_replies = 0
 
-    def signed(self, kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    def signed(self, kind: str, args: dict[str, Any]) -> protocol.Command:
         self.counter += 1
         self.n += 1
         cmd = protocol.command(kind, args, cmd_id=f"c{self.n}-{kind}")
@@ -71,9 +71,9 @@ class Device:
             return {}
         return dict(json.loads(f.read_text())["models"].get("testmodel") or {})
 
-    def send(self, cmd: dict[str, Any]) -> str:
-        self.w.send_raw(protocol.encode(cmd))
-        return str(cmd["id"])
+    def send(self, cmd: protocol.Command) -> str:
+        self.w.send_raw(cmd.to_json())
+        return cmd.id
 
     def check_dead(self, allowed: set[str | None], what: str) -> None:
         """While the agent is dead the pointer file alone decides what will serve: old or new, every hash intact."""

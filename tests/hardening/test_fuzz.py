@@ -136,16 +136,18 @@ def _valid_messages() -> dict[str, dict[str, Any]]:
 
     model = {"name": "m", "version": "1.0", "count": 5, "errors": 0, "providers": ["CPUExecutionProvider"],
              "sketch": _sketch(), "p50_ms": 1.0}
-    return {
-        "status": protocol.status("dev-1", "online", boot="b", description={"profile": "x86-cpu"}),
-        "telemetry": protocol.telemetry("dev-1", "b", 7, [model], interval_s=10.0, process={"rss": 1}),
-        "event": protocol.event("dev-1", "b", 3, "install", "ok", data={"k": 1}),
+    msgs: dict[str, protocol.Message] = {
+        "status": protocol.Status(device="dev-1", state="online", boot="b", description={"profile": "x86-cpu"}),
+        "telemetry": protocol.Telemetry(device="dev-1", boot="b", seq=7, models=[model], interval_s=10.0,
+                                        process={"rss_bytes": 1}),
+        "event": protocol.Event(device="dev-1", boot="b", seq=3, kind="install", message="ok", data={"k": 1}),
         "command": protocol.command("deploy", {"url": "https://x/b.efb", "sha256": "a" * 64, "size": 10},
                                     ttl_s=60),
-        "reply": protocol.reply("c1", "dev-1", False, code="bundle.signature", message="no", step="verify"),
+        "reply": protocol.Reply.failed("c1", "dev-1", "bundle.signature", "no", "verify"),
         "receipt": protocol.receipts("dev-1", telemetry={"b": [1, 2, 3, 9]}, events={"b": [4]},
                                     replies=["c1"])[0],
     }
+    return {k: m.to_dict() for k, m in msgs.items()}
 
 
 @pytest.mark.parametrize("kind", ["status", "telemetry", "event", "command", "reply", "receipt"])
@@ -155,26 +157,34 @@ def test_fuzz_protocol_parsers_raise_only_protocol_errors(kind: str, long_run: b
     from edgefleet.agent.spool import Spool
     from edgefleet.sdk import protocol
 
-    parse = {"status": protocol.parse_status, "telemetry": protocol.parse_telemetry, "event": protocol.parse_event,
-             "command": protocol.parse_command, "reply": protocol.parse_reply, "receipt": protocol.parse_receipt}[kind]
+    cls = {"status": protocol.Status, "telemetry": protocol.Telemetry, "event": protocol.Event,
+           "command": protocol.Command, "reply": protocol.Reply, "receipt": protocol.Receipt}[kind]
     valid = _valid_messages()[kind]
-    assert parse(protocol.encode(valid))  # the seed itself parses
+    assert cls.from_json(json.dumps(valid))  # the seed itself parses
     spool = Spool(Database(tmp_path / "agent.db")) if kind == "receipt" else None
 
     def check(data: bytes | str) -> None:
         try:
-            msg = parse(data)
+            msg = cls.from_json(data)
         except EdgefleetError:
             return
-        if kind == "telemetry":  # what the fleet does with accepted telemetry: merge sketches, read quantiles
-            from edgefleet.sdk.sketch import DDSketch
+        # An accepted message goes back to the wire unchanged in meaning: the writer's validation takes it too.
+        again = cls.from_json(msg.to_json())
+        assert again == msg
+        if isinstance(msg, protocol.Telemetry):  # what the fleet does with accepted telemetry
+            from edgefleet.sdk.sketch import DDSketch, SketchSum, quantiles
 
-            merged = DDSketch.merged(DDSketch.from_dict(m["sketch"]) for m in msg["models"])
+            merged = DDSketch.merged(DDSketch.from_wire(m.sketch) for m in msg.models)
             merged.quantile(0.99)
+            total = SketchSum(protocol.SKETCH_ALPHA)
+            for m in msg.models:
+                quantiles(m.sketch)
+                total.add(m.sketch)
+            total.to_ddsketch().quantile(0.5)
         if spool is not None:  # what the agent does with an accepted receipt
-            spool.confirm(msg)
+            spool.confirm(msg.to_dict())
 
-    run(long_run, figures, f"protocol.parse_{kind}", payloads(valid), check)
+    run(long_run, figures, f"protocol.{cls.__name__}.from_json", payloads(valid), check)
 
 
 def test_fuzz_sketch_from_dict_raises_only_protocol_errors(long_run: bool, figures: Any) -> None:

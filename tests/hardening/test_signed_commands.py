@@ -9,6 +9,7 @@ bundle store, the deploy progress events and the agent's own "command done" log 
 from __future__ import annotations
 
 import base64
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,16 @@ class Signer:
              ttl_s: float = 600.0, ts: float | None = None, key: PrivateKey | None = None) -> dict[str, Any]:
         cmd = protocol.command(kind, args, cmd_id=cmd_id)
         if ts is not None:
-            cmd["ts"] = ts
+            cmd = protocol.Command.from_dict({**cmd.to_dict(), "ts": ts})
         if counter is None:
             self.counter += 1
             counter = self.counter
-        return protocol.sign_command(cmd, key or self.key, counter=counter, ttl_s=ttl_s)
+        # A dict: the tests tamper with it the way an attacker on the wire would.
+        return protocol.sign_command(cmd, key or self.key, counter=counter, ttl_s=ttl_s).to_dict()
 
 
 def _publish(w: Watcher, cmd: dict[str, Any]) -> str:
-    w.send_raw(protocol.encode(cmd))
+    w.send_raw(json.dumps(cmd).encode())
     return str(cmd["id"])
 
 
@@ -94,7 +96,7 @@ def test_agent_refuses_forged_untrusted_tampered_unsigned_and_expired_commands(s
     relabelled = s.sign("deploy", bundles["2.0.0"], cmd_id="relabelled-1")
     relabelled["signature"]["keyid"] = other.public.key_id
     hostile["relabelled key id"] = (relabelled, "command.signature")
-    unsigned = protocol.command("deploy", bundles["2.0.0"], cmd_id="unsigned-1")
+    unsigned = protocol.command("deploy", bundles["2.0.0"], cmd_id="unsigned-1").to_dict()
     hostile["unsigned"] = (unsigned, "command.signature")
     stripped = s.sign("deploy", bundles["2.0.0"], cmd_id="stripped-1")
     del stripped["signature"]
@@ -186,10 +188,10 @@ def test_controller_signs_commands_that_a_default_agent_executes(tmp_path: Path,
         for i in range(3):
             cmd = protocol.command("describe", cmd_id=f"ctl-{i}")
             ctl._publish(agent.device, cmd)
-            reply = w.wait_reply(cmd["id"])
+            reply = w.wait_reply(cmd.id)
             assert reply["status"] == "ok", reply
-        sent = [protocol.parse_command(m.payload) for m in w.messages.get("cmd", [])]
-        counters = [c["counter"] for c in sent]
+        sent = [protocol.Command.from_json(m.payload) for m in w.messages.get("cmd", [])]
+        counters = [c.counter for c in sent]
         assert counters == sorted(counters)
     finally:
         ctl.stop()

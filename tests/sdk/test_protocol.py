@@ -1,14 +1,22 @@
-"""The MQTT contract: topics and ids, each payload builder accepted by its parser, malformed payloads refused."""
+"""The protocol model: topics and ids, round trips, validation of types and ranges naming the field, compatibility
+with what edgefleet 0.1.0 wrote and reads."""
 
 from __future__ import annotations
 
 import json
+import math
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 from edgefleet.sdk import protocol as p
-from edgefleet.sdk.errors import ProtocolError
+from edgefleet.sdk.errors import PayloadTooLargeError, ProtocolError, ProtocolVersionError
 from edgefleet.sdk.sketch import DDSketch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _protocol_v1_0 as v1_0
+
+DATA = Path(__file__).parent / "data" / "v1_payloads_0.1.0.json"
 
 SHA = "ab" * 32
 
@@ -58,199 +66,290 @@ def test_subscription_uses_single_level_wildcard_and_shared_group() -> None:
         p.subscription("f", "status", share_group="a/b")
 
 
-# -- payloads: each parser accepts its builder's output ----------------------------------------------------------
+# -- round trips ----------------------------------------------------------------------------------------------------
 
-def _model_entry(values: list[float]) -> dict:
+def _window(values: list[float], **kw: object) -> p.ModelWindow:
     sk = DDSketch()
     for v in values:
         sk.add(v)
-    return {"name": "mlp", "version": "1.0.0", "count": len(values), "errors": 0,
-            "providers": ["CPUExecutionProvider"], "sketch": sk.to_dict()}
+    return p.ModelWindow(name="mlp", version="1.0.0", count=len(values), errors=0,
+                         providers=["CPUExecutionProvider"], sketch=sk.to_wire(), **kw)
 
 
-def test_status_roundtrip_online_and_offline() -> None:
-    on = p.status("dev1", "online", boot="b1", description={"profile": "x86-cpu"})
-    assert p.parse_status(p.encode(on))["description"] == {"profile": "x86-cpu"}
-    off = p.status("dev1", "offline", reason="last will")
-    assert p.parse_status(p.encode(off))["reason"] == "last will"
+def _messages() -> dict[str, p.Message]:
+    return {
+        "status": p.Status(device="dev1", state="online", boot="b1", description={"profile": "x86-cpu"}),
+        "status (will)": p.Status(device="dev1", state="offline", boot="b1", reason="connection lost"),
+        "telemetry": p.Telemetry(device="dev1", boot="b1", seq=3, interval_s=10.0, models=[_window([1.0, 2.0, 4.0])],
+                                 process={"rss_bytes": 1}),
+        "event": p.Event(device="dev1", boot="b1", seq=1, kind="install", message="installed mlp 1.0.0",
+                         level="warning", data={"digest": SHA, "nested": {"a": [1, 2.5, None, True]}}),
+        "cmd": p.command("deploy", {"url": "https://ctl/b.efb", "sha256": SHA, "size": 10}, cmd_id="c-1", ttl_s=60),
+        "reply": p.Reply.failed("c-1", "dev1", "bundle.signature", "untrusted", "verify"),
+        "reply (ok)": p.Reply.ok("c-2", "dev1", {"installed": "mlp"}),
+        "receipt": p.receipts("dev1", telemetry={"b1": [5, 1, 2, 3, 9]}, events={"b1": [4]}, replies=["c-1"])[0],
+    }
 
 
-def test_telemetry_roundtrip_keeps_a_mergeable_sketch() -> None:
-    msg = p.telemetry("dev1", "b1", 3, [_model_entry([1.0, 2.0, 4.0])], interval_s=10.0, process={"rss": 1})
-    got = p.parse_telemetry(p.encode(msg))
-    assert (got["device"], got["boot"], got["seq"]) == ("dev1", "b1", 3)
-    sk = DDSketch.from_dict(got["models"][0]["sketch"])
+@pytest.mark.parametrize("name", list(_messages()))
+def test_every_message_round_trips_through_json_and_dicts(name: str) -> None:
+    msg = _messages()[name]
+    cls = type(msg)
+    assert cls.from_json(msg.to_json()) == msg
+    assert cls.from_dict(msg.to_dict()) == msg
+    assert json.loads(msg.to_json())["v"] == 1  # the version is always on the wire
+    channel = {"event": "events"}.get(name.split()[0], name.split()[0])
+    assert p.decode(channel, msg.to_json()) == msg
+
+
+def test_telemetry_keeps_a_mergeable_sketch_and_constructors_coerce_nested_dicts() -> None:
+    t = p.Telemetry.from_json(_messages()["telemetry"].to_json())
+    sk = DDSketch.from_wire(t.models[0].sketch)
     assert sk.count == 3 and sk.quantile(1.0) == pytest.approx(4.0, rel=0.01)
+    st = p.Status(device="d", state="online", description={"profile": "x86-cpu", "tags": ["a"]})
+    assert isinstance(st.description, p.Description) and st.description.tags == ["a"]
 
 
-def test_event_roundtrip() -> None:
-    msg = p.event("dev1", "b1", 1, "install", "installed mlp 1.0.0", level="warning", data={"digest": SHA})
-    assert p.parse_event(p.encode(msg))["data"]["digest"] == SHA
-
-
-@pytest.mark.parametrize(
-    ("kind", "args"),
-    [("deploy", {"url": "https://ctl/b.efb", "sha256": SHA, "size": 10}), ("rollback", {}), ("remove", {"name": "m"}),
-     ("benchmark", {"runs": 100}), ("describe", {}), ("configure", {"telemetry_interval_s": 5})],
-)
-def test_command_roundtrip_for_every_kind(kind: str, args: dict) -> None:
-    msg = p.command(kind, args, cmd_id="c-1", ttl_s=60)
-    got = p.parse_command(p.encode(msg))
-    assert (got["id"], got["kind"], got["args"]) == ("c-1", kind, args)
-    assert got["expires"] > got["ts"]
-
-
-def test_command_generates_unique_ids() -> None:
-    assert p.command("describe")["id"] != p.command("describe")["id"]
-
-
-def test_reply_roundtrip_ok_and_error() -> None:
-    ok = p.parse_reply(p.encode(p.reply("c-1", "dev1", True, result={"installed": "mlp"})))
-    assert ok["status"] == "ok" and ok["result"] == {"installed": "mlp"}
-    msg = p.reply("c-1", "dev1", False, code="bundle.signature", message="untrusted", step="verify")
-    err = p.parse_reply(p.encode(msg))
-    assert err["error"] == {"code": "bundle.signature", "message": "untrusted", "step": "verify"}
-
-
-def test_receipt_roundtrip_packs_seqs_into_ranges_per_boot_in_one_message() -> None:
-    (one,) = p.receipts("dev1", telemetry={"b1": [5, 1, 2, 3, 9], "b0": [7]}, events={"b1": [4]},
-                        replies=["c-2", "c-1", "c-2"])
-    r = p.parse_receipt(p.encode(one))
-    assert r["telemetry"] == {"b1": [[1, 3], [5, 5], [9, 9]], "b0": [[7, 7]]}
-    assert r["events"] == {"b1": [[4, 4]]} and r["replies"] == ["c-1", "c-2"]
-    assert p.seq_ranges([]) == [] and p.seq_ranges(range(10, 0, -1)) == [[1, 10]]
+def test_receipts_pack_seqs_into_ranges_per_boot_in_one_message() -> None:
+    r = p.Receipt.from_json(_messages()["receipt"].to_json())
+    assert r.telemetry == {"b1": [(1, 3), (5, 5), (9, 9)]} and r.events == {"b1": [(4, 4)]}
+    assert r.replies == ["c-1"]
+    assert p.seq_ranges([]) == [] and p.seq_ranges(range(10, 0, -1)) == [(1, 10)]
 
 
 def test_receipts_split_to_stay_within_what_the_agent_accepts() -> None:
     odd = range(1, 2 * 2500, 2)  # 2,500 gaps: 2,500 ranges
     many = p.receipts("dev1", telemetry={"b1": odd, "b0": [1]}, events={"b1": [3]},
                       replies=[f"c{i}" for i in range(1500)])
-    parsed = [p.parse_receipt(p.encode(m)) for m in many]
-    got = {(k, b): [] for k in ("telemetry", "events") for b in ("b0", "b1")}
+    parsed = [p.Receipt.from_json(m.to_json()) for m in many]
+    got: dict[tuple[str, str], list[int]] = {(k, b): [] for k in ("telemetry", "events") for b in ("b0", "b1")}
     for m in parsed:
         for k in ("telemetry", "events"):
-            for b, ranges in m[k].items():
+            for b, ranges in getattr(m, k).items():
                 got[(k, b)] += [s for lo, hi in ranges for s in range(lo, hi + 1)]
     assert sorted(got[("telemetry", "b1")]) == list(odd) and got[("telemetry", "b0")] == [1]
-    assert got[("events", "b1")] == [3] and sum(len(m["replies"]) for m in parsed) == 1500
+    assert got[("events", "b1")] == [3] and sum(len(m.replies) for m in parsed) == 1500
     assert len(parsed) == 3  # b1 telemetry needs 3 (2,500 ranges); b0, events and the replies ride along
-    assert all(len(r) <= p.MAX_RECEIPT_RANGES for m in parsed for k in ("telemetry", "events")
-               for r in m[k].values())
     assert len(p.receipts("dev1")) == 1  # nothing to say is still one (empty) receipt
+    boots = p.receipts("dev1", telemetry={f"b{i}": [1] for i in range(600)})
+    assert len(boots) == 3 and all(len(r.telemetry) <= 256 for r in boots)
 
 
-# -- payloads: malformed ones are refused, naming the field ------------------------------------------------------
+def test_command_args_are_typed_per_kind() -> None:
+    cmd = _messages()["cmd"]
+    assert isinstance(cmd, p.Command)
+    args = cmd.args_as(p.DeployArgs)
+    assert (args.sha256, args.size) == (SHA, 10) and cmd.typed_args() == args
+    with pytest.raises(ProtocolError, match="a deploy command has no RollbackArgs"):
+        cmd.args_as(p.RollbackArgs)
+    assert p.command("benchmark").args_as(p.BenchmarkArgs).runs == 100
+    assert p.command("describe").id != p.command("describe").id
 
-def _bad(builder_output: dict, **changes: object) -> bytes:
-    d = json.loads(p.encode(builder_output))
-    for k, v in changes.items():
-        if v is _DROP:
-            d.pop(k, None)
-        else:
-            d[k] = v
+
+# -- validation: types and ranges, one line naming the field --------------------------------------------------------
+
+def _edit(msg: p.Message, path: str, value: object) -> bytes:
+    d = msg.to_dict()
+    *parents, last = path.split(".")
+    node: object = d
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]  # type: ignore[index]
+    if value is _DROP:
+        del node[last]  # type: ignore[attr-defined]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value  # type: ignore[index]
     return json.dumps(d).encode()
 
 
 _DROP = object()
-
-
-def _cmd(kind: str, args: dict) -> bytes:
-    return json.dumps({"v": 1, "id": "c1", "kind": kind, "args": args}).encode()
-
-_STATUS = p.status("dev1", "online", boot="b")
-_TELEMETRY = p.telemetry("dev1", "b", 1, [_model_entry([1.0])], interval_s=5.0)
-_EVENT = p.event("dev1", "b", 1, "install", "ok")
-_REPLY = p.reply("c-1", "dev1", True)
-_RECEIPT = p.receipts("dev1", telemetry={"b": [1]})[0]
+_M = _messages()
 
 
 @pytest.mark.parametrize(
-    ("parser", "payload", "fragment"),
+    ("name", "path", "value", "fragment"),
     [
-        (p.parse_status, _bad(_STATUS, device="a/b"), "status.device"),
-        (p.parse_status, _bad(_STATUS, state="sleeping"), "status: state"),
-        (p.parse_status, _bad(_STATUS, description=[1]), "status: description"),
-        (p.parse_telemetry, _bad(_TELEMETRY, device="+"), "telemetry.device"),
-        (p.parse_telemetry, _bad(_TELEMETRY, seq=-1), "field 'seq' must be >= 0"),
-        (p.parse_telemetry, _bad(_TELEMETRY, seq=True), "field 'seq' has type bool"),
-        (p.parse_telemetry, _bad(_TELEMETRY, boot=_DROP), "missing field 'boot'"),
-        (p.parse_telemetry, _bad(_TELEMETRY, ts="now"), "field 'ts' has type str"),
-        (p.parse_telemetry, _bad(_TELEMETRY, models={}), "field 'models' has type dict"),
-        (p.parse_telemetry, _bad(_TELEMETRY, models=[1]), "telemetry.models[0]: must be an object"),
-        (p.parse_telemetry, _bad(_TELEMETRY, models=[{**_model_entry([1.0]), "count": 2}]),
-         "sketch holds 1 values but count is 2"),
-        (p.parse_telemetry, _bad(_TELEMETRY, models=[{**_model_entry([1.0]), "providers": [1]}]),
-         "providers must be strings"),
-        (p.parse_telemetry, _bad(_TELEMETRY, models=[{**_model_entry([1.0]), "sketch": {"alpha": 0.01}}]),
-         "invalid latency sketch"),
-        (p.parse_telemetry, _bad(_TELEMETRY, process=[]), "process must be an object"),
-        (p.parse_event, _bad(_EVENT, level="fatal"), "event: level"),
-        (p.parse_event, _bad(_EVENT, kind=_DROP), "missing field 'kind'"),
-        (p.parse_event, _bad(_EVENT, data=[]), "event: data"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c#1", "kind": "describe", "args": {}}).encode(), "cmd.id"),
-        (p.parse_command, _cmd("reboot", {}), "unknown kind 'reboot'"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "describe"}).encode(), "missing field 'args'"),
-        (p.parse_command, _cmd("deploy", {"url": "https://x", "size": 1}),
-         "missing field 'sha256'"),
-        (p.parse_command, _cmd("deploy", {"url": "https://x", "sha256": "AB" * 32, "size": 1}), "sha256"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "deploy",
-                                      "args": {"url": "ftp://x", "sha256": SHA, "size": 1}}).encode(), "url must be"),
-        (p.parse_command, _cmd("deploy", {"url": "https://x", "sha256": SHA, "size": 0}), "size must be > 0"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "benchmark", "args": {"runs": 0}}).encode(), "runs"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "configure",
-                                      "args": {"telemetry_interval_s": 0}}).encode(), "telemetry_interval_s"),
-        (p.parse_command, json.dumps({"v": 1, "id": "c1", "kind": "remove", "args": {"name": 3}}).encode(),
-         "field 'name' has type int"),
-        (p.parse_reply, _bad(_REPLY, status="maybe"), "reply: status"),
-        (p.parse_reply, _bad(_REPLY, id=""), "reply.id"),
-        (p.parse_reply, _bad(_REPLY, result=_DROP), "missing field 'result'"),
-        (p.parse_reply, _bad(_REPLY, status="error"), "missing field 'error'"),
-        (p.parse_receipt, _bad(_RECEIPT, device="#"), "receipt.device"),
-        (p.parse_receipt, _bad(_RECEIPT, telemetry=[]), "field 'telemetry' has type list"),
-        (p.parse_receipt, _bad(_RECEIPT, telemetry={"b": [[3, 1]]}), "first <= last"),
-        (p.parse_receipt, _bad(_RECEIPT, telemetry={"b": [[1, 2, 3]]}), "a range must be"),
-        (p.parse_receipt, _bad(_RECEIPT, telemetry={"b": [[True, 2]]}), "a range must be"),
-        (p.parse_receipt, _bad(_RECEIPT, events={"b": [[0, 2**63]]}), "a range must be"),
-        (p.parse_receipt, _bad(_RECEIPT, events={"b": [[1, 1]] * 1001}), "at most 1000 ranges"),
-        (p.parse_receipt, _bad(_RECEIPT, replies=["a/b"]), "receipt.replies[]"),
-        (p.parse_receipt, _bad(_RECEIPT, replies=_DROP), "missing field 'replies'"),
+        ("status", "device", "a/b", "status.device: Expected `str` matching regex"),
+        ("status", "state", "sleeping", "status.state: Invalid enum value 'sleeping'"),
+        ("status", "description", [1], "status.description: Expected `object | null`, got `array`"),
+        ("status", "description.tags", ["x" * 65], "status.description.tags[0]"),
+        ("status", "ts", 5e9, "status.ts: Expected `float` <= 4102444800.0"),
+        ("telemetry", "device", "+", "telemetry.device"),
+        ("telemetry", "seq", -1, "telemetry.seq: Expected `int` >= 0"),
+        ("telemetry", "seq", True, "telemetry.seq: Expected `int`, got `bool`"),
+        ("telemetry", "seq", 2**63, "telemetry.seq: Expected `int` <= 9223372036854775807"),
+        ("telemetry", "boot", _DROP, "Object missing required field `boot`"),
+        ("telemetry", "ts", "now", "telemetry.ts: Expected `float`, got `str`"),
+        ("telemetry", "interval_s", 0, "telemetry.interval_s: Expected `float` > 0.0"),
+        ("telemetry", "models", {}, "telemetry.models: Expected `array`, got `object`"),
+        ("telemetry", "models", [1], "telemetry.models[0]: Expected `object`"),
+        ("telemetry", "models", _M["telemetry"].to_dict()["models"] * 65,
+         "telemetry.models: Expected `array` of length <= 64"),
+        ("telemetry", "models.0.count", 2, "telemetry.models[0]: sketch holds 3 values but count is 2"),
+        ("telemetry", "models.0.count", 2**40 + 1, "telemetry.models[0].count: Expected `int` <= 1099511627776"),
+        ("telemetry", "models.0.providers", [1], "telemetry.models[0].providers[0]: Expected `str`"),
+        ("telemetry", "models.0.name", "n" * 129, "telemetry.models[0].name: Expected `str` of length <= 128"),
+        ("telemetry", "models.0.sketch", {"alpha": 0.01}, "telemetry.models[0].sketch: Object missing required"),
+        ("telemetry", "models.0.sketch.alpha", 0.02, "telemetry.models[0].sketch: alpha must be 0.01"),
+        ("telemetry", "models.0.sketch.sum", -1.0, "telemetry.models[0].sketch.sum: Expected `float` >= 0.0"),
+        ("telemetry", "models.0.sketch.offset", 10**6, "telemetry.models[0].sketch.offset: Expected `int` <="),
+        ("telemetry", "models.0.sketch.counts", [1] * 4097, "sketch.counts: Expected `array` of length <= 4096"),
+        ("telemetry", "process", [], "telemetry.process: Expected `object`, got `array`"),
+        ("telemetry", "process.rss_bytes", 2**60, "telemetry.process.rss_bytes: Expected `int` <="),
+        ("event", "level", "fatal", "event.level"),
+        ("event", "kind", _DROP, "Object missing required field `kind`"),
+        ("event", "data", [], "event.data: Expected `object`, got `array`"),
+        ("event", "data.command", "a/b", "event: data.command must be a command id"),
+        ("event", "message", "m" * 4097, "event.message: Expected `str` of length <= 4096"),
+        ("cmd", "id", "c#1", "cmd.id"),
+        ("cmd", "kind", "reboot", "cmd.kind: Invalid enum value 'reboot'"),
+        ("cmd", "args", _DROP, "Object missing required field `args`"),
+        ("cmd", "args.sha256", "AB" * 32, "cmd: args.sha256: Expected `str` matching regex"),
+        ("cmd", "args.url", "ftp://x", "cmd: args.url"),
+        ("cmd", "args.size", 0, "cmd: args.size: Expected `int` >= 1"),
+        ("cmd", "counter", 0, "cmd.counter: Expected `int` >= 1"),
+        ("cmd", "signature", {"alg": "rsa", "keyid": "0" * 16, "sig": ""}, "cmd.signature.alg"),
+        ("reply", "status", "maybe", "reply.status"),
+        ("reply", "id", "", "reply.id"),
+        ("reply", "error", _DROP, "reply: an error reply carries an error"),
+        ("reply (ok)", "result", _DROP, "reply: an ok reply carries a result"),
+        ("receipt", "device", "#", "receipt.device"),
+        ("receipt", "telemetry", [], "receipt.telemetry: Expected `object`, got `array`"),
+        ("receipt", "telemetry", {"b": [[3, 1]]}, "range [3, 1] is not [first, last]"),
+        ("receipt", "telemetry", {"b": [[1, 2, 3]]}, "receipt.telemetry[...][0]: Expected `array` of length 2"),
+        ("receipt", "telemetry", {"b": [[True, 2]]}, "Expected `int`, got `bool`"),
+        ("receipt", "events", {"b": [[0, 2**63]]}, "Expected `int` <= 9223372036854775807"),
+        ("receipt", "events", {"b": [[1, 1]] * 1001}, "Expected `array` of length <= 1000"),
+        ("receipt", "replies", ["a/b"], "receipt.replies[0]"),
+        ("receipt", "replies", _DROP, "Object missing required field `replies`"),
     ],
-    ids=lambda v: v.__name__ if callable(v) else None,
 )
-def test_parsers_reject_malformed_payload_naming_the_field(parser, payload: bytes, fragment: str) -> None:
+def test_malformed_payloads_are_refused_naming_the_field(name: str, path: str, value: object, fragment: str) -> None:
+    msg = _M[name]
     with pytest.raises(ProtocolError) as err:
-        parser(payload)
+        type(msg).from_json(_edit(msg, path, value))
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)  # one line
+
+
+@pytest.mark.parametrize("cls", [p.Status, p.Telemetry, p.Event, p.Command, p.Reply, p.Receipt])
+def test_wrong_version_non_json_non_object_oversized_and_non_finite_are_refused(cls: type[p.Message]) -> None:
+    with pytest.raises(ProtocolVersionError, match="unsupported version"):
+        cls.from_json(b'{"v": 2}')
+    with pytest.raises(ProtocolVersionError, match="unsupported version"):
+        cls.from_json(b'{"device": "d"}')
+    with pytest.raises(ProtocolError, match="not JSON"):
+        cls.from_json(b"{nope")
+    with pytest.raises(ProtocolError, match="Expected `object`, got `array`"):
+        cls.from_json(b"[1, 2]")
+    with pytest.raises(PayloadTooLargeError, match="over the 262144-byte cap"):
+        cls.from_json(b'{"v": 1, "pad": "' + b"x" * p.MAX_PAYLOAD + b'"}')
+    text = '{"v": 1, "pad": "' + "é" * (p.MAX_PAYLOAD // 2 + 10) + '"}'  # fewer chars than the cap, more bytes
+    assert len(text) < p.MAX_PAYLOAD
+    with pytest.raises(PayloadTooLargeError):
+        cls.from_json(text)
+    for const in ("NaN", "Infinity", "-Infinity", "1e999"):
+        with pytest.raises(ProtocolError):
+            cls.from_json(f'{{"v": 1, "ts": {const}}}')
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [({"z": 2**64}, "data.z: integer 18446744073709551616 is outside 64 bits"),
+     ({"deep": json.loads("[" * 12 + "]" * 12)}, "nested deeper than 8 levels"),
+     ({"long": "x" * 5000}, "data.long: string of 5000 chars, over 4096"),
+     ({"many": list(range(1025))}, "data.many: 1025 items, over 1024"),
+     ({"k" * 129: 1}, "is not a string of at most 128 chars")],
+)
+def test_free_form_data_is_bounded_too(data: dict, fragment: str) -> None:
+    ev = _M["event"].to_dict()
+    with pytest.raises(ProtocolError, match="event") as err:
+        p.Event.from_json(json.dumps({**ev, "data": data}))
     assert fragment in str(err.value)
 
 
-@pytest.mark.parametrize("parser", [p.parse_status, p.parse_telemetry, p.parse_event, p.parse_command, p.parse_reply,
-                                    p.parse_receipt])
-def test_parsers_reject_wrong_version_non_json_non_object_and_oversized(parser) -> None:
-    with pytest.raises(ProtocolError, match="unsupported version v=2"):
-        parser(_bad(_STATUS, v=2))
-    with pytest.raises(ProtocolError, match=r"unsupported version v=None"):
-        parser(_bad(_STATUS, v=_DROP))
-    with pytest.raises(ProtocolError, match="not JSON"):
-        parser(b"{nope")
-    with pytest.raises(ProtocolError, match="must be a JSON object"):
-        parser(b"[1, 2]")
-    with pytest.raises(ProtocolError, match="over the 262144-byte cap"):
-        parser(b'{"v": 1, "pad": "' + b"x" * p.MAX_PAYLOAD + b'"}')
+def test_building_a_message_validates_it_like_decoding_does() -> None:
+    with pytest.raises(ProtocolError, match=r"telemetry.seq: Expected `int` <= 9223372036854775807"):
+        p.Telemetry(device="d", boot="b", seq=2**64, interval_s=1.0, models=[])
+    with pytest.raises(ProtocolError, match=r"status\.state"):
+        p.Status(device="d", state="sideways")  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="not a finite number"):
+        p.Event(device="d", boot="b", seq=1, kind="k", message="m", data={"x": math.nan})
+    with pytest.raises(ProtocolError, match="sketch holds 3 values but count is 4"):
+        _window([1.0, 2.0, 3.0]).__class__(name="m", version="1", count=4, errors=0, providers=[],
+                                            sketch=_window([1.0, 2.0, 3.0]).sketch)
+    with pytest.raises(ProtocolError, match=r"cmd\.kind: unknown kind .reboot."):
+        p.command("reboot")
 
 
-def test_decode_counts_bytes_not_characters_for_str_payloads() -> None:
-    text = '{"v": 1, "pad": "' + "é" * (p.MAX_PAYLOAD // 2 + 10) + '"}'  # fewer chars than the cap, more bytes
-    assert len(text) < p.MAX_PAYLOAD
-    with pytest.raises(ProtocolError, match="byte cap"):
-        p.decode(text)
+def test_check_clock_refuses_a_timestamp_from_the_future_only() -> None:
+    p.check_clock(1000.0, now=1000.0 - 299, what="status")
+    p.check_clock(0.0, now=2e9, what="telemetry")  # the past is fine (an outbox drains after an outage)
+    with pytest.raises(ProtocolError, match=r"status.ts: 301 s ahead of this controller's clock"):
+        p.check_clock(1301.0, now=1000.0, what="status")
 
 
-def test_decode_rejects_nan_and_infinity() -> None:
-    for const in ("NaN", "Infinity", "-Infinity"):
-        with pytest.raises(ProtocolError, match="not JSON"):
-            p.decode(f'{{"v": 1, "ts": {const}}}')
+# -- compatibility: 0.1.0's payloads and reader ---------------------------------------------------------------------
+
+_V1_0 = json.loads(DATA.read_text())
+_READERS = {"status": v1_0.parse_status, "telemetry": v1_0.parse_telemetry, "event": v1_0.parse_event,
+            "cmd": v1_0.parse_command, "reply": v1_0.parse_reply, "receipt": v1_0.parse_receipt}
+_CLASSES = {"status": p.Status, "telemetry": p.Telemetry, "event": p.Event, "cmd": p.Command, "reply": p.Reply,
+            "receipt": p.Receipt}
 
 
-def test_encode_refuses_nan() -> None:
-    with pytest.raises(ValueError):
-        p.encode({"v": 1, "x": float(np.nan)})
+def _understood(old: object, obj: object, where: str) -> None:
+    """Every field of ``old`` is a field of the parsed ``obj`` with the same value (free-form dicts as they are)."""
+    if isinstance(obj, p.Model):
+        assert isinstance(old, dict), where
+        for key, value in old.items():
+            assert key == "v" or key in obj.__struct_fields__, f"{where}.{key} is not a field of {type(obj).__name__}"
+            if key != "v":
+                _understood(value, getattr(obj, key), f"{where}.{key}")
+    elif isinstance(obj, list) and obj and isinstance(obj[0], p.Model):
+        assert isinstance(old, list) and len(old) == len(obj), where
+        for i, (o, x) in enumerate(zip(old, obj, strict=True)):
+            _understood(o, x, f"{where}[{i}]")
+    elif isinstance(obj, list) and obj and isinstance(obj[0], tuple):
+        assert old == [list(x) for x in obj], where
+    else:
+        assert old == obj or (isinstance(obj, dict) and {k: [list(r) for r in v] for k, v in obj.items()} == old), where
+
+
+@pytest.mark.parametrize("name", list(_V1_0))
+def test_payloads_written_by_0_1_0_parse_with_the_model(name: str) -> None:
+    old = _V1_0[name]
+    cls = _CLASSES[name.split()[0]]
+    msg = cls.from_json(json.dumps(old))
+    _understood(old, msg, cls._what)  # every field 0.1.0 wrote is understood, with its value
+    assert cls.from_json(msg.to_json()) == msg
+
+
+@pytest.mark.parametrize("name", list(_messages()))
+def test_what_the_model_writes_parses_with_the_0_1_0_reader(name: str) -> None:
+    msg = _messages()[name]
+    _READERS[name.split()[0]](msg.to_json())
+
+
+def test_a_payload_from_a_newer_v1_writer_is_accepted_and_its_new_fields_ignored() -> None:
+    new = dict(_V1_0["telemetry"])
+    new["gpu"] = {"util_percent": 40}  # a field a future v1 agent might add
+    new["models"] = [{**new["models"][0], "energy_j": 1.5}]
+    got = p.Telemetry.from_json(json.dumps(new))
+    assert got == p.Telemetry.from_json(json.dumps(_V1_0["telemetry"]))
+    assert "gpu" not in json.loads(got.to_json())
+
+
+def test_a_signature_covers_fields_the_agent_does_not_know(signing_key, trusted) -> None:
+    cmd = p.sign_command(p.command("describe", cmd_id="c-9"), signing_key, counter=5, ttl_s=60)
+    assert p.verify_command(cmd, trusted) == signing_key.public.key_id
+    raw = cmd.to_dict()
+    raw["priority"] = "high"  # signed by a newer controller: part of what it signed
+    raw["signature"] = signing_key.sign(p.signed_part(raw))
+    payload = json.dumps(raw).encode()
+    parsed = p.Command.from_json(payload)
+    assert p.verify_command(parsed, trusted, payload=payload) == signing_key.public.key_id
+    tampered = json.dumps({**raw, "priority": "low"}).encode()
+    with pytest.raises(Exception, match="signature"):
+        p.verify_command(p.Command.from_json(tampered), trusted, payload=tampered)

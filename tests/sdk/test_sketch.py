@@ -110,26 +110,27 @@ def _good() -> dict:
 @pytest.mark.parametrize(
     ("patch", "fragment"),
     [
-        ({"alpha": 1.5}, "alpha"),
-        ({"alpha": "x"}, "could not convert"),
-        ({"counts": "1,2"}, "counts must be a list"),
-        ({"counts": [1, -1, 1]}, "bucket count -1"),
-        ({"counts": [1, 1.5, 1]}, "bucket count 1.5"),
-        ({"counts": [1, True, 1]}, "bucket count True"),
-        ({"counts": [0] * 5000}, "at most 4096"),
-        ({"offset": 1.5}, "offset an int"),
-        ({"count": 4}, "add up to 3, count says 4"),
-        ({"zero": -1}, "zero count -1"),
-        ({"sum": float("nan")}, "sum must be a finite number"),
-        ({"sum": -1.0}, "sum must be a finite number"),
-        ({"min": 5.0}, "inconsistent"),
-        ({"max": float("inf")}, "inconsistent"),
-        ({"min": None}, "float()"),
+        ({"alpha": 1.5}, "sketch.alpha: Expected `float` < 1.0"),
+        ({"alpha": 0.02}, "sketch: alpha must be 0.01, got 0.02"),
+        ({"alpha": "x"}, "sketch.alpha: Expected `float`, got `str`"),
+        ({"counts": "1,2"}, "sketch.counts: Expected `array`, got `str`"),
+        ({"counts": [1, -1, 1]}, "sketch.counts[1]: Expected `int` >= 0"),
+        ({"counts": [1, 1.5, 1]}, "sketch.counts[1]: Expected `int`, got `float`"),
+        ({"counts": [1, True, 1]}, "sketch.counts[1]: Expected `int`, got `bool`"),
+        ({"counts": [0] * 5000}, "sketch.counts: Expected `array` of length <= 4096"),
+        ({"offset": 1.5}, "sketch.offset: Expected `int`, got `float`"),
+        ({"count": 4}, "sketch: buckets add up to 3, count says 4"),
+        ({"zero": -1}, "sketch.zero: Expected `int` >= 0"),
+        ({"sum": float("nan")}, "sketch.sum: Expected `float` >= 0.0"),
+        ({"sum": -1.0}, "sketch.sum: Expected `float` >= 0.0"),
+        ({"min": 5.0}, "sketch: min 5.0 and max 3.0 are inconsistent"),
+        ({"max": float("inf")}, "sketch.max: Expected `float` <= 1000000000.0"),
+        ({"min": None}, "sketch: min None and max 3.0 are inconsistent"),
     ],
     ids=lambda v: str(v)[:30],
 )
 def test_sketch_from_dict_rejects_malformed_with_protocol_error(patch: dict, fragment: str) -> None:
-    with pytest.raises(ProtocolError, match="invalid latency sketch") as err:
+    with pytest.raises(ProtocolError) as err:
         DDSketch.from_dict({**_good(), **patch})
     assert fragment in str(err.value)
 
@@ -138,8 +139,23 @@ def test_sketch_from_dict_rejects_malformed_with_protocol_error(patch: dict, fra
 def test_sketch_from_dict_rejects_missing_field(missing: str) -> None:
     d = _good()
     del d[missing]
-    with pytest.raises(ProtocolError, match=missing):
+    with pytest.raises(ProtocolError, match=f"sketch: Object missing required field `{missing}`"):
         DDSketch.from_dict(d)
+
+
+def test_merges_saturate_at_64_bits_instead_of_wrapping() -> None:
+    from edgefleet.sdk.sketch import SketchSum, saturating_add
+
+    big = _sketch(np.array([1.0, 2.0]))
+    big.count = big.zero = 2**63 - 2
+    big.count += 2
+    total = SketchSum(0.01)
+    total.add(big.to_dict())
+    total.add(big.to_dict())
+    assert total.count == 2**63 - 1 and total.zero == 2**63 - 1
+    merged = DDSketch.merged([big, big])
+    assert merged.count == 2**63 - 1
+    assert saturating_add(2**63 - 1, 5) == 2**63 - 1
 
 
 def test_latency_recorder_take_returns_window_and_resets() -> None:

@@ -1,0 +1,194 @@
+"""The store interface: everything the controller, the HTTP API and the rollout engine need from storage.
+
+A backend is one module beside this one (``sqlite.py`` today, ``postgres.py`` next) implementing :class:`Store`;
+nothing else in the controller knows which one runs. What every backend guarantees:
+
+* **One transaction per method, idempotent writes.** Telemetry and events are keyed by ``(fleet, device, boot,
+  seq)``, replies by command id: a redelivered message is stored once (``WriteResult`` counts only new rows), and
+  derived views (``devices.summary``, per-minute merged sketches per model version) change only for new rows.
+* **No process state.** Several controllers may share one store (leases decide who drives a rollout).
+* **Typed rows.** Reads return the classes of :mod:`edgefleet.sdk.protocol` (``DeviceRow``, ``TelemetryWindow``,
+  ``EventRow``, ``Deployment`` ...), which the HTTP API encodes as they are.
+* **Arithmetic that cannot overflow.** Counts in a window are at most 2^40 (the protocol refuses more); sums kept in
+  the store saturate at 2^63 - 1 (:class:`edgefleet.sdk.sketch.SketchSum`, :func:`~edgefleet.sdk.sketch.saturating_add`)
+  and all-time totals are computed as floating-point sums, so no accepted record can make another unstorable.
+* **Deployment targets move in the write transaction** of the event or reply that moves them, by the rules of
+  :mod:`edgefleet.fleet.rollout` (``target_state_from_event``, ``target_state_from_reply``, ``advances``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet.sdk.protocol import (
+    Deployment,
+    DeploymentDecision,
+    DeploymentTarget,
+    DeviceRow,
+    Event,
+    EventRow,
+    Reply,
+    Status,
+    Telemetry,
+    TelemetryWindow,
+)
+from edgefleet.sdk.sketch import DDSketch
+
+__all__ = ["TARGET_FIELDS", "Batch", "Store", "VersionSketch", "VersionTotal", "WriteResult"]
+
+# What update_target may change (the rest of a target is fixed when the deployment is planned).
+TARGET_FIELDS = frozenset({"state", "reason", "cmd_id", "rollback_cmd_id", "activated", "previous_version"})
+
+
+@dataclass
+class Batch:
+    """Validated messages to write in one transaction (the ingest writer fills one per flush)."""
+
+    fleet: str
+    received: float = field(default_factory=time.time)
+    statuses: list[Status] = field(default_factory=list)
+    telemetry: list[Telemetry] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    replies: list[Reply] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.statuses) + len(self.telemetry) + len(self.events) + len(self.replies)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """How many rows of a batch were new (the rest were replays, de-duplicated)."""
+
+    telemetry: int = 0
+    events: int = 0
+    replies: int = 0
+    statuses: int = 0
+
+
+@dataclass(frozen=True)
+class VersionSketch:
+    """Fleet-wide merged sketch of one (model, version) over a time range."""
+
+    name: str
+    version: str
+    count: int
+    errors: int
+    sketch: DDSketch
+
+
+@dataclass(frozen=True)
+class VersionTotal:
+    """All stored requests of one (model, version): counts as floats where they are sums (they cannot overflow)."""
+
+    name: str
+    version: str
+    count: float
+    errors: float
+    sum_ms: float
+
+
+class Store(ABC):
+    """What the controller needs from storage; see the module docstring for what every backend guarantees."""
+
+    # -- ingest ------------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def write(self, batch: Batch) -> WriteResult:
+        """Write a batch in one transaction; replays of stored messages are ignored."""
+
+    # -- reads -------------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def devices(self, fleet: str, changed_since: float = 0.0, full: bool = True) -> list[DeviceRow]:
+        """Every known device sorted by id (those changed after ``changed_since``, controller clock);
+        ``full=False`` leaves out the status description (the bulk of a row)."""
+
+    @abstractmethod
+    def devices_json(self, fleet: str, changed_since: float = 0.0, limit: int | None = None) -> tuple[int, str]:
+        """``(matching, JSON array text)`` of the compact rows of ``devices(full=False)`` (the first ``limit`` by id),
+        built by the database itself: the dashboard loads 10,000 at once."""
+
+    @abstractmethod
+    def device(self, fleet: str, device: str) -> DeviceRow | None:
+        """One device with its description, or None."""
+
+    @abstractmethod
+    def windows(self, fleet: str, device: str | None = None, since: float = 0.0, until: float = math.inf,
+                name: str | None = None, version: str | None = None, limit: int = 10_000,
+                with_sketch: bool = False) -> list[TelemetryWindow]:
+        """The newest ``limit`` telemetry windows (one per model per record) in a device-time range, oldest first."""
+
+    @abstractmethod
+    def version_stats(self, fleet: str, since: float, until: float = math.inf) -> list[VersionSketch]:
+        """Per (model, version): merged sketch, count and errors over whole minutes overlapping the range."""
+
+    @abstractmethod
+    def version_totals(self, fleet: str) -> list[VersionTotal]:
+        """Per (model, version), over all stored time: requests, errors and latency sum in ms (for /metrics)."""
+
+    @abstractmethod
+    def counts(self, fleet: str) -> dict[str, int]:
+        """Row counts: telemetry, windows, events, replies, devices."""
+
+    @abstractmethod
+    def events(self, fleet: str, device: str | None = None, since: float = 0.0, limit: int = 500) -> list[EventRow]:
+        """The newest events received after ``since`` (controller clock), returned oldest first."""
+
+    @abstractmethod
+    def reply(self, cmd_id: str) -> Reply | None:
+        """The stored reply to a command, or None."""
+
+    # -- maintenance -------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def prune(self, fleet: str, before: float, chunk: int = 5000) -> dict[str, int]:
+        """Delete time series older than ``before`` in small transactions (retention); devices and deployments
+        stay. Returns rows deleted per table."""
+
+    @abstractmethod
+    def schema_version(self) -> int:
+        """The highest applied migration of this backend."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    # -- deployments -------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def create_deployment(self, deployment: Deployment, targets: Iterable[DeploymentTarget]) -> None:
+        """Store a new deployment and its per-device targets in one transaction."""
+
+    @abstractmethod
+    def update_deployment(self, dep_id: str, *, state: str | None = None,
+                          decision: DeploymentDecision | None = None, message: str | None = None) -> None:
+        """Change a deployment's state, decision or message."""
+
+    @abstractmethod
+    def update_target(self, dep_id: str, device: str, **fields: Any) -> None:
+        """Change one target's :data:`TARGET_FIELDS`; anything else is a ValueError."""
+
+    @abstractmethod
+    def renew_lease(self, dep_id: str, owner: str, until: float) -> bool:
+        """Extend ``owner``'s lease on a running rollout; False when another controller took it over or the
+        deployment no longer runs."""
+
+    @abstractmethod
+    def claim_deployments(self, fleet: str, owner: str, now: float, until: float) -> list[str]:
+        """Atomically take over running rollouts whose lease expired before ``now``; returns their ids."""
+
+    @abstractmethod
+    def deployments(self, fleet: str, limit: int = 100) -> list[Deployment]:
+        """Deployments, newest first, each with ``progress`` (targets per state), without targets."""
+
+    @abstractmethod
+    def deployment(self, dep_id: str) -> Deployment | None:
+        """One deployment with its targets and progress, or None."""
+
+
+def check_target_fields(fields: Sequence[str]) -> None:
+    """Refuse target fields update_target may not change."""
+    bad = set(fields) - TARGET_FIELDS
+    if bad:
+        raise ValueError(f"unknown target field(s) {sorted(bad)}")

@@ -1,0 +1,591 @@
+"""The default store: one SQLite file in WAL mode, one connection per thread, versioned migrations.
+
+SQLite runs in WAL mode so the dashboard reads while the ingest writes, and two controller processes on one machine
+can share a file (``BEGIN IMMEDIATE`` serialises their writers). Besides the raw rows it keeps two derived views,
+updated in the same transaction as the rows they derive from and only for rows that were new:
+
+* ``devices.summary``: each device's latest window per model (p50/p95/p99, throughput, errors, providers);
+* ``version_minutes``: one merged latency sketch per (model, version, minute) (:class:`SketchSum`, saturating), so
+  fleet-wide percentiles per version come from merged sketches without reading every device's windows.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from edgefleet.sdk.errors import ConfigError
+from edgefleet.sdk.protocol import (
+    RUNNING_STATES,
+    BundleInfo,
+    Deployment,
+    DeploymentDecision,
+    DeploymentTarget,
+    Description,
+    DeviceRow,
+    EventRow,
+    ModelSummary,
+    ProcessStats,
+    Reply,
+    Status,
+    Telemetry,
+    TelemetryWindow,
+)
+from edgefleet.sdk.protocol._model import Decoder, prevalidated
+from edgefleet.sdk.sketch import SketchSum, quantiles, saturating_add
+
+from ..rollout import TargetMove, advances, target_moves
+from .base import Batch, Store, VersionSketch, VersionTotal, WriteResult, check_target_fields
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
+
+# Each migration runs once, in order, in its own transaction; the applied versions are in schema_migrations.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "initial schema", """
+        CREATE TABLE devices (
+            fleet TEXT NOT NULL, device TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'unknown', boot TEXT NOT NULL DEFAULT '',
+            status_ts REAL NOT NULL DEFAULT 0, description TEXT NOT NULL DEFAULT '{}',
+            profile TEXT NOT NULL DEFAULT '', tags TEXT NOT NULL DEFAULT '[]',
+            last_seen REAL NOT NULL DEFAULT 0, summary TEXT NOT NULL DEFAULT '[]', summary_ts REAL NOT NULL DEFAULT 0,
+            process TEXT NOT NULL DEFAULT '{}', updated REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (fleet, device));
+        CREATE INDEX devices_updated ON devices(fleet, updated);
+        CREATE TABLE telemetry (
+            fleet TEXT NOT NULL, device TEXT NOT NULL, boot TEXT NOT NULL, seq INTEGER NOT NULL,
+            ts REAL NOT NULL, received REAL NOT NULL, interval_s REAL NOT NULL, dropped INTEGER NOT NULL,
+            process TEXT NOT NULL, system TEXT NOT NULL,
+            PRIMARY KEY (fleet, device, boot, seq)) WITHOUT ROWID;
+        CREATE TABLE windows (
+            fleet TEXT NOT NULL, device TEXT NOT NULL, boot TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
+            name TEXT NOT NULL, version TEXT NOT NULL, count INTEGER NOT NULL, errors INTEGER NOT NULL,
+            interval_s REAL NOT NULL, p50 REAL, p95 REAL, p99 REAL, providers TEXT NOT NULL, sketch TEXT NOT NULL);
+        CREATE INDEX windows_device_ts ON windows(fleet, device, ts);
+        CREATE INDEX windows_version_ts ON windows(fleet, name, version, ts);
+        CREATE TABLE version_minutes (
+            fleet TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL, minute INTEGER NOT NULL,
+            count INTEGER NOT NULL, errors INTEGER NOT NULL, sum_ms REAL NOT NULL, sketch TEXT NOT NULL,
+            PRIMARY KEY (fleet, name, version, minute)) WITHOUT ROWID;
+        CREATE TABLE events (
+            fleet TEXT NOT NULL, device TEXT NOT NULL, boot TEXT NOT NULL, seq INTEGER NOT NULL,
+            ts REAL NOT NULL, received REAL NOT NULL, kind TEXT NOT NULL, level TEXT NOT NULL,
+            message TEXT NOT NULL, data TEXT NOT NULL,
+            PRIMARY KEY (fleet, device, boot, seq)) WITHOUT ROWID;
+        CREATE INDEX events_received ON events(fleet, received);
+        CREATE TABLE replies (
+            cmd_id TEXT PRIMARY KEY, fleet TEXT NOT NULL, device TEXT NOT NULL, ts REAL NOT NULL,
+            received REAL NOT NULL, status TEXT NOT NULL, body TEXT NOT NULL);
+        CREATE TABLE deployments (
+            id TEXT PRIMARY KEY, fleet TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+            state TEXT NOT NULL, selector TEXT NOT NULL, canary_pct REAL NOT NULL,
+            max_p95_regression REAL NOT NULL, max_error_increase REAL NOT NULL,
+            bundles TEXT NOT NULL, decision TEXT NOT NULL DEFAULT '{}', message TEXT NOT NULL DEFAULT '');
+        CREATE INDEX deployments_fleet ON deployments(fleet, created);
+        CREATE TABLE deployment_targets (
+            deployment_id TEXT NOT NULL REFERENCES deployments(id), device TEXT NOT NULL,
+            profile TEXT NOT NULL, name TEXT NOT NULL DEFAULT '', version TEXT NOT NULL DEFAULT '',
+            sha256 TEXT NOT NULL DEFAULT '', previous_version TEXT NOT NULL DEFAULT '',
+            phase TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+            cmd_id TEXT NOT NULL DEFAULT '', rollback_cmd_id TEXT NOT NULL DEFAULT '',
+            activated REAL NOT NULL DEFAULT 0, updated REAL NOT NULL,
+            PRIMARY KEY (deployment_id, device));
+        CREATE INDEX targets_cmd ON deployment_targets(cmd_id);
+        CREATE INDEX targets_rollback_cmd ON deployment_targets(rollback_cmd_id);
+    """),
+    (2, "time indexes for retention", """
+        CREATE INDEX telemetry_ts ON telemetry(fleet, ts);
+        CREATE INDEX windows_ts ON windows(fleet, ts);
+    """),
+    (3, "rollout leases", """
+        ALTER TABLE deployments ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+        ALTER TABLE deployments ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+    """),
+    # Queries by version without a device are time-bounded and served by windows_ts; fleet-wide per-version
+    # figures come from version_minutes. One index fewer to update per stored window.
+    (4, "drop the per-version windows index", """
+        DROP INDEX IF EXISTS windows_version_ts;
+    """),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+_INT64_MAX = 2**63 - 1
+
+_DEVICE_COLS = ("device, state, boot, status_ts, description, profile, tags, last_seen, summary, summary_ts, process, "
+                "updated")
+_enc = msgspec.json.Encoder()
+_dumps = _enc.encode  # bytes; stored as TEXT via decode below
+_summary_dec: Decoder[list[ModelSummary]] = Decoder(list[ModelSummary], "devices.summary")
+_process_dec: Decoder[ProcessStats] = Decoder(ProcessStats, "devices.process")
+_desc_dec: Decoder[Description] = Decoder(Description, "devices.description")
+_strings_dec: Decoder[list[str]] = Decoder(list[str])
+_any_dec = msgspec.json.Decoder()
+_bundles_dec: Decoder[list[BundleInfo]] = Decoder(list[BundleInfo], "deployments.bundles")
+_decision_dec: Decoder[DeploymentDecision] = Decoder(DeploymentDecision, "deployments.decision")
+
+
+def _text(obj: Any) -> str:
+    return _dumps(obj).decode()
+
+
+class SQLiteStore(Store):
+    """The default store (see the module docstring)."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._busy_ms = int(busy_timeout_s * 1000)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._migrate()
+
+    # connections ---------------------------------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so a writer takes the lock up front and
+                # never fails half-way with "database is locked" when another controller writes the same file.
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                       timeout=self._busy_ms / 1000)
+                conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL: a commit survives a crash of the controller; an OS crash or power loss can undo
+                # the last commits (already acked): the usual SQLite trade-off, taken for ingest speed.
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+                conn.row_factory = sqlite3.Row
+            except sqlite3.Error as exc:
+                raise ConfigError(f"cannot open the store {self.path}: {exc}") from exc
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _tx(self) -> _Tx:
+        return _Tx(self._conn())
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
+        with self._lock:
+            for c in self._all:
+                c.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def _migrate(self) -> None:
+        with self._tx() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                      "applied REAL NOT NULL)")
+            done = {r[0] for r in c.execute("SELECT version FROM schema_migrations")}
+            if done and max(done) > SCHEMA_VERSION:
+                raise ConfigError(f"store {self.path} has schema version {max(done)}, newer than this edgefleet "
+                                  f"({SCHEMA_VERSION}); upgrade edgefleet")
+            for version, name, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                for stmt in (s.strip() for s in sql.split(";")):
+                    if stmt:
+                        c.execute(stmt)
+                c.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time()))
+
+    def schema_version(self) -> int:
+        """The highest applied migration."""
+        return int(self._conn().execute("SELECT max(version) FROM schema_migrations").fetchone()[0])
+
+    # ingest --------------------------------------------------------------------------------------------------------
+    def write(self, batch: Batch) -> WriteResult:
+        """Write statuses, telemetry, events and replies in one transaction, ignoring replays."""
+        fleet, now = batch.fleet, batch.received
+        n_tel = n_ev = n_rep = n_st = 0
+        with self._tx() as c:
+            for st in batch.statuses:
+                n_st += self._write_status(c, fleet, st, now)
+            if batch.telemetry:
+                n_tel = self._write_telemetry(c, fleet, batch.telemetry, now)
+            for ev in batch.events:
+                cur = c.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?)",
+                                (fleet, ev.device, ev.boot, ev.seq, ev.ts, now, ev.kind, ev.level, ev.message,
+                                 _text(ev.data)))
+                if cur.rowcount == 1:
+                    n_ev += 1
+                    self._apply_moves(c, target_moves(ev), now)
+            for rep in batch.replies:
+                cur = c.execute("INSERT OR IGNORE INTO replies VALUES (?,?,?,?,?,?,?)",
+                                (rep.id, fleet, rep.device, rep.ts, now, rep.status, _text(rep)))
+                if cur.rowcount == 1:
+                    n_rep += 1
+                    self._apply_moves(c, target_moves(rep), now)
+        return WriteResult(telemetry=n_tel, events=n_ev, replies=n_rep, statuses=n_st)
+
+    @staticmethod
+    def _write_status(c: sqlite3.Connection, fleet: str, st: Status, now: float) -> int:
+        desc = st.description
+        # Statuses can arrive out of order across boots: a status of another boot must be newer to win. Within a
+        # boot, "offline" always wins: it is usually the Last Will, composed before the birth it follows, so its
+        # timestamp is older. An offline will carries no description: keep the last one so the profile stays known.
+        has = desc is not None
+        cur = c.execute(
+            "INSERT INTO devices (fleet, device, state, boot, status_ts, description, profile, tags, updated) "
+            "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(fleet, device) DO UPDATE SET "
+            "state=excluded.state, boot=excluded.boot, updated=excluded.updated, "
+            "status_ts=max(excluded.status_ts, devices.status_ts), "
+            "description=CASE WHEN ? THEN excluded.description ELSE devices.description END, "
+            "profile=CASE WHEN ? THEN excluded.profile ELSE devices.profile END, "
+            "tags=CASE WHEN ? THEN excluded.tags ELSE devices.tags END "
+            "WHERE excluded.status_ts >= devices.status_ts "
+            "OR (excluded.boot = devices.boot AND excluded.state = 'offline')",
+            (fleet, st.device, st.state, st.boot, st.ts, _text(desc) if desc is not None else "{}",
+             desc.profile if desc is not None else "", _text(desc.tags) if desc is not None else "[]", now,
+             has, has, has),
+        )
+        return cur.rowcount
+
+    @classmethod
+    def _write_telemetry(cls, c: sqlite3.Connection, fleet: str, records: list[Telemetry], now: float) -> int:
+        rows = [(fleet, t.device, t.boot, t.seq, t.ts, now, t.interval_s, t.dropped, _text(t.process),
+                 _text(t.system)) for t in records]
+        insert = "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?)"
+        # Fast path: one executemany; when every row was new (the normal case) every record feeds the derived views.
+        # Otherwise (a replay in the batch) redo it row by row to learn which ones were new.
+        c.execute("SAVEPOINT telemetry_batch")
+        cur = c.executemany(insert, rows)
+        if cur.rowcount == len(rows):
+            fresh = list(zip(records, rows, strict=True))
+        else:
+            c.execute("ROLLBACK TO telemetry_batch")
+            fresh = [(t, row) for t, row in zip(records, rows, strict=True) if c.execute(insert, row).rowcount == 1]
+        c.execute("RELEASE telemetry_batch")
+        with prevalidated():  # summaries are built from validated windows: no need to validate them again
+            return cls._derive(c, fleet, fresh, now)
+
+    @staticmethod
+    def _derive(c: sqlite3.Connection, fleet: str, fresh: list[tuple[Telemetry, tuple[Any, ...]]],
+                now: float) -> int:
+        """Windows, device summaries and per-minute merged sketches of the new records."""
+        windows: list[tuple[Any, ...]] = []
+        latest: dict[str, tuple[float, list[ModelSummary], str]] = {}
+        encoded: dict[tuple[str, ...], str] = {}  # provider lists repeat across a fleet: encode each once
+        minutes: dict[tuple[str, str, int], list[Any]] = {}
+        for t, row in fresh:
+            dev, ts, interval = t.device, t.ts, t.interval_s
+            summary = []
+            for m in t.models:
+                sk = m.sketch
+                p50, p95, p99 = quantiles(sk)
+                pkey = tuple(m.providers)
+                providers_json = encoded.get(pkey)
+                if providers_json is None:
+                    providers_json = encoded[pkey] = _text(m.providers)
+                windows.append((fleet, dev, t.boot, t.seq, ts, m.name, m.version, m.count, m.errors, interval,
+                                p50, p95, p99, providers_json, _text(sk)))
+                summary.append(ModelSummary(name=m.name, version=m.version, count=m.count, errors=m.errors,
+                                            p50=p50, p95=p95, p99=p99, throughput=m.count / interval,
+                                            providers=m.providers))
+                acc = minutes.setdefault((m.name, m.version, int(ts // 60)), [0, 0, []])
+                acc[0] = saturating_add(acc[0], m.count)
+                acc[1] = saturating_add(acc[1], m.errors)
+                acc[2].append(sk)
+            if dev not in latest or ts >= latest[dev][0]:
+                latest[dev] = (ts, summary, row[8])  # encoded once per device per batch, below
+        if windows:
+            c.executemany("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", windows)
+        c.executemany(
+            "INSERT INTO devices (fleet, device, last_seen, summary, summary_ts, process, updated) "
+            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(fleet, device) DO UPDATE SET "
+            "last_seen=max(devices.last_seen, excluded.last_seen), updated=excluded.updated, "
+            "summary=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.summary "
+            "ELSE devices.summary END, "
+            "process=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.process "
+            "ELSE devices.process END, "
+            "summary_ts=max(devices.summary_ts, excluded.summary_ts)",
+            [(fleet, dev, now, _text(summary), ts, process_json, now)
+             for dev, (ts, summary, process_json) in latest.items()])
+        for (name, version, minute), (count, errors, sketches) in minutes.items():
+            row = c.execute("SELECT count, errors, sketch FROM version_minutes WHERE fleet=? AND name=? AND version=? "
+                            "AND minute=?", (fleet, name, version, minute)).fetchone()
+            total = SketchSum(sketches[0].alpha)
+            for sk in sketches:
+                total.add(sk)
+            if row is not None:
+                total.add(_any_dec.decode(row["sketch"]))
+                count = saturating_add(count, row["count"])
+                errors = saturating_add(errors, row["errors"])
+            c.execute("INSERT OR REPLACE INTO version_minutes VALUES (?,?,?,?,?,?,?,?)",
+                      (fleet, name, version, minute, count, errors, total.sum, _text(total.to_dict())))
+        return len(fresh)
+
+    @staticmethod
+    def _apply_moves(c: sqlite3.Connection, moves: Iterable[TargetMove], now: float) -> None:
+        for mv in moves:
+            if mv.state is None:
+                c.execute(f"UPDATE deployment_targets SET reason=?, updated=? WHERE {mv.column}=?",
+                          (mv.reason[:4096], now, mv.cmd_id))
+                continue
+            rows = c.execute(f"SELECT deployment_id, device, state FROM deployment_targets WHERE {mv.column}=?",
+                             (mv.cmd_id,)).fetchall()
+            for row in rows:
+                if not advances(row["state"], mv.state):
+                    continue
+                extra = ", activated=?" if mv.state == "active" else ""
+                params: list[Any] = [mv.state, mv.reason[:4096], now]
+                if mv.state == "active":
+                    params.append(now)
+                c.execute(f"UPDATE deployment_targets SET state=?, reason=?, updated=?{extra} "
+                          "WHERE deployment_id=? AND device=?", (*params, row["deployment_id"], row["device"]))
+
+    # reads ---------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _device_row(r: sqlite3.Row, full: bool) -> DeviceRow:
+        # Rows hold what ingest validated: decode them without validating every field again.
+        with prevalidated():
+            return DeviceRow(
+                device=r["device"], state=r["state"], boot=r["boot"], profile=r["profile"],
+                tags=_strings_dec.decode(r["tags"]), last_seen=r["last_seen"],
+                models=_summary_dec.decode(r["summary"]), telemetry_ts=r["summary_ts"],
+                process=_process_dec.decode(r["process"]), updated=r["updated"],
+                status_ts=r["status_ts"] if full else None,
+                description=_desc_dec.decode(r["description"]) if full and r["description"] != "{}" else None)
+
+    def devices(self, fleet: str, changed_since: float = 0.0, full: bool = True) -> list[DeviceRow]:
+        """Every known device (or those changed after ``changed_since``, controller clock), sorted by id."""
+        rows = self._conn().execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE fleet=? AND updated>? ORDER BY device",
+                                    (fleet, changed_since)).fetchall()
+        return [self._device_row(r, full) for r in rows]
+
+    def devices_json(self, fleet: str, changed_since: float = 0.0, limit: int | None = None) -> tuple[int, str]:
+        """``(matching, JSON array)`` of the compact rows built by SQLite from columns that already hold JSON (the
+        same fields as ``DeviceRow`` without description; a test checks the two agree)."""
+        c = self._conn()
+        total = int(c.execute("SELECT count(*) FROM devices WHERE fleet=? AND updated>?",
+                              (fleet, changed_since)).fetchone()[0])
+        row = c.execute(
+            "SELECT json_group_array(json_object('device', device, 'state', state, 'boot', boot, "
+            "'profile', profile, 'tags', json(tags), 'last_seen', last_seen, 'models', json(summary), "
+            "'telemetry_ts', summary_ts, 'process', json(process), 'updated', updated)) "
+            "FROM (SELECT * FROM devices WHERE fleet=? AND updated>? ORDER BY device LIMIT ?)",
+            (fleet, changed_since, -1 if limit is None else limit)).fetchone()
+        return total, row[0]
+
+    def device(self, fleet: str, device: str) -> DeviceRow | None:
+        """One device, or None."""
+        r = self._conn().execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE fleet=? AND device=?",
+                                 (fleet, device)).fetchone()
+        return self._device_row(r, True) if r else None
+
+    def windows(self, fleet: str, device: str | None = None, since: float = 0.0, until: float = math.inf,
+                name: str | None = None, version: str | None = None, limit: int = 10_000,
+                with_sketch: bool = False) -> list[TelemetryWindow]:
+        """Telemetry windows (one per model per message) in a device-timestamp range, oldest first."""
+        where, args = ["fleet=?", "ts>=?", "ts<=?"], [fleet, since, until if math.isfinite(until) else 1e300]
+        for col, val in (("device", device), ("name", name), ("version", version)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(val)
+        cols = "device, boot, seq, ts, name, version, count, errors, interval_s, p50, p95, p99, providers" + (
+            ", sketch" if with_sketch else "")
+        # The newest `limit` rows, returned oldest first: a chart wants the recent end of a long range.
+        rows = self._conn().execute(
+            f"SELECT * FROM (SELECT {cols} FROM windows WHERE {' AND '.join(where)} ORDER BY ts DESC LIMIT ?) "
+            "ORDER BY ts",
+            (*args, limit)).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["providers"] = _strings_dec.decode(d["providers"])
+            if with_sketch:
+                d["sketch"] = _any_dec.decode(d["sketch"])
+            out.append(TelemetryWindow.from_dict(d))
+        return out
+
+    def version_stats(self, fleet: str, since: float, until: float = math.inf) -> list[VersionSketch]:
+        """Per (model, version): merged sketch, count and errors over whole minutes overlapping the range."""
+        hi = int(until // 60) if math.isfinite(until) else 2**62
+        acc: dict[tuple[str, str], list[Any]] = {}
+        for r in self._conn().execute("SELECT name, version, count, errors, sketch FROM version_minutes WHERE fleet=? "
+                                      "AND minute>=? AND minute<=?", (fleet, int(since // 60), hi)):
+            d = _any_dec.decode(r["sketch"])
+            a = acc.setdefault((r["name"], r["version"]), [0, 0, SketchSum(d["alpha"])])
+            a[0] = saturating_add(a[0], r["count"])
+            a[1] = saturating_add(a[1], r["errors"])
+            a[2].add(d)
+        return [VersionSketch(name=n, version=v, count=a[0], errors=a[1], sketch=a[2].to_ddsketch())
+                for (n, v), a in sorted(acc.items())]
+
+    def prune(self, fleet: str, before: float, chunk: int = 5000) -> dict[str, int]:
+        """Delete telemetry, windows, minute sketches, events and replies older than ``before``; counts per table.
+
+        Deletes run in small transactions so ingest (and other controllers) keep writing in between.
+        """
+        minute = int(before // 60)
+        jobs = {
+            "telemetry": ("DELETE FROM telemetry WHERE (fleet, device, boot, seq) IN (SELECT fleet, device, boot, seq "
+                          "FROM telemetry WHERE fleet=? AND ts<? LIMIT ?)", (fleet, before)),
+            "windows": ("DELETE FROM windows WHERE rowid IN (SELECT rowid FROM windows WHERE fleet=? AND ts<? LIMIT ?)",
+                        (fleet, before)),
+            "version_minutes": ("DELETE FROM version_minutes WHERE (fleet, name, version, minute) IN (SELECT fleet, "
+                                "name, version, minute FROM version_minutes WHERE fleet=? AND minute<? LIMIT ?)",
+                                (fleet, minute)),
+            "events": ("DELETE FROM events WHERE (fleet, device, boot, seq) IN (SELECT fleet, device, boot, seq "
+                       "FROM events WHERE fleet=? AND received<? LIMIT ?)", (fleet, before)),
+            "replies": ("DELETE FROM replies WHERE cmd_id IN (SELECT cmd_id FROM replies WHERE fleet=? AND "
+                        "received<? LIMIT ?)", (fleet, before)),
+        }
+        out = {}
+        for table, (sql, args) in jobs.items():
+            total = 0
+            while True:
+                with self._tx() as c:
+                    n = c.execute(sql, (*args, chunk)).rowcount
+                total += n
+                if n < chunk:
+                    break
+            out[table] = total
+        return out
+
+    def version_totals(self, fleet: str) -> list[VersionTotal]:
+        """Per (model, version), over all time: requests, errors and latency sum (``total()``: a float sum, which
+        cannot overflow the way SQLite's integer ``sum()`` does)."""
+        rows = self._conn().execute("SELECT name, version, total(count) AS count, total(errors) AS errors, "
+                                    "total(sum_ms) AS sum_ms FROM version_minutes WHERE fleet=? GROUP BY name, "
+                                    "version ORDER BY name, version", (fleet,))
+        return [VersionTotal(name=r["name"], version=r["version"], count=r["count"], errors=r["errors"],
+                             sum_ms=r["sum_ms"]) for r in rows]
+
+    def counts(self, fleet: str) -> dict[str, int]:
+        """Row counts per table for one fleet."""
+        c = self._conn()
+        out = {}
+        for table in ("telemetry", "windows", "events", "replies", "devices"):
+            out[table] = int(c.execute(f"SELECT count(*) FROM {table} WHERE fleet=?", (fleet,)).fetchone()[0])
+        return out
+
+    def events(self, fleet: str, device: str | None = None, since: float = 0.0, limit: int = 500) -> list[EventRow]:
+        """The newest events received after ``since``, returned oldest first."""
+        where, args = "fleet=? AND received>?", [fleet, since]
+        if device:
+            where += " AND device=?"
+            args.append(device)
+        rows = self._conn().execute("SELECT * FROM (SELECT device, boot, seq, ts, received, kind, level, message, "
+                                    f"data FROM events WHERE {where} ORDER BY received DESC LIMIT ?) ORDER BY received",
+                                    (*args, limit)).fetchall()
+        return [EventRow.from_dict({**dict(r), "data": _any_dec.decode(r["data"])}) for r in rows]
+
+    def reply(self, cmd_id: str) -> Reply | None:
+        """The stored reply to a command, or None."""
+        r = self._conn().execute("SELECT body FROM replies WHERE cmd_id=?", (cmd_id,)).fetchone()
+        return Reply.from_json(r["body"]) if r else None
+
+    # deployments ---------------------------------------------------------------------------------------------------
+    def create_deployment(self, deployment: Deployment, targets: Iterable[DeploymentTarget]) -> None:
+        """Store a new deployment and its targets in one transaction."""
+        d = deployment
+        now = time.time()
+        with self._tx() as c:
+            c.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                      (d.id, d.fleet, d.created or now, now, d.state, _text(d.selector), d.canary_pct,
+                       d.max_p95_regression, d.max_error_increase, _text(d.bundles), _text(d.decision), d.message,
+                       d.owner, d.lease_until))
+            c.executemany(
+                "INSERT INTO deployment_targets (deployment_id, device, profile, name, version, sha256, "
+                "previous_version, phase, state, reason, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(d.id, t.device, t.profile, t.name, t.version, t.sha256, t.previous_version, t.phase, t.state,
+                  t.reason, now) for t in targets])
+
+    def renew_lease(self, dep_id: str, owner: str, until: float) -> bool:
+        """Extend ``owner``'s lease on a running rollout; False when another controller has taken it over or the
+        deployment is no longer running (an operator rolled it back)."""
+        marks = ",".join("?" * len(RUNNING_STATES))
+        with self._tx() as c:
+            return c.execute(f"UPDATE deployments SET lease_until=? WHERE id=? AND owner=? AND state IN ({marks})",
+                             (until, dep_id, owner, *RUNNING_STATES)).rowcount == 1
+
+    def claim_deployments(self, fleet: str, owner: str, now: float, until: float) -> list[str]:
+        """Take over running rollouts whose lease expired before ``now`` (their controller died); returns ids."""
+        marks = ",".join("?" * len(RUNNING_STATES))
+        with self._tx() as c:  # BEGIN IMMEDIATE: two controllers claiming at once cannot both win a deployment
+            ids = [r[0] for r in c.execute(f"SELECT id FROM deployments WHERE fleet=? AND state IN ({marks}) "
+                                           "AND lease_until<?", (fleet, *RUNNING_STATES, now))]
+            for dep_id in ids:
+                c.execute("UPDATE deployments SET owner=?, lease_until=? WHERE id=?", (owner, until, dep_id))
+        return ids
+
+    def update_deployment(self, dep_id: str, *, state: str | None = None,
+                          decision: DeploymentDecision | None = None, message: str | None = None) -> None:
+        """Set state, decision or message of a deployment."""
+        vals: dict[str, Any] = {}
+        if state is not None:
+            vals["state"] = state
+        if decision is not None:
+            vals["decision"] = _text(decision)
+        if message is not None:
+            vals["message"] = message[:4096]
+        sets = "".join(f"{k}=?, " for k in vals)
+        with self._tx() as c:
+            c.execute(f"UPDATE deployments SET {sets}updated=? WHERE id=?", (*vals.values(), time.time(), dep_id))
+
+    def update_target(self, dep_id: str, device: str, **fields: Any) -> None:
+        """Set fields of one deployment target (state, reason, cmd_id, rollback_cmd_id, activated, ...)."""
+        check_target_fields(list(fields))
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self._tx() as c:
+            c.execute(f"UPDATE deployment_targets SET {sets}, updated=? WHERE deployment_id=? AND device=?",
+                      (*fields.values(), time.time(), dep_id, device))
+
+    @staticmethod
+    def _deployment(r: sqlite3.Row, progress: Mapping[str, int],
+                    targets: list[DeploymentTarget] | None = None) -> Deployment:
+        with prevalidated():
+            return Deployment(
+            id=r["id"], fleet=r["fleet"], state=r["state"], selector=_strings_dec.decode(r["selector"]),
+            canary_pct=r["canary_pct"], max_p95_regression=r["max_p95_regression"],
+            max_error_increase=r["max_error_increase"], bundles=_bundles_dec.decode(r["bundles"]),
+            decision=_decision_dec.decode(r["decision"]), created=r["created"], updated=r["updated"],
+            message=r["message"], owner=r["owner"], lease_until=r["lease_until"], progress=dict(progress),
+            targets=targets)
+
+    def deployments(self, fleet: str, limit: int = 100) -> list[Deployment]:
+        """Deployments, newest first, each with ``progress``: target counts per state."""
+        c = self._conn()
+        out = []
+        for r in c.execute("SELECT * FROM deployments WHERE fleet=? ORDER BY created DESC LIMIT ?",
+                           (fleet, limit)).fetchall():
+            progress = {s: n for s, n in c.execute(
+                "SELECT state, count(*) FROM deployment_targets WHERE deployment_id=? GROUP BY state", (r["id"],))}
+            out.append(self._deployment(r, progress))
+        return out
+
+    def deployment(self, dep_id: str) -> Deployment | None:
+        """One deployment with its targets and progress, or None."""
+        c = self._conn()
+        r = c.execute("SELECT * FROM deployments WHERE id=?", (dep_id,)).fetchone()
+        if r is None:
+            return None
+        targets = [DeploymentTarget.from_dict({k: t[k] for k in t.keys() if k != "deployment_id"}) for t in c.execute(
+            "SELECT * FROM deployment_targets WHERE deployment_id=? ORDER BY phase, device", (dep_id,))]
+        progress: dict[str, int] = {}
+        for t in targets:
+            progress[t.state] = progress.get(t.state, 0) + 1
+        return self._deployment(r, progress, targets)
+
+
+class _Tx:
+    """``with`` block around BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
