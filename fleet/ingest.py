@@ -158,7 +158,9 @@ class Ingestor:
         self._draining.set()
         self._running.clear()
         if self._writer is not None:
-            self._writer.join(timeout_s)
+            # The writer drains what is queued (bounded: batches of batch_max) before it exits; a slow disk or a
+            # loaded machine can take more than timeout_s for that, and stopping early would leave it writing.
+            self._writer.join(max(timeout_s, 60.0))
         if self.receipts:
             self._flush_receipts(force=True)
         self._ack_barrier(timeout_s)

@@ -124,7 +124,7 @@ class ServedModel(Model, frozen=True, kw_only=True):
     previous: Digest | None = None
 
 
-class Description(Model, frozen=True, kw_only=True):
+class Description(Model, frozen=True, kw_only=True, omit_defaults=False):
     """What a device is and serves: in its birth message and the ``describe`` reply."""
 
     _what: ClassVar[str] = "status.description"
@@ -260,7 +260,7 @@ class SystemStats(Model, frozen=True, kw_only=True):
     resent_total: Total | None = None
 
 
-class Telemetry(Message, frozen=True, kw_only=True):
+class Telemetry(Message, frozen=True, kw_only=True, omit_defaults=False):
     """One telemetry record: a window per served model version, process and system figures. ``(device, boot,
     seq)`` identifies it; ``dropped`` counts records the agent's outbox had to drop since the last one."""
 
@@ -474,7 +474,7 @@ class Reply(Message, frozen=True, kw_only=True):
 
 # -- receipts -------------------------------------------------------------------------------------------------------
 
-SeqRange = Annotated[tuple[Seq, Seq], Meta(description="[first, last], inclusive")]
+SeqRange = Annotated[list[Seq], Meta(min_length=2, max_length=2, description="[first, last], inclusive")]
 Ranges = Annotated[dict[Boot, Annotated[list[SeqRange], Meta(max_length=L.MAX_RECEIPT_RANGES)]],
                    Meta(max_length=L.MAX_RECEIPT_BOOTS)]
 
@@ -500,22 +500,22 @@ class Receipt(Message, frozen=True, kw_only=True, omit_defaults=False):
                         raise ProtocolError(f"{key}[{boot[:40]!r}]: range [{lo}, {hi}] is not [first, last]")
 
 
-def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted inclusive ``(first, last)`` ranges covering ``seqs``: ``{1, 2, 3, 7}`` → ``[(1, 3), (7, 7)]``."""
+def seq_ranges(seqs: Iterable[int]) -> list[list[int]]:
+    """Sorted inclusive ``[first, last]`` ranges covering ``seqs``: ``{1, 2, 3, 7}`` → ``[[1, 3], [7, 7]]``."""
     out: list[list[int]] = []
     for s in sorted(set(seqs)):
         if out and s == out[-1][1] + 1:
             out[-1][1] = s
         else:
             out.append([s, s])
-    return [(a, b) for a, b in out]
+    return out
 
 
 def receipts(device: str, *, telemetry: Mapping[str, Iterable[int]] | None = None,
              events: Mapping[str, Iterable[int]] | None = None, replies: Iterable[str] = ()) -> list[Receipt]:
     """One device's receipt — or as few as keep each within the receipt limits (ranges per boot and kind, boots,
     reply ids), since an agent refuses a receipt over them."""
-    chunks: list[tuple[str, str, list[list[tuple[int, int]]]]] = []
+    chunks: list[tuple[str, str, list[list[list[int]]]]] = []
     for key, per_boot in (("telemetry", telemetry or {}), ("events", events or {})):
         for boot, seqs in per_boot.items():
             r = seq_ranges(seqs)

@@ -79,6 +79,8 @@ def test_every_payload_a_live_agent_and_controller_exchange_validates_against_th
         assert rb.exit_code == 0, rb.output
         wait_until(lambda: {"status", "telemetry", "events", "cmd", "reply", "receipt"} <= cap.channels(), 30,
                    what=f"every channel on the wire (so far {sorted(cap.channels())})")
+        wait_until(lambda: sum(t.endswith("/reply") for t, _, _ in cap.messages) >= 2, 30,
+                   what="the replies to the deploy and the rollback")
         stop.set()
     finally:
         stop.set()
