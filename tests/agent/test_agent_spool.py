@@ -230,13 +230,13 @@ def test_mqtt_link_hands_over_only_valid_receipts_for_its_own_device(tmp_path: P
 
 def _reply(cmd_id: str, *, ok: bool = False, step: str = "receive") -> bytes:
     if ok:
-        return protocol.encode(protocol.reply(cmd_id, "d", True, result={}))
-    return protocol.encode(protocol.reply(cmd_id, "d", False, code="command.signature", message="no", step=step))
+        return protocol.Reply.ok(cmd_id, "d").to_json()
+    return protocol.Reply.failed(cmd_id, "d", "command.signature", "no", step).to_json()
 
 
 def _event(spool: Spool, kind: str) -> int:
-    return spool.add_event("t/events", lambda seq: protocol.encode(protocol.event("d", "b1", seq, kind, "m")),
-                           boot="b1")
+    return spool.add_event("t/events", lambda seq: protocol.Event(device="d", boot="b1", seq=seq, kind=kind,
+                                                                  message="m").to_json(), boot="b1")
 
 
 def test_spool_caps_replies_and_events_refusals_first_with_exact_drop_counts(tmp_path: Path) -> None:

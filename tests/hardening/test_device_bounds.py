@@ -7,6 +7,7 @@ answered ``journal.full`` at once, and the agent still answers a real command af
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 import uuid
@@ -47,9 +48,8 @@ def test_a_flood_of_refused_commands_leaves_bounded_outbox_and_journal(tmp_path:
         pad = "x" * 20_000  # each junk command carries 20 kB: journalled whole, 1,000 of them would be 20 MB
         t0 = time.monotonic()
         for i in range(N_JUNK):
-            cmd = protocol.command("describe", {}, cmd_id=f"junk-{i:04d}")
-            cmd["pad"] = pad
-            w.send_raw(protocol.encode(cmd))
+            cmd = {**protocol.command("describe", {}, cmd_id=f"junk-{i:04d}").to_dict(), "pad": pad}
+            w.send_raw(json.dumps(cmd).encode())
         # every refusal is answered or counted as dropped by the reply cap (the flood outruns the sender's window)
         def accounted() -> tuple[int, int, int, int]:
             with _db(agent) as db:
@@ -73,8 +73,8 @@ def test_a_flood_of_refused_commands_leaves_bounded_outbox_and_journal(tmp_path:
         sha, size = sha_size(bundle)
         cmd = protocol.sign_command(protocol.command("deploy", {"url": bundle.as_uri(), "sha256": sha, "size": size}),
                                     signing_key, counter=int(time.time() * 1e6), ttl_s=60)
-        w.send_raw(protocol.encode(cmd))
-        assert w.wait_reply(cmd["id"])["status"] == "ok"
+        w.send_raw(cmd.to_json())
+        assert w.wait_reply(cmd.id)["status"] == "ok"
 
         t_after = time.time()
         wait_until(lambda: any(r["ts"] > t_after for r in w.payloads("telemetry")), 10, what="telemetry after")
