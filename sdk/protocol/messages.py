@@ -33,9 +33,11 @@ __all__ = [
     "DescribeArgs",
     "Description",
     "Event",
+    "JournalStats",
     "ModelTotals",
     "ModelWindow",
     "OrtInfo",
+    "OutboxKinds",
     "ProcessStats",
     "Receipt",
     "RemoveArgs",
@@ -46,6 +48,7 @@ __all__ = [
     "Signature",
     "Sketch",
     "Status",
+    "StorageStats",
     "SystemStats",
     "Telemetry",
     "command",
@@ -247,17 +250,49 @@ class ProcessStats(Model, frozen=True, kw_only=True):
     threads: Annotated[int, Meta(ge=0, le=1 << 20)] | None = None
 
 
+class OutboxKinds(Model, frozen=True, kw_only=True):
+    """A count per outbox kind."""
+
+    telemetry: Total = 0
+    event: Total = 0
+    reply: Total = 0
+
+
+class JournalStats(Model, frozen=True, kw_only=True):
+    """The agent's command journal."""
+
+    entries: Total = 0
+    pending: Total = 0
+    forgotten_total: Total = 0
+    refused_total: Total = 0
+
+
+class StorageStats(Model, frozen=True, kw_only=True):
+    """The agent's data disk."""
+
+    free_bytes: Bytes | None = None
+    reserve_bytes: Bytes | None = None
+    ballast: bool | None = None
+    full_events: Total = 0
+
+
 class SystemStats(Model, frozen=True, kw_only=True):
-    """The device, and the agent's outbox."""
+    """The device, and the agent's outbox, journal and disk (docs/agent.md, "Telemetry")."""
 
     mem_available_bytes: Bytes | None = None
     mem_total_bytes: Bytes | None = None
     temperature_c: Annotated[float, Meta(ge=-273.15, le=1000.0)] | None = None
     load1: Annotated[float, Meta(ge=0.0, le=1e6)] | None = None
-    spool: Total | None = None
+    spool: Annotated[Total, Meta(description="telemetry records waiting in the outbox")] | None = None
     dropped_total: Total | None = None
-    unconfirmed: Total | None = None
+    unconfirmed: Annotated[Total, Meta(description="rows the broker has and no receipt named yet")] | None = None
     resent_total: Total | None = None
+    dropped_by_kind: Annotated[OutboxKinds, Meta(description="undelivered rows the caps dropped, per kind")] | \
+        None = None
+    outbox: Annotated[OutboxKinds, Meta(description="rows waiting, per kind")] | None = None
+    held: Annotated[Total, Meta(description="rows held in memory while the disk is full")] | None = None
+    journal: JournalStats | None = None
+    storage: StorageStats | None = None
 
 
 class Telemetry(Message, frozen=True, kw_only=True, omit_defaults=False):
