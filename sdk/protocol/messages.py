@@ -250,7 +250,7 @@ class ProcessStats(Model, frozen=True, kw_only=True):
     threads: Annotated[int, Meta(ge=0, le=1 << 20)] | None = None
 
 
-class OutboxKinds(Model, frozen=True, kw_only=True):
+class OutboxKinds(Model, frozen=True, kw_only=True, omit_defaults=False):
     """A count per outbox kind."""
 
     telemetry: Total = 0
@@ -258,7 +258,7 @@ class OutboxKinds(Model, frozen=True, kw_only=True):
     reply: Total = 0
 
 
-class JournalStats(Model, frozen=True, kw_only=True):
+class JournalStats(Model, frozen=True, kw_only=True, omit_defaults=False):
     """The agent's command journal."""
 
     entries: Total = 0
@@ -267,7 +267,7 @@ class JournalStats(Model, frozen=True, kw_only=True):
     refused_total: Total = 0
 
 
-class StorageStats(Model, frozen=True, kw_only=True):
+class StorageStats(Model, frozen=True, kw_only=True, omit_defaults=False):
     """The agent's data disk."""
 
     free_bytes: Bytes | None = None
