@@ -91,3 +91,41 @@ def test_openvino_precision_fp16_option_is_a_silent_fallback_the_runtime_catches
     # allowed to fall back, it runs, but says that the CPU EP serves it: ORT itself never complained
     m = _open(b, trusted, tmp_path / "again", allow_fallback=True)
     assert m.placement.fallback and m.placement.serving == ("CPUExecutionProvider",)
+
+
+def _partly_cpu_model(path: Path) -> Path:
+    """MatMul -> com.microsoft FastGelu -> Relu: OpenVINO 1.24 takes the MatMul only, the CPU EP the rest (measured)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.2, "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("FastGelu", ["h"], ["g"], name="gelu", domain="com.microsoft"),
+             helper.make_node("Relu", ["g"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "partly", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def test_package_partial_cpu_fallback_is_measured_and_fails_the_target_over_the_profile_limit(signing_key,
+                                                                                               tmp_path):
+    from edgefleet.sdk.errors import PackagingError
+
+    model = _partly_cpu_model(tmp_path / "partly.onnx")
+    rng = np.random.default_rng(1)
+    val = [{"x": rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(32)]
+    with pytest.raises(PackagingError) as err:
+        package(model, ["intel-openvino-cpu"], key=signing_key, out_dir=tmp_path / "o", validation=val,
+                precision="fp32", compare_cpu=False, timing=QUICK)
+    assert "67% of the nodes run on the CPU EP instead of OpenVINOExecutionProvider, over the profile's limit " \
+           "of 20%" in str(err.value)
+    # under auto the CPU EP yardstick is a candidate: it ships, and the report says why OpenVINO did not
+    [res] = package(model, ["intel-openvino-cpu"], key=signing_key, out_dir=tmp_path / "o2", validation=val,
+                    timing=QUICK)
+    assert [p.name for p in res.manifest.providers] == ["CPUExecutionProvider"]
+    ov = next(c for c in res.report["candidates"] if c["name"] == "fp32")
+    assert ov["cpu_fallback_nodes"] == pytest.approx(2 / 3, abs=0.01) and "over the profile's limit" in ov["error"]
