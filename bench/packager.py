@@ -148,6 +148,11 @@ def measure_target(target: str, model: Path, calib: Feeds, val: Feeds, bundle: P
         rt.load("fp32/all@1", base, [ProviderConfig(CPU)], SessionConfig(graph_optimization_level="all",
                                                                           intra_op_num_threads=1),
                 inputs, outputs, work / "cache")
+        # A/A twins: a second session of the yardstick; how far its ratio lands from 1.0 is this run's noise
+        rt.load("fp32/all twin", base, [ProviderConfig(CPU)], fp32, inputs, outputs, work / "cache")
+        rt.load("fp32/all@1 twin", base, [ProviderConfig(CPU)], SessionConfig(graph_optimization_level="all",
+                                                                               intra_op_num_threads=1),
+                inputs, outputs, work / "cache")
         keys = []
         transformer = False
         for vname, vpath in _variants(provider, base, calib_file, work / "sweep", transformer).items():
@@ -177,13 +182,15 @@ def measure_target(target: str, model: Path, calib: Feeds, val: Feeds, bundle: P
                     out["sweep"][key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
         policy = TimingPolicy(min_rounds=5, max_rounds=15 if quick else 31, budget_s=40 if quick else 120,
                               min_call_s=0.02)
-        res = rt.time(["shipped", *keys], "fp32/all", val[0], policy)
-        one = rt.time(["shipped@1"], "fp32/all@1", val[0], TimingPolicy(min_rounds=5, max_rounds=21,
-                                                                         budget_s=30, min_call_s=0.02))
+        res = rt.time(["shipped", "fp32/all twin", *keys], "fp32/all", val[0], policy)
+        one = rt.time(["shipped@1", "fp32/all@1 twin"], "fp32/all@1", val[0],
+                      TimingPolicy(min_rounds=5, max_rounds=21, budget_s=30, min_call_s=0.02))
         est = res.estimates
         out["threads"] = threads
         out["shipped_speedup"] = est["shipped"].to_dict()
         out["shipped_speedup_1thread"] = one.estimates["shipped@1"].to_dict()
+        out["aa"] = est["fp32/all twin"].to_dict()
+        out["aa_1thread"] = one.estimates["fp32/all@1 twin"].to_dict()
         for k in keys:
             out["sweep"][k].update(est[k].to_dict())
         within = [k for k in keys if out["sweep"][k].get("ok")]
@@ -263,9 +270,12 @@ def render(results: list[dict[str, Any]], header: str) -> str:
              "thread each; *to sweep best*: shipped vs the fastest configuration of the exhaustive sweep within the "
              "default accuracy budget, from the same interleaved rounds. Accuracy: the packager's gate numbers for the "
              "shipped candidate on the target's runtime (worst sample). Package time: wall seconds per run.", "",
-             "| model | target | shipped (runs agree?) | speed-up vs FP32/all | at 1 thread | to sweep best (which) "
-             "| accuracy (worst sample) | package s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "shipped (runs agree?) is the chosen candidate of each run. A/A: a second session of FP32/all timed in "
+             "the same rounds as if it were a candidate (at 2 threads, and at 1): how far it lands from 1.00x is the "
+             "noise of that row's measurement.", "",
+             "| model | target | shipped (runs agree?) | speed-up vs FP32/all | at 1 thread | A/A (2 / 1 thread) "
+             "| to sweep best (which) | accuracy (worst sample) | package s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in results:
         for target, t in r["targets"].items():
@@ -285,8 +295,9 @@ def render(results: list[dict[str, Any]], header: str) -> str:
             best = f"{sb['ratio']:.2f}x [{sb['ci'][0]:.2f}-{sb['ci'][1]:.2f}] ({t.get('sweep_best')})" if sb else "-"
             secs = ", ".join(str(x.get("seconds", "err")) for x in runs)
             prov = runs[0].get("providers", ["?"])[0].replace("ExecutionProvider", "") if runs else "?"
+            aa = f"{f(t.get('aa'))} / {f(t.get('aa_1thread'))}"
             lines.append(f"| {r['model']} | {target} | {chosen[0]} on {prov} ({stable}: {', '.join(chosen)}) "
-                         f"| {f(sp)} | {f(sp1)} | {best} | {_acc_text(t.get('accuracy'))} | {secs} |")
+                         f"| {f(sp)} | {f(sp1)} | {aa} | {best} | {_acc_text(t.get('accuracy'))} | {secs} |")
             if t.get("why"):
                 notes.append(f"- **{r['model']} / {target}**: {t['why']}")
             for c in t.get("candidates", []):

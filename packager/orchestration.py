@@ -9,7 +9,6 @@ only the provider's conservative precisions are candidates.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -107,15 +106,6 @@ class Built:
                 + f"; {lat} [{self.accuracy_on}]")
 
 
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except Exception:  # noqa: BLE001 - best effort
-        return os.cpu_count() or 1
-
-
 class TargetBuild:
     """Everything done for one target (an object so the steps read top to bottom in ``build``)."""
 
@@ -131,9 +121,12 @@ class TargetBuild:
         self.runtime, self.runtime_why = ctx.runtimes.for_provider(profile.primary_provider, self.policy.flavour)
         self.timed = self.runtime is not None and self.opts.measure
         # Threads: the bundle keeps the profile's count (0 = the device's default); timing pins the same explicit
-        # count for every candidate and the FP32 yardstick, so they compete at equal threads.
+        # count for every candidate and the FP32 yardstick, so they compete at equal threads. When the profile does
+        # not say (0: all the device's cores, a number unknown here), they compete at one thread each: measured on
+        # this shared 2-core host, two-thread ratios between identical sessions strayed by up to 40% under load,
+        # one-thread ratios by 1-5% (bench/results/packager.md, "A/A" column).
         self.bundle_threads = self.opts.threads if self.opts.threads is not None else profile.default_threads
-        self.timing_threads = self.bundle_threads or _physical_cores()
+        self.timing_threads = self.bundle_threads or 1
         self.timing: TimingResult | None = None
         self.noise = 0.0
 
@@ -198,8 +191,9 @@ class TargetBuild:
                        "decision": decision},
             "timing": self.timing.to_dict() if self.timing else None,
             "threads": {"bundle": self.bundle_threads, "timed_at": self.timing_threads if self.timed else None,
-                        "reason": "the profile's count (0: the device's default); every candidate and the FP32 "
-                                  "yardstick are timed at the same explicit count"},
+                        "reason": "the bundle keeps the profile's count (0: the device's default); every candidate "
+                                  "and the FP32 yardstick are timed at the same explicit count (the profile's, or 1 "
+                                  "when it leaves the count to the device)"},
             "notes": self.notes,
             "measured_here": self.timed,
             "not_measured": [] if self.timed else [

@@ -147,3 +147,18 @@ def test_gate_compares_integer_outputs_exactly() -> None:
     got = [{"label": np.array([3], np.int64)}, {"label": np.array([2], np.int64)}]
     acc = evaluate(got, ref, Budget())
     assert not acc.ok and "compared exactly" in acc.failures[0]
+
+
+def test_gate_judges_a_sample_whose_reference_is_zero_by_error_not_cosine() -> None:
+    """A text detector's map of a photo without text is ~0 everywhere: a tiny deviation there has cosine 0, which
+    is no accuracy loss; a real blob where the original has none is."""
+    rng = np.random.default_rng(6)
+    maps = [rng.uniform(0, 1, (1, 1, 16, 16)).astype(np.float32) for _ in range(3)]
+    maps.append(np.zeros((1, 1, 16, 16), np.float32))
+    ref = [{"m": m} for m in maps]
+    tiny = [{"m": m + (1e-4 if i == 3 else 0.0)} for i, m in enumerate(maps)]
+    assert evaluate([{"m": x["m"].astype(np.float32)} for x in tiny], ref, Budget()).ok
+    blob = [{"m": m.copy()} for m in maps]
+    blob[3]["m"][0, 0, :4, :4] = 0.9
+    acc = evaluate(blob, ref, Budget())
+    assert not acc.ok and any("~0 everywhere" in f for f in acc.failures)
