@@ -8,9 +8,9 @@ carries the error's stable ``code``, the ``step`` that failed and a message a pe
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -36,7 +36,7 @@ from edgefleet.sdk.protocol import (
 
 from .failpoints import failpoint
 from .installer import Installer, InstallError
-from .journal import Journal, JournalEntry
+from .journal import MAX_REFUSED_PAYLOAD, Journal, JournalEntry
 from .registry import Registry
 from .spool import Spool
 from .storage import StorageFullError
@@ -78,10 +78,13 @@ class Dispatcher:
                  reply_topic: str, wake_sender: Callable[[], None], describe: Callable[[], Description],
                  configure: Callable[[Mapping[str, Any]], dict[str, Any]],
                  event: Callable[..., None], changed: Callable[[], None],
-                 trusted: TrustedKeys | None = None, require_signed: bool = True) -> None:
+                 trusted: TrustedKeys | None = None, require_signed: bool = True, fleet: str | None = None,
+                 require_bound: bool = True) -> None:
         self.device = device
+        self.fleet = fleet
         self.trusted = trusted
         self.require_signed = require_signed
+        self.require_bound = require_bound
         if require_signed and (trusted is None or not len(trusted)):
             raise ValueError("require_signed needs trusted keys to verify commands against")
         self.journal = journal
@@ -100,37 +103,34 @@ class Dispatcher:
     # -- receiving (MQTT network thread) ------------------------------------------------------------------------------
 
     def receive(self, message: Any) -> None:
-        """Validate, journal and queue one ``cmd`` message; an invalid one gets an error reply if it has an id."""
+        """Validate, journal and queue one ``cmd`` message.
+
+        Never raises because of what the message holds — malformed, oversized, nested past any parser, unsigned,
+        expired, replayed, for another device or fleet: such a command is refused at once, with an error reply when
+        it carries a usable id and a ``command.refused`` event, so the caller acknowledges it and junk can never
+        occupy the broker's in-flight window (issue 18). Raises only when the journal cannot be written at all: then
+        it stays unacknowledged and the broker delivers it again.
+        """
         payload = bytes(message.payload)
         props = _props_of(message)
         try:
             cmd = Command.from_json(payload)
-        except ProtocolError as exc:
-            cmd_id = _salvage_id(payload)
-            if cmd_id is None:
-                log.warning("dropped a command without a usable id", extra={"error": str(exc)})
-                return
-            if self.journal.receive(cmd_id, "invalid", payload, props):
-                self._reply(cmd_id, props, None, CommandFailed(exc.code, "parse", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile payload provokes is a refusal, never a crash
+            err = exc if isinstance(exc, EdgefleetError) else ProtocolError(f"cmd: unreadable: {type(exc).__name__}")
+            self._refuse(_salvage_id(payload), "invalid", payload, props, err, "parse")
             return
         first: EdgefleetError | None = self._authenticate(cmd, payload) or self.journal.check_room()
         for attempt in (0, 1):  # a full disk fails the first attempt and releases the ballast (agent/storage.py)
             refusal = first
             try:
                 with self.spool.db.tx(hold=False) as c:
-                    if not self.journal.receive(cmd.id, cmd.kind, payload, props, c):
+                    # A refused command keeps no payload in the journal (issue 18: junk was journaled whole).
+                    kept = payload if refusal is None else payload[:MAX_REFUSED_PAYLOAD]
+                    if not self.journal.receive(cmd.id, cmd.kind, kept, props, c):
                         log.info("duplicate command ignored", extra={"id": cmd.id, "kind": cmd.kind})
                         return
-                    if refusal is None and cmd.counter is not None:
-                        # Checked and stored with the journal entry, in one transaction: a counter is accepted once,
-                        # and a restart never forgets it (a captured older command stays refused).
-                        last = self.journal.last_counter(c)
-                        if cmd.counter <= last:
-                            refusal = CommandReplayError(f"command {cmd.id!r}: counter {cmd.counter} is not "
-                                                         f"above the last accepted {last}: a replayed or reordered "
-                                                         "command")
-                        else:
-                            self.journal.accept_counter(cmd.counter, c)
+                    if refusal is None:
+                        refusal = self._check_replay(cmd, c)
                     if refusal is not None:
                         # Answered, never executed: the reply and the "done" mark commit with the journal entry.
                         self._store_reply(c, cmd.id, props, None, CommandFailed(refusal.code, "receive",
@@ -141,11 +141,7 @@ class Dispatcher:
                     continue
                 # Not even the journal entry fits on the disk: answer at once (the outbox holds the reply in memory
                 # if it must); a redelivery of this id is answered again.
-                why = refusal or exc
-                self.spool.add("reply", self.reply_topic,
-                               Reply.failed(cmd.id, self.device, why.code, str(why), "receive").to_json(),
-                               {"correlation": props["correlation"]} if props.get("correlation") else {}, ref=cmd.id)
-                self.wake_sender()
+                self._reply_from_memory(cmd.id, props, refusal or exc)
                 return
         if refusal is not None:
             log.warning("command refused", extra={"id": cmd.id, "kind": cmd.kind, "code": refusal.code,
@@ -157,16 +153,67 @@ class Dispatcher:
         failpoint("journal:received")
         self._queue.put(JournalEntry(cmd.id, cmd.kind, payload, props, "pending"))
 
+    def _check_replay(self, cmd: Command, c: Any) -> CommandError | None:
+        """Counter above the last accepted one and a nonce not seen before; both stored when accepted, in the
+        journal entry's transaction, so a restart never forgets them (a captured older command stays refused)."""
+        if cmd.counter is not None:
+            last = self.journal.last_counter(c)
+            if cmd.counter <= last:
+                return CommandReplayError(f"command {cmd.id!r}: counter {cmd.counter} is not above the last "
+                                          f"accepted {last}: a replayed or reordered command")
+        if cmd.nonce is not None and cmd.signature is not None:
+            if self.journal.nonce_seen(cmd.nonce, c):
+                return CommandReplayError(f"command {cmd.id!r}: nonce {cmd.nonce} was accepted before: a replayed "
+                                          "command")
+            self.journal.accept_nonce(cmd.nonce, cmd.expires if cmd.expires is not None else time.time() + 86400, c)
+        if cmd.counter is not None:
+            self.journal.accept_counter(cmd.counter, c)
+        return None
+
+    def _refuse(self, cmd_id: str | None, kind: str, payload: bytes, props: dict[str, Any], error: EdgefleetError,
+                step: str) -> None:
+        """Answer a command that will never run: journaled (at most MAX_REFUSED_PAYLOAD bytes of it, none once
+        answered) with its error reply in one transaction, plus a ``command.refused`` event. Without a usable id
+        there is nothing to answer: only the event and the log."""
+        why = str(error).splitlines()[0][:500] if str(error) else type(error).__name__
+        code = getattr(error, "code", "protocol")
+        log.warning("command refused", extra={"id": cmd_id, "code": code, "bytes": len(payload), "error": why})
+        data: dict[str, Any] = {"code": code, "bytes": len(payload)}
+        if cmd_id is not None:
+            data["command"] = cmd_id
+            for attempt in (0, 1):
+                try:
+                    with self.spool.db.tx(hold=False) as c:
+                        if not self.journal.receive(cmd_id, kind, payload[:MAX_REFUSED_PAYLOAD], props, c):
+                            return  # this id was seen before (a redelivery): answered then, or it ran
+                        self._store_reply(c, cmd_id, props, None, CommandFailed(code, step, why))
+                    break
+                except StorageFullError:
+                    if attempt == 1:
+                        self._reply_from_memory(cmd_id, props, CommandFailed(code, step, why))
+                        return
+        self.event("command.refused", f"command refused at {step}: {why}", level="warning", data=data)
+        self.wake_sender()
+
+    def _reply_from_memory(self, cmd_id: str, props: Mapping[str, Any], why: EdgefleetError) -> None:
+        self.spool.add("reply", self.reply_topic,
+                       Reply.failed(cmd_id, self.device, why.code, str(why), "receive").to_json(),
+                       {"correlation": props["correlation"]} if props.get("correlation") else {}, ref=cmd_id)
+        self.wake_sender()
+
     def _authenticate(self, cmd: Command, payload: bytes) -> CommandError | None:
-        """Signature (required unless relaxed for development) and expiry; None when the command may run."""
+        """Signature (required unless relaxed for development), expiry and target (this device and fleet); None
+        when the command may run."""
         try:
             if cmd.signature is not None or self.require_signed:
                 if self.trusted is None or not len(self.trusted):
                     raise CommandSignatureError(f"command {cmd.id!r} is signed but no keys are trusted")
                 # Over the bytes received: a field this agent's model does not know is covered all the same.
-                protocol.verify_command(cmd, self.trusted, payload=payload)
+                protocol.verify_command(cmd, self.trusted, payload=payload, device=self.device, fleet=self.fleet,
+                                        require_bound=self.require_bound)
             else:
                 protocol.check_expiry(cmd)
+                protocol.check_target(cmd, self.device, self.fleet, require_bound=False)
         except CommandError as exc:
             return exc
         return None
@@ -335,9 +382,12 @@ class Dispatcher:
         c.execute("DELETE FROM meta WHERE key=?", (f"rollback.{cmd_id}",))
 
 
+# The command id of a payload that does not parse, for its refusal reply: a top-level "id" before any nested value
+# (where edgefleet's encoder puts it), read with a bounded regex over the first bytes only — no JSON parser, so no
+# nesting depth or size can make salvaging fail (issue 18: a deeply nested command was never acknowledged).
+_ID_AT_TOP = re.compile(rb'^\s*\{[^{}\[\]]*?"id"\s*:\s*"([A-Za-z0-9_.-]{1,64})"')
+
+
 def _salvage_id(payload: bytes) -> str | None:
-    try:
-        obj = json.loads(payload)
-        return protocol.check_id("cmd.id", obj.get("id")) if isinstance(obj, dict) else None
-    except (ValueError, UnicodeError):
-        return None
+    m = _ID_AT_TOP.match(payload[:2048])
+    return m.group(1).decode("ascii") if m else None

@@ -95,6 +95,7 @@ class AgentConfig:
     receipts: str = "auto"
     resend_after_s: float = 10.0
     require_signed_commands: bool = True
+    require_bound_commands: bool = True
     max_bundle_bytes: int = 4 << 30
     download_timeout_s: float = 30.0
     download_max_s: float = 3600.0
@@ -123,7 +124,7 @@ _SECTIONS: dict[str, set[str]] = {
     "install": {"max_bundle_bytes", "download_timeout_s", "download_max_s", "ca_file"},
     "storage": {"reserve_bytes", "ballast_bytes", "max_events", "max_replies", "max_held", "journal_max_entries",
                 "journal_max_pending"},
-    "commands": {"require_signed"},
+    "commands": {"require_signed", "require_bound"},
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -341,6 +342,7 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         receipts=receipts,
         resend_after_s=r.num("telemetry.resend_after_s", 10.0, 0.1, 24 * 3600),
         require_signed_commands=r.flag("commands.require_signed", True),
+        require_bound_commands=r.flag("commands.require_bound", True),
         max_bundle_bytes=r.num("install.max_bundle_bytes", AgentConfig.max_bundle_bytes, 1, 1 << 40, integer=True),
         download_timeout_s=r.num("install.download_timeout_s", 30.0, 0.1, 3600),
         download_max_s=r.num("install.download_max_s", 3600.0, 1.0, 7 * 24 * 3600),

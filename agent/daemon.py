@@ -106,9 +106,13 @@ class Agent:
                                      reply_topic=self.link.topic("reply"), wake_sender=self.sender.wake,
                                      describe=self.describe, configure=self.configure, event=self.event,
                                      changed=self.link.republish_status, trusted=self.trusted,
-                                     require_signed=cfg.require_signed_commands)
+                                     require_signed=cfg.require_signed_commands, fleet=cfg.fleet,
+                                     require_bound=cfg.require_bound_commands)
         if not cfg.require_signed_commands:
             log.warning("commands.require_signed = false: unsigned commands are executed (development only)")
+        if not cfg.require_bound_commands:
+            log.warning("commands.require_bound = false: signed commands that name no device are executed "
+                        "(only while controllers older than command binding remain)")
         self._stop = threading.Event()
 
     # -- pieces the others call ---------------------------------------------------------------------------------------

@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS commands (
     attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cmd_nonces (      -- nonces of accepted signed commands, kept until they expire
+    nonce TEXT PRIMARY KEY,
+    expires REAL NOT NULL
+);
 """
 
 

@@ -5,11 +5,17 @@ the broker forgets a command the agent has it on disk. A command whose id is alr
 (idempotent by id, also across restarts). A command that was pending when the agent died is executed again after
 restart; its reply goes through the outbox, so exactly one reply per id reaches the broker.
 
+It also remembers the replay guards of signed commands, in the transaction that journals them: the highest
+``counter`` accepted, and every accepted ``nonce`` until its command expires (at most ``max_nonces``; the oldest go
+first, and the counter still refuses them).
+
 Bounded (issue 18: 1,000 refused commands left 1,000 whole journal entries): a finished command keeps only its id
 and kind (payload and MQTT properties are dropped when it is answered), at most ``max_entries`` finished ids are
 remembered (older ones are forgotten, counted in ``journal.forgotten``), and at most ``max_pending`` commands wait to
 run — beyond that :meth:`Journal.check_room` refuses the newcomer with ``journal.full`` (the dispatcher answers it at
-``receive``, counted in ``journal.refused``), so a flood can neither fill the disk nor queue work without end.
+``receive``, counted in ``journal.refused``), so a flood can neither fill the disk nor queue work without end. A
+command that is refused at once (malformed, unsigned, for another device ...) is journaled with at most
+:data:`MAX_REFUSED_PAYLOAD` bytes of its payload, and none once answered.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from edgefleet.sdk.errors import EdgefleetError
 
 from .db import Database
 
-__all__ = ["Journal", "JournalEntry", "JournalFullError"]
+__all__ = ["MAX_REFUSED_PAYLOAD", "Journal", "JournalEntry", "JournalFullError"]
+
+MAX_REFUSED_PAYLOAD = 1024
+"""Bytes of a refused command's payload kept while its refusal is being answered (for the log), never more."""
 
 
 class JournalFullError(EdgefleetError):
@@ -47,12 +56,14 @@ class Journal:
     """Commands by id with state pending/done; old done entries are pruned beyond ``keep``, pending ones are capped
     at ``max_pending``."""
 
-    def __init__(self, db: Database, keep: int = 10_000, max_pending: int = 100) -> None:
-        if keep < 1 or max_pending < 1:
-            raise ValueError(f"keep and max_pending must be >= 1, got {keep}, {max_pending}")
+    def __init__(self, db: Database, keep: int = 10_000, max_pending: int = 100, max_nonces: int = 100_000) -> None:
+        if keep < 1 or max_pending < 1 or max_nonces < 1:
+            raise ValueError(f"keep, max_pending and max_nonces must be >= 1, got {keep}, {max_pending}, "
+                             f"{max_nonces}")
         self.db = db
         self.keep = keep
         self.max_pending = max_pending
+        self.max_nonces = max_nonces
 
     def check_room(self) -> JournalFullError | None:
         """A refusal when ``max_pending`` commands already wait to run, else None (counted when refused)."""
@@ -92,6 +103,18 @@ class Journal:
         """Persist ``counter`` as the last accepted one (same transaction as the journal entry)."""
         c.execute("INSERT INTO meta(key, value) VALUES('cmd.counter', ?) "
                   "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(counter),))
+
+    def nonce_seen(self, nonce: str, c: Any) -> bool:
+        """Whether a command with this nonce was accepted before and has not expired (caller's transaction)."""
+        return c.execute("SELECT 1 FROM cmd_nonces WHERE nonce=?", (nonce,)).fetchone() is not None
+
+    def accept_nonce(self, nonce: str, expires: float, c: Any) -> None:
+        """Remember an accepted nonce until ``expires``; forget expired ones and, over ``max_nonces``, the soonest
+        to expire (the counter still refuses a replay of those)."""
+        c.execute("DELETE FROM cmd_nonces WHERE expires < ?", (time.time(),))
+        c.execute("INSERT OR REPLACE INTO cmd_nonces(nonce, expires) VALUES(?, ?)", (nonce, expires))
+        c.execute("DELETE FROM cmd_nonces WHERE nonce IN (SELECT nonce FROM cmd_nonces ORDER BY expires DESC "
+                  "LIMIT -1 OFFSET ?)", (self.max_nonces,))
 
     def finish(self, cmd_id: str, c: Any = None) -> None:
         """Mark a command done (inside the caller's transaction when given, with the reply stored); only its id and

@@ -355,16 +355,30 @@ class Spool:
 
     def confirm(self, receipt: dict[str, Any]) -> int:
         """Delete the rows a controller's receipt names (any state: a row a previous run delivered is stored too).
-        The first receipt switches ``auto`` receipts on for this data dir. Returns the rows deleted."""
+        The first receipt switches ``auto`` receipts on for this data dir. A negative receipt (``refused``: the
+        controller will never store them) deletes them the same way and counts them per kind (``refused.<kind>``
+        in ``meta``, reported as ``system.refused_by_kind``). Returns the rows deleted."""
+        refused = bool(receipt.get("refused"))
+
         def run(c: sqlite3.Connection) -> int:
             n = 0
+            per_kind: dict[str, int] = {}
             for kind, key in (("telemetry", "telemetry"), ("event", "events")):
                 for boot, ranges in receipt.get(key, {}).items():
                     for lo, hi in ranges:
-                        n += c.execute("DELETE FROM outbox WHERE kind=? AND boot=? AND seq BETWEEN ? AND ?",
-                                       (kind, boot, lo, hi)).rowcount
+                        k = c.execute("DELETE FROM outbox WHERE kind=? AND boot=? AND seq BETWEEN ? AND ?",
+                                      (kind, boot, lo, hi)).rowcount
+                        per_kind[kind] = per_kind.get(kind, 0) + k
+                        n += k
             for ref in receipt.get("replies", []):
-                n += c.execute("DELETE FROM outbox WHERE kind='reply' AND ref=?", (ref,)).rowcount
+                k = c.execute("DELETE FROM outbox WHERE kind='reply' AND ref=?", (ref,)).rowcount
+                per_kind["reply"] = per_kind.get("reply", 0) + k
+                n += k
+            if refused:
+                for kind, k in per_kind.items():
+                    if k:
+                        c.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET "
+                                  "value=CAST(value AS INTEGER) + excluded.value", (f"refused.{kind}", k))
             if self.receipt_mode == "auto":
                 c.execute("INSERT INTO meta(key, value) VALUES('receipts.seen', '1') "
                           "ON CONFLICT(key) DO UPDATE SET value=excluded.value")
@@ -372,6 +386,9 @@ class Spool:
 
         n = self.db.write(run)
         self._seen = self.receipt_mode == "auto"
+        if refused and n:
+            log.warning("the controller refused %d of this device's messages for good: %s", n,
+                        str(receipt.get("reason", ""))[:300])
         return n
 
     def requeue(self, delivered_before: float) -> int:
@@ -412,11 +429,17 @@ class Spool:
             rows = dict(self.db.conn.execute("SELECT key, value FROM meta WHERE key LIKE 'dropped.%'").fetchall())
         return {k: int(rows.get(f"dropped.{k}", 0)) + self.held_dropped.get(k, 0) for k in KINDS}
 
+    def refused(self) -> dict[str, int]:
+        """Rows a controller refused for good (negative receipts), per kind, since the data dir was made."""
+        with self.db.lock:
+            rows = dict(self.db.conn.execute("SELECT key, value FROM meta WHERE key LIKE 'refused.%'").fetchall())
+        return {k: int(rows.get(f"refused.{k}", 0)) for k in KINDS}
+
     def status(self) -> dict[str, Any]:
         """The outbox figures telemetry reports under ``system``."""
         return {"spool": self.count("telemetry"), "dropped_total": self.dropped_total,
                 "unconfirmed": self.unconfirmed(), "dropped_by_kind": self.dropped(), "held": self.held(),
-                "outbox": {k: self.count(k) for k in KINDS}}
+                "outbox": {k: self.count(k) for k in KINDS}, "refused_by_kind": self.refused()}
 
 
 def _carried(payload: bytes) -> int:

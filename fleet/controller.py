@@ -38,9 +38,10 @@ class CommandSigner:
     one it accepted (``command.replay``).
     """
 
-    def __init__(self, key: PrivateKey, ttl_s: float) -> None:
+    def __init__(self, key: PrivateKey, ttl_s: float, fleet: str | None = None) -> None:
         self.key = key
         self.ttl_s = ttl_s
+        self.fleet = fleet
         self._last: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -52,8 +53,10 @@ class CommandSigner:
             return counter
 
     def sign(self, device: str, cmd: Command) -> Command:
-        """``cmd`` signed for ``device``."""
-        return sign_command(cmd, self.key, counter=self.next_counter(device), ttl_s=self.ttl_s)
+        """``cmd`` signed for ``device`` (and this signer's fleet): bound to them, so a copy delivered anywhere else
+        is refused (``command.target``)."""
+        return sign_command(cmd, self.key, counter=self.next_counter(device), ttl_s=self.ttl_s, device=device,
+                            fleet=self.fleet)
 
 
 @dataclass
@@ -99,7 +102,7 @@ class Controller:
         self.config = config
         self.port = config.http_port
         self.store = store or open_store(config.db)
-        self.signer = CommandSigner(load_private_key(config.signing_key), config.command_ttl_s) \
+        self.signer = CommandSigner(load_private_key(config.signing_key), config.command_ttl_s, config.fleet) \
             if config.signing_key is not None else None
         trusted = TrustedKeys.from_paths(config.trust) if config.trust else TrustedKeys()
         self.library = BundleLibrary(config.bundles_dir, trusted)

@@ -25,7 +25,9 @@ Every error edgefleet raises on purpose derives from :class:`EdgefleetError` and
     ├── CommandError                    command
     │   ├── CommandSignatureError       command.signature   unsigned (where required), untrusted key, bad signature
     │   ├── CommandExpiredError         command.expired     past its ``expires`` time
-    │   └── CommandReplayError          command.replay      counter not above the last one this device accepted
+    │   ├── CommandReplayError          command.replay      counter not above the last one this device accepted,
+    │   │                                                   or a nonce it has seen
+    │   └── CommandTargetError          command.target      for another device or fleet, or names none (signed)
     └── TransportError                  transport        broker, HTTP or download failures
 
 Foreign exceptions are translated once, at the boundary: ``raise TransportError(f"...: {exc}") from exc``.
@@ -44,6 +46,7 @@ __all__ = [
     "CommandExpiredError",
     "CommandReplayError",
     "CommandSignatureError",
+    "CommandTargetError",
     "ConfigError",
     "EdgefleetError",
     "InputError",
@@ -197,6 +200,13 @@ class CommandReplayError(CommandError):
     """A command whose counter is not above the last counter this device accepted (a replay or a rollback)."""
 
     code = "command.replay"
+
+
+class CommandTargetError(CommandError):
+    """A signed command for another device or fleet (a captured command replayed elsewhere), or one that names
+    none where binding is required."""
+
+    code = "command.target"
 
 
 class TransportError(EdgefleetError):

@@ -97,7 +97,7 @@ from .messages import (
     receipts,
     seq_ranges,
 )
-from .signing import check_expiry, sign_command, signed_part, verify_command
+from .signing import check_expiry, check_target, sign_command, signed_part, verify_command
 from .topics import CHANNELS, ROOT, Topic, check_id, parse_topic, subscription, topic
 
 __all__ = [
@@ -175,6 +175,7 @@ __all__ = [
     "check_clock",
     "check_expiry",
     "check_id",
+    "check_target",
     "command",
     "decode",
     "limits",

@@ -293,6 +293,8 @@ class SystemStats(Model, frozen=True, kw_only=True):
     held: Annotated[Total, Meta(description="rows held in memory while the disk is full")] | None = None
     journal: JournalStats | None = None
     storage: StorageStats | None = None
+    refused_by_kind: Annotated[OutboxKinds, Meta(description="rows a controller refused for good (negative "
+                                                              "receipts), per kind")] | None = None
 
 
 class Telemetry(Message, frozen=True, kw_only=True, omit_defaults=False):
@@ -424,7 +426,8 @@ class Command(Message, frozen=True, kw_only=True):
     """A command for one device (``cmd``); ``id`` makes it idempotent and pairs it with exactly one reply.
 
     ``args`` depends on ``kind`` (``COMMAND_ARGS``: the schema says which with if/then); ``typed_args()`` returns
-    them as their class. A signed command also carries ``expires``, a per-device ``counter`` and ``signature``.
+    them as their class. A signed command also carries ``expires``, a per-device ``counter``, the ``device`` and
+    ``fleet`` it is for, a ``nonce`` and ``signature`` (docs/mqtt-protocol.md, "Signed commands").
     """
 
     _what: ClassVar[str] = "cmd"
@@ -436,6 +439,12 @@ class Command(Message, frozen=True, kw_only=True):
     expires: Annotated[Timestamp, Meta(description="not executed after this time")] | None = None
     counter: Annotated[int, Meta(ge=1, le=L.INT64_MAX,
                                  description="per device, only goes up: replays are refused")] | None = None
+    device: Annotated[Id, Meta(description="the one device this command is for (signed: refused anywhere "
+                                           "else)")] | None = None
+    fleet: Annotated[Id, Meta(description="the fleet of that device (signed: refused in another fleet)")] | None = None
+    nonce: Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$",
+                               description="128 random bits, unique per signature: a device refuses one it has "
+                                           "seen")] | None = None
     signature: Signature | None = None
 
     def _check(self) -> None:
@@ -517,7 +526,8 @@ Ranges = Annotated[dict[Boot, Annotated[list[SeqRange], Meta(max_length=L.MAX_RE
 class Receipt(Message, frozen=True, kw_only=True, omit_defaults=False):
     """What a controller is done with of one device's messages — stored (new or duplicate), or refused for good —
     as seq ranges per boot and kind, and reply ids. The agent deletes what a receipt names and resends what a later
-    receipt skipped."""
+    receipt skipped. A negative receipt (``refused``) names only messages refused for good (out of range, from the
+    future, unstorable): an agent that predates the field deletes them all the same."""
 
     _what: ClassVar[str] = "receipt"
 
@@ -526,6 +536,9 @@ class Receipt(Message, frozen=True, kw_only=True, omit_defaults=False):
     events: Ranges
     replies: Annotated[list[Id], Meta(max_length=L.MAX_RECEIPT_RANGES)]
     ts: Timestamp = field(default_factory=_now)
+    refused: Annotated[bool, Meta(description="true: the controller refused (never stored) everything this receipt "
+                                              "names; the agent stops sending it and counts it")] = False
+    reason: Annotated[Text, Meta(description="why, with refused: one line")] = ""
 
     def _check(self) -> None:
         for key in ("telemetry", "events"):
@@ -547,9 +560,10 @@ def seq_ranges(seqs: Iterable[int]) -> list[list[int]]:
 
 
 def receipts(device: str, *, telemetry: Mapping[str, Iterable[int]] | None = None,
-             events: Mapping[str, Iterable[int]] | None = None, replies: Iterable[str] = ()) -> list[Receipt]:
+             events: Mapping[str, Iterable[int]] | None = None, replies: Iterable[str] = (),
+             refused: bool = False, reason: str = "") -> list[Receipt]:
     """One device's receipt — or as few as keep each within the receipt limits (ranges per boot and kind, boots,
-    reply ids), since an agent refuses a receipt over them."""
+    reply ids), since an agent refuses a receipt over them. ``refused``: a negative receipt, with ``reason``."""
     chunks: list[tuple[str, str, list[list[list[int]]]]] = []
     for key, per_boot in (("telemetry", telemetry or {}), ("events", events or {})):
         for boot, seqs in per_boot.items():
@@ -573,6 +587,6 @@ def receipts(device: str, *, telemetry: Mapping[str, Iterable[int]] | None = Non
         parts.append(body)
     now = time.time()
     for body in parts:
-        out.append(Receipt(device=device, ts=now, **body))
+        out.append(Receipt(device=device, ts=now, refused=refused, reason=reason[:L.MAX_TEXT], **body))
     return out
 

@@ -8,6 +8,7 @@ runs it), so code, schemas and docs cannot drift apart.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ def _schema(name: str, cls: type[msgspec.Struct]) -> dict[str, Any]:
             {"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
              "then": {"properties": {"args": {"$ref": f"#/$defs/{args.__name__}"}}}}
             for kind, args in messages.COMMAND_ARGS.items()]
+    for d in defs.values():  # msgspec 0.23 dedents docstrings, 0.22 does not: the same text from either
+        if isinstance(d.get("description"), str):
+            d["description"] = inspect.cleandoc(d["description"])
     kind = "MQTT payload" if name in MQTT_SCHEMAS else "HTTP API body"
     return {"$schema": _DRAFT, "title": f"edgefleet v{L.VERSION} {name}",
             "$comment": f"{kind}, generated from edgefleet.sdk.protocol.{cls.__name__}; do not edit: "

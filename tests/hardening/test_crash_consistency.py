@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _agents import AgentProc, Watcher, make_agent, serving_version, sha_size, wait_until
+from _agents import FLEET, AgentProc, Watcher, make_agent, serving_version, sha_size, wait_until
 from edgefleet.agent.failpoints import FAILPOINTS
 from edgefleet.sdk import protocol
 from edgefleet.sdk.bundle import read_installed, read_manifest
@@ -54,7 +54,8 @@ class Device:
         self.counter += 1
         self.n += 1
         cmd = protocol.command(kind, args, cmd_id=f"c{self.n}-{kind}")
-        return protocol.sign_command(cmd, self.key, counter=self.counter, ttl_s=3600)
+        return protocol.sign_command(cmd, self.key, counter=self.counter, ttl_s=3600, device=self.agent.device,
+                                     fleet=FLEET)
 
     def new_bundle(self) -> tuple[dict[str, Any], str, str]:
         version = f"{self.next_major}.0.0"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _agents import BundleServer, Watcher, make_agent, sha_size, wait_until
+from _agents import FLEET, BundleServer, Watcher, make_agent, sha_size, wait_until
 from edgefleet.sdk import protocol
 from edgefleet.sdk.testing import build_test_bundle
 
@@ -72,7 +72,8 @@ def test_a_flood_of_refused_commands_leaves_bounded_outbox_and_journal(tmp_path:
         bundle = build_test_bundle(mlp_model, tmp_path / "v1.efb", signing_key, version="1.0.0")
         sha, size = sha_size(bundle)
         cmd = protocol.sign_command(protocol.command("deploy", {"url": bundle.as_uri(), "sha256": sha, "size": size}),
-                                    signing_key, counter=int(time.time() * 1e6), ttl_s=60)
+                                    signing_key, counter=int(time.time() * 1e6), ttl_s=60, device=agent.device,
+                                    fleet=FLEET)
         w.send_raw(cmd.to_json())
         assert w.wait_reply(cmd.id)["status"] == "ok"
 

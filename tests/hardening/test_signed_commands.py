@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _agents import AgentProc, Watcher, make_agent, serving_version, sha_size, wait_until
+from _agents import FLEET, AgentProc, Watcher, make_agent, serving_version, sha_size, wait_until
 from edgefleet.sdk import protocol
 from edgefleet.sdk.keys import PrivateKey, generate_keypair
 
@@ -25,12 +25,15 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 class Signer:
     """Signs commands like the controller does, with counters the test chooses."""
 
-    def __init__(self, key: PrivateKey) -> None:
+    def __init__(self, key: PrivateKey, device: str | None = None, fleet: str | None = FLEET) -> None:
         self.key = key
+        self.device = device
+        self.fleet = fleet
         self.counter = int(time.time() * 1e6)
 
     def sign(self, kind: str, args: dict[str, Any], *, cmd_id: str, counter: int | None = None,
-             ttl_s: float = 600.0, ts: float | None = None, key: PrivateKey | None = None) -> dict[str, Any]:
+             ttl_s: float = 600.0, ts: float | None = None, key: PrivateKey | None = None,
+             device: str | None = None) -> dict[str, Any]:
         cmd = protocol.command(kind, args, cmd_id=cmd_id)
         if ts is not None:
             cmd = protocol.Command.from_dict({**cmd.to_dict(), "ts": ts})
@@ -38,7 +41,8 @@ class Signer:
             self.counter += 1
             counter = self.counter
         # A dict: the tests tamper with it the way an attacker on the wire would.
-        return protocol.sign_command(cmd, key or self.key, counter=counter, ttl_s=ttl_s).to_dict()
+        return protocol.sign_command(cmd, key or self.key, counter=counter, ttl_s=ttl_s,
+                                     device=device or self.device, fleet=self.fleet).to_dict()
 
 
 def _publish(w: Watcher, cmd: dict[str, Any]) -> str:
@@ -66,7 +70,7 @@ def setup(tmp_path: Path, mosquitto, signing_key, make_bundle, mlp_model):
         b = make_bundle(mlp_model, version=v, filename=f"v{v}.efb")
         sha, size = sha_size(b)
         bundles[v] = {"url": b.as_uri(), "sha256": sha, "size": size}
-    yield agent, w, Signer(signing_key), bundles
+    yield agent, w, Signer(signing_key, agent.device), bundles
     w.close()
     if agent.proc is not None and agent.proc.poll() is None:
         agent.kill()
