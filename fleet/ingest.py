@@ -20,24 +20,40 @@ unknown protocol version or about another device is counted per channel and reas
 channel), acked and dropped: it never stops ingest. A status or telemetry record whose timestamp is more than
 ``max_future_skew_s`` ahead of this controller's clock is refused the same way (reason ``clock``); a refused
 telemetry record is still named in the device's receipt, since sending it again would not change the verdict.
-A valid message the store still cannot take (say a ``seq`` beyond 64 bits) is isolated the same way (``unstorable``);
-a store that fails altogether is retried with backoff, the messages staying un-acked.
+A valid message the store still cannot take is isolated the same way (``unstorable``); a store that fails
+altogether is retried with backoff, the messages staying un-acked.
+
+Refused for good is said to the agent: every telemetry record, event or reply that is refused (out of range, from the
+future, about another device, unstorable) and whose ``(boot, seq)`` or command id can be read — from the parsed
+message, or from the top level of one that does not parse — is named in a *negative receipt* (``refused: true`` with
+the reason), so the agent stops sending it and counts it (``system.refused_by_kind``). Receipts go out only after the
+batch that stored what they name is committed (SQLite with ``synchronous=FULL``: on disk).
+
+Statuses are ordered by when this controller received them, not by the device's clock: a status whose ``ts`` is
+ahead (another client's forgery within the skew window, a device clock that jumped) must not outlive the device's
+next birth or its Last Will, and a device whose clock is behind (no RTC after a reboot) must not lose to its own
+older statuses. The broker delivers one topic's messages in order, and controllers sharing a store write by their
+receive times, so the newest birth or Last Will wins. Who may publish on a device's ``status`` topic at all is the
+broker ACL's to decide (``edgefleet fleet enroll``; docs/operations.md).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgspec
 import paho.mqtt.client as mqtt
 from edgefleet.sdk.errors import PayloadTooLargeError, ProtocolError, ProtocolVersionError
 from edgefleet.sdk.protocol import (
+    INT64_MAX,
     MAX_FUTURE_SKEW_S,
     Event,
     Reply,
@@ -99,6 +115,42 @@ _TYPES: dict[str, type[Status | Telemetry | Event | Reply]] = {
     "status": Status, "telemetry": Telemetry, "events": Event, "reply": Reply,
 }
 
+# The key of a message that did not parse, for its negative receipt: top-level fields before any nested value (where
+# edgefleet's encoder puts them), read with bounded regexes over the first bytes — never a JSON parser, so no size or
+# nesting can make salvaging fail.
+_TOP = rb'^\s*\{[^{}\[\]]*?"%s"\s*:\s*'
+_BOOT_RE = re.compile(_TOP % b"boot" + rb'"([A-Za-z0-9_.-]{0,64})"')
+_SEQ_RE = re.compile(_TOP % b"seq" + rb'(\d{1,19})(?![\d.eE])')
+_ID_RE = re.compile(_TOP % b"id" + rb'"([A-Za-z0-9_.-]{1,64})"')
+
+
+class Refused(NamedTuple):
+    """A message refused for good that its agent can be told about (a negative receipt)."""
+
+    device: str
+    kind: str  # "telemetry" | "events" | "reply"
+    boot: str
+    seq: int  # -1 for a reply
+    reply_id: str
+    reason: str
+
+
+def _salvage(device: str, channel: str, payload: bytes, reason: str) -> Refused | None:
+    head = payload[:2048]
+    if channel == "reply":
+        m = _ID_RE.match(head)
+        return Refused(device, "reply", "", -1, m.group(1).decode(), reason) if m else None
+    b, q = _BOOT_RE.match(head), _SEQ_RE.match(head)
+    if b is None or q is None or int(q.group(1)) > INT64_MAX:
+        return None
+    return Refused(device, channel, b.group(1).decode(), int(q.group(1)), "", reason)
+
+
+def _refused_of(obj: Telemetry | Event | Reply, reason: str) -> Refused:
+    if isinstance(obj, Reply):
+        return Refused(obj.device, "reply", "", -1, obj.id, reason)
+    return Refused(obj.device, "telemetry" if isinstance(obj, Telemetry) else "events", obj.boot, obj.seq, "", reason)
+
 
 class Ingestor:
     """Subscribe, validate, batch, write, ack. ``start()`` returns once subscribed; ``stop()`` flushes."""
@@ -120,6 +172,7 @@ class Ingestor:
         # What is stored and not yet receipted: (device, "telemetry" | "events") -> boot -> seqs; device -> reply ids
         self._unreceipted: dict[tuple[str, str], dict[str, set[int]]] = {}
         self._unreceipted_replies: dict[str, set[str]] = {}
+        self._refused: list[Refused] = []  # refused for good, not yet named in a negative receipt
         self._receipts_due = 0.0
         self.on_write = on_write
         self.stats = IngestStats()
@@ -243,10 +296,10 @@ class Ingestor:
 
     def _flush(self, items: list[tuple[str, bytes, int, int, int]]) -> None:
         batch = Batch(self.fleet)
-        refused: list[Telemetry] = []  # valid but refused for good (clock): receipted so the agent stops resending
+        refused: list[Refused] = []  # refused for good: named in a negative receipt so the agent stops resending
         for topic_name, payload, _mid, _qos, _gen in items:
             self._parse_into(batch, topic_name, payload, refused)
-        if len(batch) and not self._write(batch):
+        if len(batch) and not self._write(batch, refused):
             return  # shutting down while the store fails: leave them un-acked, the broker redelivers to the session
         gen = self._gen
         for _topic, _payload, mid, qos, item_gen in items:
@@ -259,34 +312,50 @@ class Ingestor:
         self.stats.batches += 1
         self.stats.last_batch_s = time.time()
 
-    def _note_receipts(self, batch: Batch, refused: list[Telemetry]) -> None:
+    def _note_receipts(self, batch: Batch, refused: list[Refused]) -> None:
         """Remember what of each device this controller is done with: stored (new rows and duplicates alike), or
-        refused for good (a timestamp from the future: sending it again would not change that)."""
+        refused for good (sending it again would not change that: a negative receipt)."""
         seqs = self._unreceipted
-        for kind, objs in (("telemetry", [*batch.telemetry, *refused]), ("events", batch.events)):
+        for kind, objs in (("telemetry", batch.telemetry), ("events", batch.events)):
             for o in objs:
                 seqs.setdefault((o.device, kind), {}).setdefault(o.boot, set()).add(o.seq)
         for r in batch.replies:
             self._unreceipted_replies.setdefault(r.device, set()).add(r.id)
+        if len(self._refused) < 100_000:  # bounded: beyond, the agent just sends them again later
+            self._refused.extend(refused)
 
     def _flush_receipts(self, force: bool = False) -> None:
         """Publish one receipt per device for what was stored since the last flush (at most every interval)."""
         now = time.monotonic()
-        if not (self._unreceipted or self._unreceipted_replies) or (not force and now < self._receipts_due):
+        if not (self._unreceipted or self._unreceipted_replies or self._refused) or (
+                not force and now < self._receipts_due):
             return
         self._receipts_due = now + self.receipt_interval_s
-        seqs, replies = self._unreceipted, self._unreceipted_replies
-        self._unreceipted, self._unreceipted_replies = {}, {}
+        seqs, replies, refused = self._unreceipted, self._unreceipted_replies, self._refused
+        self._unreceipted, self._unreceipted_replies, self._refused = {}, {}, []
+        out = []
         for device in {d for d, _ in seqs} | set(replies):
-            for msg in receipts(device, telemetry=seqs.get((device, "telemetry")),
-                                events=seqs.get((device, "events")), replies=replies.get(device, ())):
-                info = self.client.publish(topic(self.fleet, device, "receipt"), msg.to_json(), qos=1)
-                if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                    self.stats.receipts += 1
+            out += receipts(device, telemetry=seqs.get((device, "telemetry")), events=seqs.get((device, "events")),
+                            replies=replies.get(device, ()))
+        per_device: dict[str, tuple[dict[str, dict[str, set[int]]], set[str], str]] = {}
+        for r in refused:
+            tel_ev, ids, reason = per_device.setdefault(r.device, ({"telemetry": {}, "events": {}}, set(), r.reason))
+            if r.kind == "reply":
+                ids.add(r.reply_id)
+            else:
+                tel_ev[r.kind].setdefault(r.boot, set()).add(r.seq)
+        for device, (tel_ev, ids, reason) in per_device.items():
+            out += receipts(device, telemetry=tel_ev["telemetry"], events=tel_ev["events"], replies=ids,
+                            refused=True, reason=reason)
+        for msg in out:
+            info = self.client.publish(topic(self.fleet, msg.device, "receipt"), msg.to_json(), qos=1)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self.stats.receipts += 1
             # Not connected: paho queues it; and a receipt that never arrives only makes the agent send again.
 
-    def _write(self, batch: Batch) -> bool:
-        """Write a batch; isolate messages the store cannot take; wait out a store outage. False: gave up (stop)."""
+    def _write(self, batch: Batch, refused: list[Refused]) -> bool:
+        """Write a batch; isolate messages the store cannot take (taken out of ``batch``, added to ``refused``);
+        wait out a store outage. False: gave up (stop)."""
         delay = 0.1
         while True:
             try:
@@ -296,7 +365,7 @@ class Ingestor:
                 if self._store_ok():
                     # The store works, so something in this batch cannot be stored (e.g. a seq beyond 64 bits):
                     # write message by message and drop only what fails, or it would block ingest for ever.
-                    self._write_singly(batch)
+                    self._write_singly(batch, refused)
                     return True
                 log.error("store write of %d messages failed (%s); retrying in %.1f s", len(batch), exc, delay)
                 if not self._running.is_set() and delay > 5:
@@ -316,9 +385,10 @@ class Ingestor:
             return False
         return True
 
-    def _write_singly(self, batch: Batch) -> None:
+    def _write_singly(self, batch: Batch, refused: list[Refused]) -> None:
         for field_name, channel in (("statuses", "status"), ("telemetry", "telemetry"), ("events", "events"),
                                     ("replies", "reply")):
+            kept = []
             for obj in getattr(batch, field_name):
                 one = Batch(self.fleet, received=batch.received)
                 getattr(one, field_name).append(obj)
@@ -326,8 +396,12 @@ class Ingestor:
                     result = self.store.write(one)
                 except Exception as exc:  # noqa: BLE001 - this one message is unstorable: count, log once, drop
                     self._reject(obj.device, channel, "unstorable", exc)
+                    if not isinstance(obj, Status):
+                        refused.append(_refused_of(obj, f"unstorable: {exc}"[:500]))
                     continue
+                kept.append(obj)
                 self._count(one, result)
+            setattr(batch, field_name, kept)  # only what was stored is receipted as stored
 
     def _count(self, batch: Batch, result: WriteResult) -> None:
         s = self.stats
@@ -339,7 +413,7 @@ class Ingestor:
             if channel != "status":  # a status not newer than the stored one is not a duplicate, just stale
                 s.duplicates[channel] += sent - new
 
-    def _parse_into(self, batch: Batch, topic_name: str, payload: bytes, refused: list[Telemetry]) -> None:
+    def _parse_into(self, batch: Batch, topic_name: str, payload: bytes, refused: list[Refused]) -> None:
         try:
             t = parse_topic(topic_name)
         except ProtocolError as exc:
@@ -360,6 +434,9 @@ class Ingestor:
                                     f"{t.device!r}'s topic")
         except ProtocolError as exc:
             self._reject(t.device, t.channel, _reason(exc), exc)
+            salvaged = _salvage(t.device, t.channel, payload, str(exc)[:500]) if t.channel != "status" else None
+            if salvaged is not None:
+                refused.append(salvaged)
             return
         if isinstance(obj, (Status, Telemetry)):
             try:
@@ -367,10 +444,12 @@ class Ingestor:
             except ProtocolError as exc:
                 self._reject(t.device, t.channel, "clock", exc)
                 if isinstance(obj, Telemetry):
-                    refused.append(obj)
+                    refused.append(_refused_of(obj, str(exc)[:500]))
                 return
         if isinstance(obj, Status):
-            batch.statuses.append(obj)
+            # Ordered by our receive time (module docstring). A retained copy (what the broker replays when we
+            # subscribe) is the broker's newest: it too is written as received now.
+            batch.statuses.append(msgspec.structs.replace(obj, ts=batch.received))
         elif isinstance(obj, Telemetry):
             batch.telemetry.append(obj)
         elif isinstance(obj, Event):
