@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from edgefleet.sdk.errors import InputError
 from edgefleet.sdk.protocol import (
@@ -288,9 +288,8 @@ class Deployer:
                                 state="canary" if n_canary else "rolling-out", selector=list(selector.terms),
                                 canary_pct=policy.canary_pct, max_p95_regression=policy.max_p95_regression,
                                 max_error_increase=policy.max_error_increase, bundles=bundles,
-                                decision=DeploymentDecision(policy=policy), owner=self.owner,
-                                lease_until=now + self.lease_s)
-        self.store.create_deployment(deployment, targets)
+                                decision=DeploymentDecision(policy=policy), owner=self.owner)
+        self.store.create_deployment(deployment, targets, lease_s=self.lease_s)
         if start:
             self._start(dep_id, policy)
         dep = self.store.deployment(dep_id)
@@ -307,8 +306,7 @@ class Deployer:
         """Resume rollouts whose controller stopped or died (lease expired); returns the deployment ids taken."""
         if self._stop.is_set():
             return []
-        now = time.time()
-        ids = self.store.claim_deployments(self.fleet, self.owner, now, now + self.lease_s)
+        ids = self.store.claim_deployments(self.fleet, self.owner, self.lease_s)
         for dep_id in ids:
             dep = self.store.deployment(dep_id)
             policy = dep.decision.policy if dep is not None else RolloutPolicy()
@@ -337,8 +335,9 @@ class Deployer:
         cmd = command("deploy", {"url": f"{self.public_url}/bundles/{bundle_filename(b.sha256)}",
                                  "sha256": b.sha256, "size": b.size}, cmd_id=cmd_id)
         if cmd_id is None:
-            # The command id is stored before publishing, so a fast reply always finds its target.
-            self.store.update_target(dep_id, t.device, cmd_id=cmd.id)
+            # The command id is stored before publishing, so a fast reply always finds its target; and only while
+            # this controller holds the rollout's lease (fenced), so no device ever gets two deploys of one target.
+            self._fenced_target(dep_id, t.device, cmd_id=cmd.id)
         self._sent_at[(dep_id, t.device)] = time.time()
         self.publish(t.device, cmd)
 
@@ -368,11 +367,22 @@ class Deployer:
                 self._send_deploy(dep_id, t, cmd_id=t.cmd_id)
                 self.resent += 1
 
-    def _send_rollback(self, dep_id: str, device: str, name: str) -> None:
+    def _send_rollback(self, dep_id: str, device: str, name: str, *, fenced: bool = False) -> None:
         # The model name tells an agent serving several models which one to roll back.
         cmd = command("rollback", {"name": name} if name else {})
-        self.store.update_target(dep_id, device, rollback_cmd_id=cmd.id)
+        if fenced:  # the rollout halting its canaries: only while it holds the lease
+            self._fenced_target(dep_id, device, rollback_cmd_id=cmd.id)
+        else:  # an operator's rollback
+            self.store.update_target(dep_id, device, rollback_cmd_id=cmd.id)
         self.publish(device, cmd)
+
+    def _fenced_target(self, dep_id: str, device: str, **fields: Any) -> None:
+        if not self.store.update_target(dep_id, device, owner=self.owner, **fields):
+            raise _LeaseLost(dep_id)
+
+    def _fenced_deployment(self, dep_id: str, **kw: Any) -> None:
+        if not self.store.update_deployment(dep_id, owner=self.owner, **kw):
+            raise _LeaseLost(dep_id)
 
     def rollback(self, dep_id: str, devices: Sequence[str] | None = None) -> list[str]:
         """Send rollback commands to a deployment's active devices (all, or those listed); returns who got one.
@@ -418,25 +428,31 @@ class Deployer:
             if time.monotonic() > deadline:
                 for t in ts:
                     if t.state not in TERMINAL_STATES:
-                        self.store.update_target(dep_id, t.device, state="failed",
-                                                 reason=f"no result within {timeout_s:g} s (last state {t.state})")
+                        self._fenced_target(dep_id, t.device, state="failed",
+                                            reason=f"no result within {timeout_s:g} s (last state {t.state})")
                 return self._targets(dep_id, phase)
             self._pause(dep_id)
         return self._targets(dep_id, phase)
 
     def _halt(self, dep_id: str, canaries: Sequence[DeploymentTarget], why: str,
               decision: DeploymentDecision) -> None:
-        self.store.update_deployment(dep_id, state="halted", message=why, decision=decision)
+        """Record the verdict, roll back the active canaries, then mark the deployment halted.
+
+        In that order, so a controller that dies half-way leaves a running deployment whose stored verdict says
+        halt: the one that resumes it rolls back the canaries still without a rollback command, each once."""
+        self._fenced_deployment(dep_id, message=why, decision=decision)
+        rolled = 0
         for t in canaries:
-            if t.state == "active":
-                self._send_rollback(dep_id, t.device, t.name)
-        log.warning("deployment %s halted: %s; rolling back %d canaries", dep_id, why,
-                    sum(1 for t in canaries if t.state == "active"))
+            if t.state == "active" and not t.rollback_cmd_id:
+                self._send_rollback(dep_id, t.device, t.name, fenced=True)
+                rolled += 1
+        self._fenced_deployment(dep_id, state="halted")
+        log.warning("deployment %s halted: %s; rolling back %d canaries", dep_id, why, rolled)
 
     def _pause(self, dep_id: str) -> None:
         """Wait one poll period and renew this controller's lease on the rollout."""
         self._stop.wait(self.poll_s)
-        if not self._stop.is_set() and not self.store.renew_lease(dep_id, self.owner, time.time() + self.lease_s):
+        if not self._stop.is_set() and not self.store.renew_lease(dep_id, self.owner, self.lease_s):
             raise _LeaseLost(dep_id)
 
     def _run(self, dep_id: str, policy: RolloutPolicy) -> None:
@@ -447,7 +463,8 @@ class Deployer:
                         dep_id)
         except Exception as exc:
             log.exception("deployment %s failed", dep_id)
-            self.store.update_deployment(dep_id, state="failed", message=f"controller error: {exc}"[:4000])
+            self.store.update_deployment(dep_id, state="failed", message=f"controller error: {exc}"[:4000],
+                                         owner=self.owner)
         finally:
             self._resend_check.pop(dep_id, None)
             for key in [k for k in self._sent_at if k[0] == dep_id]:
@@ -462,6 +479,12 @@ class Deployer:
             return
         decision = dep.decision
         canaries = self._targets(dep_id, "canary")
+        judged = decision.canary or []
+        if canaries and any(not v.proceed for v in judged):
+            # Resumed after a controller judged the canaries bad and died halting: finish halting.
+            self._halt(dep_id, canaries, dep.message or "; ".join(f"{v.bundle}: {v.reason}" for v in judged
+                                                                  if not v.proceed)[:4000], decision)
+            return
         # Resumed after the canaries passed: go straight to the rest (every step below is idempotent: commands go
         # only to targets that have none yet).
         if canaries and dep.state != "rolling-out":
@@ -474,7 +497,7 @@ class Deployer:
                     f"{t.device}: {t.reason or t.state}" for t in failed[:5])
                 self._halt(dep_id, canaries, why[:4000], decision)
                 return
-            self.store.update_deployment(dep_id, state="observing", message="canaries active; comparing latency")
+            self._fenced_deployment(dep_id, state="observing", message="canaries active; comparing latency")
             verdicts = self._observe(dep_id, dep, canaries, policy)
             if self._stop.is_set():
                 return
@@ -483,8 +506,8 @@ class Deployer:
             if bad:
                 self._halt(dep_id, canaries, "; ".join(f"{v.bundle}: {v.reason}" for v in bad)[:4000], decision)
                 return
-            self.store.update_deployment(dep_id, state="rolling-out", decision=decision,
-                                         message="; ".join(f"{v.bundle}: {v.reason}" for v in verdicts)[:4000])
+            self._fenced_deployment(dep_id, state="rolling-out", decision=decision,
+                                    message="; ".join(f"{v.bundle}: {v.reason}" for v in verdicts)[:4000])
         if self._stop.is_set():
             return
         rest = self._install(dep_id, "rest", policy.install_timeout_s)
@@ -492,8 +515,8 @@ class Deployer:
             return
         failed = [t for t in rest if t.state != "active"]
         final = "completed" if not failed else "completed-with-failures"
-        self.store.update_deployment(dep_id, state=final, decision=decision,
-                                     message=f"{len(rest) + len(canaries) - len(failed)} active, {len(failed)} failed")
+        self._fenced_deployment(dep_id, state=final, decision=decision,
+                                message=f"{len(rest) + len(canaries) - len(failed)} active, {len(failed)} failed")
 
     def _observe(self, dep_id: str, dep: Deployment, canaries: Sequence[DeploymentTarget],
                  policy: RolloutPolicy) -> list[CanaryVerdict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -198,3 +199,33 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory):
     broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
     yield broker
     broker.stop()
+
+
+# -- a real PostgreSQL server ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server per test session (Debian's binaries, a temporary directory, a free port).
+
+    Durability is off (fsync, synchronous commits): the tests kill controllers, never the database server, and a
+    test database is thrown away. The bench runs PostgreSQL with its default settings.
+    """
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'edgefleet[postgres]'; "
+                                          "make setup installs it)")
+    from tests.pg_server import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server here: {exc}")
+    yield server
+    server.stop()
+
+
+_pg_databases = itertools.count()
+
+
+@pytest.fixture
+def postgres_url(postgres) -> str:
+    """A fresh, empty database on the session's PostgreSQL server (``CREATE DATABASE``, a few ms)."""
+    return postgres.create_database(f"t{next(_pg_databases)}")

@@ -1,8 +1,9 @@
 """Where the controller keeps what the fleet reports: the :class:`Store` interface and its backends.
 
 ``base`` is the interface (typed rows from :mod:`edgefleet.sdk.protocol`, the guarantees every backend keeps);
-each backend is one module beside it with its own migrations (``sqlite``; PostgreSQL is the next file). The
-controller only ever calls :func:`open_store` and the interface.
+each backend is one module beside it with its own migrations (``sqlite``, the embedded default; ``postgres``, for
+several controllers sharing one database, with the ``postgres`` install extra). The controller only ever calls
+:func:`open_store` and the interface.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ __all__ = ["TARGET_FIELDS", "Batch", "SQLiteStore", "Store", "VersionSketch", "V
 
 
 def open_store(url: str | Path) -> Store:
-    """Open a store from a path or URL: ``path/to/fleet.db`` or ``sqlite:///path`` (PostgreSQL: not yet)."""
+    """Open a store from a path or URL: ``path/to/fleet.db``, ``sqlite:///path`` or ``postgresql://...``."""
     s = str(url)
     if s.startswith(("postgres://", "postgresql://")):
-        raise ConfigError("PostgreSQL stores are not implemented yet; a backend is a module beside "
-                          "edgefleet/fleet/store/sqlite.py implementing store.base.Store (docs/fleet.md)")
+        from .postgres import PostgresStore  # psycopg is loaded only by those who ask for PostgreSQL
+
+        return PostgresStore(s)
+    if "://" in s and not s.startswith("sqlite:///"):
+        raise ConfigError(f"unknown store URL {s.split('://')[0]}://...: use a file path, sqlite:///path or "
+                          "postgresql://user@host/db")
     if s.startswith("sqlite:///"):
         s = s[len("sqlite:///"):]
     return SQLiteStore(s)

@@ -12,6 +12,10 @@ nothing else in the controller knows which one runs. What every backend guarante
 * **Arithmetic that cannot overflow.** Counts in a window are at most 2^40 (the protocol refuses more); sums kept in
   the store saturate at 2^63 - 1 (:class:`edgefleet.sdk.sketch.SketchSum`, :func:`~edgefleet.sdk.sketch.saturating_add`)
   and all-time totals are computed as floating-point sums, so no accepted record can make another unstorable.
+* **Leases on the store's clock.** A running rollout is driven by the controller holding its lease; lease times
+  are the store's own clock (PostgreSQL's ``clock_timestamp()``, the SQLite host's clock), never the callers', so
+  controllers on hosts with skewed clocks cannot both believe they hold one. Fenced writes (``owner=``) make a
+  controller that lost its lease unable to change the deployment.
 * **Deployment targets move in the write transaction** of the event or reply that moves them, by the rules of
   :mod:`edgefleet.fleet.rollout` (``target_state_from_event``, ``target_state_from_reply``, ``advances``).
 """
@@ -157,26 +161,35 @@ class Store(ABC):
 
     # -- deployments -------------------------------------------------------------------------------------------------
     @abstractmethod
-    def create_deployment(self, deployment: Deployment, targets: Iterable[DeploymentTarget]) -> None:
-        """Store a new deployment and its per-device targets in one transaction."""
+    def create_deployment(self, deployment: Deployment, targets: Iterable[DeploymentTarget], *,
+                          lease_s: float = 0.0) -> None:
+        """Store a new deployment and its per-device targets in one transaction; with ``lease_s`` > 0 its ``owner``
+        holds the rollout's lease for that long from now (the store's clock; ``deployment.lease_until`` is ignored)."""
 
     @abstractmethod
     def update_deployment(self, dep_id: str, *, state: str | None = None,
-                          decision: DeploymentDecision | None = None, message: str | None = None) -> None:
-        """Change a deployment's state, decision or message."""
+                          decision: DeploymentDecision | None = None, message: str | None = None,
+                          owner: str | None = None) -> bool:
+        """Change a deployment's state, decision or message; returns whether it changed.
+
+        With ``owner``, a *fenced* write: it happens only while ``owner`` holds an unexpired lease on a running
+        deployment, so a controller that lost its rollout (stalled past its lease, or an operator rolled it back)
+        changes nothing. Without, it always applies (an operator's rollback)."""
 
     @abstractmethod
-    def update_target(self, dep_id: str, device: str, **fields: Any) -> None:
-        """Change one target's :data:`TARGET_FIELDS`; anything else is a ValueError."""
+    def update_target(self, dep_id: str, device: str, *, owner: str | None = None, **fields: Any) -> bool:
+        """Change one target's :data:`TARGET_FIELDS` (anything else is a ValueError); returns whether it changed.
+        ``owner`` fences the write as in :meth:`update_deployment`."""
 
     @abstractmethod
-    def renew_lease(self, dep_id: str, owner: str, until: float) -> bool:
-        """Extend ``owner``'s lease on a running rollout; False when another controller took it over or the
-        deployment no longer runs."""
+    def renew_lease(self, dep_id: str, owner: str, lease_s: float) -> bool:
+        """Extend ``owner``'s lease on a running rollout to ``lease_s`` from now (store clock; <= 0 releases it at
+        once); False when another controller took it over or the deployment no longer runs."""
 
     @abstractmethod
-    def claim_deployments(self, fleet: str, owner: str, now: float, until: float) -> list[str]:
-        """Atomically take over running rollouts whose lease expired before ``now``; returns their ids."""
+    def claim_deployments(self, fleet: str, owner: str, lease_s: float) -> list[str]:
+        """Atomically take over running rollouts whose lease has expired (store clock), each with a lease of
+        ``lease_s``; returns their ids. Two controllers claiming at once never both get one."""
 
     @abstractmethod
     def deployments(self, fleet: str, limit: int = 100) -> list[Deployment]:

@@ -38,9 +38,10 @@ from edgefleet.sdk.protocol import (
     TelemetryWindow,
 )
 from edgefleet.sdk.protocol._model import Decoder, prevalidated
-from edgefleet.sdk.sketch import SketchSum, quantiles, saturating_add
+from edgefleet.sdk.sketch import SketchSum, saturating_add
 
 from ..rollout import TargetMove, advances, target_moves
+from ._derive import derive, merge_minute
 from .base import Batch, Store, VersionSketch, VersionTotal, WriteResult, check_target_fields
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
@@ -247,8 +248,8 @@ class SQLiteStore(Store):
         )
         return cur.rowcount
 
-    @classmethod
-    def _write_telemetry(cls, c: sqlite3.Connection, fleet: str, records: list[Telemetry], now: float) -> int:
+    @staticmethod
+    def _write_telemetry(c: sqlite3.Connection, fleet: str, records: list[Telemetry], now: float) -> int:
         rows = [(fleet, t.device, t.boot, t.seq, t.ts, now, t.interval_s, t.dropped, _text(t.process),
                  _text(t.system)) for t in records]
         insert = "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -257,45 +258,15 @@ class SQLiteStore(Store):
         c.execute("SAVEPOINT telemetry_batch")
         cur = c.executemany(insert, rows)
         if cur.rowcount == len(rows):
-            fresh = list(zip(records, rows, strict=True))
+            fresh = records
         else:
             c.execute("ROLLBACK TO telemetry_batch")
-            fresh = [(t, row) for t, row in zip(records, rows, strict=True) if c.execute(insert, row).rowcount == 1]
+            fresh = [t for t, row in zip(records, rows, strict=True) if c.execute(insert, row).rowcount == 1]
         c.execute("RELEASE telemetry_batch")
-        with prevalidated():  # summaries are built from validated windows: no need to validate them again
-            return cls._derive(c, fleet, fresh, now)
-
-    @staticmethod
-    def _derive(c: sqlite3.Connection, fleet: str, fresh: list[tuple[Telemetry, tuple[Any, ...]]],
-                now: float) -> int:
-        """Windows, device summaries and per-minute merged sketches of the new records."""
-        windows: list[tuple[Any, ...]] = []
-        latest: dict[str, tuple[float, list[ModelSummary], str]] = {}
-        encoded: dict[tuple[str, ...], str] = {}  # provider lists repeat across a fleet: encode each once
-        minutes: dict[tuple[str, str, int], list[Any]] = {}
-        for t, row in fresh:
-            dev, ts, interval = t.device, t.ts, t.interval_s
-            summary = []
-            for m in t.models:
-                sk = m.sketch
-                p50, p95, p99 = quantiles(sk)
-                pkey = tuple(m.providers)
-                providers_json = encoded.get(pkey)
-                if providers_json is None:
-                    providers_json = encoded[pkey] = _text(m.providers)
-                windows.append((fleet, dev, t.boot, t.seq, ts, m.name, m.version, m.count, m.errors, interval,
-                                p50, p95, p99, providers_json, _text(sk)))
-                summary.append(ModelSummary(name=m.name, version=m.version, count=m.count, errors=m.errors,
-                                            p50=p50, p95=p95, p99=p99, throughput=m.count / interval,
-                                            providers=m.providers))
-                acc = minutes.setdefault((m.name, m.version, int(ts // 60)), [0, 0, []])
-                acc[0] = saturating_add(acc[0], m.count)
-                acc[1] = saturating_add(acc[1], m.errors)
-                acc[2].append(sk)
-            if dev not in latest or ts >= latest[dev][0]:
-                latest[dev] = (ts, summary, row[8])  # encoded once per device per batch, below
-        if windows:
-            c.executemany("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", windows)
+        d = derive(fresh)
+        if d.windows:
+            c.executemany("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                          [(fleet, *w) for w in d.windows])
         c.executemany(
             "INSERT INTO devices (fleet, device, last_seen, summary, summary_ts, process, updated) "
             "VALUES (?,?,?,?,?,?,?) ON CONFLICT(fleet, device) DO UPDATE SET "
@@ -305,20 +276,14 @@ class SQLiteStore(Store):
             "process=CASE WHEN excluded.summary_ts >= devices.summary_ts THEN excluded.process "
             "ELSE devices.process END, "
             "summary_ts=max(devices.summary_ts, excluded.summary_ts)",
-            [(fleet, dev, now, _text(summary), ts, process_json, now)
-             for dev, (ts, summary, process_json) in latest.items()])
-        for (name, version, minute), (count, errors, sketches) in minutes.items():
+            [(fleet, dev, now, summary, ts, process_json, now)
+             for dev, (ts, summary, process_json) in d.latest.items()])
+        for (name, version, minute), acc in d.minutes.items():
             row = c.execute("SELECT count, errors, sketch FROM version_minutes WHERE fleet=? AND name=? AND version=? "
                             "AND minute=?", (fleet, name, version, minute)).fetchone()
-            total = SketchSum(sketches[0].alpha)
-            for sk in sketches:
-                total.add(sk)
-            if row is not None:
-                total.add(_any_dec.decode(row["sketch"]))
-                count = saturating_add(count, row["count"])
-                errors = saturating_add(errors, row["errors"])
+            count, errors, sum_ms, sketch = merge_minute(acc, None if row is None else tuple(row))
             c.execute("INSERT OR REPLACE INTO version_minutes VALUES (?,?,?,?,?,?,?,?)",
-                      (fleet, name, version, minute, count, errors, total.sum, _text(total.to_dict())))
+                      (fleet, name, version, minute, count, errors, sum_ms, sketch))
         return len(fresh)
 
     @staticmethod
@@ -366,9 +331,12 @@ class SQLiteStore(Store):
         total = int(c.execute("SELECT count(*) FROM devices WHERE fleet=? AND updated>?",
                               (fleet, changed_since)).fetchone()[0])
         row = c.execute(
+            # Times through printf('%!.17g'): SQLite writes a REAL into JSON with 15 significant digits, which
+            # would round a timestamp differently from the typed row.
             "SELECT json_group_array(json_object('device', device, 'state', state, 'boot', boot, "
-            "'profile', profile, 'tags', json(tags), 'last_seen', last_seen, 'models', json(summary), "
-            "'telemetry_ts', summary_ts, 'process', json(process), 'updated', updated)) "
+            "'profile', profile, 'tags', json(tags), 'last_seen', json(printf('%!.17g', last_seen)), "
+            "'models', json(summary), 'telemetry_ts', json(printf('%!.17g', summary_ts)), 'process', json(process), "
+            "'updated', json(printf('%!.17g', updated)))) "
             "FROM (SELECT * FROM devices WHERE fleet=? AND updated>? ORDER BY device LIMIT ?)",
             (fleet, changed_since, -1 if limit is None else limit)).fetchone()
         return total, row[0]
@@ -483,42 +451,50 @@ class SQLiteStore(Store):
         return Reply.from_json(r["body"]) if r else None
 
     # deployments ---------------------------------------------------------------------------------------------------
-    def create_deployment(self, deployment: Deployment, targets: Iterable[DeploymentTarget]) -> None:
-        """Store a new deployment and its targets in one transaction."""
+    def create_deployment(self, deployment: Deployment, targets: Iterable[DeploymentTarget], *,
+                          lease_s: float = 0.0) -> None:
+        """Store a new deployment and its targets in one transaction (the owner's lease from this host's clock)."""
         d = deployment
         now = time.time()
         with self._tx() as c:
             c.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (d.id, d.fleet, d.created or now, now, d.state, _text(d.selector), d.canary_pct,
                        d.max_p95_regression, d.max_error_increase, _text(d.bundles), _text(d.decision), d.message,
-                       d.owner, d.lease_until))
+                       d.owner, now + lease_s if lease_s > 0 else 0.0))
             c.executemany(
                 "INSERT INTO deployment_targets (deployment_id, device, profile, name, version, sha256, "
                 "previous_version, phase, state, reason, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [(d.id, t.device, t.profile, t.name, t.version, t.sha256, t.previous_version, t.phase, t.state,
                   t.reason, now) for t in targets])
 
-    def renew_lease(self, dep_id: str, owner: str, until: float) -> bool:
+    # A fenced write applies only while the owner holds an unexpired lease on a running deployment.
+    _FENCE = (f"EXISTS (SELECT 1 FROM deployments f WHERE f.id=? AND f.owner=? AND f.lease_until>=? "
+              f"AND f.state IN ({','.join('?' * len(RUNNING_STATES))}))")
+
+    def renew_lease(self, dep_id: str, owner: str, lease_s: float) -> bool:
         """Extend ``owner``'s lease on a running rollout; False when another controller has taken it over or the
         deployment is no longer running (an operator rolled it back)."""
         marks = ",".join("?" * len(RUNNING_STATES))
+        now = time.time()
         with self._tx() as c:
             return c.execute(f"UPDATE deployments SET lease_until=? WHERE id=? AND owner=? AND state IN ({marks})",
-                             (until, dep_id, owner, *RUNNING_STATES)).rowcount == 1
+                             (now + lease_s if lease_s > 0 else 0.0, dep_id, owner, *RUNNING_STATES)).rowcount == 1
 
-    def claim_deployments(self, fleet: str, owner: str, now: float, until: float) -> list[str]:
-        """Take over running rollouts whose lease expired before ``now`` (their controller died); returns ids."""
+    def claim_deployments(self, fleet: str, owner: str, lease_s: float) -> list[str]:
+        """Take over running rollouts whose lease expired (their controller died); returns ids."""
         marks = ",".join("?" * len(RUNNING_STATES))
         with self._tx() as c:  # BEGIN IMMEDIATE: two controllers claiming at once cannot both win a deployment
+            now = time.time()
             ids = [r[0] for r in c.execute(f"SELECT id FROM deployments WHERE fleet=? AND state IN ({marks}) "
-                                           "AND lease_until<?", (fleet, *RUNNING_STATES, now))]
+                                           "AND lease_until<? ORDER BY created", (fleet, *RUNNING_STATES, now))]
             for dep_id in ids:
-                c.execute("UPDATE deployments SET owner=?, lease_until=? WHERE id=?", (owner, until, dep_id))
+                c.execute("UPDATE deployments SET owner=?, lease_until=? WHERE id=?", (owner, now + lease_s, dep_id))
         return ids
 
     def update_deployment(self, dep_id: str, *, state: str | None = None,
-                          decision: DeploymentDecision | None = None, message: str | None = None) -> None:
-        """Set state, decision or message of a deployment."""
+                          decision: DeploymentDecision | None = None, message: str | None = None,
+                          owner: str | None = None) -> bool:
+        """Set state, decision or message of a deployment (fenced by ``owner``'s lease when given)."""
         vals: dict[str, Any] = {}
         if state is not None:
             vals["state"] = state
@@ -527,16 +503,27 @@ class SQLiteStore(Store):
         if message is not None:
             vals["message"] = message[:4096]
         sets = "".join(f"{k}=?, " for k in vals)
+        where = "id=?"
+        args: list[Any] = [dep_id]
         with self._tx() as c:
-            c.execute(f"UPDATE deployments SET {sets}updated=? WHERE id=?", (*vals.values(), time.time(), dep_id))
+            if owner is not None:
+                where += " AND " + self._FENCE
+                args += [dep_id, owner, time.time(), *RUNNING_STATES]
+            return c.execute(f"UPDATE deployments SET {sets}updated=? WHERE {where}",
+                             (*vals.values(), time.time(), *args)).rowcount == 1
 
-    def update_target(self, dep_id: str, device: str, **fields: Any) -> None:
+    def update_target(self, dep_id: str, device: str, *, owner: str | None = None, **fields: Any) -> bool:
         """Set fields of one deployment target (state, reason, cmd_id, rollback_cmd_id, activated, ...)."""
         check_target_fields(list(fields))
         sets = ", ".join(f"{k}=?" for k in fields)
+        where = "deployment_id=? AND device=?"
+        args: list[Any] = [dep_id, device]
         with self._tx() as c:
-            c.execute(f"UPDATE deployment_targets SET {sets}, updated=? WHERE deployment_id=? AND device=?",
-                      (*fields.values(), time.time(), dep_id, device))
+            if owner is not None:
+                where += " AND " + self._FENCE
+                args += [dep_id, owner, time.time(), *RUNNING_STATES]
+            return c.execute(f"UPDATE deployment_targets SET {sets}, updated=? WHERE {where}",
+                             (*fields.values(), time.time(), *args)).rowcount == 1
 
     @staticmethod
     def _deployment(r: sqlite3.Row, progress: Mapping[str, int],

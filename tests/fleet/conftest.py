@@ -46,14 +46,24 @@ def key_file(signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
 ControllerFactory = Callable[..., Controller]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where this test's controllers keep their store: a SQLite file, then a fresh database on the session's real
+    PostgreSQL server (every controller test runs on both backends; a module may override this fixture)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "fleet.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture
-def controller_factory(mosquitto, tmp_path: Path, fleet_id: str, trust_file: Path,
-                       key_file: Path) -> Iterator[ControllerFactory]:
-    """Start controllers (HTTP on a free port) for this test's fleet; all are stopped at the end."""
+def controller_factory(mosquitto, tmp_path: Path, fleet_id: str, trust_file: Path, key_file: Path,
+                       store_url: str) -> Iterator[ControllerFactory]:
+    """Start controllers (HTTP on a free port) for this test's fleet, sharing this test's store; all are stopped at
+    the end."""
     started: list[Controller] = []
 
     def factory(name: str = "ctl", **kw: Any) -> Controller:
-        cfg = ControllerConfig(broker=mosquitto.url, db=str(kw.pop("db", tmp_path / "fleet.db")), fleet=fleet_id,
+        cfg = ControllerConfig(broker=mosquitto.url, db=str(kw.pop("db", store_url)), fleet=fleet_id,
                                http_port=0, bundles_dir=tmp_path / f"bundles-{name}", trust=[trust_file],
                                client_id=f"{fleet_id}-{name}", **{"signing_key": key_file, **kw})
         c = Controller(cfg)

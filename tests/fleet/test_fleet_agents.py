@@ -18,6 +18,12 @@ from edgefleet.sdk.cli import cli
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    """SQLite only here: real agents exercise the device side; the controller tests cover both backends."""
+    return str(tmp_path / "fleet.db")
+
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
 
 

@@ -24,6 +24,12 @@ pytestmark = [
 
 
 @pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    """SQLite only here: the browser tests exercise the page, not the backend."""
+    return str(tmp_path / "fleet.db")
+
+
+@pytest.fixture
 def page():
     pw = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
     with pw.sync_playwright() as p:
