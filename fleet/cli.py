@@ -90,8 +90,10 @@ def fleet() -> None:
 @fleet.command("serve")
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
               help="MQTT broker URL (mqtt:// or mqtts://).")
-@click.option("--db", default="edgefleet-fleet.db", show_default=True,
-              help="SQLite file (shared by controllers on one host).")
+@click.option("--store", "db", default="edgefleet-fleet.db", show_default=True, envvar="EDGEFLEET_STORE",
+              help="Where the fleet is stored: a SQLite file (one host), or postgresql://USER@HOST/DB?sslmode=... "
+                   "shared by several controllers (pip install 'edgefleet[postgres]'). Env: EDGEFLEET_STORE.")
+@click.option("--db", "db_old", hidden=True, help="Old name of --store.")
 @click.option("--http", "http_addr", default="127.0.0.1:8080", show_default=True,
               help="HOST:PORT for the dashboard and API.")
 @click.option("--bundles", "bundles_dir", default="edgefleet-bundles", show_default=True,
@@ -113,11 +115,16 @@ def fleet() -> None:
               help="Delete telemetry, events and replies older than this (hourly); 0 keeps everything.")
 @click.option("--max-clock-skew", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Refuse statuses and telemetry whose timestamp is this many seconds ahead of this clock.")
+@click.option("--rollout-lease", type=click.FloatRange(min=2), default=30.0, show_default=True,
+              help="Seconds a controller holds a rollout without renewing; another controller of the group resumes "
+                   "it within about 4/3 of this after the first one dies.")
 def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...], signing_key: Path | None,
           command_ttl: float, fleet_id: str, client_id: str, share_group: str, receipts: bool, public_url: str,
-          retention_days: float, max_clock_skew: float) -> None:
+          retention_days: float, max_clock_skew: float, rollout_lease: float, db_old: str | None) -> None:
     """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads."""
     from .controller import Controller, ControllerConfig
+
+    db = db_old or db
 
     host, _, port = http_addr.rpartition(":")
     if not host or not port.isdigit():
@@ -125,9 +132,11 @@ def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[
     cfg = ControllerConfig(broker=broker, db=db, fleet=fleet_id, http_host=host, http_port=int(port),
                            bundles_dir=bundles_dir, trust=list(trust), client_id=client_id, share_group=share_group,
                            public_url=public_url, retention_days=retention_days, signing_key=signing_key,
-                           command_ttl_s=command_ttl, receipts=receipts, max_clock_skew_s=max_clock_skew)
+                           command_ttl_s=command_ttl, receipts=receipts, max_clock_skew_s=max_clock_skew,
+                           rollout_lease_s=rollout_lease)
     ctl = Controller(cfg)
-    click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {db}", err=True)
+    click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {ctl.store}",
+               err=True)
     if not trust:
         click.echo("warning: no --trust key: this controller will refuse every bundle (deployments need one)",
                    err=True)

@@ -89,8 +89,10 @@ class ControllerConfig:
         if not self.retention_days >= 0:
             raise ConfigError(f"retention_days must be >= 0, got {self.retention_days}")
         if not self.client_id:
-            # Stable per host and db so a restarted controller resumes its persistent session (queued messages).
-            db_key = hashlib.sha256(os.path.abspath(self.db).encode()).hexdigest()[:8]  # hash() varies per process
+            # Stable per host, store and HTTP port, so a restarted controller resumes its persistent session (queued
+            # messages) and two controllers of one host never share an id (the broker would disconnect one of them).
+            where = self.db if "://" in self.db else os.path.abspath(self.db)
+            db_key = hashlib.sha256(f"{where}|{self.http_port}".encode()).hexdigest()[:8]  # hash() varies per run
             self.client_id = f"edgefleet-ctl-{socket.gethostname()}-{db_key}"[-64:]
             self.client_id = "".join(c if c.isalnum() or c in "_.-" else "-" for c in self.client_id)
 

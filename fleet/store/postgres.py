@@ -207,6 +207,9 @@ class PostgresStore(Store):
                                     configure=self._configure, name="edgefleet-store", timeout=connect_timeout_s)
         self._pool.open(wait=True, timeout=connect_timeout_s)
 
+    def __str__(self) -> str:
+        return self.url  # the password, if the URL has one, is masked
+
     # connections ---------------------------------------------------------------------------------------------------
     @staticmethod
     def _configure(conn: Any) -> None:

@@ -146,6 +146,9 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         self._migrate()
 
+    def __str__(self) -> str:
+        return f"sqlite:///{self.path}"
+
     # connections ---------------------------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
