@@ -66,6 +66,7 @@ from edgefleet.sdk.protocol import (
     subscription,
     topic,
 )
+from edgefleet.sdk.protocol._model import prevalidated
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ._mqtt import make_client, parse_broker_url, session_properties, wait_connected
@@ -77,6 +78,7 @@ log = logging.getLogger(__name__)
 
 _SHARED_CHANNELS = ("telemetry", "events", "reply")
 _MAX_LOGGED = 10_000  # distinct (device, channel) pairs remembered for log-once; bounded against id floods
+_MAX_TOPICS = 200_000  # receipt topics remembered (one short string per device)
 
 
 @dataclass
@@ -174,6 +176,7 @@ class Ingestor:
         self._unreceipted_replies: dict[str, set[str]] = {}
         self._refused: list[Refused] = []  # refused for good, not yet named in a negative receipt
         self._receipts_due = 0.0
+        self._topics: dict[str, str] = {}  # device -> its receipt topic (validated once)
         self.on_write = on_write
         self.stats = IngestStats()
         self._q: queue.Queue[tuple[str, bytes, int, int, int]] = queue.Queue(maxsize=100_000)
@@ -335,8 +338,9 @@ class Ingestor:
         self._unreceipted, self._unreceipted_replies, self._refused = {}, {}, []
         out = []
         for device in {d for d, _ in seqs} | set(replies):
-            out += receipts(device, telemetry=seqs.get((device, "telemetry")), events=seqs.get((device, "events")),
-                            replies=replies.get(device, ()))
+            with prevalidated():  # built from ids and seqs this controller validated and stored
+                out += receipts(device, telemetry=seqs.get((device, "telemetry")),
+                                events=seqs.get((device, "events")), replies=replies.get(device, ()))
         per_device: dict[str, tuple[dict[str, dict[str, set[int]]], set[str], str]] = {}
         for r in refused:
             tel_ev, ids, reason = per_device.setdefault(r.device, ({"telemetry": {}, "events": {}}, set(), r.reason))
@@ -348,10 +352,18 @@ class Ingestor:
             out += receipts(device, telemetry=tel_ev["telemetry"], events=tel_ev["events"], replies=ids,
                             refused=True, reason=reason)
         for msg in out:
-            info = self.client.publish(topic(self.fleet, msg.device, "receipt"), msg.to_json(), qos=1)
+            info = self.client.publish(self._receipt_topic(msg.device), msg.to_json(), qos=1)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
                 self.stats.receipts += 1
             # Not connected: paho queues it; and a receipt that never arrives only makes the agent send again.
+
+    def _receipt_topic(self, device: str) -> str:
+        t = self._topics.get(device)
+        if t is None:
+            if len(self._topics) >= _MAX_TOPICS:  # bounded: a fleet larger than this rebuilds some topics
+                self._topics.clear()
+            t = self._topics[device] = topic(self.fleet, device, "receipt")
+        return t
 
     def _write(self, batch: Batch, refused: list[Refused]) -> bool:
         """Write a batch; isolate messages the store cannot take (taken out of ``batch``, added to ``refused``);

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import threading
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from .protocol import Sketch
@@ -189,11 +191,11 @@ class LatencySnapshot:
 
 
 def quantiles(sketch: Sketch | Mapping[str, Any], qs: Sequence[float] = (0.5, 0.95, 0.99)) -> list[float | None]:
-    """Quantiles (ascending ``qs``) of a sketch in its dense form, in one pass over the buckets.
+    """Quantiles (ascending ``qs``) of a sketch in its dense form: one cumulative sum of the buckets (in C) and a
+    binary search per quantile.
 
     Same rule as :meth:`DDSketch.quantile` (tests check they agree) without building the sketch and sorting its
-    buckets once per quantile: ingest computes three quantiles for every model window it stores. (A plain loop beats
-    numpy here: a window has tens of buckets, numpy's per-call overhead dominates.)
+    buckets once per quantile: ingest computes three quantiles for every model window it stores.
     """
     if isinstance(sketch, Mapping):
         alpha, count, zero, lo_, hi_, offset, counts = (sketch["alpha"], sketch["count"], sketch["zero"],
@@ -202,28 +204,22 @@ def quantiles(sketch: Sketch | Mapping[str, Any], qs: Sequence[float] = (0.5, 0.
     else:
         alpha, count, zero, lo_, hi_, offset, counts = (sketch.alpha, sketch.count, sketch.zero, sketch.min,
                                                         sketch.max, sketch.offset, sketch.counts)
-    n = len(qs)
     if not count:
-        return [None] * n
+        return [None] * len(qs)
     gamma_ln = math.log((1.0 + alpha) / (1.0 - alpha))
     gamma = math.exp(gamma_ln)
     lo, hi = float(lo_), float(hi_)
-    ranks = [q * (count - 1) for q in qs]
-    out: list[float | None] = [hi] * n
-    seen = zero
-    todo = 0
-    while todo < n and ranks[todo] < seen:
-        out[todo] = max(lo, 0.0)
-        todo += 1
-    key = offset
-    for c in counts:
-        if todo == n:
-            break
-        seen += c
-        while todo < n and seen > ranks[todo]:
-            out[todo] = min(max(2.0 * math.exp(key * gamma_ln) / (gamma + 1.0), lo), hi)
-            todo += 1
-        key += 1
+    cum = list(accumulate(counts, initial=zero))  # cum[j + 1]: values up to and including bucket offset + j
+    out: list[float | None] = []
+    for q in qs:
+        rank = q * (count - 1)
+        i = bisect_right(cum, rank)  # the first bucket whose cumulative count exceeds the rank
+        if i == 0:
+            out.append(max(lo, 0.0))
+        elif i == len(cum):
+            out.append(hi)
+        else:
+            out.append(min(max(2.0 * math.exp((offset + i - 1) * gamma_ln) / (gamma + 1.0), lo), hi))
     return out
 
 
@@ -251,7 +247,7 @@ class SketchSum:
         if get("alpha") != self.alpha:
             raise ValueError(f"cannot merge sketches with alpha {self.alpha} and {get('alpha')}")
         c = get("counts")
-        if c:
+        if len(c):
             off = int(get("offset"))
             add = np.asarray(c, dtype=np.int64)
             if self.counts is None:
@@ -271,6 +267,46 @@ class SketchSum:
         if get("count"):
             self.min = min(self.min, float(get("min")))
             self.max = max(self.max, float(get("max")))
+
+    def add_many(self, sketches: Sequence[Sketch]) -> None:
+        """Add validated wire sketches at once: their buckets are summed in one numpy pass (exact: each bucket of a
+        wire sketch holds at most 2^40, so a batch of up to 2^22 of them cannot overflow 64 bits), then added to this
+        sum with saturation. Same result as :meth:`add` one by one, at a fraction of the cost for a batch."""
+        import numpy as np
+
+        for start in range(0, len(sketches), 1 << 22):
+            part = sketches[start:start + (1 << 22)]
+            offsets: list[int] = []
+            lengths: list[int] = []
+            flat: list[int] = []
+            zero = count = 0
+            total = 0.0
+            lo_v, hi_v = math.inf, -math.inf
+            for sk in part:
+                if sk.alpha != self.alpha:
+                    raise ValueError(f"cannot merge sketches with alpha {self.alpha} and {sk.alpha}")
+                if sk.counts:
+                    offsets.append(sk.offset)
+                    lengths.append(len(sk.counts))
+                    flat.extend(sk.counts)
+                zero += sk.zero
+                count += sk.count
+                total += sk.sum
+                if sk.count:
+                    lo_v = min(lo_v, float(sk.min))  # type: ignore[arg-type]  # a non-empty sketch has min and max
+                    hi_v = max(hi_v, float(sk.max))  # type: ignore[arg-type]
+            counts: Any = []
+            lo = 0
+            if flat:
+                lo = min(offsets)
+                top = max(o + n for o, n in zip(offsets, lengths, strict=True))
+                n = np.asarray(lengths)
+                starts = np.repeat(np.asarray(offsets) - lo - (np.cumsum(n) - n), n)
+                counts = np.zeros(top - lo, np.int64)
+                np.add.at(counts, starts + np.arange(len(flat)), np.asarray(flat, np.int64))
+            self.add({"alpha": self.alpha, "count": min(count, INT64_MAX), "zero": min(zero, INT64_MAX),
+                      "sum": total, "min": lo_v if count else None, "max": hi_v if count else None, "offset": lo,
+                      "counts": counts})
 
     def to_dict(self) -> dict[str, Any]:
         """The merged sketch in dense form (the lowest buckets folded beyond 4096, as DDSketch does)."""

@@ -84,8 +84,7 @@ def merge_minute(acc: MinuteAcc, stored: tuple[int, int, str] | None) -> tuple[i
     """``(count, errors, sum_ms, sketch JSON)`` of a minute: the batch's sums plus what the store already holds
     (``(count, errors, sketch JSON)`` or None); every count saturates at 2^63 - 1."""
     total = SketchSum(acc.sketches[0].alpha)
-    for sk in acc.sketches:
-        total.add(sk)
+    total.add_many(acc.sketches)
     count, errors = acc.count, acc.errors
     if stored is not None:
         total.add(_any_dec.decode(stored[2]))
