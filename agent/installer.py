@@ -114,6 +114,7 @@ class Installer:
         ``progress`` hears the deployment states a controller shows: downloading, verifying, self-test.
         """
         say = progress or (lambda state: None)
+        from edgefleet.sdk._ort_options import check_ort_options
         from edgefleet.sdk.bundle import extract_bundle, read_manifest, version_key
         from edgefleet.sdk.runtime import ort_info
 
@@ -146,6 +147,10 @@ class Installer:
         try:
             try:
                 vm = read_manifest(part, self.trusted)
+                # Paths the manifest hands to ONNX Runtime (provider options, session entries) stay in the bundle's
+                # cache dir; the model file's own references are checked before its session (sdk._onnx_external).
+                check_ort_options(((p.name, p.options) for p in vm.manifest.providers),
+                                  vm.manifest.session.config_entries, f"{part}: manifest")
             except BundleError as exc:
                 raise InstallError("verify", exc) from exc
             m = vm.manifest

@@ -589,6 +589,35 @@ CASES: dict[str, Case] = {
 }
 
 
+def _opt(**providers_options: str) -> Case:
+    """Validly signed: the manifest's first provider gets these options."""
+    def mutate(d: dict[str, Any]) -> None:
+        d["providers"] = [{"name": "CPUExecutionProvider", "options": dict(providers_options)}]
+    return Case(lambda k: k.signed(k.payload(), mutate), "bundle.unsafe", "verify")
+
+
+def _entry(key: str, value: str) -> Case:
+    def mutate(d: dict[str, Any]) -> None:
+        d["session"]["config_entries"] = {key: value}
+    return Case(lambda k: k.signed(k.payload(), mutate), "bundle.unsafe", "verify")
+
+
+# Paths the manifest hands to ONNX Runtime: outside the bundle's cache dir, code loading, file dumps
+CASES.update({
+    "ortopt_ep_context_file_path": _entry("ep.context_file_path", "/var/lib/edgefleet/state/pointers.json"),
+    "ortopt_ep_context_enable": _entry("ep.context_enable", "1"),
+    "ortopt_save_model_format": _entry("session.save_model_format", "ORT"),
+    "ortopt_external_initializers_folder": _entry("session.model_external_initializers_file_folder_path", "/etc"),
+    "ortopt_absolute_cache_dir": _opt(cache_dir="/etc/cron.d"),
+    "ortopt_cache_dir_dotdot": _opt(cache_dir="{cache_dir}/../../state"),
+    "ortopt_cache_dir_prefix_trick": _opt(cache_dir="{cache_dir}x/../../state"),
+    "ortopt_relative_path": _opt(trt_engine_cache_path="../../state"),
+    "ortopt_home_path": _opt(cache_dir="~/x"),
+    "ortopt_plugin_library": _opt(trt_extra_plugin_lib_paths="/tmp/evil.so"),
+    "ortopt_dump_subgraphs": _opt(trt_dump_subgraphs="True"),
+    "ortopt_openvino_load_config": _opt(load_config="/etc/passwd"),
+})
+
 # Every place the ONNX proto can reference a file (tests/hardening/_hostile_onnx.py), validly signed, pointing at
 # /etc/passwd as in issue 18: found and refused before ONNX Runtime sees the model.
 _PASSWD = "../../../../../../../../etc/passwd"
@@ -722,3 +751,14 @@ def test_external_data_symlink_planted_after_install_is_refused(
     (dest / "model" / "planted.bin").symlink_to(tmp_path / "secret.bin")
     with pytest.raises(UnsafeArchiveError, match="not a file the signed manifest lists"):
         Model.open(dest, trusted)
+
+
+def test_every_builtin_profile_passes_the_ort_options_check() -> None:
+    """No false refusals: the providers and session entries every built-in profile writes into its bundles."""
+    from edgefleet.devices.profile import load_profiles
+    from edgefleet.sdk._ort_options import check_ort_options
+
+    profiles = load_profiles()
+    assert len(profiles) >= 5
+    for name, p in profiles.items():
+        check_ort_options(((pc.name, pc.options) for pc in p.providers), p.session.config_entries, name)
