@@ -274,7 +274,9 @@ def test_fuzz_agent_config_raises_only_config_errors(tmp_path: Path, signing_key
              "mqtt": {"url": "mqtt://127.0.0.1:1883", "keepalive_s": 30, "username": "u", "password": "p"},
              "telemetry": {"interval_s": 10.0, "spool_max_records": 1000},
              "api": {"listen": "127.0.0.1:0", "max_body_bytes": 4096},
-             "install": {"max_bundle_bytes": 1 << 20, "download_timeout_s": 5.0}}
+             "install": {"max_bundle_bytes": 1 << 20, "download_timeout_s": 5.0},
+             "storage": {"reserve_bytes": 1 << 20, "ballast_bytes": 0, "max_events": 100, "max_replies": 100,
+                         "max_held": 100, "journal_max_entries": 1000, "journal_max_pending": 10}}
     assert parse_config(valid, base=tmp_path).device == "dev-1"
     run(long_run, figures, "agent.config.parse_config", st.one_of(mutated(valid, 5), json_values),
         _clean(lambda d: parse_config(d, base=tmp_path), ConfigError))
