@@ -232,8 +232,10 @@ class Installer:
         try:
             pointer = self.store.activate(m.name, vm.digest)
         except OSError as exc:
-            # The pointer file is replaced atomically: on failure it still names the old bundle, which serves.
-            self.store.collect()
+            # The pointer file is replaced atomically: on failure it names the old bundle (which serves) unless only
+            # the directory fsync failed after the rename; the new bundle's directory goes only if nothing names it.
+            if vm.digest not in self.store.persisted_digests():
+                self.store.collect()
             raise InstallError("activate", _storage_error(exc, f"switching {m.name} to {m.version}")) from exc
         _failpoint("after-activate")
         self.registry.put(m.name, model)

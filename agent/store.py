@@ -183,6 +183,13 @@ class Store:
         self.storage.require(size - have + size, f"a {size}-byte bundle (download and unpack)")
         return have
 
+    def persisted_digests(self) -> set[str]:
+        """Digests the pointer file on disk names (what a restart would serve), whatever this process believes."""
+        try:
+            return {d for p in self._read().values() for d in (p.active, p.previous) if d}
+        except ConfigError:
+            return self.referenced()
+
     def referenced(self) -> set[str]:
         """Digests the pointers name (active or previous)."""
         with self._lock:

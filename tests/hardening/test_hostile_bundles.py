@@ -616,6 +616,7 @@ CASES.update({
     "ortopt_plugin_library": _opt(trt_extra_plugin_lib_paths="/tmp/evil.so"),
     "ortopt_dump_subgraphs": _opt(trt_dump_subgraphs="True"),
     "ortopt_openvino_load_config": _opt(load_config="/etc/passwd"),
+    "ortopt_openvino_load_config_cache_dir": _opt(load_config='{"CPU": {"CACHE_DIR": "/etc/cron.d"}}'),
 })
 
 # Every place the ONNX proto can reference a file (tests/hardening/_hostile_onnx.py), validly signed, pointing at
@@ -762,3 +763,6 @@ def test_every_builtin_profile_passes_the_ort_options_check() -> None:
     assert len(profiles) >= 5
     for name, p in profiles.items():
         check_ort_options(((pc.name, pc.options) for pc in p.providers), p.session.config_entries, name)
+    # and what the packager adds for OpenVINO precision (packager/planning.py): load_config as a JSON string
+    check_ort_options([("OpenVINOExecutionProvider", {"device_type": "CPU", "cache_dir": "{cache_dir}/openvino",
+                        "load_config": '{"CPU": {"INFERENCE_PRECISION_HINT": "f16"}}'})], {}, "packager")
