@@ -217,9 +217,9 @@ class _Walk:
             self.node(got)
         elif kind == "ModelProto":
             for entry in got.get(14, []):
-                key = self.text(entry[1], "a metadata key") if 1 in entry else ""
-                if key in _ACTIVE_METADATA:
-                    raise BundleFormatError(f"{self.what}: model metadata {key!r} would set ONNX Runtime session "
+                meta = self.text(entry[1], "a metadata key") if 1 in entry else ""
+                if meta in _ACTIVE_METADATA:
+                    raise BundleFormatError(f"{self.what}: model metadata {meta!r} would set ONNX Runtime session "
                                             "options from inside the model (ORT_LOAD_CONFIG_FROM_MODEL); a bundle "
                                             "sets them in its signed manifest")
         return got
