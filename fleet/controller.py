@@ -19,6 +19,7 @@ from edgefleet.sdk.protocol import MAX_FUTURE_SKEW_S, Command, check_id, sign_co
 
 from ._mqtt import publish_command
 from .bundles import BundleLibrary
+from .commands import Commander
 from .http import make_app
 from .ingest import Ingestor
 from .rollout import Deployer
@@ -111,7 +112,8 @@ class Controller:
         self.ingest = Ingestor(self.store, broker=config.broker, fleet=config.fleet, client_id=config.client_id,
                                share_group=config.share_group, receipts=config.receipts,
                                max_future_skew_s=config.max_clock_skew_s)
-        self.deployer = Deployer(self.store, config.fleet, self.library, self._publish, self.public_url,
+        self.commander = Commander(self.store, config.fleet, self._publish, ttl_s=config.command_ttl_s)
+        self.deployer = Deployer(self.store, config.fleet, self.library, self.commander.send, self.public_url,
                                  owner=config.client_id, lease_s=config.rollout_lease_s)
         self.app = make_app(self.store, config.fleet, self.deployer, self.ingest)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +123,7 @@ class Controller:
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self._pruner: threading.Thread | None = None
+        self._resender: threading.Thread | None = None
 
     @property
     def public_url(self) -> str:
@@ -174,6 +177,16 @@ class Controller:
             raise self._error
         self._pruner = threading.Thread(target=self._maintenance_loop, name="controller-maintenance", daemon=True)
         self._pruner.start()
+        self._resender = threading.Thread(target=self._resend_loop, name="controller-resend", daemon=True)
+        self._resender.start()
+
+    def _resend_loop(self, period_s: float = 1.0) -> None:
+        """Send again every command whose device reconnected without answering it (fleet/commands.py)."""
+        while not self._stopping.wait(period_s):
+            try:
+                self.commander.resend_due()
+            except Exception:  # retried next round; ingest and HTTP must go on
+                log.exception("resending lost commands failed")
 
     def _maintenance_loop(self, prune_every_s: float = 3600.0) -> None:
         """Resume orphaned rollouts (every third of a lease) and apply retention (hourly)."""
@@ -200,8 +213,9 @@ class Controller:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        if self._pruner is not None:
-            self._pruner.join(30)
+        for t in (self._pruner, self._resender):
+            if t is not None:
+                t.join(30)
         self.deployer.stop()  # releases the leases of unfinished rollouts, for another controller to resume
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -57,10 +57,9 @@ from .store.base import Store
 __all__ = ["Deployer", "Selector", "TargetMove", "advances", "compare", "target_moves"]
 
 log = logging.getLogger(__name__)
-# A device that connected again this long ago and still has not reported progress on its deploy did not get it.
-RESEND_GRACE_S = 5.0
 
-Publish = Callable[[str, Command], None]  # (device, command) -> sent
+# (device, command) -> sent, and tracked until answered or expired (fleet/commands.py resends a lost one).
+Publish = Callable[[str, Command], object]
 _RANK = {s: i for i, s in enumerate(DEPLOY_STATES)}
 
 
@@ -240,9 +239,6 @@ class Deployer:
         self._threads: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
         self._bundles: dict[str, BundleInfo] = {}  # verified once per deployment, not once per device
-        self._sent_at: dict[tuple[str, str], float] = {}  # (deployment, device) -> when its deploy went out
-        self._resend_check: dict[str, float] = {}  # deployment -> when to look for lost commands next
-        self.resent = 0
 
     def create(self, bundle_ids: Sequence[str], selector: Selector, policy: RolloutPolicy,
                *, start: bool = True) -> Deployment:
@@ -328,44 +324,17 @@ class Deployer:
             t.join(timeout_s)
 
     # commands ------------------------------------------------------------------------------------------------------
-    def _send_deploy(self, dep_id: str, t: DeploymentTarget, cmd_id: str | None = None) -> None:
+    def _send_deploy(self, dep_id: str, t: DeploymentTarget) -> None:
         b = self._bundles.get(t.sha256)
         if b is None:  # a rollout resumed from another controller: verify its bundle once here
             b = self._bundles[t.sha256] = self.library.get(t.sha256)
         cmd = command("deploy", {"url": f"{self.public_url}/bundles/{bundle_filename(b.sha256)}",
-                                 "sha256": b.sha256, "size": b.size}, cmd_id=cmd_id)
-        if cmd_id is None:
-            # The command id is stored before publishing, so a fast reply always finds its target; and only while
-            # this controller holds the rollout's lease (fenced), so no device ever gets two deploys of one target.
-            self._fenced_target(dep_id, t.device, cmd_id=cmd.id)
-        self._sent_at[(dep_id, t.device)] = time.time()
+                                 "sha256": b.sha256, "size": b.size})
+        # The command id is stored before publishing, so a fast reply always finds its target; and only while this
+        # controller holds the rollout's lease (fenced), so no device ever gets two deploys of one target. A deploy
+        # the broker lost is sent again by the controller's Commander, like every other command.
+        self._fenced_target(dep_id, t.device, cmd_id=cmd.id)
         self.publish(t.device, cmd)
-
-    def _resend_lost(self, dep_id: str, targets: Sequence[DeploymentTarget]) -> None:
-        """Send a deploy again, same id, to a device that connected after it went out and has not started on it.
-
-        The broker queues a command for an offline device in its session, but a broker that loses its state (killed
-        before its next autosave, a replaced node, a lost disk; Mosquitto 2.0.11 also forgets a session that began
-        with clean start) loses the command with it. The agent runs a command id once, so a copy it did get only
-        makes it send its progress again.
-        """
-        now = time.time()
-        if now < self._resend_check.get(dep_id, 0.0):
-            return  # the rollout polls every poll_s; a lost command is looked for every RESEND_GRACE_S
-        self._resend_check[dep_id] = now + RESEND_GRACE_S
-        for t in targets:
-            if t.state != "pending" or not t.cmd_id:
-                continue
-            sent = self._sent_at.setdefault((dep_id, t.device), t.updated or now)
-            if now - sent <= RESEND_GRACE_S:
-                continue  # just sent: no device lookup
-            dev = self.store.device(self.fleet, t.device)
-            status_ts = (dev.status_ts or 0.0) if dev is not None else 0.0
-            if dev and dev.state == "online" and status_ts > sent and now - status_ts > RESEND_GRACE_S:
-                log.warning("deployment %s: %s reconnected without starting command %s; sending it again", dep_id,
-                            t.device, t.cmd_id)
-                self._send_deploy(dep_id, t, cmd_id=t.cmd_id)
-                self.resent += 1
 
     def _send_rollback(self, dep_id: str, device: str, name: str, *, fenced: bool = False) -> None:
         # The model name tells an agent serving several models which one to roll back.
@@ -424,7 +393,6 @@ class Deployer:
             ts = self._targets(dep_id, phase)
             if all(t.state in TERMINAL_STATES for t in ts):
                 return ts
-            self._resend_lost(dep_id, ts)
             if time.monotonic() > deadline:
                 for t in ts:
                     if t.state not in TERMINAL_STATES:
@@ -466,9 +434,6 @@ class Deployer:
             self.store.update_deployment(dep_id, state="failed", message=f"controller error: {exc}"[:4000],
                                          owner=self.owner)
         finally:
-            self._resend_check.pop(dep_id, None)
-            for key in [k for k in self._sent_at if k[0] == dep_id]:
-                del self._sent_at[key]
             if self._stop.is_set():
                 # Stopping mid-rollout: release the lease so another controller resumes it at once.
                 self.store.renew_lease(dep_id, self.owner, 0.0)

@@ -18,6 +18,10 @@ nothing else in the controller knows which one runs. What every backend guarante
   controller that lost its lease unable to change the deployment.
 * **Deployment targets move in the write transaction** of the event or reply that moves them, by the rules of
   :mod:`edgefleet.fleet.rollout` (``target_state_from_event``, ``target_state_from_reply``, ``advances``).
+* **Commands are tracked until answered** (:mod:`edgefleet.fleet.commands`): every command a controller sends is
+  kept with its expiry, and one whose device came back online after it was last sent, without replying, is due
+  again; ``claim_resend`` lets exactly one controller of a group send it.
+* **API tokens are stored hashed** (:mod:`edgefleet.fleet.auth`): the store never holds a usable token.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.sdk.protocol import (
+    Command,
     Deployment,
     DeploymentDecision,
     DeploymentTarget,
@@ -43,7 +48,8 @@ from edgefleet.sdk.protocol import (
 )
 from edgefleet.sdk.sketch import DDSketch
 
-__all__ = ["TARGET_FIELDS", "Batch", "Store", "VersionSketch", "VersionTotal", "WriteResult"]
+__all__ = ["TARGET_FIELDS", "ApiToken", "Batch", "Store", "TrackedCommand", "VersionSketch", "VersionTotal",
+           "WriteResult"]
 
 # What update_target may change (the rest of a target is fixed when the deployment is planned).
 TARGET_FIELDS = frozenset({"state", "reason", "cmd_id", "rollback_cmd_id", "activated", "previous_version"})
@@ -94,6 +100,32 @@ class VersionTotal:
     count: float
     errors: float
     sum_ms: float
+
+
+@dataclass(frozen=True)
+class TrackedCommand:
+    """A command a controller sent and keeps sending (after a device reconnects) until it is answered or expires."""
+
+    device: str
+    command: Command  # as built, unsigned: each send signs it again (new counter and nonce, same expiry)
+    created: float
+    expires: float
+    sent: float  # when it last went out (controller clock)
+    sends: int
+    replied: bool = False
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """An API token as stored: everything but the secret, of which only a hash is kept."""
+
+    id: str  # the public part of the token: how it is found
+    name: str
+    scope: str  # read | deploy | admin
+    fleet: str  # the fleet it works for, or "*"
+    created: float
+    expires: float  # 0: never
+    secret_hash: str = field(default="", repr=False)
 
 
 class Store(ABC):
@@ -158,6 +190,41 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections."""
+
+    # -- commands ----------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def add_command(self, fleet: str, device: str, cmd: Command, sent: float) -> None:
+        """Track a command just sent (``cmd.expires`` must be set); a second add of the same id changes nothing."""
+
+    @abstractmethod
+    def commands_due(self, fleet: str, now: float, grace_s: float, limit: int = 500) -> list[TrackedCommand]:
+        """Unanswered, unexpired commands whose device is online with a status received after the command last
+        went out, and more than ``grace_s`` before ``now`` (what the broker queued has had time to arrive)."""
+
+    @abstractmethod
+    def claim_resend(self, cmd_id: str, last_sent: float, now: float) -> bool:
+        """Mark a command sent again at ``now``, unless another controller did since ``last_sent``."""
+
+    @abstractmethod
+    def tracked_command(self, cmd_id: str) -> TrackedCommand | None:
+        """One tracked command (``replied`` filled in), or None."""
+
+    # -- API tokens --------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def add_token(self, token: ApiToken) -> None:
+        """Store a new token (its ``secret_hash``, never the secret)."""
+
+    @abstractmethod
+    def token(self, token_id: str) -> ApiToken | None:
+        """A token by its public id, with its hash, or None."""
+
+    @abstractmethod
+    def tokens(self) -> list[ApiToken]:
+        """Every token, oldest first, without hashes."""
+
+    @abstractmethod
+    def revoke_token(self, token_id: str) -> bool:
+        """Delete a token; False when there was none."""
 
     # -- deployments -------------------------------------------------------------------------------------------------
     @abstractmethod

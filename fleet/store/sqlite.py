@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from edgefleet.sdk.errors import ConfigError
+from edgefleet.sdk.errors import ConfigError, ProtocolError
 from edgefleet.sdk.protocol import (
     RUNNING_STATES,
     BundleInfo,
+    Command,
     Deployment,
     DeploymentDecision,
     DeploymentTarget,
@@ -42,7 +43,16 @@ from edgefleet.sdk.sketch import SketchSum, saturating_add
 
 from ..rollout import TargetMove, advances, target_moves
 from ._derive import derive, merge_minute
-from .base import Batch, Store, VersionSketch, VersionTotal, WriteResult, check_target_fields
+from .base import (
+    ApiToken,
+    Batch,
+    Store,
+    TrackedCommand,
+    VersionSketch,
+    VersionTotal,
+    WriteResult,
+    check_target_fields,
+)
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
 
@@ -111,6 +121,19 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     # figures come from version_minutes. One index fewer to update per stored window.
     (4, "drop the per-version windows index", """
         DROP INDEX IF EXISTS windows_version_ts;
+    """),
+    # Every command a controller sends, until answered or expired (fleet/commands.py resends after a reconnect).
+    (5, "tracked commands", """
+        CREATE TABLE commands (
+            id TEXT PRIMARY KEY, fleet TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL,
+            created REAL NOT NULL, expires REAL NOT NULL, sent REAL NOT NULL, sends INTEGER NOT NULL DEFAULT 1);
+        CREATE INDEX commands_expires ON commands(fleet, expires);
+    """),
+    # API tokens (fleet/auth.py): the public id, a SHA-256 of the secret, never the secret.
+    (6, "api tokens", """
+        CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL, fleet TEXT NOT NULL,
+            created REAL NOT NULL, expires REAL NOT NULL, secret_hash TEXT NOT NULL);
     """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -407,6 +430,8 @@ class SQLiteStore(Store):
                        "FROM events WHERE fleet=? AND received<? LIMIT ?)", (fleet, before)),
             "replies": ("DELETE FROM replies WHERE cmd_id IN (SELECT cmd_id FROM replies WHERE fleet=? AND "
                         "received<? LIMIT ?)", (fleet, before)),
+            "commands": ("DELETE FROM commands WHERE id IN (SELECT id FROM commands WHERE fleet=? AND expires<? "
+                         "LIMIT ?)", (fleet, before)),
         }
         out = {}
         for table, (sql, args) in jobs.items():
@@ -452,6 +477,73 @@ class SQLiteStore(Store):
         """The stored reply to a command, or None."""
         r = self._conn().execute("SELECT body FROM replies WHERE cmd_id=?", (cmd_id,)).fetchone()
         return Reply.from_json(r["body"]) if r else None
+
+    # commands ------------------------------------------------------------------------------------------------------
+    def add_command(self, fleet: str, device: str, cmd: Command, sent: float) -> None:
+        """Track a command just sent (idempotent by id)."""
+        if cmd.expires is None:
+            raise ValueError(f"command {cmd.id} has no expiry: a tracked command must end")
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO commands (id, fleet, device, kind, body, created, expires, sent) "
+                      "VALUES (?,?,?,?,?,?,?,?)", (cmd.id, fleet, device, cmd.kind, _text(cmd), cmd.ts, cmd.expires,
+                                                   sent))
+
+    @staticmethod
+    def _tracked(r: sqlite3.Row) -> TrackedCommand:
+        return TrackedCommand(device=r["device"], command=Command.from_json(r["body"]), created=r["created"],
+                              expires=r["expires"], sent=r["sent"], sends=r["sends"], replied=bool(r["replied"]))
+
+    def commands_due(self, fleet: str, now: float, grace_s: float, limit: int = 500) -> list[TrackedCommand]:
+        """Unanswered, unexpired commands whose device came online after they last went out (and long enough
+        ago)."""
+        rows = self._conn().execute(
+            "SELECT c.*, 0 AS replied FROM commands c JOIN devices d ON d.fleet = c.fleet AND d.device = c.device "
+            "WHERE c.fleet=? AND c.expires>? AND d.state='online' AND d.status_ts>c.sent AND d.status_ts<? "
+            "AND NOT EXISTS (SELECT 1 FROM replies r WHERE r.cmd_id = c.id) ORDER BY c.created LIMIT ?",
+            (fleet, now, now - grace_s, limit)).fetchall()
+        out = []
+        for r in rows:
+            try:
+                out.append(self._tracked(r))
+            except ProtocolError:  # a row this version cannot read is never resent, and never blocks
+                continue
+        return out
+
+    def claim_resend(self, cmd_id: str, last_sent: float, now: float) -> bool:
+        """Mark a command sent again unless another controller did since ``last_sent``."""
+        with self._tx() as c:
+            return c.execute("UPDATE commands SET sent=?, sends=sends+1 WHERE id=? AND sent=?",
+                             (now, cmd_id, last_sent)).rowcount == 1
+
+    def tracked_command(self, cmd_id: str) -> TrackedCommand | None:
+        """One tracked command, or None."""
+        r = self._conn().execute("SELECT c.*, EXISTS (SELECT 1 FROM replies r WHERE r.cmd_id = c.id) AS replied "
+                                 "FROM commands c WHERE c.id=?", (cmd_id,)).fetchone()
+        return self._tracked(r) if r else None
+
+    # API tokens ----------------------------------------------------------------------------------------------------
+    def add_token(self, token: ApiToken) -> None:
+        """Store a new token (hash only)."""
+        with self._tx() as c:
+            c.execute("INSERT INTO api_tokens VALUES (?,?,?,?,?,?,?)", (token.id, token.name, token.scope,
+                                                                        token.fleet, token.created, token.expires,
+                                                                        token.secret_hash))
+
+    def token(self, token_id: str) -> ApiToken | None:
+        """A token by id, with its hash."""
+        r = self._conn().execute("SELECT * FROM api_tokens WHERE id=?", (token_id,)).fetchone()
+        return ApiToken(**dict(r)) if r else None
+
+    def tokens(self) -> list[ApiToken]:
+        """Every token, oldest first, without hashes."""
+        rows = self._conn().execute("SELECT id, name, scope, fleet, created, expires FROM api_tokens "
+                                    "ORDER BY created").fetchall()
+        return [ApiToken(**dict(r)) for r in rows]
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Delete a token."""
+        with self._tx() as c:
+            return c.execute("DELETE FROM api_tokens WHERE id=?", (token_id,)).rowcount == 1
 
     # deployments ---------------------------------------------------------------------------------------------------
     def create_deployment(self, deployment: Deployment, targets: Iterable[DeploymentTarget], *,

@@ -132,6 +132,6 @@ def test_deploy_queued_for_an_offline_device_survives_a_broker_that_lost_its_sta
         wait_until(lambda: ctl.store.deployment(dep_id).state == "completed", 90, what="deployment completed")
         (target,) = ctl.store.deployment(dep_id).targets
         assert target.state == "active"
-        assert ctl.deployer.resent >= 1  # it did take the resend: the restarted broker had lost the command
+        assert ctl.commander.resent >= 1  # it did take the resend: the restarted broker had lost the command
     finally:
         agent.stop()
