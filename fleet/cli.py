@@ -1,13 +1,20 @@
-"""CLI: ``edgefleet fleet serve|top|simulate`` and ``edgefleet deploy``, ``deployments``, ``rollback``.
+"""CLI: ``edgefleet fleet serve|top|simulate|enroll|token|send`` and ``edgefleet deploy``, ``deployments``,
+``rollback``.
 
-``deploy``, ``deployments`` and ``rollback`` are thin clients of a running controller's HTTP API (``--controller``):
-the controller holds the trusted keys, verifies bundles and drives rollouts, so any operator machine can use them.
+``deploy``, ``deployments``, ``rollback`` and ``fleet send`` are thin clients of a running controller's HTTP API
+(``--controller``): the controller holds the trusted keys, verifies bundles and drives rollouts, so any operator
+machine can use them. They authenticate with an API token (``fleet token create``) given as ``--token``,
+``$EDGEFLEET_TOKEN``, ``--token-file`` or ``$EDGEFLEET_TOKEN_FILE``; ``--cacert`` / ``$EDGEFLEET_CA_FILE`` trusts a
+controller's own CA for ``https://``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -15,25 +22,72 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import click
-from edgefleet.sdk.errors import EdgefleetError, InputError, ProtocolError, TransportError
+from edgefleet.sdk.errors import ConfigError, EdgefleetError, InputError, ProtocolError, TransportError
 from edgefleet.sdk.protocol import (
     ApiError,
     BundleUploaded,
+    CommandRequest,
+    CommandStatus,
     Deployment,
     DeploymentList,
     DeploymentRequest,
     Model,
     RollbackRequest,
     RollbackSent,
+    check_id,
 )
 
 __all__ = ["deploy", "deployments", "fleet", "rollback"]
 
 _DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
-_controller_option = click.option("--controller", default=_DEFAULT_CONTROLLER, show_default=True,
-                                  envvar="EDGEFLEET_CONTROLLER", help="Base URL of a running controller.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 M = TypeVar("M", bound=Model)
+
+
+class Api:
+    """Where a running controller is and how to talk to it: base URL, API token, TLS trust."""
+
+    def __init__(self, base: str, token: str | None = None, cacert: Path | None = None) -> None:
+        self.base = base.rstrip("/")
+        self.token = token
+        self.ssl: ssl.SSLContext | None = None
+        if cacert is not None:
+            try:
+                self.ssl = ssl.create_default_context(cafile=str(cacert))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--cacert {cacert}: {exc}") from exc
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"token file {path}: {exc.strerror or exc}") from exc
+    if not text:
+        raise ConfigError(f"token file {path} is empty")
+    return text.splitlines()[0].strip()
+
+
+def _api_options(f: Any) -> Any:
+    """``--controller``, ``--token``, ``--token-file``, ``--cacert``: the decorated command gets ``api: Api``."""
+    @functools.wraps(f)  # also carries the options decorated below this one (click keeps them on the function)
+    def make(controller: str, token: str | None, token_file: str | None, cacert: Path | None, **kw: Any) -> Any:
+        if token is None and token_file:
+            token = _read_token_file(token_file)
+        return f(api=Api(controller, token, cacert), **kw)
+
+    for opt in reversed([
+        click.option("--controller", default=_DEFAULT_CONTROLLER, show_default=True, envvar="EDGEFLEET_CONTROLLER",
+                     help="Base URL of a running controller."),
+        click.option("--token", envvar="EDGEFLEET_TOKEN", help="API token (edgefleet fleet token create); default "
+                     "$EDGEFLEET_TOKEN."),
+        click.option("--token-file", envvar="EDGEFLEET_TOKEN_FILE", type=click.Path(dir_okay=False),
+                     help="File holding the API token; default $EDGEFLEET_TOKEN_FILE."),
+        click.option("--cacert", envvar="EDGEFLEET_CA_FILE", type=click.Path(exists=True, dir_okay=False,
+                     path_type=Path), help="CA certificate of an https:// controller; default $EDGEFLEET_CA_FILE."),
+    ]):
+        make = opt(make)
+    return make
 
 
 def _fraction(value: str, what: str) -> float:
@@ -55,29 +109,34 @@ def _percent(value: str) -> float:
         raise click.BadParameter(f"canary must be a percentage like 10%, got {value!r}") from None
 
 
-def _request(base: str, method: str, path: str, answer: type[M], body: bytes | BinaryIO | Model | None = None,
+def _request(api: Api, method: str, path: str, answer: type[M], body: bytes | BinaryIO | Model | None = None,
              content_type: str = "application/json", timeout_s: float = 120.0, length: int | None = None) -> M:
     """Call the controller's API; the answer is parsed as ``answer`` (the same class the controller built it with)."""
     headers = {"Content-Type": content_type} if body is not None else {}
     if length is not None:
         headers["Content-Length"] = str(length)  # a file body is streamed, not read into memory
+    if api.token:
+        headers["Authorization"] = f"Bearer {api.token}"
     data = body.to_json() if isinstance(body, Model) else body
-    req = urllib.request.Request(base.rstrip("/") + path, data=data, method=method, headers=headers)
+    req = urllib.request.Request(api.base + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            raw = resp.read()
+        with urllib.request.urlopen(req, timeout=timeout_s, context=api.ssl) as resp:
+            raw = resp.read(64 << 20)
     except urllib.error.HTTPError as exc:
         try:
-            msg = ApiError.from_json(exc.read()).error
+            msg = ApiError.from_json(exc.read(1 << 20)).error
         except ProtocolError:
             msg = ""
-        raise InputError(f"controller refused ({exc.code}): {msg or exc.reason}") from exc
+        hint = ""
+        if exc.code == 401 and not api.token:
+            hint = " (give an API token: --token, $EDGEFLEET_TOKEN or --token-file)"
+        raise InputError(f"controller refused ({exc.code}): {msg or exc.reason}{hint}") from exc
     except (urllib.error.URLError, OSError) as exc:
-        raise TransportError(f"cannot reach the controller at {base}: {getattr(exc, 'reason', exc)}") from exc
+        raise TransportError(f"cannot reach the controller at {api.base}: {getattr(exc, 'reason', exc)}") from exc
     try:
         return answer.from_json(raw)
     except ProtocolError as exc:
-        raise TransportError(f"the controller at {base} answered {path} with {exc}") from exc
+        raise TransportError(f"the controller at {api.base} answered {path} with {exc}") from exc
 
 
 # -- fleet group ----------------------------------------------------------------------------------------------------
@@ -118,10 +177,31 @@ def fleet() -> None:
 @click.option("--rollout-lease", type=click.FloatRange(min=2), default=30.0, show_default=True,
               help="Seconds a controller holds a rollout without renewing; another controller of the group resumes "
                    "it within about 4/3 of this after the first one dies.")
-def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...], signing_key: Path | None,
-          command_ttl: float, fleet_id: str, client_id: str, share_group: str, receipts: bool, public_url: str,
-          retention_days: float, max_clock_skew: float, rollout_lease: float, db_old: str | None) -> None:
-    """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads."""
+@click.option("--read-auth", type=click.Choice(["local", "token", "open"]), default="local", show_default=True,
+              help="Reads (API, /metrics, dashboard data) without a token: from this host's loopback only (local), "
+                   "never (token) or from anywhere (open). Changes always need a token.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A host name clients may use in Host: besides localhost, IP addresses, the bind address and "
+                   "--public-url's (DNS rebinding guard; repeatable).")
+@click.option("--max-upload", default="4GiB", show_default=True, help="Largest bundle upload (e.g. 512MiB, 4GiB).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Serve HTTPS with this certificate (PEM, chain first); needs --tls-key.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The private key of --tls-cert (PEM).")
+@click.option("--mqtt-session-expiry", type=click.IntRange(0, 0xFFFFFFFF), default=60, show_default=True,
+              help="Seconds the broker keeps this controller's session (and its share of the fleet's messages) "
+                   "after it goes away.")
+@click.pass_context
+def serve(ctx: click.Context, broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...],
+          signing_key: Path | None, command_ttl: float, fleet_id: str, client_id: str, share_group: str,
+          receipts: bool, public_url: str, retention_days: float, max_clock_skew: float, rollout_lease: float,
+          db_old: str | None, read_auth: str, allowed_hosts: tuple[str, ...], max_upload: str, tls_cert: Path | None,
+          tls_key: Path | None, mqtt_session_expiry: int) -> None:
+    """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads.
+
+    The configuration, the store and the HTTP port are checked before anything connects to the broker: a
+    controller that cannot start says why in one line (-v for the traceback) and leaves no MQTT session behind.
+    """
     from .controller import Controller, ControllerConfig
 
     db = db_old or db
@@ -129,21 +209,192 @@ def serve(broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[
     host, _, port = http_addr.rpartition(":")
     if not host or not port.isdigit():
         raise click.BadParameter(f"--http must be HOST:PORT, got {http_addr!r}")
-    cfg = ControllerConfig(broker=broker, db=db, fleet=fleet_id, http_host=host, http_port=int(port),
-                           bundles_dir=bundles_dir, trust=list(trust), client_id=client_id, share_group=share_group,
-                           public_url=public_url, retention_days=retention_days, signing_key=signing_key,
-                           command_ttl_s=command_ttl, receipts=receipts, max_clock_skew_s=max_clock_skew,
-                           rollout_lease_s=rollout_lease)
-    ctl = Controller(cfg)
-    click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {ctl.store}",
-               err=True)
-    if not trust:
-        click.echo("warning: no --trust key: this controller will refuse every bundle (deployments need one)",
+    try:
+        cfg = ControllerConfig(broker=broker, db=db, fleet=fleet_id, http_host=host.strip("[]"), http_port=int(port),
+                               bundles_dir=bundles_dir, trust=list(trust), client_id=client_id,
+                               share_group=share_group, public_url=public_url, retention_days=retention_days,
+                               signing_key=signing_key, command_ttl_s=command_ttl, receipts=receipts,
+                               max_clock_skew_s=max_clock_skew, read_auth=read_auth,
+                               allowed_hosts=tuple(allowed_hosts), max_upload_bytes=_size(max_upload, "--max-upload"),
+                               tls_cert=tls_cert, tls_key=tls_key, mqtt_session_expiry_s=mqtt_session_expiry,
+                               rollout_lease_s=rollout_lease)
+        ctl = Controller(cfg)
+        click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {ctl.store}",
                    err=True)
-    if signing_key is None:
-        click.echo("warning: no --key: commands go out unsigned; agents refuse them unless they run with "
-                   "commands.require_signed = false", err=True)
-    ctl.serve_forever()
+        if not trust:
+            click.echo("warning: no --trust key: this controller will refuse every bundle (deployments need one)",
+                       err=True)
+        if signing_key is None:
+            click.echo("warning: no --key: commands go out unsigned; agents refuse them unless they run with "
+                       "commands.require_signed = false", err=True)
+        ctl.serve_forever()
+    except (EdgefleetError, OSError) as exc:
+        if ctx.find_root().params.get("verbose"):
+            traceback.print_exc()
+        if isinstance(exc, EdgefleetError):
+            raise
+        raise ConfigError(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}") from None
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+
+
+def _size(text: str, what: str) -> int:
+    """``512MiB`` → 536870912."""
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):].strip()
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{what} must be a size like 512MiB or 4GiB, got {text!r}") from None
+    if not 1 <= value <= 1 << 50:
+        raise click.BadParameter(f"{what} must be between 1 byte and 1 PiB, got {text!r}")
+    return int(value)
+
+
+# -- API tokens -----------------------------------------------------------------------------------------------------
+
+@fleet.group("token")
+def token_group() -> None:
+    """API tokens for the controller's HTTP API (stored hashed in the controller's store)."""
+
+
+_db_option = click.option("--db", default="edgefleet-fleet.db", show_default=True,
+                          help="The controller's store (the same --db as fleet serve).")
+
+
+def _parse_duration(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``3600`` (seconds), ``0``/``never``."""
+    t = text.strip().lower()
+    if t in ("0", "never", ""):
+        return 0.0
+    mult = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}.get(t[-1:], None)
+    try:
+        return float(t[:-1]) * mult if mult else float(t)
+    except ValueError:
+        raise click.BadParameter(f"--expires must be like 30d, 12h, 90m or seconds, got {text!r}") from None
+
+
+@token_group.command("create")
+@click.option("--scope", type=click.Choice(["read", "deploy", "admin"]), required=True,
+              help="read: the API and /metrics; deploy: also bundles, deployments, rollbacks; admin: everything.")
+@click.option("--name", required=True, help="What the token is for (shown in token list).")
+@click.option("--fleet", "fleet_id", default="*", show_default=True, help="The fleet it works for (* for all).")
+@click.option("--expires", default="never", show_default=True, help="Lifetime: 30d, 12h, 90m, seconds, or never.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the token to this file (mode 0600) instead of printing it.")
+@_db_option
+@_json_option
+def token_create(scope: str, name: str, fleet_id: str, expires: str, out_file: Path | None, db: str,
+                 as_json: bool) -> None:
+    """Create an API token and show it once (only a hash of it is stored)."""
+    from edgefleet.sdk._fs import atomic_write_text
+
+    from .auth import issue_token
+    from .store import open_store
+
+    if fleet_id != "*":
+        try:
+            check_id("fleet", fleet_id)
+        except ProtocolError as exc:
+            raise click.BadParameter(str(exc)) from None
+    store = open_store(db)
+    try:
+        issued = issue_token(store, name, scope, fleet=fleet_id, ttl_s=_parse_duration(expires))
+    finally:
+        store.close()
+    rec = issued.record
+    if out_file is not None:
+        atomic_write_text(out_file, issued.token + "\n", mode=0o600)
+    if as_json:
+        click.echo(json.dumps({"id": rec.id, "name": rec.name, "scope": rec.scope, "fleet": rec.fleet,
+                               "expires": rec.expires, **({} if out_file else {"token": issued.token})}))
+    elif out_file is not None:
+        click.echo(f"token {rec.id} ({rec.scope}, {rec.name}) written to {out_file}", err=True)
+    else:
+        click.echo(issued.token)
+        click.echo(f"token {rec.id} ({rec.scope}, {rec.name}): shown once, stored only as a hash; use it as "
+                   "--token, $EDGEFLEET_TOKEN or Authorization: Bearer", err=True)
+
+
+@token_group.command("list")
+@_db_option
+@_json_option
+def token_list(db: str, as_json: bool) -> None:
+    """The API tokens: id, scope, fleet, name, expiry (never a secret)."""
+    from .store import open_store
+
+    store = open_store(db)
+    try:
+        toks = store.tokens()
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([{"id": t.id, "name": t.name, "scope": t.scope, "fleet": t.fleet, "created": t.created,
+                                "expires": t.expires} for t in toks], indent=2))
+        return
+    if not toks:
+        click.echo("no tokens")
+    for t in toks:
+        exp = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.expires)) if t.expires else "never"
+        click.echo(f"{t.id}  {t.scope:<7} fleet {t.fleet:<12} expires {exp:<16} {t.name}")
+
+
+@token_group.command("revoke")
+@click.argument("token_id")
+@_db_option
+def token_revoke(token_id: str, db: str) -> None:
+    """Revoke (delete) the token TOKEN_ID: requests carrying it are refused from now on."""
+    from .store import open_store
+
+    store = open_store(db)
+    try:
+        gone = store.revoke_token(token_id.strip())
+    finally:
+        store.close()
+    if not gone:
+        raise InputError(f"no token {token_id[:20]!r} in {db}")
+    click.echo(f"token {token_id} revoked")
+
+
+# -- ad-hoc commands ------------------------------------------------------------------------------------------------
+
+@fleet.command("send")
+@click.argument("device")
+@click.argument("kind", type=click.Choice(["describe", "benchmark", "rollback", "remove", "configure"]))
+@click.option("--args", "args_json", default="{}", show_default=True,
+              help='The command\'s arguments as JSON, e.g. \'{"telemetry_interval_s": 5}\'.')
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0.0,
+              help="Wait up to this many seconds for the device's reply and show it.")
+@_api_options
+@_json_option
+def send(device: str, kind: str, args_json: str, wait_s: float, api: Api, as_json: bool) -> None:
+    """Send one command to DEVICE through a running controller, which resends it until answered or expired.
+
+    describe, benchmark and rollback need a deploy token; remove and configure an admin token.
+    """
+    try:
+        args = json.loads(args_json)
+        req = CommandRequest.from_dict({"kind": kind, "args": args})
+    except (ValueError, ProtocolError) as exc:
+        raise click.BadParameter(f"--args: {exc}") from None
+    st = _request(api, "POST", f"/api/devices/{urllib.parse.quote(device, safe='')}/commands", CommandStatus, req)
+    deadline = time.monotonic() + wait_s
+    while st.state == "pending" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        st = _request(api, "GET", f"/api/commands/{st.id}", CommandStatus)
+    if as_json:
+        click.echo(json.dumps(st.to_dict(), indent=2))
+        return
+    click.echo(f"command {st.id} ({st.kind}) to {st.device}: {st.state}, sent {st.sends}x")
+    if st.reply is not None:
+        r = st.reply
+        detail = json.dumps(r.result) if r.status == "ok" else f"{r.error.code}: {r.error.message}" if r.error else ""
+        click.echo(f"  reply {r.status}: {detail[:2000]}")
+    if st.reply is not None and st.reply.status == "error":
+        raise EdgefleetError(f"{device} refused {kind}")
 
 
 @fleet.command("top")
@@ -234,11 +485,11 @@ def _print_deployment(dep: Deployment) -> None:
 @click.option("--wait/--no-wait", default=False, help="Wait until the deployment finishes and show it.")
 @click.option("--wait-timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
               help="With --wait: give up waiting after this many seconds (the rollout goes on).")
-@_controller_option
+@_api_options
 @_json_option
 def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_regression: str,
            max_error_increase: str, observe_s: float, min_samples: int, wait: bool, wait_timeout: float,
-           controller: str, as_json: bool) -> None:
+           api: Api, as_json: bool) -> None:
     """Deploy BUNDLES (one per target profile) to the selected devices, optionally staged with canaries.
 
     Each selected device gets the bundle whose target is its profile, or is listed as having none. The controller
@@ -256,12 +507,12 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_
     ids = []
     for b in bundles:
         with open(b, "rb") as fh:
-            up = _request(controller, "POST", "/api/bundles", BundleUploaded, fh, "application/octet-stream",
+            up = _request(api, "POST", "/api/bundles", BundleUploaded, fh, "application/octet-stream",
                           length=b.stat().st_size)
         ids.append(up.sha256)
         if not as_json:
             click.echo(f"uploaded {b.name}: {up.name} {up.version} for {up.target} (signed by {up.key_id})")
-    dep = _request(controller, "POST", "/api/deployments", Deployment,
+    dep = _request(api, "POST", "/api/deployments", Deployment,
                    DeploymentRequest.from_dict({**fields, "bundles": ids}))
     if wait:
         deadline = time.monotonic() + wait_timeout
@@ -270,7 +521,7 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_
                 raise TransportError(f"deployment {dep.id} still {dep.state} after {wait_timeout:g} s; "
                                      f"follow it with: edgefleet deployments show {dep.id}")
             time.sleep(1.0)
-            dep = _request(controller, "GET", f"/api/deployments/{dep.id}", Deployment)
+            dep = _request(api, "GET", f"/api/deployments/{dep.id}", Deployment)
     if as_json:
         click.echo(json.dumps(dep.to_dict(), indent=2))
     else:
@@ -283,11 +534,11 @@ def deployments() -> None:
 
 
 @deployments.command("list")
-@_controller_option
+@_api_options
 @_json_option
-def deployments_list(controller: str, as_json: bool) -> None:
+def deployments_list(api: Api, as_json: bool) -> None:
     """Deployments, newest first, with per-state device counts."""
-    deps = _request(controller, "GET", "/api/deployments", DeploymentList).deployments
+    deps = _request(api, "GET", "/api/deployments", DeploymentList).deployments
     if as_json:
         click.echo(json.dumps([d.to_dict() for d in deps], indent=2))
         return
@@ -301,11 +552,11 @@ def deployments_list(controller: str, as_json: bool) -> None:
 
 @deployments.command("show")
 @click.argument("dep_id")
-@_controller_option
+@_api_options
 @_json_option
-def deployments_show(dep_id: str, controller: str, as_json: bool) -> None:
+def deployments_show(dep_id: str, api: Api, as_json: bool) -> None:
     """One deployment: policy, canary decision and every device's state."""
-    dep = _request(controller, "GET", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}", Deployment)
+    dep = _request(api, "GET", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}", Deployment)
     if as_json:
         click.echo(json.dumps(dep.to_dict(), indent=2))
     else:
@@ -315,11 +566,11 @@ def deployments_show(dep_id: str, controller: str, as_json: bool) -> None:
 @click.command("rollback")
 @click.argument("dep_id")
 @click.option("--device", "devices", multiple=True, help="Only these devices (default: every active one).")
-@_controller_option
-def rollback(dep_id: str, devices: tuple[str, ...], controller: str) -> None:
+@_api_options
+def rollback(dep_id: str, devices: tuple[str, ...], api: Api) -> None:
     """Roll the devices of deployment DEP_ID back to the bundle they ran before."""
     body = RollbackRequest(devices=list(devices) if devices else None)
-    res = _request(controller, "POST", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}/rollback",
+    res = _request(api, "POST", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}/rollback",
                    RollbackSent, body)
     sent = res.rollback_sent
     if not sent:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from edgefleet.sdk.protocol import MAX_FUTURE_SKEW_S, Command, check_id, sign_co
 from ._mqtt import publish_command
 from .bundles import BundleLibrary
 from .commands import Commander
-from .http import make_app
+from .http import HttpPolicy, make_app
 from .ingest import Ingestor
 from .rollout import Deployer
 from .store import Store, open_store
@@ -80,9 +81,24 @@ class ControllerConfig:
     signing_key: Path | None = None  # Ed25519 fleet key that signs every command (agents require it by default)
     command_ttl_s: float = 86400.0  # a command not executed within this time is refused by the agent (expired)
     max_clock_skew_s: float = MAX_FUTURE_SKEW_S  # statuses/telemetry further ahead of our clock are refused
+    # How long the broker keeps this controller's MQTT session (and its share of the fleet's messages) after it
+    # goes away: a restart within it resumes; after it the broker gives the share group's messages to the others.
+    mqtt_session_expiry_s: int = 60
+    # HTTP (fleet/http.py HttpPolicy): who may read without a token, extra Host names, body limits, TLS.
+    read_auth: str = "local"
+    allowed_hosts: tuple[str, ...] = ()
+    max_upload_bytes: int = 4 << 30
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
+        if not 0 <= self.mqtt_session_expiry_s <= 0xFFFFFFFF:
+            raise ConfigError(f"mqtt_session_expiry_s must be in [0, 2^32-1], got {self.mqtt_session_expiry_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"HTTP port must be in [0, 65535], got {self.http_port}")
         if not self.command_ttl_s > 0:
             raise ConfigError(f"command_ttl_s must be > 0, got {self.command_ttl_s}")
         if not self.max_clock_skew_s > 0:
@@ -102,20 +118,35 @@ class Controller:
     """Runs a controller; ``start()``/``stop()`` from a thread or ``serve_forever()`` from the CLI."""
 
     def __init__(self, config: ControllerConfig, store: Store | None = None) -> None:
+        # Everything that can be wrong with the configuration fails here, before anything connects (issue 18: a
+        # controller that failed on a busy HTTP port had already opened an MQTT session that took half of the
+        # fleet's telemetry): keys, TLS files, the store, the bundle directory. The port is checked by start(),
+        # which binds it before connecting to the broker.
         self.config = config
         self.port = config.http_port
+        self.ssl_context = _server_tls(config.tls_cert, config.tls_key)
         self.store = store or open_store(config.db)
         self.signer = CommandSigner(load_private_key(config.signing_key), config.command_ttl_s, config.fleet) \
             if config.signing_key is not None else None
         trusted = TrustedKeys.from_paths(config.trust) if config.trust else TrustedKeys()
-        self.library = BundleLibrary(config.bundles_dir, trusted)
+        try:
+            self.library = BundleLibrary(config.bundles_dir, trusted)
+        except OSError as exc:
+            raise ConfigError(f"bundles directory {config.bundles_dir}: {exc.strerror or exc}") from exc
         self.ingest = Ingestor(self.store, broker=config.broker, fleet=config.fleet, client_id=config.client_id,
                                share_group=config.share_group, receipts=config.receipts,
-                               max_future_skew_s=config.max_clock_skew_s)
+                               max_future_skew_s=config.max_clock_skew_s,
+                               session_expiry_s=config.mqtt_session_expiry_s)
         self.commander = Commander(self.store, config.fleet, self._publish, ttl_s=config.command_ttl_s)
         self.deployer = Deployer(self.store, config.fleet, self.library, self.commander.send, self.public_url,
                                  owner=config.client_id, lease_s=config.rollout_lease_s)
-        self.app = make_app(self.store, config.fleet, self.deployer, self.ingest)
+        try:
+            policy = HttpPolicy(read_auth=config.read_auth, allowed_hosts=tuple(config.allowed_hosts),  # type: ignore[arg-type]
+                                max_upload_bytes=config.max_upload_bytes, bind_host=config.http_host,
+                                public_url=config.public_url)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.app = make_app(self.store, config.fleet, self.deployer, self.ingest, self.commander, policy)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -129,12 +160,14 @@ class Controller:
     def public_url(self) -> str:
         """Base URL agents download bundles from."""
         c = self.config
-        return (c.public_url or f"http://{c.http_host}:{self.port}").rstrip("/")
+        return (c.public_url or self.url).rstrip("/")
 
     @property
     def url(self) -> str:
         """Base URL of the HTTP API."""
-        return f"http://{self.config.http_host}:{self.port}"
+        host = self.config.http_host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.ssl_context is not None else 'http'}://{host}:{self.port}"
 
     def _publish(self, device: str, cmd: Command) -> None:
         if self.signer is not None:
@@ -144,16 +177,20 @@ class Controller:
     async def _start_http(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.http_host, self.config.http_port)
-        await site.start()
+        site = web.TCPSite(self._runner, self.config.http_host, self.config.http_port, ssl_context=self.ssl_context)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot serve HTTP on {self.config.http_host}:{self.config.http_port}: "
+                              f"{exc.strerror or exc}") from None
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.port = server.sockets[0].getsockname()[1]
         self.deployer.public_url = self.public_url
 
     def start(self, timeout_s: float = 15.0) -> None:
-        """Start ingest and the HTTP server in a background thread (port 0 picks a free port)."""
-        self.ingest.start(timeout_s)
+        """Start the HTTP server in a background thread (port 0 picks a free port), then ingest: a port that cannot
+        be bound fails before anything connects to the broker."""
 
         def run() -> None:
             loop = asyncio.new_event_loop()
@@ -173,8 +210,12 @@ class Controller:
         self._thread.start()
         self._started.wait(timeout_s)
         if self._error is not None:
-            self.ingest.stop()
             raise self._error
+        try:
+            self.ingest.start(timeout_s)
+        except BaseException:
+            self._stop_http()
+            raise
         self._pruner = threading.Thread(target=self._maintenance_loop, name="controller-maintenance", daemon=True)
         self._pruner.start()
         self._resender = threading.Thread(target=self._resend_loop, name="controller-resend", daemon=True)
@@ -217,12 +258,15 @@ class Controller:
             if t is not None:
                 t.join(30)
         self.deployer.stop()  # releases the leases of unfinished rollouts, for another controller to resume
+        self._stop_http()
+        self.ingest.stop()
+        self.store.close()
+
+    def _stop_http(self) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)
-        self.ingest.stop()
-        self.store.close()
 
     def serve_forever(self) -> None:
         """Run until interrupted (Ctrl-C / SIGTERM)."""
@@ -240,3 +284,17 @@ class Controller:
             pass
         finally:
             self.stop()
+
+
+def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The HTTP server's TLS context (TLS 1.2 or newer), or None without a certificate; ConfigError naming the file
+    that does not load."""
+    if cert is None or key is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS certificate {cert} / key {key} do not load: {exc}") from exc
+    return ctx

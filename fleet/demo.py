@@ -295,8 +295,12 @@ def run_demo(workdir: Path, *, headless: bool, duration: float | None, http_port
         for a in agents:
             _wait_port(a.api_port, a.proc, f"agent {a.name}")
         bundle_files = sorted(str(p) for p in bundles_dir.rglob("*.efb"))
+        # State changes need an API token (stored hashed in the controller's store; reads from localhost do not).
+        token_file = run_dir / "deploy.token"
+        _run([*_edgefleet(venv_bin), "fleet", "token", "create", "--scope", "deploy", "--name", "demo",
+              "--db", str(run_dir / "fleet.db"), "--out", str(token_file)], "API token", say)
         _run([*_edgefleet(venv_bin), "deploy", *bundle_files, "--to", ",".join(a.name for a in agents),
-              "--controller", controller, "--wait"], "deploy", say)
+              "--controller", controller, "--token-file", str(token_file), "--wait"], "deploy", say)
         threads = [threading.Thread(target=_drive_load, args=(a, load_rows, rate, stop), daemon=True) for a in agents]
         for t in threads:
             t.start()

@@ -1,8 +1,27 @@
 """The controller's HTTP side (aiohttp): dashboard, JSON REST API, server-sent events, /metrics, bundle downloads.
 
 Every read goes to the store (never to state kept by this process), so with several controllers behind a load
-balancer each page shows the whole fleet. Store calls are blocking SQLite calls and run in a thread. Bad input is a
-4xx with a JSON body ``{"error": "<one line>"}``. See docs/api.md.
+balancer each page shows the whole fleet. Store calls are blocking SQLite calls and run in a thread. Every error is
+a 4xx/5xx with a JSON body ``{"error": "<one line>"}`` — bad input, a missing route, a body over its limit, and an
+unexpected failure alike. See docs/api.md.
+
+What guards it (:class:`HttpPolicy`, docs/api.md "Authentication" and docs/operations.md; issue 18 created a
+deployment with a ``text/plain`` POST from any web page, with any ``Host``):
+
+* **Tokens** (:mod:`edgefleet.fleet.auth`): every state-changing request needs ``Authorization: Bearer <token>``
+  with the scope it asks for (``deploy``, ``admin``); reads need a ``read`` token unless ``read_auth`` says
+  otherwise (``local``, the default: not from this host's loopback; ``open``: never). Bundle downloads (``/bundles/``,
+  signed files named by their sha256, what agents fetch) and the dashboard page itself need none.
+* **Host** (DNS rebinding): the ``Host`` header must be an IP literal, ``localhost``, the address the server is
+  bound to, the public URL's host or one of ``allowed_hosts``; anything else is 421 before any other check.
+* **Origin** (CSRF): a state-changing request from a browser must come from the same origin (``Origin`` equal to
+  the ``Host`` it was sent to) and not be ``Sec-Fetch-Site: cross-site``; a browser never sends a token
+  cross-origin without a CORS preflight, which this server never grants.
+* **Content-Type**: JSON bodies only as ``application/json``, bundles only as ``application/octet-stream`` (415).
+* **Sizes, while streaming**: a body whose ``Content-Length`` is over its limit is refused (413) before a byte of
+  it is read; a chunked one is cut off at the limit. JSON bodies: ``max_json_bytes``; uploads:
+  ``max_upload_bytes``, streamed to disk, never held in memory. Unauthenticated requests are refused before their
+  body is read at all.
 """
 
 from __future__ import annotations
@@ -10,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import ipaddress
 import json
 import logging
 import math
@@ -17,15 +37,22 @@ import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from aiohttp import web
-from edgefleet.sdk.errors import BundleError, EdgefleetError, InputError
+from edgefleet.sdk.errors import BundleError, EdgefleetError, InputError, ProtocolError
 from edgefleet.sdk.protocol import (
+    MAX_PAYLOAD,
     ApiError,
+    ApiTokenInfo,
+    ApiTokenList,
     BundleUploaded,
+    CommandRequest,
+    CommandStatus,
     DeploymentList,
     DeploymentRequest,
     DeviceList,
@@ -39,27 +66,80 @@ from edgefleet.sdk.protocol import (
     VersionList,
     VersionStats,
     WindowList,
+    check_id,
 )
 from edgefleet.sdk.sketch import DDSketch
 
+from .auth import AuthError, allows, authenticate
 from .bundles import bundle_filename
+from .commands import Commander
 from .ingest import Ingestor
 from .rollout import Deployer, Selector
-from .store import Store, VersionSketch, VersionTotal
+from .store import ApiToken, Store, VersionSketch, VersionTotal
 
-__all__ = ["MAX_UPLOAD", "make_app", "metrics_text"]
+__all__ = ["MAX_UPLOAD", "HttpPolicy", "make_app", "metrics_text"]
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-MAX_UPLOAD = 4 << 30  # bundles are model files: large, but not unbounded
+MAX_UPLOAD = 4 << 30  # bundles are model files: large, but not unbounded (the agent's default cap too)
 _SSE_MAX_ROWS = 2000  # above this many changed devices per tick, SSE says "refresh" instead of sending rows
+# Command kinds the API sends, and the scope each needs (deploy goes through deployments, which pick the bundle).
+_COMMAND_SCOPES = {"describe": "deploy", "benchmark": "deploy", "rollback": "deploy", "remove": "admin",
+                   "configure": "admin"}
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """Who may use the HTTP API, from where, and how much they may send (see the module docstring)."""
+
+    read_auth: Literal["local", "token", "open"] = "local"
+    allowed_hosts: tuple[str, ...] = ()
+    max_json_bytes: int = MAX_PAYLOAD
+    max_upload_bytes: int = MAX_UPLOAD
+    bind_host: str = "127.0.0.1"
+    public_url: str = ""
+    _hosts: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        if self.read_auth not in ("local", "token", "open"):
+            raise ValueError(f"read_auth must be local, token or open, got {self.read_auth!r}")
+        if not 1024 <= self.max_json_bytes <= 64 << 20:
+            raise ValueError(f"max_json_bytes must be in [1024, 64 MiB], got {self.max_json_bytes}")
+        if not 1 <= self.max_upload_bytes <= 1 << 50:
+            raise ValueError(f"max_upload_bytes must be in [1, 2^50], got {self.max_upload_bytes}")
+        hosts = {"localhost", *(h.lower() for h in self.allowed_hosts)}
+        if self.bind_host and self.bind_host not in ("0.0.0.0", "::", ""):
+            hosts.add(self.bind_host.lower().strip("[]"))
+        if self.public_url:
+            h = urlsplit(self.public_url).hostname
+            if h:
+                hosts.add(h.lower())
+        object.__setattr__(self, "_hosts", frozenset(hosts))
+
+    def host_allowed(self, host_header: str) -> bool:
+        """Whether a ``Host`` header names this server (an IP literal always does: it cannot be rebound)."""
+        try:
+            host = urlsplit(f"//{host_header}").hostname or ""
+        except ValueError:
+            return False
+        if not host:
+            return False
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            return host.lower() in self._hosts
+
 
 StoreKey = web.AppKey("store", Store)
 FleetKey = web.AppKey("fleet", str)
 DeployerKey = web.AppKey("deployer", Deployer)
 IngestKey = web.AppKey("ingest", Ingestor)
+CommanderKey = web.AppKey("commander", Commander)
+PolicyKey = web.AppKey("policy", HttpPolicy)
 HubKey: web.AppKey[_Hub] = web.AppKey("hub")
+_TOKEN: web.RequestKey[ApiToken | None] = web.RequestKey("token", ApiToken | None)  # type: ignore[arg-type]
 
 
 _encode = msgspec.json.Encoder().encode
@@ -70,19 +150,90 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=_encode(data), status=status, content_type="application/json")
 
 
-def _error(status: int, message: str) -> web.Response:
-    return _json(ApiError(error=message[:4000]), status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    resp = _json(ApiError(error=message.splitlines()[0][:4000] if message else "error"), status)
+    if headers:
+        resp.headers.update(headers)
+    return resp
 
 
 @web.middleware
 async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                   ) -> web.StreamResponse:
+    """Every failure as a JSON error: ours, aiohttp's own (404, 405, 413 ...) and unexpected ones (500)."""
     try:
         return await handler(request)
-    except (InputError, BundleError) as exc:
-        return _error(400 if isinstance(exc, InputError) else 422, str(exc).splitlines()[0])
+    except AuthError as exc:
+        return _error(exc.status, str(exc), {"WWW-Authenticate": 'Bearer realm="edgefleet"'}
+                      if exc.status == 401 else None)
+    except (InputError, ProtocolError) as exc:
+        return _error(400, str(exc))
+    except BundleError as exc:
+        return _error(422, str(exc))
     except EdgefleetError as exc:
-        return _error(400, str(exc).splitlines()[0])
+        return _error(400, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        why = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        return _error(exc.status, why or exc.reason, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers
+                      else None)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path[:200])
+        return _error(500, "internal error (logged by the controller)")
+
+
+def _needed_scope(request: web.Request) -> str | None:
+    """The token scope a request needs (None: none; reads are subject to the read policy)."""
+    path, method = request.path, request.method
+    if path == "/" or path.startswith("/static/") or path.startswith("/bundles/") or path == "/favicon.ico":
+        return None
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return "admin" if path == "/api/tokens" else "read"
+    return "deploy"  # every state change; a command's own kind may need more (api_send_command)
+
+
+def _is_loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address((request.remote or "").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                 ) -> web.StreamResponse:
+    """Host, Origin, token and scope checks, before a handler runs or a byte of the body is read."""
+    policy = request.app[PolicyKey]
+    if not policy.host_allowed(request.headers.get("Host", "")):
+        return _error(421, f"Host {request.headers.get('Host', '')[:80]!r} is not this controller (DNS rebinding "
+                           "guard: add it with --allowed-host)")
+    safe = request.method in ("GET", "HEAD", "OPTIONS")
+    if not safe:
+        origin = request.headers.get("Origin")
+        if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower()):
+            return _error(403, f"cross-origin request from {origin[:80]!r} refused")
+        if request.headers.get("Sec-Fetch-Site") == "cross-site":
+            return _error(403, "cross-site request refused")
+    needed = _needed_scope(request)
+    request[_TOKEN] = None
+    if needed is not None:
+        auth = request.headers.get("Authorization", "")
+        if auth:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() != "bearer" or not value:
+                raise AuthError("Authorization must be 'Bearer <token>'")
+            tok = await _run(authenticate, request.app[StoreKey], value, request.app[FleetKey])
+            if not allows(tok.scope, needed):
+                raise AuthError(f"token {tok.id} ({tok.scope}) may not do this: it needs the {needed} scope", 403)
+            request[_TOKEN] = tok
+        elif not (needed == "read" and (policy.read_auth == "open"
+                                        or (policy.read_auth == "local" and _is_loopback(request)))):
+            raise AuthError(f"this needs a token with the {needed} scope (Authorization: Bearer <token>; "
+                            "edgefleet fleet token create)")
+    return await handler(request)
 
 
 def _num(request: web.Request, key: str, default: float, lo: float = -math.inf, hi: float = math.inf) -> float:
@@ -209,8 +360,16 @@ async def api_deployment(request: web.Request) -> web.Response:
 
 
 async def _body(request: web.Request) -> bytes:
+    """A JSON request body: ``application/json`` only (415), at most ``max_json_bytes`` (413 before reading when
+    the length is declared, else cut off at the limit by aiohttp's ``client_max_size``)."""
     if request.content_type != "application/json":
-        raise InputError(f"request body must be application/json, got {request.content_type!r}")
+        raise web.HTTPUnsupportedMediaType(text=f"request body must be application/json, got "
+                                                f"{request.content_type[:60]!r}")
+    limit = request.app[PolicyKey].max_json_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
+                                            text=f"body of {request.content_length} bytes is over the {limit}-byte "
+                                                 "limit")
     return await request.read()
 
 
@@ -232,18 +391,25 @@ async def api_rollback(request: web.Request) -> web.Response:
 
 
 async def api_upload_bundle(request: web.Request) -> web.Response:
-    """Upload a bundle (raw body); it is verified with the controller's trusted keys before it is kept."""
+    """Upload a bundle (raw body, ``application/octet-stream``), streamed to disk and verified with the controller's
+    trusted keys before it is kept."""
     library = request.app[DeployerKey].library
-    if request.content_length is not None and request.content_length > MAX_UPLOAD:
-        return _error(413, f"bundle of {request.content_length} bytes is over the {MAX_UPLOAD}-byte limit")
+    limit = request.app[PolicyKey].max_upload_bytes
+    if request.content_type != "application/octet-stream":
+        raise web.HTTPUnsupportedMediaType(text=f"send the bundle as application/octet-stream, got "
+                                                f"{request.content_type[:60]!r}")
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, f"bundle of {request.content_length} bytes is over the {limit}-byte limit "
+                           "(fleet serve --max-upload)", {"Connection": "close"})
     fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".efb", dir=library.root)
     try:
         size = 0
         with os.fdopen(fd, "wb") as fh:
             async for chunk in request.content.iter_chunked(1 << 20):
                 size += len(chunk)
-                if size > MAX_UPLOAD:
-                    return _error(413, f"bundle is over the {MAX_UPLOAD}-byte limit")
+                if size > limit:
+                    return _error(413, f"bundle is over the {limit}-byte limit (fleet serve --max-upload)",
+                                  {"Connection": "close"})
                 fh.write(chunk)
         if size == 0:
             raise InputError("empty upload: send the bundle file as the request body")
@@ -251,6 +417,49 @@ async def api_upload_bundle(request: web.Request) -> web.Response:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return _json(BundleUploaded(**stored.to_dict(), url=f"/bundles/{bundle_filename(stored.sha256)}"), 201)
+
+
+def _command_status(store: Store, cmd_id: str) -> CommandStatus | None:
+    tc = store.tracked_command(cmd_id)
+    if tc is None:
+        return None
+    reply = store.reply(cmd_id) if tc.replied else None
+    state = "replied" if reply is not None else ("expired" if time.time() > tc.expires else "pending")
+    c = tc.command
+    return CommandStatus(id=c.id, device=tc.device, kind=c.kind, args=c.args, created=tc.created, expires=tc.expires,
+                         sent=tc.sent, sends=tc.sends, state=state, reply=reply)
+
+
+async def api_send_command(request: web.Request) -> web.Response:
+    """Send one command to one device (:class:`CommandRequest`); it is resent until answered or expired. 202 with
+    its :class:`CommandStatus`."""
+    device = check_id("device", request.match_info["device"])
+    req = CommandRequest.from_json(await _body(request))
+    tok = request[_TOKEN]
+    needed = _COMMAND_SCOPES[req.kind]
+    if tok is None or not allows(tok.scope, needed):
+        raise AuthError(f"a {req.kind} command needs the {needed} scope", 403)
+    store, commander = request.app[StoreKey], request.app[CommanderKey]
+    if await _run(store.device, request.app[FleetKey], device) is None:
+        return _error(404, f"no device {device!r} in fleet {request.app[FleetKey]!r}")
+    cmd = commander.new(req.kind, req.args)  # validates the args of this kind
+    await _run(commander.send, device, cmd)
+    return _json(await _run(_command_status, store, cmd.id), 202)
+
+
+async def api_command(request: web.Request) -> web.Response:
+    """A command sent through the API or by a rollout: its sends, state and reply."""
+    st = await _run(_command_status, request.app[StoreKey], request.match_info["id"][:64])
+    if st is None:
+        return _error(404, f"no command {request.match_info['id'][:64]!r}")
+    return _json(st)
+
+
+async def api_tokens(request: web.Request) -> web.Response:
+    """The API tokens (admin): names, scopes, expiry — never a secret."""
+    toks = await _run(request.app[StoreKey].tokens)
+    return _json(ApiTokenList(tokens=[ApiTokenInfo(id=t.id, name=t.name, scope=t.scope, fleet=t.fleet,  # type: ignore[arg-type]
+                                                   created=t.created, expires=t.expires) for t in toks]))
 
 
 async def bundle_file(request: web.Request) -> web.StreamResponse:
@@ -472,13 +681,17 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor) -> web.Application:
+def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor, commander: Commander,
+             policy: HttpPolicy | None = None) -> web.Application:
     """The aiohttp application of one controller."""
-    app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+    policy = policy or HttpPolicy()
+    app = web.Application(middlewares=[_errors, _guard], client_max_size=policy.max_json_bytes)
     app[StoreKey] = store
     app[FleetKey] = fleet
     app[DeployerKey] = deployer
     app[IngestKey] = ingest
+    app[CommanderKey] = commander
+    app[PolicyKey] = policy
     app[HubKey] = _Hub(store, fleet)
     app.cleanup_ctx.append(_hub_ctx)
     r = app.router
@@ -496,6 +709,9 @@ def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor) -> 
     r.add_get("/api/deployments/{id}", api_deployment)
     r.add_post("/api/deployments/{id}/rollback", api_rollback)
     r.add_post("/api/bundles", api_upload_bundle)
+    r.add_post("/api/devices/{device}/commands", api_send_command)
+    r.add_get("/api/commands/{id}", api_command)
+    r.add_get("/api/tokens", api_tokens)
     r.add_get("/api/stream", stream)
     r.add_get("/bundles/{name}", bundle_file)
     r.add_get("/metrics", metrics)

@@ -39,6 +39,7 @@ broker ACL's to decide (``edgefleet fleet enroll``; docs/operations.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import re
@@ -67,6 +68,8 @@ from edgefleet.sdk.protocol import (
     topic,
 )
 from edgefleet.sdk.protocol._model import prevalidated
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ._mqtt import make_client, parse_broker_url, session_properties, wait_connected
@@ -158,7 +161,7 @@ class Ingestor:
     """Subscribe, validate, batch, write, ack. ``start()`` returns once subscribed; ``stop()`` flushes."""
 
     def __init__(self, store: Store, *, broker: str, fleet: str, client_id: str, share_group: str = "edgefleet",
-                 batch_max: int = 500, session_expiry_s: int = 3600, receipts: bool = True,
+                 batch_max: int = 500, session_expiry_s: int = 60, receipts: bool = True,
                  receipt_interval_s: float = 0.5, max_future_skew_s: float = MAX_FUTURE_SKEW_S,
                  on_write: Callable[[WriteResult], None] | None = None) -> None:
         self.store = store
@@ -202,7 +205,21 @@ class Ingestor:
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False,
                                   properties=session_properties(self.session_expiry_s))
         self.client.loop_start()
-        wait_connected(self._subscribed, self.broker, timeout_s)
+        try:
+            wait_connected(self._subscribed, self.broker, timeout_s)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Stop at once and end the MQTT session on the broker (no share of the fleet's messages is kept for a
+        controller that is not running): for a start that failed."""
+        self._running.clear()
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0
+        with contextlib.suppress(Exception):
+            self.client.disconnect(properties=props)
+        self.client.loop_stop()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop taking messages, write and acknowledge those already queued, then disconnect.

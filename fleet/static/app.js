@@ -1,5 +1,9 @@
 // edgefleet dashboard: plain JS, no build step. Data from the controller's REST API, live updates over SSE.
 // The table renders one page of the sorted, filtered rows, so 10,000 devices cost one page of DOM, not 10,000 rows.
+// Reads need no token from the controller's own host (fleet serve --read-auth local, the default); elsewhere, or
+// with --read-auth token, the page asks for a read token once and keeps it in this tab only (sessionStorage), sent
+// as an Authorization header — never in a URL or a cookie. The live stream is read with fetch() for that reason
+// (EventSource cannot send headers).
 "use strict";
 
 const PAGE = 100;
@@ -36,7 +40,9 @@ function rows() {
   const f = state.filter.toLowerCase();
   let out = [];
   for (const d of state.devices.values()) {
-    const v = view(d);
+    let v;
+    try { v = view(d); } catch (err) { v = { device: String(d && d.device), online: 0, profile: "", serving: "",
+      bundle: "", p50: null, p95: null, p99: null, throughput: null, errors: null, last_seen: 0, more: 0 }; }
     if (f) {
       const hay = `${v.device} ${v.profile} ${v.serving} ${v.bundle} ${v.online ? "online" : "offline"}`.toLowerCase();
       if (!f.split(/\s+/).every((w) => hay.includes(w))) continue;
@@ -60,11 +66,17 @@ function render() {
   const pages = Math.max(1, Math.ceil(all.length / PAGE));
   state.page = Math.min(state.page, pages - 1);
   const slice = all.slice(state.page * PAGE, (state.page + 1) * PAGE);
-  const html = slice.map((v) => `<tr data-device="${esc(v.device)}" class="${v.device === state.selected ? "selected" : ""}${state.flash.has(v.device) ? " flash" : ""}">`
-    + `<td>${esc(v.device)}</td><td><span class="dot${v.online ? " online" : ""}" title="${v.online ? "online" : "offline"}"></span></td>`
-    + `<td>${esc(v.profile)}</td><td>${esc(v.serving)}</td><td>${esc(v.bundle)}${v.more ? ` <span class="muted">+${v.more}</span>` : ""}</td>`
-    + `<td class="num p50">${fmt(v.p50)}</td><td class="num p95">${fmt(v.p95)}</td><td class="num p99">${fmt(v.p99)}</td>`
-    + `<td class="num">${fmt(v.throughput, 1)}</td><td class="num">${v.errors ?? "–"}</td><td class="num">${ago(v.last_seen)}</td></tr>`).join("");
+  const html = slice.map((v) => {
+    try {  // one odd row shows as such; it never blanks the table
+      return `<tr data-device="${esc(v.device)}" class="${v.device === state.selected ? "selected" : ""}${state.flash.has(v.device) ? " flash" : ""}">`
+        + `<td>${esc(v.device)}</td><td><span class="dot${v.online ? " online" : ""}" title="${v.online ? "online" : "offline"}"></span></td>`
+        + `<td>${esc(v.profile)}</td><td>${esc(v.serving)}</td><td>${esc(v.bundle)}${v.more ? ` <span class="muted">+${v.more}</span>` : ""}</td>`
+        + `<td class="num p50">${fmt(v.p50)}</td><td class="num p95">${fmt(v.p95)}</td><td class="num p99">${fmt(v.p99)}</td>`
+        + `<td class="num">${fmt(v.throughput, 1)}</td><td class="num">${esc(v.errors ?? "–")}</td><td class="num">${ago(v.last_seen)}</td></tr>`;
+    } catch (err) {
+      return `<tr data-device="${esc(v.device)}"><td>${esc(v.device)}</td><td colspan="10" class="muted">unreadable row</td></tr>`;
+    }
+  }).join("");
   $("#devices tbody").innerHTML = html;
   state.flash.clear();
   const online = [...state.devices.values()].filter((d) => d.state === "online").length;
@@ -82,8 +94,40 @@ function queueRender() {
   if (!state.renderQueued) { state.renderQueued = true; requestAnimationFrame(render); }
 }
 
+// -- API token --------------------------------------------------------------------------------------------------------
+let token = sessionStorage.getItem("edgefleet-token") || "";
+let asking = null;
+function authHeaders() { return token ? { Authorization: `Bearer ${token}` } : {}; }
+function askToken(why) {
+  // One prompt for every request that was refused at once; resolves when a token is entered.
+  if (asking) return asking;
+  asking = new Promise((resolve) => {
+    const form = $("#auth");
+    $("#auth-why").textContent = why;
+    form.hidden = false;
+    form.onsubmit = (e) => {
+      e.preventDefault();
+      token = $("#auth-token").value.trim();
+      sessionStorage.setItem("edgefleet-token", token);
+      form.hidden = true;
+      asking = null;
+      resolve();
+    };
+  });
+  return asking;
+}
+async function apiFetch(url) {
+  for (let i = 0; i < 5; i++) {
+    const r = await fetch(url, { headers: authHeaders() });
+    if (r.status !== 401 && r.status !== 403) return r;
+    let why = `${r.status}`;
+    try { why = (await r.json()).error; } catch (e) { /* not JSON */ }
+    await askToken(why);
+  }
+  throw new Error(`${url}: no valid token`);
+}
 async function getJSON(url) {
-  const r = await fetch(url);
+  const r = await apiFetch(url);
   if (!r.ok) throw new Error(`${url}: ${r.status}`);
   return r.json();
 }
@@ -171,26 +215,59 @@ function addEvents(evs) {
 }
 
 // -- live updates ----------------------------------------------------------------------------------------------------
-function connect() {
-  const es = new EventSource("/api/stream");
-  es.onopen = () => { $("#live").textContent = "live"; $("#live").className = "pill on"; };
-  es.onerror = () => { $("#live").textContent = "reconnecting"; $("#live").className = "pill off"; };
-  es.addEventListener("devices", (ev) => {
-    const data = JSON.parse(ev.data);
-    for (const d of data.devices) {
-      const old = state.devices.get(d.device);
-      if (!old || old.telemetry_ts !== d.telemetry_ts || old.state !== d.state) state.flash.add(d.device);
-      state.devices.set(d.device, d);
-      appendPoint(d);
+// Server-sent events read with fetch(): it can send the Authorization header. Each event is handled on its own, and
+// each device row within it: one bad value costs that row, never the stream (issue 18).
+const handlers = {
+  devices(data) {
+    for (const d of data.devices || []) {
+      try {
+        const old = state.devices.get(d.device);
+        if (!old || old.telemetry_ts !== d.telemetry_ts || old.state !== d.state) state.flash.add(d.device);
+        state.devices.set(d.device, d);
+        appendPoint(d);
+      } catch (err) { console.warn("live update of one device skipped", err); }
     }
     queueRender();
-  });
-  es.addEventListener("refresh", () => {
+  },
+  refresh() {
     // Too many changes to stream row by row (a large fleet): refetch, at most every 5 s.
     if (Date.now() - state.lastRefresh > 5000) { state.lastRefresh = Date.now(); loadDevices(); }
-  });
-  es.addEventListener("deployments", (ev) => renderDeployments(JSON.parse(ev.data).deployments));
-  es.addEventListener("events", (ev) => addEvents(JSON.parse(ev.data).events));
+  },
+  deployments(data) { renderDeployments(data.deployments); },
+  events(data) { addEvents(data.events); },
+};
+function handleBlock(block) {
+  let kind = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event:")) kind = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+  }
+  if (!data.length || !handlers[kind]) return;
+  try { handlers[kind](JSON.parse(data.join("\n"))); } catch (err) { console.warn(`live ${kind} event skipped`, err); }
+}
+function setLive(on) { $("#live").textContent = on ? "live" : "reconnecting"; $("#live").className = on ? "pill on" : "pill off"; }
+async function connect() {
+  for (;;) {
+    try {
+      const r = await apiFetch("/api/stream");
+      if (!r.ok || !r.body) throw new Error(`stream: ${r.status}`);
+      setLive(true);
+      const reader = r.body.getReader();
+      const dec = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) { handleBlock(buf.slice(0, i)); buf = buf.slice(i + 2); }
+        if (buf.length > (8 << 20)) buf = "";  // a runaway event: drop it, keep the stream
+      }
+    } catch (err) { console.warn("live stream", err); }
+    setLive(false);
+    await new Promise((res) => setTimeout(res, 2000));
+  }
 }
 
 // -- wiring ----------------------------------------------------------------------------------------------------------

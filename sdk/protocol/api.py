@@ -14,6 +14,7 @@ from . import _limits as L
 from ._model import Model
 from .messages import (
     Boot,
+    CommandKind,
     Count,
     Description,
     FreeForm,
@@ -26,6 +27,7 @@ from .messages import (
     Name,
     ProcessStats,
     Providers,
+    Reply,
     Seq,
     Sha256,
     Sketch,
@@ -40,9 +42,13 @@ __all__ = [
     "RUNNING_STATES",
     "TERMINAL_STATES",
     "ApiError",
+    "ApiTokenInfo",
+    "ApiTokenList",
     "BundleInfo",
     "BundleUploaded",
     "CanaryVerdict",
+    "CommandRequest",
+    "CommandStatus",
     "Deployment",
     "DeploymentDecision",
     "DeploymentList",
@@ -367,3 +373,46 @@ class ApiError(Model, frozen=True, kw_only=True, omit_defaults=False):
 
     error: Text
 
+
+
+# -- commands and tokens --------------------------------------------------------------------------------------------
+
+class CommandRequest(Model, frozen=True, kw_only=True):
+    """``POST /api/devices/{id}/commands``: one command for one device (``deploy`` goes through deployments)."""
+
+    _what: ClassVar[str] = "request"
+
+    kind: Literal["rollback", "remove", "benchmark", "describe", "configure"]
+    args: FreeForm = {}
+
+
+class CommandStatus(Model, frozen=True, kw_only=True, omit_defaults=False):
+    """A command the controller sent, is resending until answered or expired, and its reply once there is one."""
+
+    id: Id
+    device: Id
+    kind: CommandKind
+    args: FreeForm
+    created: Seconds
+    expires: Seconds
+    sent: Seconds
+    sends: Annotated[int, Meta(ge=0, le=L.INT64_MAX)]
+    state: Literal["pending", "replied", "expired"]
+    reply: Reply | None = None
+
+
+class ApiTokenInfo(Model, frozen=True, kw_only=True, omit_defaults=False):
+    """An API token without its secret (``GET /api/tokens``)."""
+
+    id: Annotated[str, Meta(pattern=r"^[0-9a-f]{12}$")]
+    name: Annotated[str, Meta(max_length=L.MAX_NAME)]
+    scope: Literal["read", "deploy", "admin"]
+    fleet: Annotated[str, Meta(max_length=64)]
+    created: Seconds
+    expires: Seconds
+
+
+class ApiTokenList(Model, frozen=True, kw_only=True, omit_defaults=False):
+    """``GET /api/tokens`` (admin)."""
+
+    tokens: list[ApiTokenInfo]

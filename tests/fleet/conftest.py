@@ -57,9 +57,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def controller_factory(mosquitto, tmp_path: Path, fleet_id: str, trust_file: Path, key_file: Path,
-                       store_url: str) -> Iterator[ControllerFactory]:
+                       store_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ControllerFactory]:
     """Start controllers (HTTP on a free port) for this test's fleet, sharing this test's store; all are stopped at
-    the end."""
+    the end. Each gets an admin API token in ``.token``, also set as $EDGEFLEET_TOKEN for the CLI (tests/hardening
+    tests the auth)."""
+    from edgefleet.fleet.auth import issue_token
+
     started: list[Controller] = []
 
     def factory(name: str = "ctl", **kw: Any) -> Controller:
@@ -69,6 +72,8 @@ def controller_factory(mosquitto, tmp_path: Path, fleet_id: str, trust_file: Pat
         c = Controller(cfg)
         c.start()
         started.append(c)
+        c.token = issue_token(c.store, f"test {name}", "admin").token  # type: ignore[attr-defined]
+        monkeypatch.setenv("EDGEFLEET_TOKEN", c.token)  # type: ignore[attr-defined]
         return c
 
     yield factory

@@ -116,11 +116,13 @@ def test_dashboard_shows_deployment_progress_and_a_halted_canary(controller_fact
         page.wait_for_selector("body[data-ready='1']", timeout=10_000)
         time.sleep(1.0)  # baseline on 1.0.0
         data = make_bundle(mlp_model, version="2.0.0").read_bytes()
-        up = urllib.request.Request(f"{ctl.url}/api/bundles", data=data, method="POST")
+        auth = {"Authorization": f"Bearer {ctl.token}"}
+        up = urllib.request.Request(f"{ctl.url}/api/bundles", data=data, method="POST",
+                                    headers={**auth, "Content-Type": "application/octet-stream"})
         sha = json.loads(urllib.request.urlopen(up).read())["sha256"]
         body = json.dumps({"bundles": [sha], "to": ["all"], "canary": 25, "observe_s": 1, "min_samples": 50}).encode()
         req = urllib.request.Request(f"{ctl.url}/api/deployments", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={**auth, "Content-Type": "application/json"})
         dep = json.loads(urllib.request.urlopen(req).read())
         # The panel follows the rollout live (SSE) until the canary is halted and rolled back.
         page.wait_for_selector(f".dep[data-id='{dep['id']}'] .state.halted", timeout=30_000)

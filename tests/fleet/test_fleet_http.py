@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import time
 import urllib.error
@@ -29,7 +30,9 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, di
 
 
 def post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    """POST with the test controller's admin token (conftest sets $EDGEFLEET_TOKEN)."""
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": content_type, "Authorization": f"Bearer {os.environ['EDGEFLEET_TOKEN']}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
