@@ -175,7 +175,10 @@ class Controller:
         publish_command(self.ingest.client, self.config.fleet, device, cmd)
 
     async def _start_http(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # lingering_time: after refusing a body (401, 413 ...) the server reads and discards what the client still
+        # sends for at most 2 s, so it gets the answer rather than a reset, then closes (aiohttp's default is 10 s).
+        # Header limits: aiohttp's (8 KiB lines, 32 KiB fields, 128 headers).
+        self._runner = web.AppRunner(self.app, access_log=None, lingering_time=2.0, keepalive_timeout=75.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http_host, self.config.http_port, ssl_context=self.ssl_context)
         try:

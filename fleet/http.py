@@ -68,6 +68,7 @@ from edgefleet.sdk.protocol import (
     WindowList,
     check_id,
 )
+from edgefleet.sdk.protocol._model import prevalidated
 from edgefleet.sdk.sketch import DDSketch
 
 from .auth import AuthError, allows, authenticate
@@ -150,10 +151,14 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=_encode(data), status=status, content_type="application/json")
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def _error(status: int, message: str, headers: dict[str, str] | None = None, *, close: bool = False) -> web.Response:
+    """A JSON error; ``close``: and close the connection after it, so a body nobody will read is not drained (an
+    unauthenticated or oversized upload costs the sender's bandwidth, not ours)."""
     resp = _json(ApiError(error=message.splitlines()[0][:4000] if message else "error"), status)
     if headers:
         resp.headers.update(headers)
+    if close:
+        resp.force_close()
     return resp
 
 
@@ -165,7 +170,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         return await handler(request)
     except AuthError as exc:
         return _error(exc.status, str(exc), {"WWW-Authenticate": 'Bearer realm="edgefleet"'}
-                      if exc.status == 401 else None)
+                      if exc.status == 401 else None, close=request.body_exists)
     except (InputError, ProtocolError) as exc:
         return _error(400, str(exc))
     except BundleError as exc:
@@ -177,7 +182,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
             raise
         why = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         return _error(exc.status, why or exc.reason, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers
-                      else None)
+                      else None, close=exc.status in (413, 415) and request.body_exists)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -209,14 +214,14 @@ async def _guard(request: web.Request, handler: Callable[[web.Request], Awaitabl
     policy = request.app[PolicyKey]
     if not policy.host_allowed(request.headers.get("Host", "")):
         return _error(421, f"Host {request.headers.get('Host', '')[:80]!r} is not this controller (DNS rebinding "
-                           "guard: add it with --allowed-host)")
+                           "guard: add it with --allowed-host)", close=True)
     safe = request.method in ("GET", "HEAD", "OPTIONS")
     if not safe:
         origin = request.headers.get("Origin")
         if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower()):
-            return _error(403, f"cross-origin request from {origin[:80]!r} refused")
+            return _error(403, f"cross-origin request from {origin[:80]!r} refused", close=True)
         if request.headers.get("Sec-Fetch-Site") == "cross-site":
-            return _error(403, "cross-site request refused")
+            return _error(403, "cross-site request refused", close=True)
     needed = _needed_scope(request)
     request[_TOKEN] = None
     if needed is not None:
@@ -287,7 +292,8 @@ async def api_devices(request: web.Request) -> web.Response:
     store, fleet = request.app[StoreKey], request.app[FleetKey]
     if request.query.get("full") in ("1", "true"):
         rows = await _run(store.devices, fleet, since)
-        return _json(DeviceList(fleet=fleet, now=now, total=len(rows), devices=rows))
+        with prevalidated():  # rows the store read (validated when they came in): not validated again
+            return _json(DeviceList(fleet=fleet, now=now, total=len(rows), devices=rows))
     limit = int(_num(request, "limit", -1, 1, 1e9)) if "limit" in request.query else None
     total, rows = await _run(store.devices_json, fleet, since, limit)
     # The rows arrive as JSON text from the store: splice them in rather than decode and re-encode 10,000 rows.
@@ -314,7 +320,8 @@ async def api_telemetry(request: web.Request) -> web.Response:
     device = request.match_info.get("device") or request.query.get("device")
     rows = await _run(request.app[StoreKey].windows, request.app[FleetKey], device, since, until,
                       request.query.get("name"), request.query.get("version"), limit)
-    return _json(WindowList(since=since, until=None if math.isinf(until) else until, windows=rows))
+    with prevalidated():
+        return _json(WindowList(since=since, until=None if math.isinf(until) else until, windows=rows))
 
 
 async def api_versions(request: web.Request) -> web.Response:
@@ -329,7 +336,8 @@ async def api_events(request: web.Request) -> web.Response:
     since = _num(request, "since", 0.0, 0.0)
     rows = await _run(request.app[StoreKey].events, request.app[FleetKey], request.query.get("device"), since,
                       int(_num(request, "limit", 200, 1, 5000)))
-    return _json(EventList(events=rows))
+    with prevalidated():
+        return _json(EventList(events=rows))
 
 
 async def api_ingest(request: web.Request) -> web.Response:
@@ -347,8 +355,9 @@ async def api_ingest(request: web.Request) -> web.Response:
 async def api_deployments(request: web.Request) -> web.Response:
     """Deployments, newest first."""
     limit = int(_num(request, "limit", 100, 1, 10_000))
-    return _json(DeploymentList(deployments=await _run(request.app[StoreKey].deployments, request.app[FleetKey],
-                                                        limit)))
+    deps = await _run(request.app[StoreKey].deployments, request.app[FleetKey], limit)
+    with prevalidated():
+        return _json(DeploymentList(deployments=deps))
 
 
 async def api_deployment(request: web.Request) -> web.Response:
@@ -400,7 +409,7 @@ async def api_upload_bundle(request: web.Request) -> web.Response:
                                                 f"{request.content_type[:60]!r}")
     if request.content_length is not None and request.content_length > limit:
         return _error(413, f"bundle of {request.content_length} bytes is over the {limit}-byte limit "
-                           "(fleet serve --max-upload)", {"Connection": "close"})
+                           "(fleet serve --max-upload)", close=True)
     fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".efb", dir=library.root)
     try:
         size = 0
@@ -409,7 +418,7 @@ async def api_upload_bundle(request: web.Request) -> web.Response:
                 size += len(chunk)
                 if size > limit:
                     return _error(413, f"bundle is over the {limit}-byte limit (fleet serve --max-upload)",
-                                  {"Connection": "close"})
+                                  close=True)
                 fh.write(chunk)
         if size == 0:
             raise InputError("empty upload: send the bundle file as the request body")
@@ -624,7 +633,8 @@ class _Hub:
                 sig = json.dumps([(d.id, d.state, d.progress, d.updated) for d in deps])
                 if sig != dep_sig:
                     dep_sig = sig
-                    self._send("deployments", _encode(DeploymentList(deployments=deps)).decode())
+                    with prevalidated():
+                        self._send("deployments", _encode(DeploymentList(deployments=deps)).decode())
                 # Same 2 s overlap as for devices (another controller may commit a little late); what was already
                 # sent is skipped by its key.
                 evs = await _run(self.store.events, self.fleet, None, ev_since - 2.0, 200)
@@ -634,7 +644,8 @@ class _Hub:
                     sent_events.update({(e.device, e.boot, e.seq): e.received for e in fresh})
                     # Only keys inside the overlap can come again: forget the rest.
                     sent_events = {k: r for k, r in sent_events.items() if r >= ev_since - 2.0}
-                    self._send("events", _encode(EventList(events=fresh)).decode())
+                    with prevalidated():
+                        self._send("events", _encode(EventList(events=fresh)).decode())
             except Exception:
                 log.exception("live update poll failed")
 

@@ -7,17 +7,23 @@ updated in the same transaction as the rows they derive from and only for rows t
 * ``devices.summary``: each device's latest window per model (p50/p95/p99, throughput, errors, providers);
 * ``version_minutes``: one merged latency sketch per (model, version, minute) (:class:`SketchSum`, saturating), so
   fleet-wide percentiles per version come from merged sketches without reading every device's windows.
+
+Reads never fail on a stored value: a row this version cannot read (written by an older or broken controller, or
+by hand; out of today's ranges, not even JSON) is left out of a list, or shows its readable parts, and is logged
+once per table — the rest of the fleet is always answered (issue 18: one record made /metrics and /api/devices
+answer 500).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from edgefleet.sdk.errors import ConfigError, ProtocolError
@@ -55,6 +61,29 @@ from .base import (
 )
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
+
+log = logging.getLogger(__name__)
+_UNREADABLE = (ProtocolError, msgspec.DecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+               OverflowError)
+_warned: set[str] = set()
+T = TypeVar("T")
+
+
+def _unreadable(what: str, exc: BaseException) -> None:
+    """Log a stored value this version cannot read, once per kind of value."""
+    if what not in _warned and len(_warned) < 1000:
+        _warned.add(what)
+        log.warning("a stored %s cannot be read by this version and is left out (%s); further ones are not logged",
+                    what, str(exc)[:300])
+
+
+def _or(default: T, what: str, fn: Callable[[], T]) -> T:
+    """``fn()``, or ``default`` when the stored value it reads is unreadable."""
+    try:
+        return fn()
+    except _UNREADABLE as exc:
+        _unreadable(what, exc)
+        return default
 
 # Each migration runs once, in order, in its own transaction; the applied versions are in schema_migrations.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -335,14 +364,17 @@ class SQLiteStore(Store):
     @staticmethod
     def _device_row(r: sqlite3.Row, full: bool) -> DeviceRow:
         # Rows hold what ingest validated: decode them without validating every field again.
+        # A part that does not read is shown empty: the device is still listed.
         with prevalidated():
             return DeviceRow(
                 device=r["device"], state=r["state"], boot=r["boot"], profile=r["profile"],
-                tags=_strings_dec.decode(r["tags"]), last_seen=r["last_seen"],
-                models=_summary_dec.decode(r["summary"]), telemetry_ts=r["summary_ts"],
-                process=_process_dec.decode(r["process"]), updated=r["updated"],
-                status_ts=r["status_ts"] if full else None,
-                description=_desc_dec.decode(r["description"]) if full and r["description"] != "{}" else None)
+                tags=_or([], "devices.tags", lambda: _strings_dec.decode(r["tags"])), last_seen=r["last_seen"],
+                models=_or([], "devices.summary", lambda: _summary_dec.decode(r["summary"])),
+                telemetry_ts=r["summary_ts"],
+                process=_or(ProcessStats(), "devices.process", lambda: _process_dec.decode(r["process"])),
+                updated=r["updated"], status_ts=r["status_ts"] if full else None,
+                description=_or(None, "devices.description", lambda: _desc_dec.decode(r["description"]))
+                if full and r["description"] != "{}" else None)
 
     def devices(self, fleet: str, changed_since: float = 0.0, full: bool = True) -> list[DeviceRow]:
         """Every known device (or those changed after ``changed_since``, controller clock), sorted by id."""
@@ -392,10 +424,13 @@ class SQLiteStore(Store):
         out = []
         for r in rows:
             d = dict(r)
-            d["providers"] = _strings_dec.decode(d["providers"])
-            if with_sketch:
-                d["sketch"] = _any_dec.decode(d["sketch"])
-            out.append(TelemetryWindow.from_dict(d))
+            try:
+                d["providers"] = _strings_dec.decode(d["providers"])
+                if with_sketch:
+                    d["sketch"] = _any_dec.decode(d["sketch"])
+                out.append(TelemetryWindow.from_dict(d))
+            except _UNREADABLE as exc:
+                _unreadable("telemetry window", exc)
         return out
 
     def version_stats(self, fleet: str, since: float, until: float = math.inf) -> list[VersionSketch]:
@@ -404,13 +439,23 @@ class SQLiteStore(Store):
         acc: dict[tuple[str, str], list[Any]] = {}
         for r in self._conn().execute("SELECT name, version, count, errors, sketch FROM version_minutes WHERE fleet=? "
                                       "AND minute>=? AND minute<=?", (fleet, int(since // 60), hi)):
-            d = _any_dec.decode(r["sketch"])
-            a = acc.setdefault((r["name"], r["version"]), [0, 0, SketchSum(d["alpha"])])
-            a[0] = saturating_add(a[0], r["count"])
-            a[1] = saturating_add(a[1], r["errors"])
-            a[2].add(d)
-        return [VersionSketch(name=n, version=v, count=a[0], errors=a[1], sketch=a[2].to_ddsketch())
-                for (n, v), a in sorted(acc.items())]
+            try:
+                d = _any_dec.decode(r["sketch"])
+                a = acc.setdefault((r["name"], r["version"]), [0, 0, SketchSum(d["alpha"])])
+                probe = SketchSum(a[2].alpha)
+                probe.add(d)  # a minute that does not merge is left out whole, before it touches the sum
+                a[2].add(d)
+                a[0] = saturating_add(a[0], int(r["count"]))
+                a[1] = saturating_add(a[1], int(r["errors"]))
+            except _UNREADABLE as exc:
+                _unreadable("per-minute version sketch", exc)
+        out = []
+        for (n, v), a in sorted(acc.items()):
+            try:
+                out.append(VersionSketch(name=n, version=v, count=a[0], errors=a[1], sketch=a[2].to_ddsketch()))
+            except _UNREADABLE as exc:
+                _unreadable("per-minute version sketch", exc)
+        return out
 
     def prune(self, fleet: str, before: float, chunk: int = 5000) -> dict[str, int]:
         """Delete telemetry, windows, minute sketches, events and replies older than ``before``; counts per table.
@@ -471,12 +516,18 @@ class SQLiteStore(Store):
         rows = self._conn().execute("SELECT * FROM (SELECT device, boot, seq, ts, received, kind, level, message, "
                                     f"data FROM events WHERE {where} ORDER BY received DESC LIMIT ?) ORDER BY received",
                                     (*args, limit)).fetchall()
-        return [EventRow.from_dict({**dict(r), "data": _any_dec.decode(r["data"])}) for r in rows]
+        out = []
+        for r in rows:
+            try:
+                out.append(EventRow.from_dict({**dict(r), "data": _any_dec.decode(r["data"])}))
+            except _UNREADABLE as exc:
+                _unreadable("event", exc)
+        return out
 
     def reply(self, cmd_id: str) -> Reply | None:
         """The stored reply to a command, or None."""
         r = self._conn().execute("SELECT body FROM replies WHERE cmd_id=?", (cmd_id,)).fetchone()
-        return Reply.from_json(r["body"]) if r else None
+        return _or(None, "reply", lambda: Reply.from_json(r["body"])) if r else None
 
     # commands ------------------------------------------------------------------------------------------------------
     def add_command(self, fleet: str, device: str, cmd: Command, sent: float) -> None:
@@ -640,7 +691,10 @@ class SQLiteStore(Store):
                            (fleet, limit)).fetchall():
             progress = {s: n for s, n in c.execute(
                 "SELECT state, count(*) FROM deployment_targets WHERE deployment_id=? GROUP BY state", (r["id"],))}
-            out.append(self._deployment(r, progress))
+            try:
+                out.append(self._deployment(r, progress))
+            except _UNREADABLE as exc:
+                _unreadable("deployment", exc)
         return out
 
     def deployment(self, dep_id: str) -> Deployment | None:
