@@ -46,6 +46,7 @@ from edgefleet.sdk.errors import ConfigError
 from edgefleet.sdk.protocol import (
     RUNNING_STATES,
     BundleInfo,
+    Command,
     Deployment,
     DeploymentDecision,
     DeploymentTarget,
@@ -64,7 +65,17 @@ from edgefleet.sdk.sketch import SketchSum, saturating_add
 
 from ..rollout import TargetMove, advances, target_moves
 from ._derive import Derived, derive, json_text, merge_minute
-from .base import Batch, Store, VersionSketch, VersionTotal, WriteResult, check_target_fields
+from ._read import UNREADABLE, or_default, unreadable
+from .base import (
+    ApiToken,
+    Batch,
+    Store,
+    TrackedCommand,
+    VersionSketch,
+    VersionTotal,
+    WriteResult,
+    check_target_fields,
+)
 
 try:  # the `postgres` extra; SQLite, the default, needs none of it
     import psycopg
@@ -135,6 +146,18 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             PRIMARY KEY (deployment_id, device));
         CREATE INDEX targets_cmd ON deployment_targets (cmd_id) WHERE cmd_id <> '';
         CREATE INDEX targets_rollback_cmd ON deployment_targets (rollback_cmd_id) WHERE rollback_cmd_id <> '';
+    """),
+    # Every command a controller sends, until answered or expired (fleet/commands.py); API tokens (fleet/auth.py:
+    # the public id and a SHA-256 of the secret, never the secret).
+    (2, "tracked commands and API tokens", """
+        CREATE TABLE commands (
+            id text PRIMARY KEY, fleet text NOT NULL, device text NOT NULL, kind text NOT NULL, body text NOT NULL,
+            created double precision NOT NULL, expires double precision NOT NULL, sent double precision NOT NULL,
+            sends bigint NOT NULL DEFAULT 1);
+        CREATE INDEX commands_expires ON commands (fleet, expires);
+        CREATE TABLE api_tokens (
+            id text PRIMARY KEY, name text NOT NULL, scope text NOT NULL, fleet text NOT NULL,
+            created double precision NOT NULL, expires double precision NOT NULL, secret_hash text NOT NULL);
     """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -430,14 +453,17 @@ class PostgresStore(Store):
     @staticmethod
     def _device_row(r: Mapping[str, Any], full: bool) -> DeviceRow:
         # Rows hold what ingest validated: decode them without validating every field again.
+        # A part that does not read is shown empty: the device is still listed (_read.py).
         with prevalidated():
             return DeviceRow(
                 device=r["device"], state=r["state"], boot=r["boot"], profile=r["profile"],
-                tags=_strings_dec.decode(r["tags"]), last_seen=r["last_seen"],
-                models=_summary_dec.decode(r["summary"]), telemetry_ts=r["summary_ts"],
-                process=_process_dec.decode(r["process"]), updated=r["updated"],
-                status_ts=r["status_ts"] if full else None,
-                description=_desc_dec.decode(r["description"]) if full and r["description"] != "{}" else None)
+                tags=or_default([], "devices.tags", lambda: _strings_dec.decode(r["tags"])), last_seen=r["last_seen"],
+                models=or_default([], "devices.summary", lambda: _summary_dec.decode(r["summary"])),
+                telemetry_ts=r["summary_ts"],
+                process=or_default(ProcessStats(), "devices.process", lambda: _process_dec.decode(r["process"])),
+                updated=r["updated"], status_ts=r["status_ts"] if full else None,
+                description=or_default(None, "devices.description", lambda: _desc_dec.decode(r["description"]))
+                if full and r["description"] != "{}" else None)
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._tx() as conn:
@@ -484,10 +510,13 @@ class PostgresStore(Store):
                           "ORDER BY ts DESC LIMIT %s) w ORDER BY ts", (*args, limit))
         out = []
         for d in rows:
-            d["providers"] = _strings_dec.decode(d["providers"])
-            if with_sketch:
-                d["sketch"] = _any_dec.decode(d["sketch"])
-            out.append(TelemetryWindow.from_dict(d))
+            try:
+                d["providers"] = _strings_dec.decode(d["providers"])
+                if with_sketch:
+                    d["sketch"] = _any_dec.decode(d["sketch"])
+                out.append(TelemetryWindow.from_dict(d))
+            except UNREADABLE as exc:
+                unreadable("telemetry window", exc)
         return out
 
     def version_stats(self, fleet: str, since: float, until: float = math.inf) -> list[VersionSketch]:
@@ -499,13 +528,22 @@ class PostgresStore(Store):
                                 "AND minute>=%s AND minute<=%s AND sketch <> ''",
                                 (fleet, int(since // 60), hi)).fetchall()
         for name, version, count, errors, sketch in rows:
-            d = _any_dec.decode(sketch)
-            a = acc.setdefault((name, version), [0, 0, SketchSum(d["alpha"])])
-            a[0] = saturating_add(a[0], count)
-            a[1] = saturating_add(a[1], errors)
-            a[2].add(d)
-        return [VersionSketch(name=n, version=v, count=a[0], errors=a[1], sketch=a[2].to_ddsketch())
-                for (n, v), a in sorted(acc.items())]
+            try:
+                d = _any_dec.decode(sketch)
+                a = acc.setdefault((name, version), [0, 0, SketchSum(d["alpha"])])
+                SketchSum(a[2].alpha).add(d)  # a minute that does not merge is left out whole, before it counts
+                a[2].add(d)
+                a[0] = saturating_add(a[0], int(count))
+                a[1] = saturating_add(a[1], int(errors))
+            except UNREADABLE as exc:
+                unreadable("per-minute version sketch", exc)
+        out = []
+        for (n, v), a in sorted(acc.items()):
+            try:
+                out.append(VersionSketch(name=n, version=v, count=a[0], errors=a[1], sketch=a[2].to_ddsketch()))
+            except UNREADABLE as exc:
+                unreadable("per-minute version sketch", exc)
+        return out
 
     def version_totals(self, fleet: str) -> list[VersionTotal]:
         """Per (model, version), over all time: requests, errors and latency sum, summed as floats (cannot
@@ -535,12 +573,85 @@ class PostgresStore(Store):
         rows = self._rows("SELECT * FROM (SELECT device, boot, seq, ts, received, kind, level, message, data "
                           f"FROM events WHERE {where} ORDER BY received DESC LIMIT %s) e ORDER BY received",
                           (*args, limit))
-        return [EventRow.from_dict({**r, "data": _any_dec.decode(r["data"])}) for r in rows]
+        out = []
+        for r in rows:
+            try:
+                out.append(EventRow.from_dict({**r, "data": _any_dec.decode(r["data"])}))
+            except UNREADABLE as exc:
+                unreadable("event", exc)
+        return out
 
     def reply(self, cmd_id: str) -> Reply | None:
         """The stored reply to a command, or None."""
         rows = self._rows("SELECT body FROM replies WHERE cmd_id=%s", (cmd_id,))
-        return Reply.from_json(rows[0]["body"]) if rows else None
+        return or_default(None, "reply", lambda: Reply.from_json(rows[0]["body"])) if rows else None
+
+    # commands ------------------------------------------------------------------------------------------------------
+    def add_command(self, fleet: str, device: str, cmd: Command, sent: float) -> None:
+        """Track a command just sent (idempotent by id)."""
+        if cmd.expires is None:
+            raise ValueError(f"command {cmd.id} has no expiry: a tracked command must end")
+        with self._tx() as conn:
+            conn.execute("INSERT INTO commands (id, fleet, device, kind, body, created, expires, sent) "
+                         "VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                         (cmd.id, fleet, device, cmd.kind, json_text(cmd), cmd.ts, cmd.expires, sent))
+
+    @staticmethod
+    def _tracked(r: Mapping[str, Any]) -> TrackedCommand:
+        return TrackedCommand(device=r["device"], command=Command.from_json(r["body"]), created=r["created"],
+                              expires=r["expires"], sent=r["sent"], sends=int(r["sends"]),
+                              replied=bool(r["replied"]))
+
+    def commands_due(self, fleet: str, now: float, grace_s: float, limit: int = 500) -> list[TrackedCommand]:
+        """Unanswered, unexpired commands whose device came online after they last went out (and long enough
+        ago)."""
+        rows = self._rows(
+            "SELECT c.*, false AS replied FROM commands c JOIN devices d ON d.fleet = c.fleet AND d.device = c.device "
+            "WHERE c.fleet=%s AND c.expires>%s AND d.state='online' AND d.status_ts>c.sent AND d.status_ts<%s "
+            "AND NOT EXISTS (SELECT 1 FROM replies r WHERE r.cmd_id = c.id) ORDER BY c.created LIMIT %s",
+            (fleet, now, now - grace_s, limit))
+        out = []
+        for r in rows:
+            try:
+                out.append(self._tracked(r))
+            except UNREADABLE as exc:  # a row this version cannot read is never resent, and never blocks
+                unreadable("tracked command", exc)
+        return out
+
+    def claim_resend(self, cmd_id: str, last_sent: float, now: float) -> bool:
+        """Mark a command sent again unless another controller did since ``last_sent``."""
+        with self._tx() as conn:
+            return conn.execute("UPDATE commands SET sent=%s, sends=sends+1 WHERE id=%s AND sent=%s",
+                                (now, cmd_id, last_sent)).rowcount == 1
+
+    def tracked_command(self, cmd_id: str) -> TrackedCommand | None:
+        """One tracked command, or None."""
+        rows = self._rows("SELECT c.*, EXISTS (SELECT 1 FROM replies r WHERE r.cmd_id = c.id) AS replied "
+                          "FROM commands c WHERE c.id=%s", (cmd_id,))
+        return self._tracked(rows[0]) if rows else None
+
+    # API tokens ----------------------------------------------------------------------------------------------------
+    def add_token(self, token: ApiToken) -> None:
+        """Store a new token (hash only)."""
+        with self._tx() as conn:
+            conn.execute("INSERT INTO api_tokens VALUES (%s,%s,%s,%s,%s,%s,%s)",
+                         (token.id, token.name, token.scope, token.fleet, token.created, token.expires,
+                          token.secret_hash))
+
+    def token(self, token_id: str) -> ApiToken | None:
+        """A token by id, with its hash."""
+        rows = self._rows("SELECT * FROM api_tokens WHERE id=%s", (token_id,))
+        return ApiToken(**rows[0]) if rows else None
+
+    def tokens(self) -> list[ApiToken]:
+        """Every token, oldest first, without hashes."""
+        return [ApiToken(**r) for r in self._rows("SELECT id, name, scope, fleet, created, expires FROM api_tokens "
+                                                  "ORDER BY created")]
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Delete a token."""
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM api_tokens WHERE id=%s", (token_id,)).rowcount == 1
 
     # maintenance ---------------------------------------------------------------------------------------------------
     def prune(self, fleet: str, before: float, chunk: int = 5000) -> dict[str, int]:
@@ -552,7 +663,7 @@ class PostgresStore(Store):
         """
         minute = int(before // 60)
         jobs = {"telemetry": ("ts", before), "windows": ("ts", before), "version_minutes": ("minute", minute),
-                "events": ("received", before), "replies": ("received", before)}
+                "events": ("received", before), "replies": ("received", before), "commands": ("expires", before)}
         out = {}
         for table, (col, cut) in jobs.items():
             total = 0
@@ -666,7 +777,13 @@ class PostgresStore(Store):
                     "SELECT deployment_id, state, count(*) FROM deployment_targets WHERE deployment_id = ANY(%s) "
                     "GROUP BY deployment_id, state", (list(progress),)):
                 progress[dep_id][state] = int(n)
-        return [self._deployment(d, progress[d["id"]]) for d in deps]
+        out = []
+        for d in deps:
+            try:
+                out.append(self._deployment(d, progress[d["id"]]))
+            except UNREADABLE as exc:
+                unreadable("deployment", exc)
+        return out
 
     def deployment(self, dep_id: str) -> Deployment | None:
         """One deployment with its targets and progress, or None."""

@@ -16,14 +16,13 @@ answer 500).
 
 from __future__ import annotations
 
-import logging
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 from edgefleet.sdk.errors import ConfigError, ProtocolError
@@ -49,6 +48,9 @@ from edgefleet.sdk.sketch import SketchSum, saturating_add
 
 from ..rollout import TargetMove, advances, target_moves
 from ._derive import derive, merge_minute
+from ._read import UNREADABLE as _UNREADABLE
+from ._read import or_default as _or
+from ._read import unreadable as _unreadable
 from .base import (
     ApiToken,
     Batch,
@@ -62,28 +64,6 @@ from .base import (
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
 
-log = logging.getLogger(__name__)
-_UNREADABLE = (ProtocolError, msgspec.DecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-               OverflowError)
-_warned: set[str] = set()
-T = TypeVar("T")
-
-
-def _unreadable(what: str, exc: BaseException) -> None:
-    """Log a stored value this version cannot read, once per kind of value."""
-    if what not in _warned and len(_warned) < 1000:
-        _warned.add(what)
-        log.warning("a stored %s cannot be read by this version and is left out (%s); further ones are not logged",
-                    what, str(exc)[:300])
-
-
-def _or(default: T, what: str, fn: Callable[[], T]) -> T:
-    """``fn()``, or ``default`` when the stored value it reads is unreadable."""
-    try:
-        return fn()
-    except _UNREADABLE as exc:
-        _unreadable(what, exc)
-        return default
 
 # Each migration runs once, in order, in its own transaction; the applied versions are in schema_migrations.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
