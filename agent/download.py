@@ -133,7 +133,13 @@ def _http(url: str, dest: Path, have: int, size: int, timeout_s: float, ca_file:
     if have:
         headers["Range"] = f"bytes={have}-"
     req = urllib.request.Request(url, headers=headers)
-    ctx = ssl.create_default_context(cafile=ca_file or None) if url.startswith("https") else None
+    ctx = None
+    if url.startswith("https"):
+        # The system's CAs (object storage, a CDN) and, added to them, install.ca_file (a fleet's own CA): a bundle
+        # may come from any server, since its size, sha256 and signature are checked here anyway.
+        ctx = ssl.create_default_context()
+        if ca_file:
+            ctx.load_verify_locations(cafile=ca_file)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout_s, context=ctx)
     except urllib.error.HTTPError as exc:

@@ -170,6 +170,9 @@ def fleet() -> None:
 @click.option("--receipts/--no-receipts", default=True, show_default=True,
               help="Send agents receipts of what is stored (they keep every record until one names it).")
 @click.option("--public-url", default="", help="Base URL agents download bundles from (default: http://HOST:PORT).")
+@click.option("--bundle-base-url", default="",
+              help="A mirror of --bundles (object storage, a CDN, any HTTP server holding <sha256>.efb): devices "
+                   "fetch bundles there instead of from this controller.")
 @click.option("--retention-days", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Delete telemetry, events and replies older than this (hourly); 0 keeps everything.")
 @click.option("--max-clock-skew", type=click.FloatRange(min=1), default=300.0, show_default=True,
@@ -196,7 +199,7 @@ def serve(ctx: click.Context, broker: str, db: str, http_addr: str, bundles_dir:
           signing_key: Path | None, command_ttl: float, fleet_id: str, client_id: str, share_group: str,
           receipts: bool, public_url: str, retention_days: float, max_clock_skew: float, rollout_lease: float,
           db_old: str | None, read_auth: str, allowed_hosts: tuple[str, ...], max_upload: str, tls_cert: Path | None,
-          tls_key: Path | None, mqtt_session_expiry: int) -> None:
+          tls_key: Path | None, mqtt_session_expiry: int, bundle_base_url: str) -> None:
     """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads.
 
     The configuration, the store and the HTTP port are checked before anything connects to the broker: a
@@ -217,7 +220,7 @@ def serve(ctx: click.Context, broker: str, db: str, http_addr: str, bundles_dir:
                                max_clock_skew_s=max_clock_skew, read_auth=read_auth,
                                allowed_hosts=tuple(allowed_hosts), max_upload_bytes=_size(max_upload, "--max-upload"),
                                tls_cert=tls_cert, tls_key=tls_key, mqtt_session_expiry_s=mqtt_session_expiry,
-                               rollout_lease_s=rollout_lease)
+                               rollout_lease_s=rollout_lease, bundle_base_url=bundle_base_url)
         ctl = Controller(cfg)
         click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {ctl.store}",
                    err=True)
@@ -482,14 +485,18 @@ def _print_deployment(dep: Deployment) -> None:
 @click.option("--observe", "observe_s", type=float, default=60.0, show_default=True,
               help="Seconds of canary telemetry to collect before judging.")
 @click.option("--min-samples", type=int, default=200, show_default=True, help="Canary requests needed to judge.")
+@click.option("--url", "urls", multiple=True,
+              help="Where devices fetch the bundle instead of the controller (http:// or https://: object storage, "
+                   "a CDN ...); one per bundle, in the order of BUNDLES. The bundle is still uploaded to the "
+                   "controller, which verifies it.")
 @click.option("--wait/--no-wait", default=False, help="Wait until the deployment finishes and show it.")
 @click.option("--wait-timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
               help="With --wait: give up waiting after this many seconds (the rollout goes on).")
 @_api_options
 @_json_option
 def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_regression: str,
-           max_error_increase: str, observe_s: float, min_samples: int, wait: bool, wait_timeout: float,
-           api: Api, as_json: bool) -> None:
+           max_error_increase: str, observe_s: float, min_samples: int, urls: tuple[str, ...], wait: bool,
+           wait_timeout: float, api: Api, as_json: bool) -> None:
     """Deploy BUNDLES (one per target profile) to the selected devices, optionally staged with canaries.
 
     Each selected device gets the bundle whose target is its profile, or is listed as having none. The controller
@@ -500,8 +507,11 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_
                               "max_p95_regression": _fraction(max_p95_regression, "--max-p95-regression"),
                               "max_error_increase": _fraction(max_error_increase, "--max-error-increase"),
                               "observe_s": observe_s, "min_samples": min_samples}
+    if urls and len(urls) != len(bundles):
+        raise click.BadParameter(f"give one --url per bundle ({len(bundles)}), got {len(urls)}")
     try:
-        DeploymentRequest.from_dict({**fields, "bundles": ["0" * 64]})
+        fake = [f"{i:064x}" for i in range(len(bundles))]  # every option is checked before anything is uploaded
+        DeploymentRequest.from_dict({**fields, "bundles": fake, "urls": dict(zip(fake, urls, strict=False))})
     except ProtocolError as exc:
         raise click.BadParameter(str(exc)) from None
     ids = []
@@ -513,7 +523,8 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_
         if not as_json:
             click.echo(f"uploaded {b.name}: {up.name} {up.version} for {up.target} (signed by {up.key_id})")
     dep = _request(api, "POST", "/api/deployments", Deployment,
-                   DeploymentRequest.from_dict({**fields, "bundles": ids}))
+                   DeploymentRequest.from_dict({**fields, "bundles": ids, "urls": dict(zip(ids, urls, strict=True))
+                                                if urls else {}}))
     if wait:
         deadline = time.monotonic() + wait_timeout
         while dep.state in ("canary", "observing", "rolling-out"):

@@ -76,6 +76,7 @@ class ControllerConfig:
     share_group: str = "edgefleet"
     receipts: bool = True  # tell agents what is stored, so they keep and resend what a broker lost
     public_url: str = ""  # how agents reach this controller's /bundles (default: http://HOST:PORT)
+    bundle_base_url: str = ""  # a mirror of bundles_dir (<sha256>.efb) devices fetch from instead, e.g. a CDN
     retention_days: float = 30.0  # telemetry, events and replies older than this are deleted hourly; 0 keeps all
     rollout_lease_s: float = 30.0  # a rollout whose controller is silent this long is resumed by another one
     signing_key: Path | None = None  # Ed25519 fleet key that signs every command (agents require it by default)
@@ -103,6 +104,8 @@ class ControllerConfig:
             raise ConfigError(f"command_ttl_s must be > 0, got {self.command_ttl_s}")
         if not self.max_clock_skew_s > 0:
             raise ConfigError(f"max_clock_skew_s must be > 0, got {self.max_clock_skew_s}")
+        if self.bundle_base_url and not self.bundle_base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"bundle_base_url must be an http:// or https:// URL, got {self.bundle_base_url[:80]!r}")
         if not self.retention_days >= 0:
             raise ConfigError(f"retention_days must be >= 0, got {self.retention_days}")
         if not self.client_id:
@@ -139,7 +142,8 @@ class Controller:
                                session_expiry_s=config.mqtt_session_expiry_s)
         self.commander = Commander(self.store, config.fleet, self._publish, ttl_s=config.command_ttl_s)
         self.deployer = Deployer(self.store, config.fleet, self.library, self.commander.send, self.public_url,
-                                 owner=config.client_id, lease_s=config.rollout_lease_s)
+                                 owner=config.client_id, lease_s=config.rollout_lease_s,
+                                 bundle_base_url=config.bundle_base_url)
         try:
             policy = HttpPolicy(read_auth=config.read_auth, allowed_hosts=tuple(config.allowed_hosts),  # type: ignore[arg-type]
                                 max_upload_bytes=config.max_upload_bytes, bind_host=config.http_host,

@@ -386,7 +386,7 @@ async def api_create_deployment(request: web.Request) -> web.Response:
     """Create a deployment (:class:`DeploymentRequest`: bundle ids, a selector, the rollout policy)."""
     req = DeploymentRequest.from_json(await _body(request))
     selector = Selector.parse(req.selectors())
-    dep = await _run(request.app[DeployerKey].create, req.bundles, selector, req.policy())
+    dep = await _run(request.app[DeployerKey].create, req.bundles, selector, req.policy(), urls=req.urls)
     request.app[HubKey].poke()
     return _json(dep, 201)
 
@@ -425,7 +425,7 @@ async def api_upload_bundle(request: web.Request) -> web.Response:
         stored = await _run(library.add, tmp, "uploaded bundle")
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return _json(BundleUploaded(**stored.to_dict(), url=f"/bundles/{bundle_filename(stored.sha256)}"), 201)
+    return _json(BundleUploaded(**{**stored.to_dict(), "url": f"/bundles/{bundle_filename(stored.sha256)}"}), 201)
 
 
 def _command_status(store: Store, cmd_id: str) -> CommandStatus | None:

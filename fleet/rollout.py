@@ -27,10 +27,11 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
 from edgefleet.sdk.errors import InputError
 from edgefleet.sdk.protocol import (
     DEPLOY_STATES,
@@ -225,7 +226,8 @@ class Deployer:
     """Plans deployments, sends commands and runs each rollout in a thread of this controller."""
 
     def __init__(self, store: Store, fleet: str, library: BundleLibrary, publish: Publish, public_url: str,
-                 *, owner: str = "controller", lease_s: float = 30.0, poll_s: float = 0.5) -> None:
+                 *, owner: str = "controller", lease_s: float = 30.0, poll_s: float = 0.5,
+                 bundle_base_url: str = "") -> None:
         if not lease_s > 2 * poll_s:
             raise InputError(f"lease_s must be more than twice poll_s ({poll_s:g} s), got {lease_s:g}")
         self.owner = owner
@@ -235,17 +237,36 @@ class Deployer:
         self.library = library
         self.publish = publish
         self.public_url = public_url.rstrip("/")
+        # Where devices fetch bundles when a deployment names no URL of its own: a mirror of the bundle directory
+        # (object storage, a CDN) holding <sha256>.efb; empty: this controller's /bundles.
+        self.bundle_base_url = bundle_base_url
+        self._urls: dict[str, dict[str, str]] = {}  # deployment -> sha256 -> URL devices fetch it from
         self.poll_s = poll_s
         self._threads: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
         self._bundles: dict[str, BundleInfo] = {}  # verified once per deployment, not once per device
 
     def create(self, bundle_ids: Sequence[str], selector: Selector, policy: RolloutPolicy,
-               *, start: bool = True) -> Deployment:
-        """Plan and store a deployment, refusing anything that cannot be right; then start its rollout."""
+               *, start: bool = True, urls: Mapping[str, str] | None = None) -> Deployment:
+        """Plan and store a deployment, refusing anything that cannot be right; then start its rollout.
+
+        ``urls`` (sha256 -> http(s) URL) names where devices fetch a bundle instead of this controller; the bundle
+        itself must still be uploaded here first, since the plan (target, version) and the command's sha256 and
+        size come from the copy this controller verified. The controller never fetches those URLs.
+        """
         if not bundle_ids:
             raise InputError("give at least one bundle")
+        urls = dict(urls or {})
+        unknown = sorted(set(urls) - set(bundle_ids))
+        if unknown:
+            raise InputError(f"a URL is given for bundle {unknown[0][:12]}…, which this deployment does not deploy")
+        for u in urls.values():
+            if not u.startswith(("http://", "https://")):
+                raise InputError(f"bundle URLs must be http:// or https://, got {u[:80]!r}")
         bundles = [self.library.get(b) for b in dict.fromkeys(bundle_ids)]
+        base = self.bundle_base_url.rstrip("/")
+        bundles = [msgspec.structs.replace(b, url=urls.get(b.sha256) or (
+            f"{base}/{bundle_filename(b.sha256)}" if base else "")) for b in bundles]
         self._bundles.update((b.sha256, b) for b in bundles)
         by_target: dict[str, BundleInfo] = {}
         for b in bundles:
@@ -328,8 +349,8 @@ class Deployer:
         b = self._bundles.get(t.sha256)
         if b is None:  # a rollout resumed from another controller: verify its bundle once here
             b = self._bundles[t.sha256] = self.library.get(t.sha256)
-        cmd = command("deploy", {"url": f"{self.public_url}/bundles/{bundle_filename(b.sha256)}",
-                                 "sha256": b.sha256, "size": b.size})
+        url = self._urls.get(dep_id, {}).get(b.sha256) or f"{self.public_url}/bundles/{bundle_filename(b.sha256)}"
+        cmd = command("deploy", {"url": url, "sha256": b.sha256, "size": b.size})
         # The command id is stored before publishing, so a fast reply always finds its target; and only while this
         # controller holds the rollout's lease (fenced), so no device ever gets two deploys of one target. A deploy
         # the broker lost is sent again by the controller's Commander, like every other command.
@@ -434,6 +455,7 @@ class Deployer:
             self.store.update_deployment(dep_id, state="failed", message=f"controller error: {exc}"[:4000],
                                          owner=self.owner)
         finally:
+            self._urls.pop(dep_id, None)
             if self._stop.is_set():
                 # Stopping mid-rollout: release the lease so another controller resumes it at once.
                 self.store.renew_lease(dep_id, self.owner, 0.0)
@@ -442,6 +464,8 @@ class Deployer:
         dep = self.store.deployment(dep_id)
         if dep is None:
             return
+        # The URLs the deployment was planned with, whichever controller planned it.
+        self._urls[dep_id] = {b.sha256: b.url for b in dep.bundles if b.url}
         decision = dep.decision
         canaries = self._targets(dep_id, "canary")
         judged = decision.canary or []

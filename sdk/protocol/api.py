@@ -10,6 +10,7 @@ from typing import Annotated, ClassVar, Literal
 
 from msgspec import Meta, field
 
+from ..errors import ProtocolError
 from . import _limits as L
 from ._model import Model
 from .messages import (
@@ -224,8 +225,14 @@ class IngestCounters(Model, frozen=True, kw_only=True, omit_defaults=False):
 
 # -- bundles and deployments ----------------------------------------------------------------------------------------
 
+HttpUrl = Annotated[str, Meta(max_length=L.MAX_URL, pattern=r"^https?://[^\s]+$",
+                              description="an http:// or https:// URL")]
+
+
 class BundleInfo(Model, frozen=True, kw_only=True, omit_defaults=False):
-    """A verified bundle the controller serves at ``/bundles/<sha256>.efb``."""
+    """A verified bundle the controller serves at ``/bundles/<sha256>.efb``; in a deployment, ``url`` is where its
+    devices fetch it instead (object storage, a CDN, any HTTP server holding the same bytes: the agent checks size,
+    sha256 and signature, so that server need not be trusted)."""
 
     sha256: Sha256
     size: Annotated[int, Meta(ge=1, le=L.MAX_BYTES)]
@@ -233,6 +240,8 @@ class BundleInfo(Model, frozen=True, kw_only=True, omit_defaults=False):
     version: Name
     target: Name
     key_id: Label
+    url: Annotated[str, Meta(max_length=L.MAX_URL, pattern=r"^(https?://[^\s]+)?$",
+                             description="where devices fetch it; empty: the controller's /bundles")] = ""
 
 
 class BundleUploaded(BundleInfo, frozen=True, kw_only=True):
@@ -331,6 +340,8 @@ class DeploymentRequest(Model, frozen=True, kw_only=True):
     _what: ClassVar[str] = "request"
 
     bundles: Annotated[list[Sha256], Meta(min_length=1, max_length=64)]
+    urls: Annotated[dict[Sha256, HttpUrl], Meta(max_length=64, description="per bundle (sha256): where devices fetch "
+                                                "it instead of the controller (object storage, a CDN ...)")] = {}
     to: Annotated[list[Annotated[str, Meta(max_length=L.MAX_TEXT)]], Meta(min_length=1, max_length=L.MAX_LIST)] | \
         Annotated[str, Meta(max_length=L.MAX_TEXT)]
     canary: Pct = 0.0
@@ -351,6 +362,11 @@ class DeploymentRequest(Model, frozen=True, kw_only=True):
     def selectors(self) -> list[str]:
         """``to`` as a list."""
         return [self.to] if isinstance(self.to, str) else list(self.to)
+
+    def _check(self) -> None:
+        unknown = sorted(set(self.urls) - set(self.bundles))
+        if unknown:
+            raise ProtocolError(f"urls names bundle {unknown[0][:12]}… that the deployment does not deploy")
 
 
 class RollbackRequest(Model, frozen=True, kw_only=True):

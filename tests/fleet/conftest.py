@@ -118,3 +118,56 @@ def publisher(mosquitto, fleet_id: str) -> Iterator[Publisher]:
     p = Publisher(mosquitto.url, f"{fleet_id}-pub")
     yield p
     p.close()
+
+
+class StaticServer:
+    """A plain static HTTP server (``python -m http.server``, real sockets): object storage or a CDN as the agent
+    sees one. ``requests()`` lists the paths it served (its access log)."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        from _fleet_util import free_port, wait_until
+
+        self.root = root
+        self.port = free_port()
+        self._log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                      "--directory", str(root)], stdout=self._log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+        wait_until(up, 15, what="the static HTTP server")
+
+    def url(self, name: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def requests(self) -> list[tuple[str, int]]:
+        """``(path, status)`` of every GET served so far."""
+        import re
+
+        out = []
+        for m in re.finditer(rb'"GET (\S+) HTTP/1\.[01]" (\d{3})', self._log_path.read_bytes()):
+            out.append((m.group(1).decode(), int(m.group(2))))
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def static_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StaticServer]:
+    """A plain static HTTP server over an empty directory (``server.root``)."""
+    root = tmp_path_factory.mktemp("static")
+    server = StaticServer(root, root.parent / f"{root.name}.log")
+    yield server
+    server.stop()

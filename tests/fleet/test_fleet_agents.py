@@ -135,3 +135,30 @@ def test_deploy_queued_for_an_offline_device_survives_a_broker_that_lost_its_sta
         assert ctl.commander.resent >= 1  # it did take the resend: the restarted broker had lost the command
     finally:
         agent.stop()
+
+
+def test_a_real_agent_installs_a_bundle_from_a_plain_static_http_server(controller_factory, mosquitto, fleet_id,
+                                                                        trust_file, mlp_model, make_bundle,
+                                                                        static_server, tmp_path) -> None:
+    """The agent fetches from the URL the deployment names (a static server that knows nothing of edgefleet) and
+    verifies the signature itself; the controller's /bundles serves nothing."""
+    import shutil
+
+    ctl = controller_factory()
+    agent = Agent(tmp_path, "agent-cdn", mosquitto.url, fleet_id, trust_file)
+    try:
+        wait_until(lambda: getattr(ctl.store.device(fleet_id, "agent-cdn"), "state", None) == "online", 60,
+                   what="agent online")
+        bundle = make_bundle(mlp_model, version="1.1.0", filename="cdn.efb")
+        shutil.copy(bundle, static_server.root / "testmodel-1.1.0-x86-cpu.efb")
+        url = static_server.url("testmodel-1.1.0-x86-cpu.efb")
+        res = CliRunner().invoke(cli, ["deploy", str(bundle), "--url", url, "--to", "all", "--controller", ctl.url,
+                                       "--json", "--wait", "--wait-timeout", "90"])
+        assert res.exit_code == 0, res.output
+        dep = json.loads(res.output)
+        assert dep["state"] == "completed" and dep["progress"] == {"active": 1}, dep
+        assert static_server.requests() == [("/testmodel-1.1.0-x86-cpu.efb", 200)]
+        with urllib.request.urlopen(f"http://{agent.api}/v2/models/testmodel", timeout=10) as r:
+            assert json.loads(r.read())["versions"] == ["1.1.0"]
+    finally:
+        agent.stop()

@@ -211,3 +211,61 @@ def test_rolling_back_a_whole_deployment_stops_its_rollout(fleet, mlp_model, mak
     final = ctl.store.deployment(dep.id)
     assert final.state == "rolled-back" and final.progress == {"rolled-back": 2, "pending": 8}
     assert len([c for c in sim.commands if c["kind"] == "deploy"]) == 2
+
+
+def test_devices_fetch_bundles_from_the_url_a_deployment_names_and_refuse_other_bytes(
+        fleet, mlp_model, make_bundle, static_server, tmp_path) -> None:
+    """Bundles from anywhere: the deploy command carries a plain static HTTP server's URL (+ sha256 and size of the
+    copy the controller verified); devices fetch it there, and bytes that are not that bundle are refused."""
+    import shutil
+
+    ctl, sim = fleet
+    time.sleep(0.5)
+    x86 = make_bundle(mlp_model, version="1.5.0", filename="x86.efb")
+    pi = make_bundle(mlp_model, version="1.5.0", target="raspberry-pi-5", filename="pi.efb")
+    (static_server.root / "cdn").mkdir()
+    shutil.copy(x86, static_server.root / "cdn" / "model-x86-cpu-1.5.0.efb")
+    # The Pis' URL serves other bytes (the x86 bundle): a wrong or compromised mirror.
+    shutil.copy(x86, static_server.root / "cdn" / "model-raspberry-pi-5-1.5.0.efb")
+    x86_url = static_server.url("cdn/model-x86-cpu-1.5.0.efb")
+    pi_url = static_server.url("cdn/model-raspberry-pi-5-1.5.0.efb")
+    res = _deploy(ctl, x86, "all", extra=("--url", x86_url, "--url", pi_url))
+    assert res.exit_code == 2 and "one --url per bundle" in res.output  # refused before anything is uploaded
+    res = CliRunner().invoke(cli, ["deploy", str(x86), str(pi), "--url", x86_url, "--url", pi_url, "--to", "all",
+                                   "--controller", ctl.url, "--json", "--wait", "--wait-timeout", "60"])
+    assert res.exit_code == 0, res.output
+    dep = json.loads(res.output)
+    assert {b["target"]: b["url"] for b in dep["bundles"]} == {"x86-cpu": x86_url, "raspberry-pi-5": pi_url}
+    assert dep["state"] == "completed-with-failures", dep
+    states = {t["device"]: (t["state"], t["reason"]) for t in dep["targets"]}
+    assert all(st == "active" for d, (st, _) in states.items() if d.startswith("x-")), states
+    assert all(st == "failed" and "sha256" in why for d, (st, why) in states.items() if d.startswith("pi-")), states
+    deploys = [c for c in sim.commands if c["kind"] == "deploy"]
+    assert len(deploys) == 12
+    assert {c["args"]["url"] for c in deploys} == {x86_url, pi_url}  # nothing from the controller's /bundles
+    served = static_server.requests()
+    assert served.count(("/cdn/model-x86-cpu-1.5.0.efb", 200)) == 10
+    assert served.count(("/cdn/model-raspberry-pi-5-1.5.0.efb", 200)) == 2
+
+
+def test_a_controller_with_a_bundle_mirror_sends_devices_there(controller_factory, mosquitto, fleet_id, mlp_model,
+                                                               make_bundle, static_server) -> None:
+    """``--bundle-base-url``: a mirror of the bundle directory (<sha256>.efb, e.g. synced to object storage)."""
+    import shutil
+
+    ctl = controller_factory("mirrored", bundle_base_url=static_server.url("bundles/"))
+    sim = Simulator(mosquitto.url, fleet_id, make_devices(3, prefix="m", profiles=["x86-cpu"], model="testmodel"),
+                    interval_s=0.2, client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        wait_until(lambda: len(ctl.store.devices(fleet_id)) == 3, what="3 devices known")
+        info = ctl.library.add(make_bundle(mlp_model, version="1.6.0"))
+        (static_server.root / "bundles").mkdir()
+        shutil.copy(ctl.library.path(info.sha256), static_server.root / "bundles" / f"{info.sha256}.efb")
+        dep = ctl.deployer.create([info.sha256], Selector.parse(["all"]), RolloutPolicy())
+        wait_until(lambda: ctl.store.deployment(dep.id).state == "completed", 30, what="the rollout")
+        assert ctl.store.deployment(dep.id).progress == {"active": 3}
+        assert {c["args"]["url"] for c in sim.commands} == {static_server.url(f"bundles/{info.sha256}.efb")}
+        assert static_server.requests().count((f"/bundles/{info.sha256}.efb", 200)) == 3
+    finally:
+        sim.stop()
