@@ -202,8 +202,6 @@ def _write(tb: TargetBuild, chosen: Any, report: dict[str, Any], ctx: RunContext
            t_start: float, t_target: float) -> tuple[Path, Manifest]:
     import onnxruntime as ort
 
-    from .options import PRECISION_CHOICES
-
     prof, opts = tb.profile, ctx.opts
     assert chosen.model is not None  # only built candidates pass the gate
     n = min(opts.bundle_samples, len(ctx.validation))
@@ -245,7 +243,6 @@ def _write(tb: TargetBuild, chosen: Any, report: dict[str, Any], ctx: RunContext
         "packaging_seconds": round(time.perf_counter() - t_start, 2),
         "target_seconds": round(time.perf_counter() - t_target, 2),
     })
-    assert opts.precision in PRECISION_CHOICES
     path = staging / f"{bundle_name}-{opts.version}-{prof.name}.efb"
     manifest = write(path, name=bundle_name, version=opts.version, target=prof.name,
                      precision=chosen.cand.precision, model=chosen.model, providers=chosen.providers,
