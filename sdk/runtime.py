@@ -33,7 +33,14 @@ from .errors import (
 )
 from .keys import TrustedKeys
 from .sketch import LatencyRecorder
-from .validation import OutputCheck, check_channels, check_outputs, check_self_test_set, load_validation
+from .validation import (
+    OutputCheck,
+    check_channels,
+    check_outputs,
+    check_self_test_set,
+    load_validation,
+    output_scales,
+)
 
 __all__ = [
     "BenchmarkResult",
@@ -440,6 +447,7 @@ class Model:
             raise SelfTestError(f"validation set has {len(samples)} samples, manifest says {v.samples}")
         # a self-test that cannot fail proves nothing: refused before anything runs
         check_self_test_set(samples, v.tolerances, {o.name: o.dtype for o in self.manifest.outputs})
+        scales = output_scales(samples)
         checks: list[OutputCheck] = []
         outs: list[dict[str, np.ndarray]] = []
         for inputs, refs in samples:
@@ -448,7 +456,7 @@ class Model:
                 got = dict(zip(self._output_names, self.session.run(self._output_names, inputs), strict=True))
             except (InputError, Exception) as exc:
                 raise SelfTestError(f"self-test could not run: {exc}") from exc
-            checks.extend(check_outputs(got, refs, v.tolerances, self._output_names))
+            checks.extend(check_outputs(got, refs, v.tolerances, self._output_names, scales))
             outs.append(got)
         for name, tol in v.tolerances.items():
             ch = check_channels(name, [o[name] for o in outs], [r[name] for _, r in samples], tol)

@@ -158,3 +158,18 @@ def test_tolerance_fields_added_later_are_left_out_when_unset(labeller, signing_
                       is None else tmp_path)
     got = read_manifest(bundle2, trusted).manifest.validation.tolerances["probs"]  # type: ignore[union-attr]
     assert got.min_argmax_agreement == 0.99 and got.kind == "measured on CPU x2"
+
+
+def test_selftest_judges_a_near_zero_reference_sample_by_error_not_cosine():
+    """A sample whose reference is ~0 everywhere (1% of the output's scale over the set) has no direction: another
+    runtime's tiny deviation gives cosine 0 there, which must not fail the self-test; a real error still does."""
+    from edgefleet.sdk.validation import check_outputs
+
+    tol = {"m": Tolerance(max_abs=0.01, min_cosine=0.99)}
+    ref = {"m": np.full((1, 4), 1e-6, np.float32)}
+    ok = check_outputs({"m": np.array([[0.0, 2e-5, 0.0, 0.0]], np.float32)}, ref, tol, scales={"m": 1.0})
+    assert ok[0].ok and ok[0].cosine < 0.99
+    bad = check_outputs({"m": np.array([[0.0, 0.5, 0.0, 0.0]], np.float32)}, ref, tol, scales={"m": 1.0})
+    assert not bad[0].ok and "max abs error" in bad[0].reason
+    # without the set's scale (an old caller) the cosine is judged as before
+    assert not check_outputs({"m": np.array([[0.0, 2e-5, 0.0, 0.0]], np.float32)}, ref, tol)[0].ok
