@@ -107,7 +107,7 @@ def package(model: str, targets: tuple[str, ...], precision: str, calibration: P
     for r in results:
         line = unmeasured_line(r.report)
         if line:
-            console.print(line, markup=False, highlight=False)
+            click.echo(line, err=True)  # one line, never wrapped
     if as_json:
         payload = [{"target": r.target, "bundle": str(r.path), "report": r.report} for r in results]
         click.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))

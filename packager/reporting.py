@@ -48,7 +48,7 @@ def human_lines(report: dict[str, Any], path: Path) -> list[str]:
     sizes = report["sizes"]
     lines = [f"{report['target']}: {path.name}  precision={chosen['precision']} ({chosen['name']})  "
              f"model {_size(sizes['original'])} -> {_size(sizes['bundle_model'])}  "
-             f"[{report['measurement']}; {report['packaging_seconds']:.0f} s]",
+             f"[{report['measurement']}; {report.get('target_seconds', report['packaging_seconds']):.0f} s]",
              f"  why: {chosen['why']}",
              f"  runtime: {report['runtime']['why']}",
              f"  offline optimization: {report['offline_optimization']['level']} "
