@@ -428,8 +428,12 @@ def top(broker: str, fleet_id: str, duration: float | None, sort_key: str, limit
 @click.option("--tag", "tags", multiple=True, help="Tag every device (repeatable).")
 @click.option("--slow", multiple=True, help="VERSION=FACTOR: that version's latency is FACTOR times slower.")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--receipts/--no-receipts", default=False, show_default=True,
+              help="Keep every message until a controller's receipt names it and send again what receipts skip "
+                   "(as agents do).")
 def simulate(broker: str, fleet_id: str, n: int, interval: float, profiles: str, prefix: str, model: str,
-             version: str, tags: tuple[str, ...], slow: tuple[str, ...], duration: float | None) -> None:
+             version: str, tags: tuple[str, ...], slow: tuple[str, ...], duration: float | None,
+             receipts: bool) -> None:
     """Simulated devices publishing realistic telemetry (and answering deploy/rollback) to a real broker."""
     from .simulate import PROFILE_LATENCY_MS, Simulator, make_devices
 
@@ -445,7 +449,8 @@ def simulate(broker: str, fleet_id: str, n: int, interval: float, profiles: str,
         except ValueError:
             raise click.BadParameter(f"--slow must be VERSION=FACTOR, got {s!r}") from None
     sim = Simulator(broker, fleet_id, make_devices(n, prefix=prefix, profiles=profs, model=model, version=version,
-                                                  tags=list(tags)), interval_s=interval, slow=factors)
+                                                  tags=list(tags)), interval_s=interval, slow=factors,
+                    receipts=receipts)
     sim.start()
     click.echo(f"simulating {n} devices in fleet {fleet_id} every {interval:g} s (Ctrl-C to stop)", err=True)
     t = sim.run_telemetry(duration_s=duration)

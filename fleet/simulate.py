@@ -6,6 +6,11 @@ follow a log-normal around a per-profile median, and answers ``deploy``/``rollba
 download the bundle (checking size and sha256), read its signed manifest, report downloading → verifying → self-test
 → active as events, then exactly one reply; after that its telemetry reports the new version. ``slow`` makes given
 versions slower so a canary rollout has a regression to catch. Used by ``edgefleet fleet simulate``, tests and bench.
+
+With ``receipts=True`` the devices keep every telemetry record, event and reply until a controller's receipt names it
+and send again what a later receipt skipped (``resend_after_s``), as the agent's outbox does (in memory here, bounded
+by ``max_unconfirmed`` per device): what a controller killed before it stored something never reaches the store
+otherwise, since the broker keeps that controller's share in its session.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from edgefleet.sdk.protocol import (
     ModelWindow,
     OrtInfo,
     ProcessStats,
+    Receipt,
     Reply,
     ServedModel,
     Sketch,
@@ -119,7 +125,8 @@ class Simulator:
     def __init__(self, broker: str, fleet: str, devices: list[SimDevice], *, interval_s: float = 1.0,
                  slow: Mapping[str, float] | None = None, error_rates: Mapping[str, float] | None = None,
                  per_window: int = 50, own_connections: int = 200, connections: int = 4, seed: int = 0,
-                 answer_commands: bool = True, client_prefix: str = "sim") -> None:
+                 answer_commands: bool = True, client_prefix: str = "sim", receipts: bool = False,
+                 resend_after_s: float = 5.0, max_unconfirmed: int = 10_000) -> None:
         self.broker = parse_broker_url(broker)
         self.fleet = check_id("fleet", fleet)
         self.devices = {d.device: d for d in devices}
@@ -128,9 +135,11 @@ class Simulator:
         self.error_rates = dict(error_rates or {})
         self.answer_commands = answer_commands
         self.sent = 0
-        self.commands: list[dict[str, Any]] = []
+        self.commands: list[dict[str, Any]] = []  # every command message received (a copy sent again included)
+        self._handled: set[tuple[str, str]] = set()  # (device, command id) run
         self._pool = _SketchPool(seed, per_window)
         self._stop = threading.Event()
+        self._telemetry_stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         # Few devices: one connection each, so each has its own Last Will. Many (bench): a few shared connections,
@@ -140,6 +149,17 @@ class Simulator:
         self._groups = [ids[i::n_conn] for i in range(n_conn)]
         self._own = n_conn == len(ids)
         self._clients: list[mqtt.Client] = []
+        # Receipts: device -> (kind, boot, seq or reply id) -> (topic, payload, when sent); device -> its client.
+        self.receipts = receipts
+        self.resend_after_s = resend_after_s
+        self.max_unconfirmed = max_unconfirmed
+        self._unconfirmed: dict[str, dict[tuple[str, str, str], tuple[str, bytes, float]]] = {}
+        self._client_of: dict[str, mqtt.Client] = {}
+        self._last_receipt = 0.0
+        self.confirmed = 0  # messages a receipt named
+        self.refused = 0  # messages a negative receipt named
+        self.resent = 0
+        self.unconfirmed_dropped = 0
         self._client_devices: dict[int, list[str]] = {}
         self._prefix = client_prefix
         for d in devices:
@@ -166,9 +186,14 @@ class Simulator:
                                  properties=session_properties(3600))
             client.loop_start()
             self._clients.append(client)
+            self._client_of.update(dict.fromkeys(group, client))
             events.append(connected)
         for e in events:
             wait_connected(e, self.broker, timeout_s)
+        if self.receipts:
+            t = threading.Thread(target=self._resend_loop, name="sim-resend", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def _make_on_connect(self, group: list[str], connected: threading.Event) -> Any:
         def on_connect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
@@ -179,8 +204,13 @@ class Simulator:
                 client.publish(topic(self.fleet, dev, "status"),
                                Status(device=dev, state="online", boot=d.boot,
                                       description=d.description()).to_json(), qos=1, retain=True)
-            if self.answer_commands:
-                client.subscribe([(topic(self.fleet, dev, "cmd"), SubscribeOptions(qos=1)) for dev in group])
+            subs = [(topic(self.fleet, dev, "cmd"), SubscribeOptions(qos=1)) for dev in group] \
+                if self.answer_commands else []
+            if self.receipts:  # one filter for a shared connection, the device's own topic otherwise
+                subs += [(topic(self.fleet, group[0], "receipt") if self._own else
+                          f"edgefleet/v1/{self.fleet}/+/receipt", SubscribeOptions(qos=1))]
+            if subs:
+                client.subscribe(subs)
             connected.set()
         return on_connect
 
@@ -227,7 +257,9 @@ class Simulator:
         for client, group in zip(self._clients, self._groups, strict=True):
             for dev in group:
                 with self._lock:
-                    payload = self.record(self.devices[dev])
+                    d = self.devices[dev]
+                    payload = self.record(d)
+                    self._keep(dev, ("telemetry", d.boot, str(d.seq)), topic(self.fleet, dev, "telemetry"), payload)
                 client.publish(topic(self.fleet, dev, "telemetry"), payload, qos=1)
                 n += 1
         with self._lock:
@@ -240,16 +272,23 @@ class Simulator:
             end = time.monotonic() + duration_s if duration_s is not None else None
             done = 0
             next_at = time.monotonic()
-            while (not self._stop.is_set() and (rounds is None or done < rounds)
-                   and (end is None or time.monotonic() < end)):
+            while (not self._stop.is_set() and not self._telemetry_stop.is_set()
+                   and (rounds is None or done < rounds) and (end is None or time.monotonic() < end)):
                 self.publish_round()
                 done += 1
                 next_at += self.interval_s
-                self._stop.wait(max(0.0, next_at - time.monotonic()))
+                self._telemetry_stop.wait(max(0.0, next_at - time.monotonic()))
         t = threading.Thread(target=loop, name="sim-telemetry", daemon=True)
         t.start()
         self._threads.append(t)
         return t
+
+    def stop_telemetry(self) -> None:
+        """Stop publishing telemetry (commands are still answered, unconfirmed messages still resent)."""
+        self._telemetry_stop.set()
+        for t in self._threads:
+            if t.name == "sim-telemetry":
+                t.join(10)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every published message has been handed to the broker."""
@@ -261,7 +300,11 @@ class Simulator:
 
     # commands ------------------------------------------------------------------------------------------------------
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        dev = msg.topic.split("/")[3]
+        parts = msg.topic.split("/")
+        dev = parts[3]
+        if parts[-1] == "receipt":
+            self._on_receipt(dev, msg.payload)
+            return
         try:
             cmd = Command.from_json(msg.payload)
         except ProtocolError as exc:
@@ -269,17 +312,22 @@ class Simulator:
             return
         with self._lock:
             self.commands.append({"device": dev, **cmd.to_dict()})
+            if (dev, cmd.id) in self._handled:
+                return  # an agent runs a command id once; its reply is kept until a receipt names it
+            self._handled.add((dev, cmd.id))
         # Off the network thread: a deploy downloads over HTTP, which must not block MQTT keepalives.
         threading.Thread(target=self._handle, args=(client, dev, cmd), daemon=True).start()
 
     def _emit(self, client: mqtt.Client, d: SimDevice, kind: str, message: str, data: dict[str, Any],
               level: str = "info") -> None:
         """An event as the agent sends it (``data.command``: the command it is about; ``data.state``: progress)."""
-        d.seq += 1
         lvl: Any = level
-        client.publish(topic(self.fleet, d.device, "events"),
-                       Event(device=d.device, boot=d.boot, seq=d.seq, kind=kind, message=message, level=lvl,
-                             data=data).to_json(), qos=1)
+        with self._lock:
+            d.seq += 1
+            payload = Event(device=d.device, boot=d.boot, seq=d.seq, kind=kind, message=message, level=lvl,
+                            data=data).to_json()
+            self._keep(d.device, ("events", d.boot, str(d.seq)), topic(self.fleet, d.device, "events"), payload)
+        client.publish(topic(self.fleet, d.device, "events"), payload, qos=1)
 
     def _handle(self, client: mqtt.Client, dev: str, cmd: Command) -> None:
         d = self.devices[dev]
@@ -303,7 +351,67 @@ class Simulator:
         client.publish(topic(self.fleet, dev, "status"),
                        Status(device=dev, state="online", boot=d.boot, description=d.description()).to_json(),
                        qos=1, retain=True)
-        client.publish(topic(self.fleet, dev, "reply"), answer.to_json(), qos=1)
+        payload = answer.to_json()
+        with self._lock:
+            self._keep(dev, ("reply", "", cid), topic(self.fleet, dev, "reply"), payload)
+        client.publish(topic(self.fleet, dev, "reply"), payload, qos=1)
+
+    # receipts ------------------------------------------------------------------------------------------------------
+    def _keep(self, dev: str, key: tuple[str, str, str], topic_name: str, payload: bytes) -> None:
+        """Hold a message until a receipt names it (with ``_lock`` held)."""
+        if not self.receipts:
+            return
+        held = self._unconfirmed.setdefault(dev, {})
+        if len(held) >= self.max_unconfirmed:  # bounded, like the agent's outbox: the oldest goes
+            del held[next(iter(held))]
+            self.unconfirmed_dropped += 1
+        held[key] = (topic_name, payload, time.monotonic())
+
+    def _on_receipt(self, dev: str, payload: bytes | bytearray) -> None:
+        try:
+            r = Receipt.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("sim %s: bad receipt: %s", dev, exc)
+            return
+        if r.device not in self.devices:
+            return  # another simulator's device on a shared filter
+        with self._lock:
+            held = self._unconfirmed.get(r.device, {})
+            named = 0
+            for kind, ranges in (("telemetry", r.telemetry), ("events", r.events)):
+                for boot, spans in ranges.items():
+                    for lo, hi in spans:
+                        for seq in range(lo, hi + 1) if hi - lo < 100_000 else ():
+                            named += held.pop((kind, boot, str(seq)), None) is not None
+            for rid in r.replies:
+                named += held.pop(("reply", "", rid), None) is not None
+            if r.refused:
+                self.refused += named
+            else:
+                self.confirmed += named
+            self._last_receipt = time.monotonic()
+
+    def _resend_loop(self) -> None:
+        """Send again what was sent ``resend_after_s`` before the latest receipt and is still not named by one (the
+        agent's rule: a controller is alive, so the broker lost it, or gave it to a controller that died)."""
+        while not self._stop.wait(0.25):
+            again: list[tuple[mqtt.Client, str, bytes]] = []
+            with self._lock:
+                cutoff = self._last_receipt - self.resend_after_s
+                now = time.monotonic()
+                for dev, held in self._unconfirmed.items():
+                    for key, (topic_name, payload, sent) in held.items():
+                        if sent < cutoff:
+                            held[key] = (topic_name, payload, now)
+                            again.append((self._client_of[dev], topic_name, payload))
+                self.resent += len(again)
+            for client, topic_name, payload in again:
+                client.publish(topic_name, payload, qos=1)
+
+    def unconfirmed(self) -> int:
+        """Messages no receipt has named yet."""
+        with self._lock:
+            return sum(len(h) for h in self._unconfirmed.values())
 
     def _deploy(self, client: mqtt.Client, d: SimDevice, cid: str, args: DeployArgs) -> dict[str, Any]:
         self._emit(client, d, "deploy.progress", "downloading bundle", {"command": cid, "state": "downloading"})

@@ -85,3 +85,57 @@ def infer_load(apis: list[str], stop: threading.Event, deadline_s: float) -> Non
                 urllib.request.urlopen(req, timeout=5).read()
             except OSError:
                 time.sleep(0.05)  # the model is being swapped (deploy/rollback): try again
+
+
+class ControllerProc:
+    """``edgefleet fleet serve`` as its own process (SIGKILL-able), on a free HTTP port, with its log in ``tmp``."""
+
+    def __init__(self, tmp: Path, name: str, *, broker: str, store: str, fleet: str, trust: Path,
+                 key: Path | None = None, extra: tuple[str, ...] = (), bundles: Path | None = None) -> None:
+        import os
+
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client_id = f"{fleet}-{name}"
+        self.log_path = tmp / f"ctl-{name}.log"
+        self.argv = [str(EDGEFLEET), "fleet", "serve", "--broker", broker, "--store", store, "--fleet", fleet,
+                     "--http", f"127.0.0.1:{self.port}", "--bundles", str(bundles or tmp / f"bundles-{name}"),
+                     "--trust", str(trust), "--client-id", self.client_id, *(("--key", str(key)) if key else ()),
+                     *extra]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (again: same client id, so it resumes its MQTT session)."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    def up(self) -> bool:
+        """Subscribed to the broker and answering HTTP."""
+        if self.proc is not None and self.proc.poll() is not None:
+            pytest.fail(f"controller {self.name} exited: {self.log_path.read_text()[-3000:]}")
+        try:
+            return bool(self.get("/api/ingest")["connected"])
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no lease release, no goodbye to the broker."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
