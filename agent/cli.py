@@ -29,7 +29,16 @@ def _abs(p: Path | None) -> str | None:
               help="Agent config file (TOML, see docs/agent.md). Flags override its values.")
 @click.option("--device", help="Device id ([A-Za-z0-9_.-]{1,64}).  [agent.device]")
 @click.option("--fleet", help="Fleet id.  [agent.fleet]")
-@click.option("--broker", help="Broker URL: mqtt://host:port or mqtts://host:port.  [mqtt.url]")
+@click.option("--mqtt-url", "--broker", "broker", help="Broker URL: mqtt://host:port or mqtts://host:port.  [mqtt.url]")
+@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="mqtts: CA bundle of the broker's certificate.  [mqtt.ca_file]")
+@click.option("--cert-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="mqtts: client certificate (with --key-file).  [mqtt.cert_file]")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="mqtts: the client certificate's key.  [mqtt.key_file]")
+@click.option("--username", help="MQTT username.  [mqtt.username]")
+@click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File whose first line is the MQTT password.  [mqtt.password_file]")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where bundles, caches and the outbox live.  [agent.data_dir]")
 @click.option("--trust", "trusted_keys", multiple=True, type=click.Path(exists=True, path_type=Path),
@@ -42,8 +51,9 @@ def _abs(p: Path | None) -> str | None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[agent.log_level]")
 @click.option("--allow-unsigned-commands", is_flag=True, default=None,
               help="Development only: execute commands without a controller signature.  [commands.require_signed]")
-def run(config_path: Path | None, device: str | None, fleet: str | None, broker: str | None, data_dir: Path | None,
-        trusted_keys: tuple[Path, ...], profile: str | None, telemetry_interval: float | None,
+def run(config_path: Path | None, device: str | None, fleet: str | None, broker: str | None, ca_file: Path | None,
+        cert_file: Path | None, key_file: Path | None, username: str | None, password_file: Path | None,
+        data_dir: Path | None, trusted_keys: tuple[Path, ...], profile: str | None, telemetry_interval: float | None,
         keepalive: int | None, api_listen: str | None, log_level: str | None,
         allow_unsigned_commands: bool | None) -> None:
     """Run the agent in the foreground until SIGTERM (logs: JSON lines on stderr)."""
@@ -51,6 +61,8 @@ def run(config_path: Path | None, device: str | None, fleet: str | None, broker:
 
     overrides = {
         "agent.device": device, "agent.fleet": fleet, "mqtt.url": broker, "agent.data_dir": _abs(data_dir),
+        "mqtt.ca_file": _abs(ca_file), "mqtt.cert_file": _abs(cert_file), "mqtt.key_file": _abs(key_file),
+        "mqtt.username": username, "mqtt.password_file": _abs(password_file),
         "agent.trusted_keys": tuple(str(p.resolve()) for p in trusted_keys), "agent.profile": profile,
         "telemetry.interval_s": telemetry_interval, "mqtt.keepalive_s": keepalive, "api.listen": api_listen,
         "agent.log_level": log_level,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from edgefleet.sdk.errors import ConfigError
 from edgefleet.sdk.protocol import check_id
+from edgefleet.sdk.transport import MQTT_KEYS, MqttOptions
 
 from .spool import RECEIPT_MODES
 
@@ -25,27 +25,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["AgentConfig", "ApiConfig", "BrokerConfig", "load_config", "parse_config"]
+__all__ = ["AGENT_MQTT_DEFAULTS", "AgentConfig", "ApiConfig", "BrokerConfig", "load_config", "parse_config"]
 
 
-@dataclass(frozen=True)
-class BrokerConfig:
-    """How to reach the MQTT broker."""
+BrokerConfig = MqttOptions
+"""How to reach the MQTT broker: the sdk transport's options (the ``[mqtt]`` section is the same everywhere)."""
 
-    url: str = "mqtt://127.0.0.1:1883"
-    host: str = "127.0.0.1"
-    port: int = 1883
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    username: str = ""
-    password: str = field(default="", repr=False)
-    keepalive_s: int = 30
-    session_expiry_s: int = 7 * 24 * 3600
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 60.0
-    client_id: str = ""
+AGENT_MQTT_DEFAULTS = MqttOptions(session_expiry_s=7 * 24 * 3600)
+"""The agent keeps its session (and the commands queued in it) for a week by default."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +70,7 @@ class AgentConfig:
     fleet: str
     data_dir: Path
     trusted_keys: tuple[Path, ...]
-    broker: BrokerConfig = BrokerConfig()
+    broker: MqttOptions = AGENT_MQTT_DEFAULTS
     api: ApiConfig = ApiConfig()
     profile: str = "auto"
     profiles_dirs: tuple[Path, ...] = ()
@@ -115,8 +102,7 @@ class AgentConfig:
 _SECTIONS: dict[str, set[str]] = {
     "agent": {"device", "fleet", "data_dir", "trusted_keys", "profile", "profiles_dirs", "accept_targets", "tags",
               "allow_fallback", "log_level"},
-    "mqtt": {"url", "ca_file", "cert_file", "key_file", "username", "password", "keepalive_s", "session_expiry_s",
-             "reconnect_min_s", "reconnect_max_s", "client_id"},
+    "mqtt": set(MQTT_KEYS),
     "telemetry": {"interval_s", "spool_max_records", "receipts", "resend_after_s"},
     "api": {"listen", "max_body_bytes", "max_inflight_bytes", "max_connections", "max_requests", "instances",
             "request_timeout_s", "terminate_grace_s", "header_timeout_s", "body_timeout_s", "idle_timeout_s",
@@ -173,44 +159,8 @@ class _Reader:
         return v
 
 
-def _parse_broker(r: _Reader, base: Path) -> BrokerConfig:
-    url = r.text("mqtt.url", BrokerConfig.url)
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise r.err("mqtt.url", f"scheme must be mqtt:// or mqtts://, got {url!r}")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise r.err("mqtt.url", f"bad port in {url!r}: {exc}") from exc
-    if not parts.hostname:
-        raise r.err("mqtt.url", f"no host in {url!r}")
-    paths = {}
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = r.text(f"mqtt.{key}")
-        if value:
-            p = _resolve(value, base)
-            if not p.is_file():
-                raise r.err(f"mqtt.{key}", f"file {p} does not exist")
-            paths[key] = str(p)
-    if paths and not tls:
-        raise r.err("mqtt.url", "ca_file/cert_file/key_file are set but the URL is not mqtts://")
-    if bool(paths.get("cert_file")) != bool(paths.get("key_file")):
-        raise r.err("mqtt.cert_file", "cert_file and key_file go together (client certificate authentication)")
-    keepalive = r.num("mqtt.keepalive_s", BrokerConfig.keepalive_s, 1, 65535, integer=True)
-    lo = r.num("mqtt.reconnect_min_s", BrokerConfig.reconnect_min_s, 0.01, 3600)
-    hi = r.num("mqtt.reconnect_max_s", BrokerConfig.reconnect_max_s, 0.01, 3600)
-    if hi < lo:
-        raise r.err("mqtt.reconnect_max_s", f"must be >= reconnect_min_s ({lo:g}), got {hi:g}")
-    return BrokerConfig(
-        url=url, host=parts.hostname, port=port, tls=tls, ca_file=paths.get("ca_file", ""),
-        cert_file=paths.get("cert_file", ""), key_file=paths.get("key_file", ""),
-        username=r.text("mqtt.username") or unquote(parts.username or ""),
-        password=r.text("mqtt.password") or unquote(parts.password or ""),
-        keepalive_s=keepalive,
-        session_expiry_s=r.num("mqtt.session_expiry_s", BrokerConfig.session_expiry_s, 0, 0xFFFFFFFF, integer=True),
-        reconnect_min_s=lo, reconnect_max_s=hi, client_id=r.text("mqtt.client_id"),
-    )
+def _parse_broker(r: _Reader, base: Path) -> MqttOptions:
+    return MqttOptions.from_mapping(r.data.get("mqtt", {}), r.source, base, defaults=AGENT_MQTT_DEFAULTS)
 
 
 def _parse_api(r: _Reader, listen: str, base: Path) -> ApiConfig:

@@ -303,7 +303,7 @@ class _Decoder:
             self.z = zlib.decompressobj(-zlib.MAX_WBITS if raw else zlib.MAX_WBITS)
         try:
             # max_length: never inflate more than one byte past the cap, whatever the ratio
-            out = self.z.decompress(self.z.unconsumed_tail + data, self.cap - self.out + 1)
+            out: bytes = self.z.decompress(self.z.unconsumed_tail + data, self.cap - self.out + 1)
         except zlib.error as exc:
             raise HttpError(400, f"body is not valid {self.encoding} data: {exc}", close=True) from None
         self.out += len(out)
@@ -315,7 +315,8 @@ class _Decoder:
         if self.z is None:
             raise HttpError(400, f"empty {self.encoding} body", close=True)
         if self.z.unconsumed_tail:
-            return self.z.unconsumed_tail[:1]  # more output than the cap allows: the caller sees it over the cap
+            tail: bytes = self.z.unconsumed_tail[:1]  # more output than the cap allows: the caller sees it over
+            return tail
         if not self.z.eof:
             raise HttpError(400, f"{self.encoding} body is truncated", close=True)
         return b""

@@ -34,7 +34,8 @@ def probe_host(profiles_dirs: Sequence[Path] = (), timeout_s: float = 120.0) -> 
     cmd = [sys.executable, "-m", "edgefleet.agent.probe", *map(str, profiles_dirs)]
     try:
         out = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=True)
-        return json.loads(out.stdout)
+        facts: dict[str, Any] = json.loads(out.stdout)
+        return facts
     except subprocess.CalledProcessError as exc:
         tail = exc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise ConfigError(f"cannot describe this machine (is ONNX Runtime installed?): {tail[0]}") from exc

@@ -85,22 +85,26 @@ def get_json(url: str) -> Any:
 class Controller:
     """``edgefleet fleet serve`` as a subprocess pinned to one core."""
 
-    def __init__(self, tmp: Path, broker: str, name: str, receipts: bool = True) -> None:
+    def __init__(self, tmp: Path, broker: str, name: str, receipts: bool = True, tree: Path | None = None) -> None:
         self.fleet = f"{FLEET}-{name}"
+        # ``tree``: run another edgefleet (a directory holding an ``edgefleet`` package tree) with this interpreter,
+        # for an A/B against a baseline version in the same run.
+        self.env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
         self.db = tmp / f"{name}.db"
         self._ro: Any = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / f"controller-{name}.log", "ab")  # closed in stop()
         # Same client id on every start: the broker keeps the persistent session (and queued messages) in between.
-        self.argv = [str(EDGEFLEET), "fleet", "serve", "--broker", broker, "--db", str(self.db), "--fleet", self.fleet,
+        exe = [sys.executable, "-m", "edgefleet.sdk.cli"] if tree is not None else [str(EDGEFLEET)]
+        self.argv = [*exe, "fleet", "serve", "--broker", broker, "--db", str(self.db), "--fleet", self.fleet,
                      "--http", f"127.0.0.1:{self.port}", "--bundles", str(tmp / "bundles"), "--client-id",
                      f"bench-{name}", "--receipts" if receipts else "--no-receipts"]
         self.receipts = receipts
         self.start()
 
     def start(self, wait_up: bool = True) -> None:
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         self.ps = psutil.Process(self.proc.pid)
         self.core = self.ps.cpu_affinity()[-1]
         self.ps.cpu_affinity([self.core])  # "one core": the controller may use no more than one
@@ -235,6 +239,53 @@ def _measure(ctl: Controller, broker: str, n_devices: int, n_messages: int, name
     return result, ctl
 
 
+def baseline_tree(ref: str, tmp: Path) -> Path:
+    """An ``edgefleet`` package tree of git ``ref`` (``git archive``: nothing registered in the repository)."""
+    src = tmp / "baseline-src"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "sdk", "devices", "packager", "agent", "fleet"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    tree = tmp / "baseline-tree"
+    (tree / "edgefleet").mkdir(parents=True)
+    for comp in ("sdk", "devices", "packager", "agent", "fleet"):
+        (tree / "edgefleet" / comp).symlink_to(src / comp)
+    return tree
+
+
+def ab_ingest(tmp: Path, broker: str, ref: str, rounds: int, n_devices: int, n_messages: int) -> dict[str, Any]:
+    """The controller's own drain rate, this version against ``ref``, interleaved round by round (receipts on)."""
+    tree = baseline_tree(ref, tmp)
+    rows: dict[str, list[dict[str, Any]]] = {"baseline": [], "this": []}
+    ratios: list[float] = []
+    for i in range(rounds):
+        got = {}
+        for label in (("baseline", "this") if i % 2 == 0 else ("this", "baseline")):
+            ctl = Controller(tmp, broker, f"ab{i}-{label}", True, tree if label == "baseline" else None)
+            try:
+                r, _ = _measure(ctl, broker, n_devices, n_messages, f"ab{i}-{label}", keep=False)
+            except BaseException:
+                ctl.stop()
+                raise
+            got[label] = r
+            rows[label].append(r)
+            print(f"A/B round {i + 1}/{rounds} {label}: drain {r['drain']['cpu_ms_per_1000']} ms CPU/1,000, "
+                  f"{r['rows_stored']}/{r['messages_sent']} stored", flush=True)
+        ratios.append(got["this"]["drain"]["cpu_ms_per_1000"] / got["baseline"]["drain"]["cpu_ms_per_1000"])
+
+    def med(label: str, key: str) -> float:
+        return round(statistics.median(r["drain"][key] for r in rows[label]), 1)
+
+    return {"ref": ref, "rounds": rounds, "devices": n_devices, "messages_per_round": 2 * n_messages,
+            "baseline": {"cpu_ms_per_1000": med("baseline", "cpu_ms_per_1000"),
+                         "cpu_bound_msgs_per_s": med("baseline", "cpu_bound_msgs_per_s")},
+            "this": {"cpu_ms_per_1000": med("this", "cpu_ms_per_1000"),
+                     "cpu_bound_msgs_per_s": med("this", "cpu_bound_msgs_per_s")},
+            "ratio_cpu_per_message": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios],
+            "nothing_lost": all(r["nothing_lost"] for rs in rows.values() for r in rs),
+            "duplicates": sum(r["duplicates"] for rs in rows.values() for r in rs)}
+
+
 def api_latency(ctl: Controller, runs: int) -> dict[str, Any]:
     devs = get_json(ctl.url + "/api/devices")["devices"]
     one = devs[len(devs) // 2]["device"]
@@ -291,11 +342,45 @@ def first_paint(ctl: Controller, runs: int) -> dict[str, Any] | None:
             "all_devices_loaded_ms": round(statistics.median(complete), 1), "rows_rendered": rows, "summary": summary}
 
 
+def ab_report(ab: dict[str, Any]) -> str:
+    """The A/B as Markdown."""
+    b, t = ab["baseline"], ab["this"]
+    return "\n".join([
+        "# Fleet ingest A/B", "",
+        f"`.venv/bin/python bench/fleet.py --ab {ab['ref']}`: the controller's drain (messages the broker queued "
+        "while it was stopped, ingested after it restarts: the controller alone on its core, receipts on), this "
+        f"tree against `{ab['ref']}`, {ab['devices']:,} devices, {ab['messages_per_round']:,} telemetry messages per "
+        f"controller and round, {ab['rounds']} rounds interleaved (the order alternates). Load average at the end: "
+        f"{ab['load_avg']} (a shared machine: read the ratio).", "",
+        "| | controller CPU ms per 1,000 messages (median) | messages per CPU-second (median) |",
+        "|---|---:|---:|",
+        f"| `{ab['ref']}` (baseline) | {b['cpu_ms_per_1000']} | {b['cpu_bound_msgs_per_s']:,.0f} |",
+        f"| this tree | {t['cpu_ms_per_1000']} | {t['cpu_bound_msgs_per_s']:,.0f} |", "",
+        f"Median per-round ratio of CPU per message, this / baseline: **{ab['ratio_cpu_per_message']}** "
+        f"(rounds: {ab['ratios']}). Every run stored every message: {ab['nothing_lost']}; duplicates: "
+        f"{ab['duplicates']}.", ""])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer messages (a smoke run)")
     ap.add_argument("--report-only", action="store_true", help="rewrite fleet.md from fleet.json, measure nothing")
+    ap.add_argument("--ab", metavar="GIT_REF", help="only an A/B of the ingest drain: this tree against GIT_REF, "
+                    "interleaved (writes fleet-ab.json and .md)")
+    ap.add_argument("--rounds", type=int, default=4, help="A/B rounds (default 4)")
     args = ap.parse_args()
+    if args.ab:
+        with tempfile.TemporaryDirectory(prefix="edgefleet-bench-ab-") as d:
+            broker, url = start_broker(Path(d))
+            try:
+                ab = ab_ingest(Path(d), url, args.ab, args.rounds, 1000, 6000 if args.quick else 15_000)
+            finally:
+                broker.terminate()
+        ab["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+        (RESULTS / "fleet-ab.json").write_text(json.dumps(ab, indent=1) + "\n")
+        (RESULTS / "fleet-ab.md").write_text(ab_report(ab))
+        print(ab_report(ab))
+        return
     if args.report_only:
         (RESULTS / "fleet.md").write_text(report(json.loads((RESULTS / "fleet.json").read_text())))
         return

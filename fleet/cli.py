@@ -19,9 +19,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import click
+from edgefleet.sdk.cli import mqtt_options
 from edgefleet.sdk.errors import ConfigError, EdgefleetError, InputError, ProtocolError, TransportError
 from edgefleet.sdk.protocol import (
     ApiError,
@@ -42,6 +43,9 @@ __all__ = ["deploy", "deployments", "fleet", "rollback"]
 _DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 M = TypeVar("M", bound=Model)
+
+if TYPE_CHECKING:
+    from edgefleet.sdk.transport import MqttOptions
 
 
 class Api:
@@ -147,8 +151,7 @@ def fleet() -> None:
 
 
 @fleet.command("serve")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
-              help="MQTT broker URL (mqtt:// or mqtts://).")
+@mqtt_options()
 @click.option("--store", "db", default="edgefleet-fleet.db", show_default=True, envvar="EDGEFLEET_STORE",
               help="Where the fleet is stored: a SQLite file (one host), or postgresql://USER@HOST/DB?sslmode=... "
                    "shared by several controllers (pip install 'edgefleet[postgres]'). Env: EDGEFLEET_STORE.")
@@ -195,7 +198,7 @@ def fleet() -> None:
               help="Seconds the broker keeps this controller's session (and its share of the fleet's messages) "
                    "after it goes away.")
 @click.pass_context
-def serve(ctx: click.Context, broker: str, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...],
+def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...],
           signing_key: Path | None, command_ttl: float, fleet_id: str, client_id: str, share_group: str,
           receipts: bool, public_url: str, retention_days: float, max_clock_skew: float, rollout_lease: float,
           db_old: str | None, read_auth: str, allowed_hosts: tuple[str, ...], max_upload: str, tls_cert: Path | None,
@@ -213,7 +216,7 @@ def serve(ctx: click.Context, broker: str, db: str, http_addr: str, bundles_dir:
     if not host or not port.isdigit():
         raise click.BadParameter(f"--http must be HOST:PORT, got {http_addr!r}")
     try:
-        cfg = ControllerConfig(broker=broker, db=db, fleet=fleet_id, http_host=host.strip("[]"), http_port=int(port),
+        cfg = ControllerConfig(broker=mqtt, db=db, fleet=fleet_id, http_host=host.strip("[]"), http_port=int(port),
                                bundles_dir=bundles_dir, trust=list(trust), client_id=client_id,
                                share_group=share_group, public_url=public_url, retention_days=retention_days,
                                signing_key=signing_key, command_ttl_s=command_ttl, receipts=receipts,
@@ -222,7 +225,7 @@ def serve(ctx: click.Context, broker: str, db: str, http_addr: str, bundles_dir:
                                tls_cert=tls_cert, tls_key=tls_key, mqtt_session_expiry_s=mqtt_session_expiry,
                                rollout_lease_s=rollout_lease, bundle_base_url=bundle_base_url)
         ctl = Controller(cfg)
-        click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {broker}, store {ctl.store}",
+        click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {mqtt}, store {ctl.store}",
                    err=True)
         if not trust:
             click.echo("warning: no --trust key: this controller will refuse every bundle (deployments need one)",
@@ -401,21 +404,21 @@ def send(device: str, kind: str, args_json: str, wait_s: float, api: Api, as_jso
 
 
 @fleet.command("top")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL.")
+@mqtt_options()
 @click.option("--fleet", "fleet_id", default="default", show_default=True, help="Fleet id.")
 @click.option("--duration", type=float, default=None, help="Exit after this many seconds (default: until Ctrl-C).")
 @click.option("--sort", "sort_key", type=click.Choice(["device", "p95", "p99", "throughput", "errors", "last_seen"]),
               default="device", show_default=True, help="Column to sort by (latency/errors descending).")
 @click.option("--limit", type=int, default=50, show_default=True, help="Rows shown.")
-def top(broker: str, fleet_id: str, duration: float | None, sort_key: str, limit: int) -> None:
+def top(mqtt: MqttOptions, fleet_id: str, duration: float | None, sort_key: str, limit: int) -> None:
     """A live terminal view of the fleet straight from MQTT (no controller needed)."""
     from .top import run_top
 
-    run_top(broker, fleet_id, duration_s=duration, sort_key=sort_key, limit=limit)
+    run_top(mqtt, fleet_id, duration_s=duration, sort_key=sort_key, limit=limit)
 
 
 @fleet.command("simulate")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT broker URL.")
+@mqtt_options()
 @click.option("--fleet", "fleet_id", default="default", show_default=True, help="Fleet id.")
 @click.option("--devices", "n", type=click.IntRange(1, 100_000), default=10, show_default=True,
               help="How many devices.")
@@ -431,7 +434,7 @@ def top(broker: str, fleet_id: str, duration: float | None, sort_key: str, limit
 @click.option("--receipts/--no-receipts", default=False, show_default=True,
               help="Keep every message until a controller's receipt names it and send again what receipts skip "
                    "(as agents do).")
-def simulate(broker: str, fleet_id: str, n: int, interval: float, profiles: str, prefix: str, model: str,
+def simulate(mqtt: MqttOptions, fleet_id: str, n: int, interval: float, profiles: str, prefix: str, model: str,
              version: str, tags: tuple[str, ...], slow: tuple[str, ...], duration: float | None,
              receipts: bool) -> None:
     """Simulated devices publishing realistic telemetry (and answering deploy/rollback) to a real broker."""
@@ -448,7 +451,7 @@ def simulate(broker: str, fleet_id: str, n: int, interval: float, profiles: str,
             factors[v] = float(f)
         except ValueError:
             raise click.BadParameter(f"--slow must be VERSION=FACTOR, got {s!r}") from None
-    sim = Simulator(broker, fleet_id, make_devices(n, prefix=prefix, profiles=profs, model=model, version=version,
+    sim = Simulator(mqtt, fleet_id, make_devices(n, prefix=prefix, profiles=profs, model=model, version=version,
                                                   tags=list(tags)), interval_s=interval, slow=factors,
                     receipts=receipts)
     sim.start()

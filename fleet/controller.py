@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
-from edgefleet.sdk.errors import ConfigError
+from edgefleet.sdk.errors import ConfigError, TransportError
 from edgefleet.sdk.keys import PrivateKey, TrustedKeys, load_private_key
-from edgefleet.sdk.protocol import MAX_FUTURE_SKEW_S, Command, check_id, sign_command
+from edgefleet.sdk.protocol import MAX_FUTURE_SKEW_S, Command, check_id, sign_command, topic
+from edgefleet.sdk.transport import MqttOptions, publish_properties
 
-from ._mqtt import publish_command
 from .bundles import BundleLibrary
 from .commands import Commander
 from .http import HttpPolicy, make_app
@@ -65,7 +65,7 @@ class CommandSigner:
 class ControllerConfig:
     """Everything ``edgefleet fleet serve`` takes."""
 
-    broker: str = "mqtt://127.0.0.1:1883"
+    broker: str | MqttOptions = "mqtt://127.0.0.1:1883"  # a URL, or every connection option (fleet serve's)
     db: str = "edgefleet-fleet.db"
     fleet: str = "default"
     http_host: str = "127.0.0.1"
@@ -85,6 +85,7 @@ class ControllerConfig:
     # How long the broker keeps this controller's MQTT session (and its share of the fleet's messages) after it
     # goes away: a restart within it resumes; after it the broker gives the share group's messages to the others.
     mqtt_session_expiry_s: int = 60
+    mqtt: MqttOptions = field(init=False)  # ``broker`` as validated options (TLS, credentials ...)
     # HTTP (fleet/http.py HttpPolicy): who may read without a token, extra Host names, body limits, TLS.
     read_auth: str = "local"
     allowed_hosts: tuple[str, ...] = ()
@@ -94,6 +95,7 @@ class ControllerConfig:
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
+        self.mqtt = self.broker if isinstance(self.broker, MqttOptions) else MqttOptions.parse(self.broker)
         if not 0 <= self.mqtt_session_expiry_s <= 0xFFFFFFFF:
             raise ConfigError(f"mqtt_session_expiry_s must be in [0, 2^32-1], got {self.mqtt_session_expiry_s}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -136,7 +138,7 @@ class Controller:
             self.library = BundleLibrary(config.bundles_dir, trusted)
         except OSError as exc:
             raise ConfigError(f"bundles directory {config.bundles_dir}: {exc.strerror or exc}") from exc
-        self.ingest = Ingestor(self.store, broker=config.broker, fleet=config.fleet, client_id=config.client_id,
+        self.ingest = Ingestor(self.store, broker=config.mqtt, fleet=config.fleet, client_id=config.client_id,
                                share_group=config.share_group, receipts=config.receipts,
                                max_future_skew_s=config.max_clock_skew_s,
                                session_expiry_s=config.mqtt_session_expiry_s)
@@ -176,7 +178,12 @@ class Controller:
     def _publish(self, device: str, cmd: Command) -> None:
         if self.signer is not None:
             cmd = self.signer.sign(device, cmd)
-        publish_command(self.ingest.client, self.config.fleet, device, cmd)
+        props = publish_properties(response_topic=topic(self.config.fleet, device, "reply"),
+                                   correlation=cmd.id.encode())
+        # QoS 1, not retained: the device's persistent session queues it while the device is offline.
+        if self.ingest.transport.publish(topic(self.config.fleet, device, "cmd"), cmd.to_json(),
+                                         properties=props) is None:
+            raise TransportError(f"publishing command {cmd.id} to {device} failed: the MQTT client's queue is full")
 
     async def _start_http(self) -> None:
         # lingering_time: after refusing a body (401, 413 ...) the server reads and discards what the client still
@@ -283,7 +290,7 @@ class Controller:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         self.start()
         log.warning("controller %s: fleet %s, broker %s, http %s", self.config.client_id, self.config.fleet,
-                    self.config.broker, self.url)
+                    self.config.mqtt, self.url)
         try:
             while not stop.wait(1.0):
                 pass

@@ -39,7 +39,6 @@ broker ACL's to decide (``edgefleet fleet enroll``; docs/operations.md).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import re
@@ -51,7 +50,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgspec
-import paho.mqtt.client as mqtt
 from edgefleet.sdk.errors import PayloadTooLargeError, ProtocolError, ProtocolVersionError
 from edgefleet.sdk.protocol import (
     INT64_MAX,
@@ -68,11 +66,8 @@ from edgefleet.sdk.protocol import (
     topic,
 )
 from edgefleet.sdk.protocol._model import prevalidated
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from edgefleet.sdk.transport import Incoming, MqttOptions, MqttTransport
 
-from ._mqtt import make_client, parse_broker_url, session_properties, wait_connected
 from .store import Batch, Store, WriteResult
 
 __all__ = ["IngestStats", "Ingestor"]
@@ -160,15 +155,16 @@ def _refused_of(obj: Telemetry | Event | Reply, reason: str) -> Refused:
 class Ingestor:
     """Subscribe, validate, batch, write, ack. ``start()`` returns once subscribed; ``stop()`` flushes."""
 
-    def __init__(self, store: Store, *, broker: str, fleet: str, client_id: str, share_group: str = "edgefleet",
-                 batch_max: int = 500, session_expiry_s: int = 60, receipts: bool = True,
+    def __init__(self, store: Store, *, broker: MqttOptions, fleet: str, client_id: str,
+                 share_group: str = "edgefleet", batch_max: int = 500, session_expiry_s: int = 60,
+                 receipts: bool = True,
                  receipt_interval_s: float = 0.5, max_future_skew_s: float = MAX_FUTURE_SKEW_S,
                  on_write: Callable[[WriteResult], None] | None = None) -> None:
         self.store = store
         self.fleet = check_id("fleet", fleet)
         self.client_id = check_id("client id", client_id)
         self.share_group = check_id("share group", share_group)
-        self.broker = parse_broker_url(broker)
+        self.broker = broker
         self.batch_max = batch_max
         self.session_expiry_s = session_expiry_s
         self.receipts = receipts
@@ -187,14 +183,13 @@ class Ingestor:
         self._logged: set[tuple[str, str]] = set()
         self._running = threading.Event()
         self._draining = threading.Event()
-        self._disconnected = threading.Event()
-        self._subscribed = threading.Event()
         self._writer: threading.Thread | None = None
-        self.client = make_client(self.broker, client_id, manual_ack=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_disconnect = self._on_disconnect
+        subs = [(subscription(self.fleet, "status"), 1)]
+        subs += [(subscription(self.fleet, ch, self.share_group), 1) for ch in _SHARED_CHANNELS]
+        # Acknowledged by hand, after the commit: a controller that dies loses nothing (the broker redelivers).
+        self.transport = MqttTransport(broker, self.client_id, clean_start=False, session_expiry_s=session_expiry_s,
+                                       manual_ack=True, subscriptions=subs, on_message=self._on_message,
+                                       on_connect=self._on_connect, on_disconnect=self._on_disconnect)
 
     # lifecycle -----------------------------------------------------------------------------------------------------
     def start(self, timeout_s: float = 10.0) -> None:
@@ -202,11 +197,9 @@ class Ingestor:
         self._running.set()
         self._writer = threading.Thread(target=self._write_loop, name=f"ingest-writer-{self.client_id}", daemon=True)
         self._writer.start()
-        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False,
-                                  properties=session_properties(self.session_expiry_s))
-        self.client.loop_start()
+        self.transport.start()
         try:
-            wait_connected(self._subscribed, self.broker, timeout_s)
+            self.transport.wait_ready(timeout_s)
         except BaseException:
             self.abort()
             raise
@@ -215,11 +208,7 @@ class Ingestor:
         """Stop at once and end the MQTT session on the broker (no share of the fleet's messages is kept for a
         controller that is not running): for a start that failed."""
         self._running.clear()
-        props = Properties(PacketTypes.DISCONNECT)
-        props.SessionExpiryInterval = 0
-        with contextlib.suppress(Exception):
-            self.client.disconnect(properties=props)
-        self.client.loop_stop()
+        self.transport.stop(end_session=True, timeout_s=2.0)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop taking messages, write and acknowledge those already queued, then disconnect.
@@ -236,68 +225,36 @@ class Ingestor:
             self._writer.join(max(timeout_s, 60.0))
         if self.receipts:
             self._flush_receipts(force=True)
-        self._ack_barrier(timeout_s)
-        self._disconnected.clear()
-        self.client.disconnect()
-        self._disconnected.wait(timeout_s)
-        self.client.loop_stop()
-
-    def _ack_barrier(self, timeout_s: float) -> None:
-        """Wait until the broker has processed every ack sent so far.
-
-        Closing the socket while the broker still sends us messages makes TCP reset the connection, and the broker
-        may drop our last acks unread: it would then deliver those (already stored) messages again. A broker handles
-        a client's packets in order, so the reply to an UNSUBSCRIBE (of a filter we never subscribed: no side effect)
-        proves the acks before it were processed.
-        """
-        if not self._subscribed.is_set():
-            return
-        done = threading.Event()
-        self.client.on_unsubscribe = lambda *args: done.set()
-        self.client.unsubscribe(f"edgefleet/v1/{self.fleet}/.ack-barrier/{self.client_id}")
-        if not done.wait(timeout_s):
+        # Without this barrier, closing the socket while the broker is still sending could lose our last acks and
+        # have the broker deliver those (already stored) messages again (docs/fleet.md, "Restarts").
+        if not self.transport.ack_barrier(f"edgefleet/v1/{self.fleet}/.ack-barrier/{self.client_id}", timeout_s):
             log.warning("broker %s did not confirm our last acks within %g s; a few stored messages may come "
                         "again (they are de-duplicated)", self.broker, timeout_s)
+        self.transport.stop(timeout_s=timeout_s)
 
     @property
     def connected(self) -> bool:
         """True while subscribed to the broker."""
-        return self._subscribed.is_set()
+        return self.transport.ready.is_set()
 
     @property
     def backlog(self) -> int:
         """Messages received but not yet written."""
         return self._q.qsize()
 
-    # paho callbacks (network thread) -------------------------------------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        if reason_code.is_failure:
-            log.error("broker %s refused the connection: %s", self.broker, reason_code)
-            return
-        self._gen += 1
-        opts = SubscribeOptions(qos=1)
-        subs = [(subscription(self.fleet, "status"), opts)]
-        subs += [(subscription(self.fleet, ch, self.share_group), opts) for ch in _SHARED_CHANNELS]
-        client.subscribe(subs)
+    # transport callbacks (network thread) ---------------------------------------------------------------------------
+    def _on_connect(self, session_present: bool) -> None:
+        self._gen += 1  # message ids are only meaningful within one connection
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        bad = [rc for rc in reason_codes if rc.is_failure]
-        if bad:
-            log.error("broker %s refused subscriptions: %s", self.broker, bad)
-            return
-        self._subscribed.set()
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        self._subscribed.clear()
-        self._disconnected.set()
+    def _on_disconnect(self) -> None:
         if self._running.is_set():
-            log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
+            log.warning("disconnected from %s; reconnecting", self.broker)
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, msg: Incoming) -> None:
         if self._draining.is_set():
             return  # stopping: not acked, so the broker redelivers it to this session or another controller
         # Only queue: validation and SQLite run in the writer thread so the network loop keeps up with the broker.
-        self._q.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._gen))
+        self._q.put((msg.topic, msg.payload, msg.mid, msg.qos, self._gen))
 
     # writer thread -------------------------------------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -325,7 +282,7 @@ class Ingestor:
         for _topic, _payload, mid, qos, item_gen in items:
             # A message id from before a reconnect may now name another, unwritten message: never ack across.
             if qos > 0 and item_gen == gen:
-                self.client.ack(mid, qos)
+                self.transport.ack(mid, qos)
         if self.receipts:
             self._note_receipts(batch, refused)
             self._flush_receipts()
@@ -369,8 +326,7 @@ class Ingestor:
             out += receipts(device, telemetry=tel_ev["telemetry"], events=tel_ev["events"], replies=ids,
                             refused=True, reason=reason)
         for msg in out:
-            info = self.client.publish(self._receipt_topic(msg.device), msg.to_json(), qos=1)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            if self.transport.publish(self._receipt_topic(msg.device), msg.to_json()) is not None:
                 self.stats.receipts += 1
             # Not connected: paho queues it; and a receipt that never arrives only makes the agent send again.
 

@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import paho.mqtt.client as mqtt
 from edgefleet.sdk.errors import EdgefleetError, ProtocolError
 from edgefleet.sdk.protocol import (
     Command,
@@ -48,9 +47,7 @@ from edgefleet.sdk.protocol import (
     topic,
 )
 from edgefleet.sdk.sketch import DDSketch
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
-from ._mqtt import make_client, parse_broker_url, session_properties, wait_connected
+from edgefleet.sdk.transport import Incoming, MqttOptions, MqttTransport, Will
 
 __all__ = ["PROFILE_LATENCY_MS", "SimDevice", "Simulator"]
 
@@ -122,12 +119,12 @@ class _SketchPool:
 class Simulator:
     """Run ``devices`` simulated devices against a broker; ``start()`` then ``stop()`` (or use as a context)."""
 
-    def __init__(self, broker: str, fleet: str, devices: list[SimDevice], *, interval_s: float = 1.0,
+    def __init__(self, broker: MqttOptions | str, fleet: str, devices: list[SimDevice], *, interval_s: float = 1.0,
                  slow: Mapping[str, float] | None = None, error_rates: Mapping[str, float] | None = None,
                  per_window: int = 50, own_connections: int = 200, connections: int = 4, seed: int = 0,
                  answer_commands: bool = True, client_prefix: str = "sim", receipts: bool = False,
                  resend_after_s: float = 5.0, max_unconfirmed: int = 10_000) -> None:
-        self.broker = parse_broker_url(broker)
+        self.broker = broker if isinstance(broker, MqttOptions) else MqttOptions.parse(broker)
         self.fleet = check_id("fleet", fleet)
         self.devices = {d.device: d for d in devices}
         self.interval_s = interval_s
@@ -148,13 +145,13 @@ class Simulator:
         n_conn = len(ids) if len(ids) <= own_connections else max(1, connections)
         self._groups = [ids[i::n_conn] for i in range(n_conn)]
         self._own = n_conn == len(ids)
-        self._clients: list[mqtt.Client] = []
+        self._clients: list[MqttTransport] = []
         # Receipts: device -> (kind, boot, seq or reply id) -> (topic, payload, when sent); device -> its client.
         self.receipts = receipts
         self.resend_after_s = resend_after_s
         self.max_unconfirmed = max_unconfirmed
         self._unconfirmed: dict[str, dict[tuple[str, str, str], tuple[str, bytes, float]]] = {}
-        self._client_of: dict[str, mqtt.Client] = {}
+        self._client_of: dict[str, MqttTransport] = {}
         self._last_receipt = 0.0
         self.confirmed = 0  # messages a receipt named
         self.refused = 0  # messages a negative receipt named
@@ -168,51 +165,45 @@ class Simulator:
     # lifecycle -----------------------------------------------------------------------------------------------------
     def start(self, timeout_s: float = 10.0) -> None:
         """Connect every device connection and publish births; telemetry starts on ``run_telemetry``."""
-        events = []
         for i, group in enumerate(self._groups):
             cid = f"{self._prefix}-{group[0]}" if self._own else f"{self._prefix}-{i}-{len(self._groups)}"
-            client = make_client(self.broker, cid[:64])
-            client.max_inflight_messages_set(1000)
-            client.max_queued_messages_set(0)
+            will = None
             if self._own:
-                client.will_set(topic(self.fleet, group[0], "status"),
-                                Status(device=group[0], state="offline", boot=self.devices[group[0]].boot,
-                                       reason="lost").to_json(), qos=1, retain=True)
-            connected = threading.Event()
-            client.on_connect = self._make_on_connect(group, connected)
-            client.on_message = self._on_message
-            client.user_data_set(client)
-            client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False,
-                                 properties=session_properties(3600))
-            client.loop_start()
-            self._clients.append(client)
+                will = Will(topic(self.fleet, group[0], "status"),
+                            Status(device=group[0], state="offline", boot=self.devices[group[0]].boot,
+                                   reason="lost").to_json())
+            subs = [(topic(self.fleet, dev, "cmd"), 1) for dev in group] if self.answer_commands else []
+            if self.receipts:  # one filter for a shared connection, the device's own topic otherwise
+                subs.append((topic(self.fleet, group[0], "receipt") if self._own else
+                             f"edgefleet/v1/{self.fleet}/+/receipt", 1))
+            holder: list[MqttTransport] = []
+            client = MqttTransport(self.broker, cid[:64], clean_start=False, session_expiry_s=3600, will=will,
+                                   subscriptions=subs, max_inflight=1000,
+                                   on_connect=self._make_on_connect(group, holder),
+                                   on_message=self._make_on_message(holder))
+            holder.append(client)
+            self._clients.append(client.start())
             self._client_of.update(dict.fromkeys(group, client))
-            events.append(connected)
-        for e in events:
-            wait_connected(e, self.broker, timeout_s)
+        for c in self._clients:
+            c.wait_ready(timeout_s)
         if self.receipts:
             t = threading.Thread(target=self._resend_loop, name="sim-resend", daemon=True)
             t.start()
             self._threads.append(t)
 
-    def _make_on_connect(self, group: list[str], connected: threading.Event) -> Any:
-        def on_connect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-            if rc.is_failure:
-                return
+    def _make_on_connect(self, group: list[str], holder: list[MqttTransport]) -> Any:
+        def on_connect(session_present: bool) -> None:
             for dev in group:
                 d = self.devices[dev]
-                client.publish(topic(self.fleet, dev, "status"),
-                               Status(device=dev, state="online", boot=d.boot,
-                                      description=d.description()).to_json(), qos=1, retain=True)
-            subs = [(topic(self.fleet, dev, "cmd"), SubscribeOptions(qos=1)) for dev in group] \
-                if self.answer_commands else []
-            if self.receipts:  # one filter for a shared connection, the device's own topic otherwise
-                subs += [(topic(self.fleet, group[0], "receipt") if self._own else
-                          f"edgefleet/v1/{self.fleet}/+/receipt", SubscribeOptions(qos=1))]
-            if subs:
-                client.subscribe(subs)
-            connected.set()
+                holder[0].publish(topic(self.fleet, dev, "status"),
+                                  Status(device=dev, state="online", boot=d.boot,
+                                         description=d.description()).to_json(), retain=True)
         return on_connect
+
+    def _make_on_message(self, holder: list[MqttTransport]) -> Any:
+        def on_message(msg: Incoming) -> None:
+            self._on_message(holder[0], msg)
+        return on_message
 
     def stop(self, *, graceful: bool = True) -> None:
         """Stop telemetry; graceful: publish ``offline`` statuses, else drop connections (Last Will fires)."""
@@ -221,14 +212,15 @@ class Simulator:
             t.join(10)
         for client, group in zip(self._clients, self._groups, strict=True):
             if graceful:
-                for dev in group:
-                    client.publish(topic(self.fleet, dev, "status"),
-                                   Status(device=dev, state="offline", boot=self.devices[dev].boot,
-                                          reason="shutdown").to_json(), qos=1, retain=True).wait_for_publish(5)
-                client.disconnect()
+                infos = [client.publish(topic(self.fleet, dev, "status"),
+                                        Status(device=dev, state="offline", boot=self.devices[dev].boot,
+                                               reason="shutdown").to_json(), retain=True) for dev in group]
+                for info in infos:
+                    if info is not None:
+                        info.wait_for_publish(5)
+                client.stop()
             else:
-                client._sock_close()  # no DISCONNECT packet: the broker sees a lost connection and sends the will
-            client.loop_stop()
+                client.kill()  # no DISCONNECT packet: the broker sees a lost connection and sends the will
 
     def __enter__(self) -> Simulator:
         self.start()
@@ -260,7 +252,7 @@ class Simulator:
                     d = self.devices[dev]
                     payload = self.record(d)
                     self._keep(dev, ("telemetry", d.boot, str(d.seq)), topic(self.fleet, dev, "telemetry"), payload)
-                client.publish(topic(self.fleet, dev, "telemetry"), payload, qos=1)
+                client.publish(topic(self.fleet, dev, "telemetry"), payload)
                 n += 1
         with self._lock:
             self.sent += n
@@ -294,12 +286,12 @@ class Simulator:
         """Wait until every published message has been handed to the broker."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(len(c._out_messages) == 0 for c in self._clients):
+            if all(c.unacknowledged() == 0 for c in self._clients):
                 return
             time.sleep(0.02)
 
     # commands ------------------------------------------------------------------------------------------------------
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: MqttTransport, msg: Incoming) -> None:
         parts = msg.topic.split("/")
         dev = parts[3]
         if parts[-1] == "receipt":
@@ -318,7 +310,7 @@ class Simulator:
         # Off the network thread: a deploy downloads over HTTP, which must not block MQTT keepalives.
         threading.Thread(target=self._handle, args=(client, dev, cmd), daemon=True).start()
 
-    def _emit(self, client: mqtt.Client, d: SimDevice, kind: str, message: str, data: dict[str, Any],
+    def _emit(self, client: MqttTransport, d: SimDevice, kind: str, message: str, data: dict[str, Any],
               level: str = "info") -> None:
         """An event as the agent sends it (``data.command``: the command it is about; ``data.state``: progress)."""
         lvl: Any = level
@@ -327,9 +319,9 @@ class Simulator:
             payload = Event(device=d.device, boot=d.boot, seq=d.seq, kind=kind, message=message, level=lvl,
                             data=data).to_json()
             self._keep(d.device, ("events", d.boot, str(d.seq)), topic(self.fleet, d.device, "events"), payload)
-        client.publish(topic(self.fleet, d.device, "events"), payload, qos=1)
+        client.publish(topic(self.fleet, d.device, "events"), payload)
 
-    def _handle(self, client: mqtt.Client, dev: str, cmd: Command) -> None:
+    def _handle(self, client: MqttTransport, dev: str, cmd: Command) -> None:
         d = self.devices[dev]
         cid = cmd.id
         try:
@@ -350,11 +342,11 @@ class Simulator:
             answer = Reply.failed(cid, dev, exc.code, str(exc), cmd.kind)
         client.publish(topic(self.fleet, dev, "status"),
                        Status(device=dev, state="online", boot=d.boot, description=d.description()).to_json(),
-                       qos=1, retain=True)
+                       retain=True)
         payload = answer.to_json()
         with self._lock:
             self._keep(dev, ("reply", "", cid), topic(self.fleet, dev, "reply"), payload)
-        client.publish(topic(self.fleet, dev, "reply"), payload, qos=1)
+        client.publish(topic(self.fleet, dev, "reply"), payload)
 
     # receipts ------------------------------------------------------------------------------------------------------
     def _keep(self, dev: str, key: tuple[str, str, str], topic_name: str, payload: bytes) -> None:
@@ -395,7 +387,7 @@ class Simulator:
         """Send again what was sent ``resend_after_s`` before the latest receipt and is still not named by one (the
         agent's rule: a controller is alive, so the broker lost it, or gave it to a controller that died)."""
         while not self._stop.wait(0.25):
-            again: list[tuple[mqtt.Client, str, bytes]] = []
+            again: list[tuple[MqttTransport, str, bytes]] = []
             with self._lock:
                 cutoff = self._last_receipt - self.resend_after_s
                 now = time.monotonic()
@@ -406,14 +398,14 @@ class Simulator:
                             again.append((self._client_of[dev], topic_name, payload))
                 self.resent += len(again)
             for client, topic_name, payload in again:
-                client.publish(topic_name, payload, qos=1)
+                client.publish(topic_name, payload)
 
     def unconfirmed(self) -> int:
         """Messages no receipt has named yet."""
         with self._lock:
             return sum(len(h) for h in self._unconfirmed.values())
 
-    def _deploy(self, client: mqtt.Client, d: SimDevice, cid: str, args: DeployArgs) -> dict[str, Any]:
+    def _deploy(self, client: MqttTransport, d: SimDevice, cid: str, args: DeployArgs) -> dict[str, Any]:
         self._emit(client, d, "deploy.progress", "downloading bundle", {"command": cid, "state": "downloading"})
         try:
             with urllib.request.urlopen(args.url, timeout=30) as resp:

@@ -12,17 +12,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import paho.mqtt.client as mqtt
 from edgefleet.sdk.errors import ProtocolError
 from edgefleet.sdk.protocol import Status, Telemetry, check_id, parse_topic, subscription
 from edgefleet.sdk.sketch import DDSketch, quantiles
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from edgefleet.sdk.transport import Incoming, MqttOptions, MqttTransport
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
-
-from ._mqtt import make_client, parse_broker_url, wait_connected
 
 __all__ = ["FleetView", "run_top"]
 
@@ -121,26 +118,27 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def watch(broker: str, fleet: str, view: FleetView, timeout_s: float = 10.0) -> mqtt.Client:
-    """Connect a clean-session client feeding ``view``; caller stops it with ``disconnect()`` + ``loop_stop()``."""
-    b = parse_broker_url(broker)
-    client = make_client(b, f"edgefleet-top-{uuid.uuid4().hex[:8]}")
-    subscribed = threading.Event()
+def watch(broker: MqttOptions | str, fleet: str, view: FleetView, timeout_s: float = 10.0) -> MqttTransport:
+    """Connect a clean-session client feeding ``view`` (the same connection options as every edgefleet process);
+    the caller stops it with ``stop()``."""
+    options = broker if isinstance(broker, MqttOptions) else MqttOptions.parse(broker)
 
-    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        c.subscribe([(subscription(fleet, "status"), SubscribeOptions(qos=0)),
-                     (subscription(fleet, "telemetry"), SubscribeOptions(qos=0))])
+    def on_message(msg: Incoming) -> None:
+        view.apply(msg.topic, msg.payload)
 
-    client.on_connect = on_connect
-    client.on_subscribe = lambda *a: subscribed.set()
-    client.on_message = lambda c, u, msg: view.apply(msg.topic, bytes(msg.payload))
-    client.connect_async(b.host, b.port, keepalive=30, clean_start=True)
-    client.loop_start()
-    wait_connected(subscribed, b, timeout_s)
-    return client
+    # Not shared, QoS 0, no session: top must see every device, and nothing should queue for it while it is away.
+    t = MqttTransport(options, f"edgefleet-top-{uuid.uuid4().hex[:8]}", clean_start=True, session_expiry_s=0,
+                      subscriptions=[(subscription(fleet, "status"), 0), (subscription(fleet, "telemetry"), 0)],
+                      on_message=on_message).start()
+    try:
+        t.wait_ready(timeout_s)
+    except Exception:
+        t.stop(timeout_s=1.0)
+        raise
+    return t
 
 
-def run_top(broker: str, fleet: str, *, duration_s: float | None = None, sort_key: str = "device",
+def run_top(broker: MqttOptions | str, fleet: str, *, duration_s: float | None = None, sort_key: str = "device",
             limit: int = 50, console: Console | None = None) -> FleetView:
     """Show the live view until Ctrl-C or ``duration_s``; not on a terminal, print the table once at the end."""
     view = FleetView(fleet)
@@ -160,6 +158,5 @@ def run_top(broker: str, fleet: str, *, duration_s: float | None = None, sort_ke
     except KeyboardInterrupt:
         pass
     finally:
-        client.disconnect()
-        client.loop_stop()
+        client.stop()
     return view

@@ -6,17 +6,23 @@ The table below is the whole command tree's entry points: nothing registers itse
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from .errors import EdgefleetError, SelfTestError
+from .errors import ConfigError, EdgefleetError, SelfTestError
 
-__all__ = ["cli", "main"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = ["cli", "main", "mqtt_options"]
 
 # name -> (module, attribute, short help shown by `edgefleet --help` without importing the module)
 _COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -29,7 +35,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "deploy": ("edgefleet.fleet.cli", "deploy", "Deploy bundles to devices (staged, with canary)."),
     "deployments": ("edgefleet.fleet.cli", "deployments", "List and show deployments."),
     "rollback": ("edgefleet.fleet.cli", "rollback", "Roll devices back to their previous bundle."),
-    "demo": ("edgefleet.fleet.demo", "demo", "Package a real model, run local agents and watch them live."),
+    "demo": ("edgefleet.demo.harness", "demo", "Package a real model, run local agents and watch them live."),
 }
 
 
@@ -45,7 +51,7 @@ class LazyGroup(click.Group):
             return None
         module, attr, _ = entry
         try:
-            cmd = getattr(importlib.import_module(module), attr)
+            cmd: click.Command = getattr(importlib.import_module(module), attr)
         except ImportError as exc:
             raise click.ClickException(
                 f"'{cmd_name}' needs a component that is not installed ({exc.name}); "
@@ -175,3 +181,77 @@ def bundle_verify(path: Path, trust: tuple[Path, ...], run_selftest: bool, allow
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# -- MQTT connection options, the same on every command that connects ----------------------------------------------
+
+def mqtt_options(default_url: str = "mqtt://127.0.0.1:1883") -> Callable[[F], F]:
+    """Add the broker options every connecting command takes; the command receives ``mqtt: MqttOptions``.
+
+    ``--mqtt-url`` (alias ``--broker``), ``--ca-file``, ``--cert-file``, ``--key-file``, ``--username``,
+    ``--password-file`` (or ``EDGEFLEET_MQTT_PASSWORD``), and ``--mqtt-config FILE``: a TOML file whose ``[mqtt]``
+    section (the agent's format) gives the defaults the flags override.
+    """
+
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            from .transport import MqttOptions
+
+            keys = {"url": kw.pop("mqtt_url"), "ca_file": kw.pop("ca_file"), "cert_file": kw.pop("cert_file"),
+                    "key_file": kw.pop("key_file"), "username": kw.pop("username"),
+                    "password_file": kw.pop("password_file")}
+            config = kw.pop("mqtt_config")
+            section: dict[str, Any] = {}
+            base = Path.cwd()
+            source = "<flags>"
+            if config is not None:
+                section, base, source = _mqtt_section(config)
+            flags = {k: v for k, v in keys.items() if v}
+            section.update({k: (str(Path(v).resolve()) if k.endswith("_file") else v) for k, v in flags.items()})
+            section.setdefault("url", default_url)
+            env = os.environ.get("EDGEFLEET_MQTT_PASSWORD")
+            if env and "password" not in section and "password_file" not in section:
+                section["password"] = env
+            kw["mqtt"] = MqttOptions.from_mapping(section, source, base)
+            return f(*args, **kw)
+
+        opts = [
+            click.option("--mqtt-url", "--broker", "mqtt_url", default=None, metavar="URL",
+                         help=f"MQTT broker URL, mqtt:// or mqtts:// (TLS) [default: {default_url}]."),
+            click.option("--ca-file", type=click.Path(dir_okay=False), default=None,
+                         help="mqtts: CA bundle that signed the broker's certificate (default: the system CAs)."),
+            click.option("--cert-file", type=click.Path(dir_okay=False), default=None,
+                         help="mqtts: client certificate (with --key-file) for brokers that require one."),
+            click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+                         help="mqtts: the client certificate's private key."),
+            click.option("--username", default=None, help="MQTT username."),
+            click.option("--password-file", type=click.Path(dir_okay=False), default=None,
+                         help="File whose first line is the MQTT password (or set EDGEFLEET_MQTT_PASSWORD)."),
+            click.option("--mqtt-config", type=click.Path(dir_okay=False), default=None,
+                         help="TOML file with an [mqtt] section (as in the agent's config); flags override it."),
+        ]
+        for opt in reversed(opts):
+            wrapper = opt(wrapper)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _mqtt_section(path: str) -> tuple[dict[str, Any], Path, str]:
+    """The ``[mqtt]`` table of a TOML file (ConfigError naming the file when it cannot be read)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    section = data.get("mqtt", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{p}: [mqtt] must be a table")
+    return dict(section), p.resolve().parent, str(p)

@@ -1,4 +1,5 @@
-"""Shared fixtures: signing keys, small models built with onnx.helper, real shipped models, signed bundles."""
+"""Shared fixtures: signing keys (objects and files), small models built with onnx.helper, real shipped models,
+signed bundles, a real Mosquitto (plain, and TLS-only with client certificates). Plain helpers: tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import Mosquitto, remove_tls_files, tls_files_for_broker
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -111,94 +114,44 @@ def make_bundle(tmp_path: Path, signing_key) -> BundleFactory:
 
 # -- a real Mosquitto broker ----------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Mosquitto:
-    """A real Mosquitto broker on a free loopback port with its own config and persistence directory.
-
-    ``restart()`` keeps the port and the persistence file, so persistent sessions and queued QoS 1 messages survive,
-    as with a production broker restart. ``kill()`` is SIGKILL (no persistence flush), ``stop()`` is SIGTERM.
-    """
-
-    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
-        import shutil
-
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(exe).exists():
-            pytest.skip("mosquitto is not installed (make test installs it with apt)")
-        self.exe = exe
-        self.workdir = workdir
-        self.port = _free_port()
-        self.host = "127.0.0.1"
-        self.url = f"mqtt://{self.host}:{self.port}"
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        (workdir / "data").mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            # Started as root, Mosquitto drops to the 'mosquitto' user, which cannot write its persistence file into
-            # pytest's private temp dir: sessions would silently not survive restart(). Ignored when not root.
-            "user root\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {workdir / 'data'}/\n"
-            "autosave_interval 1\n"
-            "max_queued_messages 100000\n"
-            "max_inflight_messages 100\n"
-            "persistent_client_expiration 1h\n"
-            f"log_dest file {self.log}\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
-            + extra_conf
-        )
-        self.proc = None
-        self.start()
-
-    def start(self) -> None:
-        import socket
-        import subprocess
-        import time
-
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    log = self.log.read_text() if self.log.exists() else ""
-                    raise RuntimeError(f"mosquitto exited: {log}") from None
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening within 10 s")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
 @pytest.fixture(scope="module")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory):
     """One real Mosquitto per test module, on a free loopback port."""
     broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_mosquitto(tmp_path_factory: pytest.TempPathFactory):
+    """A TLS-only Mosquitto that requires a client certificate from the test CA (``.tls``: the PEM files)."""
+    files = tls_files_for_broker()
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto-tls"), tls=files)
+    yield broker
+    broker.stop()
+    remove_tls_files(files)
+
+
+# -- keys as files --------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def trust_file(signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test signing key's public key as a file, for ``--trust``."""
+    p = tmp_path_factory.mktemp("trust") / "fleet.pub"
+    if not p.exists():
+        p.write_bytes(signing_key.public.to_pem())
+    return p
+
+
+@pytest.fixture
+def key_file(signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test signing key's private key as a file, for ``--key`` (controllers sign their commands with it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    p = tmp_path_factory.mktemp("key") / "fleet.key"
+    p.write_bytes(signing_key.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    return p
 
 
 # -- a real PostgreSQL server ---------------------------------------------------------------------------------------

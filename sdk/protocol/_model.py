@@ -108,7 +108,8 @@ class Model(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
             raise PayloadTooLargeError(f"{cls._what}: {size} bytes, over the {L.MAX_PAYLOAD}-byte cap")
         token = _VALIDATED.set(True)
         try:
-            return _decoder(cls).decode(data)
+            msg: M = _decoder(cls).decode(data)
+            return msg
         except (msgspec.ValidationError, TypeError) as exc:  # ValidationError is a DecodeError: first
             raise _error(cls._what, exc) from None
         except msgspec.DecodeError as exc:

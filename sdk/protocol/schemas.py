@@ -72,7 +72,7 @@ def _dump(schema: dict[str, Any]) -> str:
 
 def _type(s: dict[str, Any]) -> str:
     if "$ref" in s:
-        return s["$ref"].rsplit("/", 1)[1]
+        return str(s["$ref"]).rsplit("/", 1)[1]
     if "anyOf" in s:
         return " \\| ".join(_type(x) for x in s["anyOf"])
     if "enum" in s:

@@ -18,19 +18,10 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import wait_until
+
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 FLEET = "testfleet"
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
-    """Poll ``pred`` until it returns something truthy; fail the test with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s waiting for {what or pred}")
 
 
 def sha_size(path: Path) -> tuple[str, int]:
@@ -313,58 +304,6 @@ def http_json(method: str, url: str, body: bytes | None = None, headers: dict[st
             return exc.code, json.loads(raw)
         except ValueError:
             return exc.code, raw.decode(errors="replace")
-
-
-def make_tls_files(d: Path) -> dict[str, Path]:
-    """A throw-away CA, a server certificate for localhost/127.0.0.1 and a client certificate (PEM files)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write_key(key: Any, path: Path) -> Path:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        return path
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("edgefleet test CA")).issuer_name(name("edgefleet test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    out = {"ca": d / "ca.pem"}
-    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for who in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (x509.CertificateBuilder().subject_name(name("localhost" if who == "server" else "agent"))
-             .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
-        if who == "server":
-            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                critical=False)
-        cert = b.sign(ca_key, hashes.SHA256())
-        out[f"{who}_cert"] = d / f"{who}.pem"
-        out[f"{who}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[f"{who}_key"] = write_key(key, d / f"{who}.key")
-    return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def magika_model() -> Path:

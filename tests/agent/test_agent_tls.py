@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from _agent_util import AgentProc, Watcher, free_port, make_tls_files, write_config
+from _agent_util import AgentProc, Watcher, write_config
+
+from tests.helpers import free_port, make_tls_files
 
 
 class _Broker:

@@ -223,7 +223,7 @@ def test_two_models_serve_side_by_side_and_upgrade_independently(installer: Inst
 
 def test_https_download_checks_the_server_certificate(tmp_path: Path, trusted, make_bundle, mlp_model,
                                                       bundle_server) -> None:
-    from _agent_util import make_tls_files
+    from tests.helpers import make_tls_files
 
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()

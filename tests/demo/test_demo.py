@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -25,12 +26,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.timeout(900)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _edgefleet() -> list[str]:
@@ -52,7 +47,7 @@ def _wait_for_line(log: Path, prefix: str, proc: subprocess.Popen[bytes], timeou
 def test_demo_headless_serves_every_agent_and_dashboard_lists_them(tmp_path: Path) -> None:
     if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
         pytest.skip("mosquitto is not installed (make test installs it with apt)")
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path / "demo"
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:

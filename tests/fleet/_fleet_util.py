@@ -9,40 +9,22 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.helpers import free_port, wait_until
+
+__all__ = ["EDGEFLEET", "Agent", "ControllerProc", "free_port", "infer_load", "wait_until"]
+
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
-
-
-def wait_until(pred: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
-    """Poll ``pred`` until it returns something truthy; fail the test naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        val = pred()
-        if val:
-            return val
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what} (last value {val!r})")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Agent:
     """One real agent process with its own data directory."""
 
-    def __init__(self, tmp: Path, device: str, broker: str, fleet: str, trust: Path) -> None:
+    def __init__(self, tmp: Path, device: str, broker: str, fleet: str, trust: Path,
+                 extra: tuple[str, ...] = ()) -> None:
         self.device = device
         self.data = tmp / device
         self.data.mkdir(exist_ok=True)  # a second Agent on the same dir is the device restarting
@@ -50,7 +32,7 @@ class Agent:
         self.proc = subprocess.Popen(
             [str(EDGEFLEET), "agent", "run", "--device", device, "--fleet", fleet, "--broker", broker,
              "--data-dir", str(self.data), "--trust", str(trust), "--profile", "x86-cpu",
-             "--telemetry-interval", "0.3", "--api", "127.0.0.1:0", "--log-level", "warning"],
+             "--telemetry-interval", "0.3", "--api", "127.0.0.1:0", "--log-level", "warning", *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
 
     @property

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from edgefleet.fleet._mqtt import make_client
 from edgefleet.fleet.controller import Controller, ControllerConfig
+from edgefleet.sdk.transport import MqttOptions, MqttTransport
 
 _fleet_ids = itertools.count()
 
@@ -21,26 +19,6 @@ _fleet_ids = itertools.count()
 def fleet_id() -> str:
     """A fleet id unique within the test session, so tests sharing a broker never see each other's devices."""
     return f"t{next(_fleet_ids)}-{int(time.time() * 1000) % 10**8}"
-
-
-@pytest.fixture
-def trust_file(signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test signing key's public key as a file, for ``--trust``."""
-    p = tmp_path_factory.mktemp("trust") / "fleet.pub"
-    if not p.exists():
-        p.write_bytes(signing_key.public.to_pem())
-    return p
-
-
-@pytest.fixture
-def key_file(signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test signing key's private key as a file, for ``--key`` (controllers sign their commands with it)."""
-    from cryptography.hazmat.primitives import serialization
-
-    p = tmp_path_factory.mktemp("key") / "fleet.key"
-    p.write_bytes(signing_key.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
-    return p
 
 
 ControllerFactory = Callable[..., Controller]
@@ -82,24 +60,19 @@ def controller_factory(mosquitto, tmp_path: Path, fleet_id: str, trust_file: Pat
 
 
 class Publisher:
-    """A plain MQTT 5 client that publishes raw payloads at QoS 1 and waits until the broker has them."""
+    """A plain MQTT 5 client (the sdk transport, clean session) that publishes raw payloads at QoS 1 and waits until
+    the broker has them."""
 
     def __init__(self, url: str, client_id: str) -> None:
-        self.client = make_client(url, client_id)
-        self.client.max_inflight_messages_set(500)
-        ready = threading.Event()
-        self.client.on_connect = lambda *a: ready.set()
-        from edgefleet.fleet._mqtt import parse_broker_url
-
-        b = parse_broker_url(url)
-        self.client.connect(b.host, b.port)
-        self.client.loop_start()
-        if not ready.wait(10):
-            raise RuntimeError("publisher could not connect")
-        self._infos: list[mqtt.MQTTMessageInfo] = []
+        self.transport = MqttTransport(MqttOptions.parse(url), client_id, clean_start=True, session_expiry_s=0,
+                                       max_inflight=500).start()
+        self.transport.wait_ready(10)
+        self._infos: list[Any] = []
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self._infos.append(self.client.publish(topic, payload, qos=1, retain=retain))
+        info = self.transport.publish(topic, payload, retain=retain)
+        assert info is not None, "paho refused the message"
+        self._infos.append(info)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         for info in self._infos:
@@ -108,8 +81,7 @@ class Publisher:
 
     def close(self) -> None:
         self.flush()
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.transport.stop()
 
 
 @pytest.fixture

@@ -81,8 +81,7 @@ def test_simulate_command_publishes_the_requested_records(mosquitto, fleet_id) -
                                        "--devices", "4", "--interval", "0.2", "--duration", "1", "--profiles",
                                        "raspberry-pi-5"])
     finally:
-        client.disconnect()
-        client.loop_stop()
+        client.stop()
     assert res.exit_code == 0, res.output
     assert "published" in res.output
     assert len(seen.rows) == 4 and all(r.profile == "raspberry-pi-5" for r in seen.rows.values())

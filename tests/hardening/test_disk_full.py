@@ -31,6 +31,8 @@ from edgefleet.agent.registry import Registry
 from edgefleet.agent.store import Store
 from edgefleet.sdk.testing import build_test_bundle
 
+from tests.helpers import free_port
+
 MIB = 1 << 20
 X = np.ones((2, 16), np.float32)
 
@@ -233,14 +235,6 @@ def _fill_paused(agent: Any, path: Path) -> int:
         os.kill(agent.proc.pid, signal.SIGCONT)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _version_at(api: str) -> str | None:
     try:
         status, meta = http_json("GET", f"http://{api}/v2/models/testmodel")
@@ -262,7 +256,7 @@ def test_agent_on_a_full_disk_reports_the_failure_keeps_serving_and_restarts(
     disk = small_disk(80 * MIB)
     pub = tmp_path / "fleet.pub"
     pub.write_bytes(signing_key.public.to_pem())
-    api = f"127.0.0.1:{_free_port()}"
+    api = f"127.0.0.1:{free_port()}"
     agent = make_agent(tmp_path, mosquitto.url, pub, require_signed=False, interval=0.2, api=api,
                        extra="[storage]\nreserve_bytes = 4194304\nballast_bytes = 4194304\n")
     # the data dir on the small disk; config and log outside it (the log must survive the unmount)

@@ -27,16 +27,12 @@ from edgefleet.sdk.protocol import subscription, topic
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.helpers import free_port
+
 FLEET = "plant1"
 N_DEVICES = 20
 DEVICES = [f"dev-{i:02d}" for i in range(N_DEVICES)]
 CHANNELS = ("status", "telemetry", "events", "reply", "cmd", "receipt")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Broker:
@@ -46,7 +42,7 @@ class Broker:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             pytest.skip("mosquitto is not installed")
-        self.port = _free_port()
+        self.port = free_port()
         self.log = workdir / "mosquitto.log"
         conf = workdir / "mosquitto.conf"
         conf.write_text("user root\npersistence false\nsys_interval 1\nmax_queued_messages 10000\n"

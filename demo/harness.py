@@ -215,7 +215,8 @@ def _fleet_rows(controller: str) -> list[dict[str, Any]]:
         data = _http_json(f"{controller}/api/devices", timeout=3.0)
     except (urllib.error.URLError, OSError, ValueError):
         return []
-    return data.get("devices", data) if isinstance(data, dict) else data
+    rows: list[dict[str, Any]] = data.get("devices", data) if isinstance(data, dict) else data
+    return rows
 
 
 def _print_table(say: Any, controller: str, agents: Sequence[_Agent]) -> None:
