@@ -11,12 +11,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.helpers import free_port
 
 __all__ = ["PostgresServer", "PostgresUnavailable", "find_bindir"]
 
@@ -56,12 +57,6 @@ def find_bindir() -> Path:
                               "postgresql package (make system-deps does) or set EDGEFLEET_PG_BINDIR")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PostgresServer:
     """One PostgreSQL cluster in a fresh temporary directory; ``stop()`` removes it.
 
@@ -71,7 +66,7 @@ class PostgresServer:
 
     def __init__(self, settings: dict[str, str] | None = None, *, start_timeout_s: float = 60.0) -> None:
         self.bindir = find_bindir()
-        self.port = _free_port()
+        self.port = free_port()
         self.host = "127.0.0.1"
         self.dir = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))  # under /tmp: the server account can reach it
         self.data = self.dir / "data"

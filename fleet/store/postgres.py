@@ -467,7 +467,8 @@ class PostgresStore(Store):
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._tx() as conn:
-            return conn.cursor(row_factory=dict_row).execute(sql, args).fetchall()
+            rows: list[dict[str, Any]] = conn.cursor(row_factory=dict_row).execute(sql, args).fetchall()
+            return rows
 
     def devices(self, fleet: str, changed_since: float = 0.0, full: bool = True) -> list[DeviceRow]:
         """Every known device (or those changed after ``changed_since``, controller clock), sorted by id."""
@@ -703,9 +704,9 @@ class PostgresStore(Store):
         """Extend ``owner``'s lease on a running rollout; False when another controller took it over or the
         deployment no longer runs."""
         with self._tx() as conn:
-            return conn.execute(f"UPDATE deployments SET lease_until = CASE WHEN %s > 0 THEN {_NOW} + %s ELSE 0 END "
-                                "WHERE id=%s AND owner=%s AND state = ANY(%s)",
-                                (lease_s, lease_s, dep_id, owner, list(RUNNING_STATES))).rowcount == 1
+            return bool(conn.execute(f"UPDATE deployments SET lease_until = CASE WHEN %s > 0 THEN {_NOW} + %s ELSE 0 "
+                                     "END WHERE id=%s AND owner=%s AND state = ANY(%s)",
+                                     (lease_s, lease_s, dep_id, owner, list(RUNNING_STATES))).rowcount == 1)
 
     def claim_deployments(self, fleet: str, owner: str, lease_s: float) -> list[str]:
         """Take over running rollouts whose lease expired (their controller died or stopped); returns ids.
@@ -738,8 +739,8 @@ class PostgresStore(Store):
             where += " AND " + self._FENCE
             args += [dep_id, owner, list(RUNNING_STATES)]
         with self._tx() as conn:
-            return conn.execute(f"UPDATE deployments SET {sets}updated=%s WHERE {where}",
-                                (*vals.values(), time.time(), *args)).rowcount == 1
+            return bool(conn.execute(f"UPDATE deployments SET {sets}updated=%s WHERE {where}",
+                                     (*vals.values(), time.time(), *args)).rowcount == 1)
 
     def update_target(self, dep_id: str, device: str, *, owner: str | None = None, **fields: Any) -> bool:
         """Set fields of one deployment target (fenced by ``owner``'s lease when given)."""
@@ -751,8 +752,8 @@ class PostgresStore(Store):
             where += " AND " + self._FENCE
             args += [dep_id, owner, list(RUNNING_STATES)]
         with self._tx() as conn:
-            return conn.execute(f"UPDATE deployment_targets SET {sets}, updated=%s WHERE {where}",
-                                (*fields.values(), time.time(), *args)).rowcount == 1
+            return bool(conn.execute(f"UPDATE deployment_targets SET {sets}, updated=%s WHERE {where}",
+                                     (*fields.values(), time.time(), *args)).rowcount == 1)
 
     @staticmethod
     def _deployment(r: Mapping[str, Any], progress: Mapping[str, int],
