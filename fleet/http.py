@@ -433,7 +433,8 @@ def _command_status(store: Store, cmd_id: str) -> CommandStatus | None:
     if tc is None:
         return None
     reply = store.reply(cmd_id) if tc.replied else None
-    state = "replied" if reply is not None else ("expired" if time.time() > tc.expires else "pending")
+    state: Literal["pending", "replied", "expired"] = (
+        "replied" if reply is not None else ("expired" if time.time() > tc.expires else "pending"))
     c = tc.command
     return CommandStatus(id=c.id, device=tc.device, kind=c.kind, args=c.args, created=tc.created, expires=tc.expires,
                          sent=tc.sent, sends=tc.sends, state=state, reply=reply)
@@ -467,7 +468,7 @@ async def api_command(request: web.Request) -> web.Response:
 async def api_tokens(request: web.Request) -> web.Response:
     """The API tokens (admin): names, scopes, expiry — never a secret."""
     toks = await _run(request.app[StoreKey].tokens)
-    return _json(ApiTokenList(tokens=[ApiTokenInfo(id=t.id, name=t.name, scope=t.scope, fleet=t.fleet,  # type: ignore[arg-type]
+    return _json(ApiTokenList(tokens=[ApiTokenInfo(id=t.id, name=t.name, scope=t.scope, fleet=t.fleet,
                                                    created=t.created, expires=t.expires) for t in toks]))
 
 

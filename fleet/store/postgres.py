@@ -622,8 +622,8 @@ class PostgresStore(Store):
     def claim_resend(self, cmd_id: str, last_sent: float, now: float) -> bool:
         """Mark a command sent again unless another controller did since ``last_sent``."""
         with self._tx() as conn:
-            return conn.execute("UPDATE commands SET sent=%s, sends=sends+1 WHERE id=%s AND sent=%s",
-                                (now, cmd_id, last_sent)).rowcount == 1
+            return bool(conn.execute("UPDATE commands SET sent=%s, sends=sends+1 WHERE id=%s AND sent=%s",
+                                     (now, cmd_id, last_sent)).rowcount == 1)
 
     def tracked_command(self, cmd_id: str) -> TrackedCommand | None:
         """One tracked command, or None."""
@@ -652,7 +652,7 @@ class PostgresStore(Store):
     def revoke_token(self, token_id: str) -> bool:
         """Delete a token."""
         with self._tx() as conn:
-            return conn.execute("DELETE FROM api_tokens WHERE id=%s", (token_id,)).rowcount == 1
+            return bool(conn.execute("DELETE FROM api_tokens WHERE id=%s", (token_id,)).rowcount == 1)
 
     # maintenance ---------------------------------------------------------------------------------------------------
     def prune(self, fleet: str, before: float, chunk: int = 5000) -> dict[str, int]:
