@@ -187,11 +187,16 @@ def test_graceful_restart_under_load_loses_nothing_and_stores_nothing_twice(cont
                                                                             fleet_id) -> None:
     ctl = controller_factory("restart")
     n = 3000
-    for s in range(n):
-        publisher.publish(topic(fleet_id, f"g{s % 30}", "telemetry"), _record(f"g{s % 30}", s))
+
+    def send(seqs: range) -> None:
+        for s in seqs:
+            publisher.publish(topic(fleet_id, f"g{s % 30}", "telemetry"), _record(f"g{s % 30}", s))
+
+    send(range(n // 2))
     wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] > 300, what="ingest under way")
     ctl.stop()  # mid-stream: what it queued is written and acked, the rest stays with the broker
     stored_before = ctl.ingest.stats.stored["telemetry"]
+    send(range(n // 2, n))  # while it is down: queued in its persistent session
     publisher.flush()
     again = controller_factory("restart")  # same client id: resumes the persistent session
     wait_until(lambda: again.store.counts(fleet_id)["telemetry"] == n, timeout_s=60, what="every record stored")
