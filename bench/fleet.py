@@ -241,27 +241,30 @@ def _measure(ctl: Controller, broker: str, n_devices: int, n_messages: int, name
 
 def baseline_tree(ref: str, tmp: Path) -> Path:
     """An ``edgefleet`` package tree of git ``ref`` (``git archive``: nothing registered in the repository)."""
-    src = tmp / "baseline-src"
+    src = tmp / f"src-{ref}"
     src.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "sdk", "devices", "packager", "agent", "fleet"],
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    tree = tmp / "baseline-tree"
+    tree = tmp / f"tree-{ref}"
     (tree / "edgefleet").mkdir(parents=True)
     for comp in ("sdk", "devices", "packager", "agent", "fleet"):
         (tree / "edgefleet" / comp).symlink_to(src / comp)
     return tree
 
 
-def ab_ingest(tmp: Path, broker: str, ref: str, rounds: int, n_devices: int, n_messages: int) -> dict[str, Any]:
-    """The controller's own drain rate, this version against ``ref``, interleaved round by round (receipts on)."""
+def ab_ingest(tmp: Path, broker: str, ref: str, rounds: int, n_devices: int, n_messages: int,
+              this_ref: str | None = None) -> dict[str, Any]:
+    """The controller's own drain rate, this version (or ``this_ref``) against ``ref``, interleaved round by round
+    (receipts on)."""
     tree = baseline_tree(ref, tmp)
+    this_tree = baseline_tree(this_ref, tmp) if this_ref else None
     rows: dict[str, list[dict[str, Any]]] = {"baseline": [], "this": []}
     ratios: list[float] = []
     for i in range(rounds):
         got = {}
         for label in (("baseline", "this") if i % 2 == 0 else ("this", "baseline")):
-            ctl = Controller(tmp, broker, f"ab{i}-{label}", True, tree if label == "baseline" else None)
+            ctl = Controller(tmp, broker, f"ab{i}-{label}", True, tree if label == "baseline" else this_tree)
             try:
                 r, _ = _measure(ctl, broker, n_devices, n_messages, f"ab{i}-{label}", keep=False)
             except BaseException:
@@ -276,10 +279,11 @@ def ab_ingest(tmp: Path, broker: str, ref: str, rounds: int, n_devices: int, n_m
     def med(label: str, key: str) -> float:
         return round(statistics.median(r["drain"][key] for r in rows[label]), 1)
 
-    return {"ref": ref, "rounds": rounds, "devices": n_devices, "messages_per_round": 2 * n_messages,
+    return {"ref": ref, "this": this_ref or "this tree", "rounds": rounds, "devices": n_devices,
+            "messages_per_round": 2 * n_messages,
             "baseline": {"cpu_ms_per_1000": med("baseline", "cpu_ms_per_1000"),
                          "cpu_bound_msgs_per_s": med("baseline", "cpu_bound_msgs_per_s")},
-            "this": {"cpu_ms_per_1000": med("this", "cpu_ms_per_1000"),
+            "this_result": {"cpu_ms_per_1000": med("this", "cpu_ms_per_1000"),
                      "cpu_bound_msgs_per_s": med("this", "cpu_bound_msgs_per_s")},
             "ratio_cpu_per_message": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios],
             "nothing_lost": all(r["nothing_lost"] for rs in rows.values() for r in rs),
@@ -344,19 +348,21 @@ def first_paint(ctl: Controller, runs: int) -> dict[str, Any] | None:
 
 def ab_report(ab: dict[str, Any]) -> str:
     """The A/B as Markdown."""
-    b, t = ab["baseline"], ab["this"]
+    b, t = ab["baseline"], ab["this_result"]
     return "\n".join([
         "# Fleet ingest A/B", "",
-        f"`.venv/bin/python bench/fleet.py --ab {ab['ref']}`: the controller's drain (messages the broker queued "
-        "while it was stopped, ingested after it restarts: the controller alone on its core, receipts on), this "
-        f"tree against `{ab['ref']}`, {ab['devices']:,} devices, {ab['messages_per_round']:,} telemetry messages per "
-        f"controller and round, {ab['rounds']} rounds interleaved (the order alternates). Load average at the end: "
+        f"`.venv/bin/python bench/fleet.py --ab {ab['ref']}"
+        f"{'' if ab['this'] == 'this tree' else ' --this ' + ab['this']}`: the controller's drain (messages the broker "
+        "queued while it was stopped, ingested after it restarts: the controller alone on its core, receipts on), "
+        f"{ab['this']} against `{ab['ref']}`, {ab['devices']:,} devices, {ab['messages_per_round'] // 2:,} telemetry "
+        "messages drained per "
+        f"controller and round (after as many ingested live), {ab['rounds']} rounds interleaved (the order alternates). Load average at the end: "
         f"{ab['load_avg']} (a shared machine: read the ratio).", "",
         "| | controller CPU ms per 1,000 messages (median) | messages per CPU-second (median) |",
         "|---|---:|---:|",
         f"| `{ab['ref']}` (baseline) | {b['cpu_ms_per_1000']} | {b['cpu_bound_msgs_per_s']:,.0f} |",
-        f"| this tree | {t['cpu_ms_per_1000']} | {t['cpu_bound_msgs_per_s']:,.0f} |", "",
-        f"Median per-round ratio of CPU per message, this / baseline: **{ab['ratio_cpu_per_message']}** "
+        f"| {ab['this']} | {t['cpu_ms_per_1000']} | {t['cpu_bound_msgs_per_s']:,.0f} |", "",
+        f"Median per-round ratio of CPU per message, {ab['this']} / baseline: **{ab['ratio_cpu_per_message']}** "
         f"(rounds: {ab['ratios']}). Every run stored every message: {ab['nothing_lost']}; duplicates: "
         f"{ab['duplicates']}.", ""])
 
@@ -368,17 +374,20 @@ def main() -> None:
     ap.add_argument("--ab", metavar="GIT_REF", help="only an A/B of the ingest drain: this tree against GIT_REF, "
                     "interleaved (writes fleet-ab.json and .md)")
     ap.add_argument("--rounds", type=int, default=4, help="A/B rounds (default 4)")
+    ap.add_argument("--this", dest="this_ref", metavar="GIT_REF",
+                    help="with --ab: measure GIT_REF instead of this tree")
     args = ap.parse_args()
     if args.ab:
         with tempfile.TemporaryDirectory(prefix="edgefleet-bench-ab-") as d:
             broker, url = start_broker(Path(d))
             try:
-                ab = ab_ingest(Path(d), url, args.ab, args.rounds, 1000, 6000 if args.quick else 15_000)
+                ab = ab_ingest(Path(d), url, args.ab, args.rounds, 1000, 6000 if args.quick else 15_000, args.this_ref)
             finally:
                 broker.terminate()
         ab["load_avg"] = [round(x, 2) for x in os.getloadavg()]
-        (RESULTS / "fleet-ab.json").write_text(json.dumps(ab, indent=1) + "\n")
-        (RESULTS / "fleet-ab.md").write_text(ab_report(ab))
+        name = f"fleet-ab-{args.this_ref or 'tree'}-vs-{args.ab}"
+        (RESULTS / f"{name}.json").write_text(json.dumps(ab, indent=1) + "\n")
+        (RESULTS / f"{name}.md").write_text(ab_report(ab))
         print(ab_report(ab))
         return
     if args.report_only:

@@ -20,7 +20,8 @@ fields; a reader refuses another ``v``. ``Model.from_json`` / ``from_dict`` vali
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ProtocolError
 from . import _limits
@@ -33,39 +34,6 @@ from ._limits import (
     SKETCH_ALPHA,
 )
 from ._model import Message, Model
-from .api import (
-    DEPLOY_STATES,
-    DEPLOYMENT_STATES,
-    RUNNING_STATES,
-    TERMINAL_STATES,
-    ApiError,
-    ApiTokenInfo,
-    ApiTokenList,
-    BundleInfo,
-    BundleUploaded,
-    CanaryVerdict,
-    CommandRequest,
-    CommandStatus,
-    Deployment,
-    DeploymentDecision,
-    DeploymentList,
-    DeploymentRequest,
-    DeploymentTarget,
-    DeviceList,
-    DeviceRow,
-    EventList,
-    EventRow,
-    IngestCounters,
-    ModelSummary,
-    Rejected,
-    RollbackRequest,
-    RollbackSent,
-    RolloutPolicy,
-    TelemetryWindow,
-    VersionList,
-    VersionStats,
-    WindowList,
-)
 from .messages import (
     COMMAND_ARGS,
     COMMAND_KINDS,
@@ -103,6 +71,56 @@ from .messages import (
 )
 from .signing import check_expiry, check_target, sign_command, signed_part, verify_command
 from .topics import CHANNELS, ROOT, Topic, check_id, parse_topic, subscription, topic
+
+if TYPE_CHECKING:
+    from .api import (
+        DEPLOY_STATES,
+        DEPLOYMENT_STATES,
+        RUNNING_STATES,
+        TERMINAL_STATES,
+        ApiError,
+        ApiTokenInfo,
+        ApiTokenList,
+        BundleInfo,
+        BundleUploaded,
+        CanaryVerdict,
+        CommandRequest,
+        CommandStatus,
+        Deployment,
+        DeploymentDecision,
+        DeploymentList,
+        DeploymentRequest,
+        DeploymentTarget,
+        DeviceList,
+        DeviceRow,
+        EventList,
+        EventRow,
+        IngestCounters,
+        ModelSummary,
+        Rejected,
+        RollbackRequest,
+        RollbackSent,
+        RolloutPolicy,
+        TelemetryWindow,
+        VersionList,
+        VersionStats,
+        WindowList,
+    )
+
+# The controller's HTTP bodies load on first use: an agent never needs them (it starts faster and smaller).
+_API_NAMES = frozenset({
+    "DEPLOY_STATES", "DEPLOYMENT_STATES", "RUNNING_STATES", "TERMINAL_STATES", "ApiError", "ApiTokenInfo",
+    "ApiTokenList", "BundleInfo", "BundleUploaded", "CanaryVerdict", "CommandRequest", "CommandStatus",
+    "Deployment", "DeploymentDecision", "DeploymentList", "DeploymentRequest", "DeploymentTarget", "DeviceList",
+    "DeviceRow", "EventList", "EventRow", "IngestCounters", "ModelSummary", "Rejected", "RollbackRequest",
+    "RollbackSent", "RolloutPolicy", "TelemetryWindow", "VersionList", "VersionStats", "WindowList",
+})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API_NAMES:
+        return getattr(importlib.import_module(".api", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CHANNELS",
