@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import ssl
+import sys
 import time
 import traceback
 import urllib.error
@@ -27,6 +28,7 @@ from edgefleet.sdk.errors import ConfigError, EdgefleetError, InputError, Protoc
 from edgefleet.sdk.protocol import (
     ApiError,
     BundleUploaded,
+    CanaryVerdict,
     CommandRequest,
     CommandStatus,
     Deployment,
@@ -469,52 +471,111 @@ def simulate(mqtt: MqttOptions, fleet_id: str, n: int, interval: float, profiles
 
 # -- deployments ----------------------------------------------------------------------------------------------------
 
+# `deploy --wait` exit codes (docs/fleet.md, "Exit codes"); 1 and 2 are click's (error, usage).
+EXIT_CODES = {"completed": 0, "halted": 3, "completed-with-failures": 4, "failed": 5, "rolled-back": 5}
+EXIT_STILL_RUNNING = 6
+
+
+def _ratio(v: CanaryVerdict) -> str:
+    if v.p95_ratio is None:
+        return ""
+    ci = f" [{v.ratio_low:.2f}, {v.ratio_high:.2f}]" if v.ratio_low is not None and v.ratio_high is not None else ""
+    return f"p95 x{v.p95_ratio:.2f}{ci}"
+
+
+def _verdict_line(v: CanaryVerdict, limit: float) -> str:
+    """One line of a canary look: requests so far vs needed, time, the p95 ratio and its interval vs the limit."""
+    parts = [f"{v.canary_count}/{v.needed_count} requests" if v.needed_count else f"{v.canary_count} requests",
+             f"{v.elapsed_s:.0f}/{v.max_s:.0f} s" if v.max_s else ""]
+    r = _ratio(v)
+    if r:
+        parts.append(f"{r} (limit x{1 + limit:.2f})")
+    if v.baseline_p95 is not None and v.canary_p95 is not None:
+        parts.append(f"p95 {v.baseline_p95:.2f} → {v.canary_p95:.2f} ms")
+    return f"{v.bundle}: " + ", ".join(p for p in parts if p)
+
+
 def _print_deployment(dep: Deployment) -> None:
     b = ", ".join(f"{x.name} {x.version} ({x.target})" for x in dep.bundles)
     click.echo(f"deployment {dep.id}: {dep.state}  {b}")
-    click.echo(f"  to {','.join(dep.selector)}  canary {dep.canary_pct:g}%  "
-               f"max p95 regression {dep.max_p95_regression:.0%}")
+    policy = dep.decision.policy
+    click.echo(f"  to {','.join(dep.selector)}  canary {dep.canary_pct:g}% (at least {policy.min_canary_devices} "
+               f"per target, seed {policy.seed})  max p95 regression {dep.max_p95_regression:.0%}")
     if dep.message:
         click.echo(f"  {dep.message}")
+    for v in dep.decision.canary or []:
+        click.echo(f"  verdict {v.outcome or ('proceed' if v.proceed else 'halt')}: {v.bundle}: {v.reason}")
+        for x in v.excluded[:10]:
+            click.echo(f"    left out {x}")
+    for v in dep.decision.observing or []:
+        if not dep.decision.canary:
+            click.echo(f"  observing {_verdict_line(v, dep.max_p95_regression)}")
+    targets = dep.targets or []
+    sent = {t.sha256 for t in targets if t.sha256}
+    for x in dep.bundles:
+        if x.sha256 not in sent:
+            click.echo(f"  no selected device has target {x.target}: {x.name} {x.version} ({x.target}) not sent")
     click.echo("  " + "  ".join(f"{k}: {v}" for k, v in sorted(dep.progress.items())))
-    for t in dep.targets or []:
+    for t in targets:
         extra = f"  ({t.reason})" if t.reason else ""
         ver = f"{t.previous_version or '-'} → {t.version}" if t.version else "-"
         click.echo(f"  {t.device:<24} {t.profile:<20} {t.phase:<7} {t.state:<12} {ver}{extra}")
+
+
+def _progress(dep: Deployment) -> str:
+    """What a waiting ``deploy`` shows: the state, device counts, and while observing each bundle's last look."""
+    counts = " ".join(f"{k}={v}" for k, v in sorted(dep.progress.items()))
+    if dep.state == "observing" and dep.decision.observing:
+        return "; ".join(f"observing {_verdict_line(v, dep.max_p95_regression)}" for v in dep.decision.observing)
+    return f"{dep.state}: {counts}"
 
 
 @click.command("deploy")
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--to", "to", multiple=True, required=True,
               help="Devices: ids, tag:NAME, profile:NAME or all (repeatable or comma-separated).")
-@click.option("--canary", default="0", show_default=True, help="Percent of devices that install first, e.g. 10%.")
+@click.option("--canary", default="0", show_default=True,
+              help="Percent of each target's devices that install first, e.g. 10% (at least --min-canary-devices).")
+@click.option("--min-canary-devices", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Canaries per target at least (a target with fewer devices keeps one out of the canary).")
 @click.option("--max-p95-regression", default="20%", show_default=True, help="Halt if canary p95 rises by more.")
 @click.option("--max-error-increase", default="1%", show_default=True, help="Halt if the error rate rises by more.")
 @click.option("--observe", "observe_s", type=float, default=60.0, show_default=True,
-              help="Seconds of canary telemetry to collect before judging.")
-@click.option("--min-samples", type=int, default=200, show_default=True, help="Canary requests needed to judge.")
+              help="Seconds of canary telemetry before the first look; the last look is at 3x this.")
+@click.option("--min-samples", type=int, default=200, show_default=True,
+              help="Canary requests needed to judge (the error-rate rule may need more).")
+@click.option("--baseline", "baseline_s", type=click.FloatRange(min=1), default=900.0, show_default=True,
+              help="Seconds of telemetry before the deployment that make the baseline.")
+@click.option("--seed", type=click.IntRange(0, 2**62), default=None,
+              help="Seed of the canary choice (default: drawn by the controller and recorded).")
 @click.option("--url", "urls", multiple=True,
               help="Where devices fetch the bundle instead of the controller (http:// or https://: object storage, "
                    "a CDN ...); one per bundle, in the order of BUNDLES. The bundle is still uploaded to the "
                    "controller, which verifies it.")
-@click.option("--wait/--no-wait", default=False, help="Wait until the deployment finishes and show it.")
+@click.option("--wait/--no-wait", default=False,
+              help="Wait until the deployment finishes, showing its progress; the exit code says how it ended.")
 @click.option("--wait-timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
-              help="With --wait: give up waiting after this many seconds (the rollout goes on).")
+              help="With --wait: give up waiting after this many seconds (the rollout goes on; exit code 6).")
 @_api_options
 @_json_option
-def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_regression: str,
-           max_error_increase: str, observe_s: float, min_samples: int, urls: tuple[str, ...], wait: bool,
-           wait_timeout: float, api: Api, as_json: bool) -> None:
+def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, min_canary_devices: int,
+           max_p95_regression: str, max_error_increase: str, observe_s: float, min_samples: int, baseline_s: float,
+           seed: int | None, urls: tuple[str, ...], wait: bool, wait_timeout: float, api: Api, as_json: bool) -> None:
     """Deploy BUNDLES (one per target profile) to the selected devices, optionally staged with canaries.
 
-    Each selected device gets the bundle whose target is its profile, or is listed as having none. The controller
-    verifies every bundle with its trusted keys before anything is sent.
+    Each selected device gets the bundle whose target is its profile; a bundle whose target no selected device has
+    is reported and not sent. The controller verifies every bundle with its trusted keys before anything is sent.
+
+    With --wait the exit code says how the rollout ended: 0 completed, 3 halted by its canaries (a regression, or
+    not enough data to judge), 4 completed with failed devices, 5 failed or rolled back, 6 still running at
+    --wait-timeout; 1 is an error (bundle refused, controller unreachable), 2 a usage error.
     """
     # Check every option before uploading anything.
     fields: dict[str, Any] = {"to": list(to), "canary": _percent(canary),
                               "max_p95_regression": _fraction(max_p95_regression, "--max-p95-regression"),
                               "max_error_increase": _fraction(max_error_increase, "--max-error-increase"),
-                              "observe_s": observe_s, "min_samples": min_samples}
+                              "observe_s": observe_s, "min_samples": min_samples, "baseline_s": baseline_s,
+                              "min_canary_devices": min_canary_devices, "seed": seed}
     if urls and len(urls) != len(bundles):
         raise click.BadParameter(f"give one --url per bundle ({len(bundles)}), got {len(urls)}")
     try:
@@ -533,18 +594,41 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, max_p95_
     dep = _request(api, "POST", "/api/deployments", Deployment,
                    DeploymentRequest.from_dict({**fields, "bundles": ids, "urls": dict(zip(ids, urls, strict=True))
                                                 if urls else {}}))
-    if wait:
-        deadline = time.monotonic() + wait_timeout
-        while dep.state in ("canary", "observing", "rolling-out"):
-            if time.monotonic() > deadline:
-                raise TransportError(f"deployment {dep.id} still {dep.state} after {wait_timeout:g} s; "
-                                     f"follow it with: edgefleet deployments show {dep.id}")
-            time.sleep(1.0)
-            dep = _request(api, "GET", f"/api/deployments/{dep.id}", Deployment)
+    if not as_json:
+        sent = {t.sha256 for t in dep.targets or [] if t.sha256}
+        for x in dep.bundles:
+            if x.sha256 not in sent:
+                click.echo(f"note: no selected device has target {x.target}: {x.name} {x.version} is not sent")
+        canaries = [t.device for t in dep.targets or [] if t.phase == "canary"]
+        click.echo(f"deployment {dep.id}: {len([t for t in dep.targets or [] if t.sha256])} devices"
+                   + (f", canaries first: {', '.join(canaries[:20])}{' ...' if len(canaries) > 20 else ''}"
+                      if canaries else ""))
+    if not wait:
+        if as_json:
+            click.echo(json.dumps(dep.to_dict(), indent=2))
+        return
+    deadline = time.monotonic() + wait_timeout
+    shown, shown_at = "", 0.0
+    while dep.state in ("canary", "observing", "rolling-out"):
+        if time.monotonic() > deadline:
+            click.echo(f"Error: deployment {dep.id} still {dep.state} after {wait_timeout:g} s; follow it with: "
+                       f"edgefleet deployments show {dep.id}", err=True)
+            sys.exit(EXIT_STILL_RUNNING)
+        line = _progress(dep)
+        if not as_json and (line != shown or time.monotonic() - shown_at > 15) and \
+                (time.monotonic() - shown_at > 3 or line.split(":")[0] != shown.split(":")[0]):
+            click.echo(f"  {time.strftime('%H:%M:%S')} {line}", err=True)
+            shown, shown_at = line, time.monotonic()
+        time.sleep(1.0)
+        dep = _request(api, "GET", f"/api/deployments/{dep.id}", Deployment)
     if as_json:
         click.echo(json.dumps(dep.to_dict(), indent=2))
     else:
         _print_deployment(dep)
+    code = EXIT_CODES.get(dep.state, 5)
+    if code and not as_json:
+        click.echo(f"Error: deployment {dep.id} {dep.state}: {dep.message}"[:2000], err=True)
+    sys.exit(code)
 
 
 @click.group("deployments")

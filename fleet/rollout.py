@@ -13,17 +13,18 @@ This module is the deployment state machine, and it talks to storage only throug
   ``failed`` (a controller error), ``rolled-back`` (an operator's rollback). A rollout thread in one controller
   drives each running deployment and holds a lease on it in the store; another controller resumes it when the
   lease expires (every step is idempotent).
-* **Canary verdict** (``--canary N%``): the first ``ceil(N% of the devices that get a bundle)`` devices install
-  first; their telemetry on the new version is merged into one latency sketch per bundle and compared with the same
-  devices' sketch on the previous version before the deployment (or, if they have none, the rest of the fleet's on
-  the previous version meanwhile). p95 regressing by more than ``max_p95_regression`` or the error rate rising by
-  more than ``max_error_increase`` halts the deployment and rolls the canaries back; otherwise the rest install.
+* **Canaries** (``--canary N%``): per target, at least ``min_canary_devices`` devices drawn at random with a
+  recorded seed install first (:mod:`.canary`); the controller looks at their telemetry at 1, 1.5, 2, 2.5 and 3
+  times ``observe_s`` and halts (rolling the canaries back, or removing a first version) as soon as a regression is
+  shown, proceeds once the confidence interval of the p95 ratio lies within the limit, and halts as "cannot judge"
+  when the last look still cannot tell. No target is left ``pending``: a halted deployment marks the devices it
+  never sent to ``skipped``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import random
 import threading
 import time
 import uuid
@@ -50,12 +51,12 @@ from edgefleet.sdk.protocol import (
     check_id,
     command,
 )
-from edgefleet.sdk.sketch import DDSketch
 
+from . import canary as _canary
 from .bundles import BundleLibrary, bundle_filename
 from .store.base import Store
 
-__all__ = ["Deployer", "Selector", "TargetMove", "advances", "compare", "target_moves"]
+__all__ = ["Deployer", "Selector", "TargetMove", "advances", "target_moves"]
 
 log = logging.getLogger(__name__)
 
@@ -170,41 +171,6 @@ class Selector:
         return ",".join(self.terms)
 
 
-# -- policy and verdict ---------------------------------------------------------------------------------------------
-
-def _stats(windows: Sequence[TelemetryWindow]) -> tuple[DDSketch, int, int]:
-    sk = DDSketch.merged(DDSketch.from_wire(w.sketch) for w in windows if w.sketch is not None)
-    return sk, sk.count, sum(w.errors for w in windows)
-
-
-def compare(bundle: str, baseline: Sequence[TelemetryWindow], canary: Sequence[TelemetryWindow],
-            policy: RolloutPolicy) -> CanaryVerdict:
-    """Compare merged sketches and error rates of baseline and canary windows under ``policy``."""
-    c_sk, c_n, c_err = _stats(canary)
-    c_p95 = c_sk.quantile(0.95)
-    c_rate = c_err / (c_n + c_err) if c_n + c_err else 0.0
-    if not baseline:
-        return CanaryVerdict(bundle=bundle, proceed=True, reason="no telemetry on the previous version to compare "
-                             "with: proceeding", canary_p95=c_p95, canary_error_rate=c_rate, canary_count=c_n)
-    b_sk, b_n, b_err = _stats(baseline)
-    b_p95 = b_sk.quantile(0.95)
-    b_rate = b_err / (b_n + b_err) if b_n + b_err else 0.0
-
-    def verdict(proceed: bool, reason: str) -> CanaryVerdict:
-        return CanaryVerdict(bundle=bundle, proceed=proceed, reason=reason, baseline_p95=b_p95, canary_p95=c_p95,
-                             baseline_error_rate=b_rate, canary_error_rate=c_rate, baseline_count=b_n,
-                             canary_count=c_n)
-
-    if b_p95 is not None and c_p95 is not None and c_p95 > b_p95 * (1.0 + policy.max_p95_regression):
-        return verdict(False, f"p95 regressed {c_p95 / b_p95 - 1:+.0%} ({b_p95:.2f} → {c_p95:.2f} ms), "
-                              f"over the {policy.max_p95_regression:.0%} limit")
-    if c_rate > b_rate + policy.max_error_increase:
-        return verdict(False, f"error rate rose from {b_rate:.2%} to {c_rate:.2%}, over the "
-                              f"+{policy.max_error_increase:.2%} limit")
-    return verdict(True, f"p95 {b_p95 or 0:.2f} → {c_p95 or 0:.2f} ms, errors {b_rate:.2%} → {c_rate:.2%}: "
-                         "within limits")
-
-
 # -- the deployer ---------------------------------------------------------------------------------------------------
 
 class _LeaseLost(Exception):
@@ -279,15 +245,21 @@ class Deployer:
         if not selected:
             raise InputError(f"selector {selector} matches no device ({len(known)} known in fleet {self.fleet!r})")
         profiles = {d.profile for d in selected}
-        for b in bundles:
-            if b.target not in profiles:
-                raise InputError(f"bundle {b.name} {b.version} is for target {b.target!r}, but no selected device has "
-                                 f"that profile (selected profiles: {', '.join(sorted(p or '?' for p in profiles))})")
-        getting = [d for d in selected if d.profile in by_target]
-        n_canary = 0
-        if 0 < policy.canary_pct < 100:
-            n_canary = min(len(getting), max(1, math.ceil(len(getting) * policy.canary_pct / 100.0)))
-        canaries = {d.device for d in getting[:n_canary]}
+        if not profiles & set(by_target):
+            raise InputError(f"no selected device has the target of any bundle (bundles for "
+                             f"{', '.join(sorted(by_target))}; selected profiles: "
+                             f"{', '.join(sorted(p or '?' for p in profiles))})")
+        # A bundle whose target no selected device has stays in the deployment (the targets show it got no device):
+        # one release, one bundle per target, deployed to whatever part of the fleet is selected.
+        if policy.seed is None:
+            policy = msgspec.structs.replace(policy, seed=random.SystemRandom().randrange(2**62))
+        by_profile: dict[str, list[str]] = {}
+        for d in selected:
+            if d.profile in by_target:
+                by_profile.setdefault(d.profile, []).append(d.device)
+        canaries = _canary.choose_canaries(by_profile, policy.canary_pct, policy.min_canary_devices,
+                                           policy.seed or 0)
+        n_canary = len(canaries)
         dep_id = time.strftime("d%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
         targets = []
         for d in selected:
@@ -357,14 +329,31 @@ class Deployer:
         self._fenced_target(dep_id, t.device, cmd_id=cmd.id)
         self.publish(t.device, cmd)
 
-    def _send_rollback(self, dep_id: str, device: str, name: str, *, fenced: bool = False) -> None:
+    def _send_rollback(self, dep_id: str, t: DeploymentTarget, *, fenced: bool = False) -> None:
+        """Undo a target: ``rollback`` to the version it ran before, or ``remove`` a first version (it ran none)."""
         # The model name tells an agent serving several models which one to roll back.
-        cmd = command("rollback", {"name": name} if name else {})
+        if t.previous_version:
+            cmd = command("rollback", {"name": t.name} if t.name else {})
+        else:
+            cmd = command("remove", {"name": t.name})
         if fenced:  # the rollout halting its canaries: only while it holds the lease
-            self._fenced_target(dep_id, device, rollback_cmd_id=cmd.id)
+            self._fenced_target(dep_id, t.device, rollback_cmd_id=cmd.id)
         else:  # an operator's rollback
-            self.store.update_target(dep_id, device, rollback_cmd_id=cmd.id)
-        self.publish(device, cmd)
+            self.store.update_target(dep_id, t.device, rollback_cmd_id=cmd.id)
+        self.publish(t.device, cmd)
+
+    def _skip_unsent(self, dep_id: str, why: str, *, fenced: bool) -> int:
+        """Mark every target that never got its deploy command ``skipped``: a stopped rollout leaves none pending."""
+        dep = self.store.deployment(dep_id)
+        n = 0
+        for t in (dep.targets or []) if dep is not None else []:
+            if t.state == "pending" and not t.cmd_id:
+                if fenced:
+                    self._fenced_target(dep_id, t.device, state="skipped", reason=why)
+                else:
+                    self.store.update_target(dep_id, t.device, state="skipped", reason=why)
+                n += 1
+        return n
 
     def _fenced_target(self, dep_id: str, device: str, **fields: Any) -> None:
         if not self.store.update_target(dep_id, device, owner=self.owner, **fields):
@@ -376,6 +365,9 @@ class Deployer:
 
     def rollback(self, dep_id: str, devices: Sequence[str] | None = None) -> list[str]:
         """Send rollback commands to a deployment's active devices (all, or those listed); returns who got one.
+
+        A device the deployment gave its first version of the model (no previous version) gets ``remove``: rolling
+        back means running what it ran before, which was nothing.
 
         Rolling back a whole deployment first moves it out of the running states, which stops its rollout (the
         driving controller's next lease renewal fails), so no further device gets the bundle. A device that was
@@ -391,8 +383,10 @@ class Deployer:
         sent = []
         for t in dep.targets or []:
             if t.state == "active" and (wanted is None or t.device in wanted):
-                self._send_rollback(dep_id, t.device, t.name)
+                self._send_rollback(dep_id, t)
                 sent.append(t.device)
+        if wanted is None:
+            self._skip_unsent(dep_id, "not sent: the deployment was rolled back", fenced=False)
         if wanted and not sent:
             raise InputError(f"none of {sorted(wanted)[:10]} is active in deployment {dep_id}")
         if wanted is None:
@@ -425,18 +419,21 @@ class Deployer:
 
     def _halt(self, dep_id: str, canaries: Sequence[DeploymentTarget], why: str,
               decision: DeploymentDecision) -> None:
-        """Record the verdict, roll back the active canaries, then mark the deployment halted.
+        """Record the verdict, undo the active canaries, skip the devices never sent to, then mark it halted.
 
         In that order, so a controller that dies half-way leaves a running deployment whose stored verdict says
-        halt: the one that resumes it rolls back the canaries still without a rollback command, each once."""
+        halt: the one that resumes it rolls back the canaries still without a rollback command, each once. A canary
+        that got the first version of a model (none before) has it removed."""
         self._fenced_deployment(dep_id, message=why, decision=decision)
         rolled = 0
         for t in canaries:
             if t.state == "active" and not t.rollback_cmd_id:
-                self._send_rollback(dep_id, t.device, t.name, fenced=True)
+                self._send_rollback(dep_id, t, fenced=True)
                 rolled += 1
+        skipped = self._skip_unsent(dep_id, "not sent: the deployment halted", fenced=True)
         self._fenced_deployment(dep_id, state="halted")
-        log.warning("deployment %s halted: %s; rolling back %d canaries", dep_id, why, rolled)
+        log.warning("deployment %s halted: %s; undoing %d canaries, %d devices not sent to", dep_id, why, rolled,
+                    skipped)
 
     def _pause(self, dep_id: str) -> None:
         """Wait one poll period and renew this controller's lease on the rollout."""
@@ -509,38 +506,96 @@ class Deployer:
 
     def _observe(self, dep_id: str, dep: Deployment, canaries: Sequence[DeploymentTarget],
                  policy: RolloutPolicy) -> list[CanaryVerdict]:
-        """Wait for enough canary telemetry on the new version, then compare per bundle."""
-        created = dep.created
+        """Judge each bundle's canaries at the looks of :mod:`.canary` until every bundle has a verdict (or one halts).
+
+        Between looks the latest state (requests so far and needed, time, the last look's interval) is written to
+        ``decision.observing`` every couple of seconds, so ``deploy --wait`` and the dashboard can show it.
+        """
         groups: dict[str, list[DeploymentTarget]] = {}
         for t in canaries:
             groups.setdefault(t.sha256, []).append(t)
-        start = time.monotonic()
-        while True:
-            new: dict[str, list[TelemetryWindow]] = {}
-            for sha, ts in groups.items():
-                new[sha] = [w for t in ts for w in self.store.windows(
-                    self.fleet, t.device, since=created, name=t.name, version=t.version, with_sketch=True)]
-            enough = all(sum(w.count for w in ws) >= policy.min_samples for ws in new.values())
-            elapsed = time.monotonic() - start
-            if (enough and elapsed >= policy.observe_s) or elapsed >= 3 * policy.observe_s or self._stop.is_set():
-                break
+        rest = self._targets(dep_id, "rest")
+        # Observation starts when the last canary became active (store time: a resuming controller continues it).
+        start = max((t.activated for t in canaries), default=0.0) or time.time()
+        looks = [m * policy.observe_s for m in _canary.LOOKS]
+        seed = policy.seed or 0
+        decided: dict[str, CanaryVerdict] = {}
+        latest: dict[str, CanaryVerdict] = {}
+        next_look = sum(1 for x in looks if time.time() - start >= x + 5.0)  # resumed: looks long past are gone
+        next_progress = 0.0
+        while not self._stop.is_set():
+            elapsed = time.time() - start
+            look = next_look < len(looks) and elapsed >= looks[next_look]
+            if look or time.monotonic() >= next_progress:
+                final = look and next_look == len(looks) - 1
+                for sha, ts in groups.items():
+                    if sha in decided:
+                        continue
+                    v = self._judge(dep, ts, [t for t in rest if t.sha256 == sha], policy, start, elapsed,
+                                    final=final, full=look, seed=seed + next_look, last=latest.get(sha))
+                    latest[sha] = v
+                    if look and v.outcome != "observing":
+                        decided[sha] = v
+                if look:
+                    next_look += 1
+                if any(v.outcome in ("halt", "cannot-judge") for v in decided.values()) or \
+                        len(decided) == len(groups):
+                    break
+                self._fenced_deployment(dep_id, decision=DeploymentDecision(
+                    policy=dep.decision.policy, observing=[latest[s] for s in groups if s in latest]))
+                next_progress = time.monotonic() + 2.0
             self._pause(dep_id)
-        verdicts = []
-        canary_ids = {t.device for t in canaries}
+        out = []
         for sha, ts in groups.items():
-            label = f"{ts[0].name} {ts[0].version} ({ts[0].profile})"
-            if sum(w.count for w in new[sha]) < policy.min_samples:
-                verdicts.append(CanaryVerdict(bundle=label, proceed=False,
-                                              reason=f"fewer than {policy.min_samples} canary requests on the new "
-                                                     f"version after {3 * policy.observe_s:g} s: cannot judge"))
-                continue
-            baseline = [w for t in ts if t.previous_version for w in self.store.windows(
-                self.fleet, t.device, since=created - policy.baseline_s, until=created, name=t.name,
-                version=t.previous_version, with_sketch=True)]
-            if not baseline:
-                prev = {t.previous_version for t in ts if t.previous_version}
-                baseline = [w for v in prev for w in self.store.windows(
-                    self.fleet, since=created, name=ts[0].name, version=v, with_sketch=True)
-                    if w.device not in canary_ids]
-            verdicts.append(compare(label, baseline, new[sha], policy))
-        return verdicts
+            if sha in decided:
+                out.append(decided[sha])
+            else:  # another bundle's canaries halted the deployment first
+                last = latest.get(sha)
+                out.append(CanaryVerdict(bundle=_label(ts[0]), proceed=False, outcome="cannot-judge",
+                                         reason="not judged: another bundle's canaries halted the deployment",
+                                         **({} if last is None else {"canary_count": last.canary_count})))
+        return out
+
+    def _judge(self, dep: Deployment, canaries: Sequence[DeploymentTarget], controls: Sequence[DeploymentTarget],
+               policy: RolloutPolicy, start: float, elapsed: float, *, final: bool, full: bool, seed: int,
+               last: CanaryVerdict | None = None) -> CanaryVerdict:
+        """One bundle's verdict from the store's windows; ``full`` False gives a progress note without statistics
+        (counts only), as between looks."""
+        created = dep.created
+        first = not any(t.previous_version for t in canaries)
+
+        def windows(t: DeploymentTarget, version: str, since: float, until: float = float("inf")
+                    ) -> list[TelemetryWindow]:
+            return self.store.windows(self.fleet, t.device, since=since, until=until, name=t.name, version=version,
+                                      with_sketch=full)
+
+        def after_activation(t: DeploymentTarget) -> list[TelemetryWindow]:
+            # The window the install ran in is not judged, nor the first one after it (a new session warms up).
+            ws = [w for w in windows(t, t.version, created) if w.ts - w.interval_s >= (t.activated or created)]
+            return ws[1:]
+
+        cans = [_canary.DeviceWindows(
+            t.device, windows(t, t.previous_version, created - policy.baseline_s, created)
+            if t.previous_version else [], after_activation(t)) for t in canaries]
+        ctls = [_canary.DeviceWindows(
+            t.device, windows(t, t.previous_version, created - policy.baseline_s, created),
+            windows(t, t.previous_version, start)) for t in controls if t.previous_version and not t.cmd_id]
+        if not full:
+            n = sum(w.count for u in cans for w in u.after)
+            need = last.needed_count if last is not None and last.needed_count else _canary.requests_needed(policy)
+            nxt = next((m * policy.observe_s for m in _canary.LOOKS if m * policy.observe_s > elapsed),
+                       _canary.LOOKS[-1] * policy.observe_s)
+            keep = {} if last is None else {k: getattr(last, k) for k in (
+                "p95_ratio", "ratio_low", "ratio_high", "devices", "controls", "baseline_p95", "canary_p95")}
+            return CanaryVerdict(bundle=_label(canaries[0]), proceed=False, outcome="observing",
+                                 reason=(last.reason.split(" (next look")[0] if last is not None
+                                         else "waiting for canary telemetry") + f" (next look at {nxt:.0f} s)",
+                                 canary_count=n, needed_count=need,
+                                 elapsed_s=round(elapsed, 1), max_s=_canary.LOOKS[-1] * policy.observe_s,
+                                 confidence=_canary.CONFIDENCE, **keep)
+        return _canary.judge(_label(canaries[0]), cans, ctls, policy, elapsed_s=elapsed, final=final, first=first,
+                             seed=seed)
+
+
+def _label(t: DeploymentTarget) -> str:
+    return f"{t.name} {t.version} ({t.profile})"

@@ -264,6 +264,13 @@ class RolloutPolicy(Model, frozen=True, kw_only=True, omit_defaults=False):
     min_samples: Annotated[int, Meta(ge=1, le=L.MAX_COUNT)] = 200
     baseline_s: Annotated[float, Meta(gt=0.0, le=30 * 86400.0)] = 900.0
     install_timeout_s: Annotated[float, Meta(gt=0.0, le=30 * 86400.0)] = 900.0
+    min_canary_devices: Annotated[int, Meta(ge=1, le=1000, description="canaries per target at least (fewer only "
+                                                                       "when the target has no more devices)")] = 3
+    seed: Annotated[int, Meta(ge=0, le=L.INT64_MAX, description="seeds the canary choice; the controller draws and "
+                                                                "records one when the request has none")] | None = None
+
+
+Outcome = Literal["observing", "proceed", "halt", "cannot-judge"]
 
 
 class CanaryVerdict(Model, frozen=True, kw_only=True, omit_defaults=False):
@@ -278,6 +285,22 @@ class CanaryVerdict(Model, frozen=True, kw_only=True, omit_defaults=False):
     canary_error_rate: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     baseline_count: Total = 0
     canary_count: Total = 0
+    outcome: Annotated[Outcome, Meta(description="observing (a look without a decision yet), proceed, halt (a "
+                                                 "regression shown), cannot-judge (not enough data: halted)")] | \
+        None = None
+    p95_ratio: Annotated[float, Meta(ge=0.0, le=1e9, description="canary p95 / baseline p95, per device, "
+                                                                  "median over devices")] | None = None
+    ratio_low: Annotated[float, Meta(ge=0.0, le=1e9)] | None = None
+    ratio_high: Annotated[float, Meta(ge=0.0, le=1e9)] | None = None
+    confidence: Annotated[float, Meta(ge=0.0, le=1.0, description="of [ratio_low, ratio_high], over all looks")] = 0.0
+    devices: Annotated[int, Meta(ge=0, le=L.INT64_MAX, description="canary devices judged")] = 0
+    controls: Annotated[int, Meta(ge=0, le=L.INT64_MAX, description="devices on the previous version meanwhile "
+                                                                   "that corrected for common drift")] = 0
+    excluded: Annotated[list[Text], Meta(max_length=L.MAX_LIST, description="devices left out, with why (the "
+                                                                          "first 512)")] = []
+    needed_count: Annotated[Total, Meta(description="canary requests needed before a look")] = 0
+    elapsed_s: Seconds = 0.0
+    max_s: Seconds = 0.0
 
 
 class DeploymentDecision(Model, frozen=True, kw_only=True):
@@ -285,6 +308,8 @@ class DeploymentDecision(Model, frozen=True, kw_only=True):
 
     policy: RolloutPolicy = field(default_factory=RolloutPolicy)
     canary: list[CanaryVerdict] | None = None
+    observing: Annotated[list[CanaryVerdict] | None, Meta(description="while observing: the latest look per "
+                                                                      "bundle")] = None
 
 
 class DeploymentTarget(Model, frozen=True, kw_only=True, omit_defaults=False):
@@ -351,13 +376,16 @@ class DeploymentRequest(Model, frozen=True, kw_only=True):
     min_samples: Annotated[int, Meta(ge=1, le=L.MAX_COUNT)] = 200
     baseline_s: Annotated[float, Meta(gt=0.0, le=30 * 86400.0)] = 900.0
     install_timeout_s: Annotated[float, Meta(gt=0.0, le=30 * 86400.0)] = 900.0
+    min_canary_devices: Annotated[int, Meta(ge=1, le=1000)] = 3
+    seed: Annotated[int, Meta(ge=0, le=L.INT64_MAX)] | None = None
 
     def policy(self) -> RolloutPolicy:
         """The rollout policy this request asks for."""
         return RolloutPolicy(canary_pct=self.canary, max_p95_regression=self.max_p95_regression,
                              max_error_increase=self.max_error_increase, observe_s=self.observe_s,
                              min_samples=self.min_samples, baseline_s=self.baseline_s,
-                             install_timeout_s=self.install_timeout_s)
+                             install_timeout_s=self.install_timeout_s, min_canary_devices=self.min_canary_devices,
+                             seed=self.seed)
 
     def selectors(self) -> list[str]:
         """``to`` as a list."""

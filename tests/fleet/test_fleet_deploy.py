@@ -8,7 +8,8 @@ import time
 import pytest
 from _fleet_util import wait_until
 from click.testing import CliRunner
-from edgefleet.fleet.rollout import Selector, compare
+from edgefleet.fleet.canary import DeviceWindows, canary_count, choose_canaries, judge
+from edgefleet.fleet.rollout import Selector
 from edgefleet.fleet.simulate import Simulator, make_devices
 from edgefleet.sdk.cli import cli
 from edgefleet.sdk.errors import InputError
@@ -46,13 +47,39 @@ def test_deploy_refuses_a_selector_matching_nothing(fleet, mlp_model, make_bundl
     assert ctl.store.deployments(ctl.config.fleet) == [] and sim.commands == []
 
 
-def test_deploy_refuses_a_bundle_for_a_target_no_selected_device_has(fleet, mlp_model, make_bundle) -> None:
+def test_deploy_refuses_bundles_whose_targets_no_selected_device_has(fleet, mlp_model, make_bundle) -> None:
     ctl, sim = fleet
     res = _deploy(ctl, make_bundle(mlp_model, target="jetson-orin"), "tag:lab")
     assert res.exit_code == 1
-    assert "is for target 'jetson-orin', but no selected device has that profile (selected profiles: x86-cpu)" \
+    assert "no selected device has the target of any bundle (bundles for jetson-orin; selected profiles: x86-cpu)" \
         in res.output
     assert sim.commands == []
+
+
+def test_deploy_of_a_release_to_a_mixed_fleet_reports_absent_targets_and_gives_each_target_its_canaries(
+        fleet, mlp_model, make_bundle) -> None:
+    ctl, _sim = fleet
+    time.sleep(1.0)
+    release = [make_bundle(mlp_model, version="1.5.0", target=t, filename=f"m-{t}.efb")
+               for t in ("x86-cpu", "raspberry-pi-5", "jetson-orin")]
+    res = CliRunner().invoke(cli, ["deploy", *map(str, release), "--to", "all", "--controller", ctl.url,
+                                   "--canary", "10%", "--min-canary-devices", "2", "--seed", "7", "--observe", "1",
+                                   "--min-samples", "100", "--max-p95-regression", "50%", "--max-error-increase", "5%",
+                                   "--wait"])
+    assert res.exit_code == 0, res.output
+    assert "no selected device has target jetson-orin: testmodel 1.5.0 is not sent" in res.output
+    dep = ctl.store.deployment(ctl.store.deployments(ctl.config.fleet)[0].id)
+    assert dep.state == "completed" and dep.decision.policy.seed == 7
+    canaries = {t.device: t.profile for t in dep.targets if t.phase == "canary"}
+    # 10% of 10 x86 devices is 1, raised to 2; the two Pis: one canary, one control
+    assert sorted(canaries.values()) == ["raspberry-pi-5", "x86-cpu", "x86-cpu"], canaries
+    assert {v.bundle for v in dep.decision.canary} == {"testmodel 1.5.0 (x86-cpu)", "testmodel 1.5.0 (raspberry-pi-5)"}
+    by_dev = {t.device: t for t in dep.targets}
+    assert all(t.state == "active" for t in dep.targets), [(t.device, t.state) for t in dep.targets]
+    assert by_dev["pi-0001"].sha256 != by_dev["x-0001"].sha256  # each profile's own bundle
+    # the same seed draws the same canaries again
+    assert set(canaries) == choose_canaries({"x86-cpu": [f"x-{i:04d}" for i in range(10)],
+                                             "raspberry-pi-5": ["pi-0000", "pi-0001"]}, 10, 2, 7)
 
 
 def test_deploy_refuses_an_untrusted_bundle_before_sending_anything(fleet, mlp_model, tmp_path) -> None:
@@ -96,43 +123,77 @@ def test_canary_rollout_halts_and_rolls_back_on_p95_regression(fleet, mlp_model,
     slow = make_bundle(mlp_model, version="2.0.0")  # the simulator runs 2.0.0 twice as slow
     res = _deploy(ctl, slow, "profile:x86-cpu", extra=("--canary", "20%", "--observe", "1.5", "--min-samples", "200",
                                                        "--wait"))
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output  # halted
     dep = json.loads(res.output)
     assert dep["state"] == "halted", dep
-    assert "p95 regressed" in dep["message"] and "over the 20% limit" in dep["message"]
+    assert "regressed over the +20% limit" in dep["message"], dep["message"]
     (verdict,) = dep["decision"]["canary"]
-    assert verdict["proceed"] is False and verdict["canary_p95"] > 1.5 * verdict["baseline_p95"]
+    assert verdict["proceed"] is False and verdict["outcome"] == "halt"
+    assert verdict["ratio_low"] > 1.2 and verdict["canary_p95"] > 1.5 * verdict["baseline_p95"]
     canaries = [t for t in dep["targets"] if t["phase"] == "canary"]
     rest = [t for t in dep["targets"] if t["phase"] == "rest"]
-    assert len(canaries) == 2 and len(rest) == 8  # ceil(20% of 10)
+    assert len(canaries) == 3 and len(rest) == 7  # ceil(20% of 10) = 2, raised to the 3 the verdict needs
+    assert verdict["devices"] == 3 and verdict["controls"] == 7
     # The rest never got the bundle; the canaries got it, then a rollback, and run 1.0.0 again.
     deployed_to = {c["device"] for c in sim.commands if c["kind"] == "deploy"}
     assert deployed_to == {t["device"] for t in canaries}
     wait_until(lambda: all(t.state == "rolled-back" for t in ctl.store.deployment(dep["id"]).targets
                            if t.phase == "canary"), what="canaries rolled back")
     assert all(sim.devices[t["device"]].version == "1.0.0" for t in canaries)
-    assert all(t.state == "pending" for t in ctl.store.deployment(dep["id"]).targets if t.phase == "rest")
+    # No device is left pending: the ones never sent to say why.
+    assert all(t.state == "skipped" and t.reason == "not sent: the deployment halted"
+               for t in ctl.store.deployment(dep["id"]).targets if t.phase == "rest")
     shown = CliRunner().invoke(cli, ["deployments", "show", dep["id"], "--controller", ctl.url])
     assert shown.exit_code == 0 and "halted" in shown.output and "rolled-back" in shown.output
+    assert "verdict halt: testmodel 2.0.0 (x86-cpu): p95 x" in shown.output
 
 
 def test_canary_rollout_proceeds_when_latency_holds_and_rollback_command_reverts(fleet, mlp_model, make_bundle) -> None:
     ctl, sim = fleet
     time.sleep(1.0)
-    res = _deploy(ctl, make_bundle(mlp_model, version="1.2.0"), "tag:lab",
-                  extra=("--canary", "30%", "--observe", "1", "--min-samples", "100", "--wait"))
+    res = CliRunner().invoke(
+        cli, ["deploy", str(make_bundle(mlp_model, version="1.2.0")), "--to", "tag:lab", "--controller", ctl.url,
+              "--canary", "30%", "--observe", "1", "--min-samples", "100", "--wait"])
     assert res.exit_code == 0, res.output
-    dep = json.loads(res.output)
-    assert dep["state"] == "completed", dep
-    assert dep["decision"]["canary"][0]["proceed"] is True
-    assert dep["progress"] == {"active": 10}
+    assert "observing testmodel 1.2.0 (x86-cpu):" in res.stderr  # progress while waiting
+    assert "verdict proceed: testmodel 1.2.0 (x86-cpu): p95 x" in res.output and "completed" in res.output
+    dep = ctl.store.deployments(ctl.config.fleet)[0]
+    assert dep.state == "completed" and dep.progress == {"active": 10}
+    assert dep.decision.canary[0].proceed is True and dep.decision.canary[0].ratio_high <= 1.2
     listed = CliRunner().invoke(cli, ["deployments", "list", "--controller", ctl.url])
-    assert dep["id"] in listed.output and "completed" in listed.output
-    rb = CliRunner().invoke(cli, ["rollback", dep["id"], "--device", "x-0005", "--controller", ctl.url])
+    assert dep.id in listed.output and "completed" in listed.output
+    rb = CliRunner().invoke(cli, ["rollback", dep.id, "--device", "x-0005", "--controller", ctl.url])
     assert rb.exit_code == 0 and "rollback sent to 1 device(s): x-0005" in rb.output
     wait_until(lambda: sim.devices["x-0005"].version == "1.0.0", what="x-0005 back on 1.0.0")
-    wait_until(lambda: {t.device: t.state for t in ctl.store.deployment(dep["id"]).targets}["x-0005"]
+    wait_until(lambda: {t.device: t.state for t in ctl.store.deployment(dep.id).targets}["x-0005"]
                == "rolled-back", what="x-0005 rolled-back in the store")
+
+
+def test_a_first_deployment_whose_canary_gets_no_traffic_halts_and_removes_it(controller_factory, mosquitto,
+                                                                                fleet_id, mlp_model,
+                                                                                make_bundle) -> None:
+    ctl = controller_factory()
+    devs = make_devices(4, prefix="n", profiles=["x86-cpu"], model="other")
+    sim = Simulator(mosquitto.url, fleet_id, devs, interval_s=0.1, per_window=0, client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        sim.run_telemetry(duration_s=60)
+        wait_until(lambda: len(ctl.store.devices(fleet_id)) == 4, what="4 devices")
+        res = _deploy(ctl, make_bundle(mlp_model, version="1.0.0"), "all",
+                      extra=("--canary", "25%", "--min-canary-devices", "1", "--observe", "0.5", "--wait"))
+        assert res.exit_code == 3, res.output
+        dep = json.loads(res.output)
+        (v,) = dep["decision"]["canary"]
+        assert v["outcome"] == "cannot-judge" and "cannot judge after" in v["reason"], v
+        (canary,) = [t for t in dep["targets"] if t["phase"] == "canary"]
+        assert canary["previous_version"] == ""
+        removes = [c for c in sim.commands if c["kind"] == "remove"]
+        assert [c["device"] for c in removes] == [canary["device"]] and removes[0]["args"] == {"name": "testmodel"}
+        wait_until(lambda: {t.device: t.state for t in ctl.store.deployment(dep["id"]).targets}[canary["device"]]
+                   == "rolled-back", what="the canary's first version removed")
+        assert {t.state for t in ctl.store.deployment(dep["id"]).targets if t.phase == "rest"} == {"skipped"}
+    finally:
+        sim.stop()
 
 
 def test_selector_parsing_and_matching() -> None:
@@ -148,21 +209,82 @@ def test_selector_parsing_and_matching() -> None:
         Selector.parse([" , "])
 
 
-def _windows(median: float, n: int, errors: int = 0) -> list[TelemetryWindow]:
-    sk = DDSketch()
+def _windows(device: str, median: float, n: int, t0: float, *, per: int = 50, errors: int = 0, seed: int = 0,
+             version: str = "1") -> list[TelemetryWindow]:
+    """``n`` one-second windows of ``per`` log-normal latencies around ``median`` ms."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
     for i in range(n):
-        sk.add(median * (0.8 + 0.4 * i / n))
-    return [TelemetryWindow(device="d", boot="b", seq=1, ts=1.0, name="m", version="1", count=n, errors=errors,
-                            interval_s=1.0, p50=None, p95=None, p99=None, providers=[], sketch=sk.to_wire())]
+        sk = DDSketch()
+        for x in rng.lognormal(np.log(median), 0.3, per):
+            sk.add(float(x))
+        out.append(TelemetryWindow(device=device, boot="b", seq=i + 1, ts=t0 + i + 1.0, name="m", version=version,
+                                   count=per, errors=errors, interval_s=1.0, p50=None, p95=None, p99=None,
+                                   providers=[], sketch=sk.to_wire()))
+    return out
 
 
-def test_compare_halts_on_error_rise_and_passes_small_changes() -> None:
-    policy = RolloutPolicy(max_p95_regression=0.2, max_error_increase=0.01)
-    assert compare("b", _windows(10, 1000), _windows(11, 1000), policy).proceed
-    assert not compare("b", _windows(10, 1000), _windows(13, 1000), policy).proceed
-    d = compare("b", _windows(10, 1000, errors=1), _windows(10, 1000, errors=50), policy)
-    assert not d.proceed and "error rate rose" in d.reason
-    assert compare("b", [], _windows(10, 100), policy).proceed  # nothing to compare with: say so and proceed
+def _fleet(factors: dict[str, float], controls: int = 0, *, errors: int = 0) -> tuple[list, list]:
+    cans = [DeviceWindows(d, _windows(d, 5.0 + i, 60, 0.0, seed=i),
+                          _windows(d, (5.0 + i) * f, 40, 100.0, seed=100 + i, errors=errors))
+            for i, (d, f) in enumerate(factors.items())]
+    ctls = [DeviceWindows(f"c{i}", _windows(f"c{i}", 6.0, 60, 0.0, seed=200 + i),
+                          _windows(f"c{i}", 6.0, 40, 100.0, seed=300 + i)) for i in range(controls)]
+    return cans, ctls
+
+
+POLICY = RolloutPolicy(max_p95_regression=0.2, max_error_increase=0.01, observe_s=30, min_samples=200)
+
+
+def test_verdict_proceeds_when_the_p95_holds_and_halts_when_it_regresses() -> None:
+    same = judge("b", *_fleet({"a": 1.0, "b": 1.0, "c": 1.0}, 3), POLICY, elapsed_s=40, final=False, first=False)
+    assert same.outcome == "proceed" and same.ratio_low < 1.0 < same.ratio_high <= 1.2, same
+    assert same.devices == 3 and same.controls == 3 and "within the +20% limit" in same.reason
+    slow = judge("b", *_fleet({"a": 1.4, "b": 1.4, "c": 1.4}), POLICY, elapsed_s=40, final=False, first=False)
+    assert slow.outcome == "halt" and slow.ratio_low > 1.2 and "regressed over the +20% limit" in slow.reason
+    # too early: never proceeds before observe_s, and never on too few requests
+    early = judge("b", *_fleet({"a": 1.0, "b": 1.0, "c": 1.0}), POLICY, elapsed_s=10, final=False, first=False)
+    assert early.outcome == "observing"
+    few = RolloutPolicy(min_samples=10_000, observe_s=30)
+    assert judge("b", *_fleet({"a": 1.0}), few, elapsed_s=90, final=True, first=False).outcome == "cannot-judge"
+
+
+def test_verdict_is_not_decided_by_one_device_reporting_invented_latency() -> None:
+    # one canary of five claims to be 10x slower: the median of the others decides, and the liar is named
+    liar = judge("b", *_fleet({"a": 1.0, "b": 1.0, "c": 10.0, "d": 1.0, "e": 1.0}), POLICY, elapsed_s=40,
+                 final=False, first=False)
+    assert liar.outcome == "proceed" and any(x.startswith("c: p95 x") for x in liar.excluded), liar
+    # one canary of five claims to be fast while the others regress: it cannot push the rollout through
+    hider = judge("b", *_fleet({"a": 1.5, "b": 1.5, "c": 0.2, "d": 1.5, "e": 1.5}), POLICY, elapsed_s=40,
+                  final=False, first=False)
+    assert hider.outcome == "halt", hider
+    # with two canaries each must pass alone: one regressing blocks the proceed
+    two = judge("b", *_fleet({"a": 1.0, "b": 1.6}), POLICY, elapsed_s=90, final=True, first=False)
+    assert two.outcome in ("halt", "cannot-judge") and not two.proceed
+
+
+def test_verdict_on_errors_and_on_a_first_deployment() -> None:
+    errs = judge("b", *_fleet({"a": 1.0, "b": 1.0, "c": 1.0}, errors=5), POLICY, elapsed_s=40, final=False,
+                 first=False)
+    assert errs.outcome == "halt" and "error rate rose" in errs.reason
+    # a first deployment: no latency to compare, errors alone decide, with enough requests
+    cans = [DeviceWindows(u.device, [], u.after) for u in _fleet({"a": 1.0, "b": 1.0, "c": 1.0})[0]]
+    first = judge("b", cans, [], POLICY, elapsed_s=40, final=False, first=True)
+    assert first.outcome == "proceed" and first.p95_ratio is None and "first deployment" in first.reason
+    assert judge("b", cans[:1], [], RolloutPolicy(min_samples=5000), elapsed_s=90, final=True,
+                 first=True).outcome == "cannot-judge"
+
+
+def test_canary_count_and_choice_rules() -> None:
+    assert [canary_count(n, 10, 3) for n in (0, 1, 2, 3, 4, 10, 40, 100)] == [0, 1, 1, 2, 3, 3, 4, 10]
+    assert canary_count(10, 0, 3) == 0 and canary_count(10, 100, 3) == 0  # not staged
+    devs = {"x86-cpu": [f"d{i}" for i in range(50)], "jetson-orin": ["j0", "j1", "j2", "j3"]}
+    a = choose_canaries(devs, 10, 3, seed=1)
+    assert a == choose_canaries(devs, 10, 3, seed=1) and a != choose_canaries(devs, 10, 3, seed=2)
+    assert len(a & set(devs["x86-cpu"])) == 5 and len(a & set(devs["jetson-orin"])) == 3
+    assert a & set(devs["x86-cpu"]) != {f"d{i}" for i in range(5)}  # not the alphabetically first
 
 
 def test_a_rollout_is_resumed_by_another_controller_when_its_own_stops(controller_factory, mosquitto, fleet_id,
@@ -203,14 +325,14 @@ def test_rolling_back_a_whole_deployment_stops_its_rollout(fleet, mlp_model, mak
                               RolloutPolicy(canary_pct=20, observe_s=30, min_samples=50))
     wait_until(lambda: ctl.store.deployment(dep.id).state == "observing", what="canaries observed")
     res = CliRunner().invoke(cli, ["rollback", dep.id, "--controller", ctl.url])
-    assert res.exit_code == 0 and "rollback sent to 2 device(s)" in res.output, res.output
+    assert res.exit_code == 0 and "rollback sent to 3 device(s)" in res.output, res.output
     ctl.deployer.wait(dep.id, 10)  # the rollout thread gives up at its next lease renewal
     assert not ctl.deployer._threads[dep.id].is_alive()
-    wait_until(lambda: all(t.state in ("rolled-back", "pending") for t in ctl.store.deployment(dep.id).targets
+    wait_until(lambda: all(t.state in ("rolled-back", "skipped") for t in ctl.store.deployment(dep.id).targets
                            if t.phase != "none"), what="canaries rolled back, the rest untouched")
     final = ctl.store.deployment(dep.id)
-    assert final.state == "rolled-back" and final.progress == {"rolled-back": 2, "pending": 8}
-    assert len([c for c in sim.commands if c["kind"] == "deploy"]) == 2
+    assert final.state == "rolled-back" and final.progress == {"rolled-back": 3, "skipped": 7}
+    assert len([c for c in sim.commands if c["kind"] == "deploy"]) == 3
 
 
 def test_devices_fetch_bundles_from_the_url_a_deployment_names_and_refuse_other_bytes(

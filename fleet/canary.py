@@ -1,0 +1,400 @@
+"""Canary choice and the canary verdict: which devices install first, and what their telemetry says.
+
+**Choice.** Per target (one bundle each), ``k = max(ceil(pct% of the devices getting it), min_canary_devices)``
+devices, never all of them when there are two or more (the rest is the control group, and what a halt protects),
+drawn at random with a seed the deployment records: reproducible, not steerable by naming a device ``aaa-0``.
+
+**The unit of evidence.** Requests on one device are not independent (a busy host slows a run of them together),
+so a request is not the sample unit. The agent's telemetry window is: each window carries a mergeable latency
+sketch, and the verdict works on per-device, per-period merges of those sketches.
+
+**The statistic.** For each canary device, ``log p95(new version, after activation) - log p95(previous version,
+the baseline_s before the deployment)`` — the device's own before/after ratio, so devices of different speed are
+never compared with each other. When at least :data:`MIN_CONTROLS` devices of the same target keep the previous
+version meanwhile, the median of their own before/after ratios is subtracted: a change of conditions that hits
+everyone (load on a shared host, time of day) cancels out (a difference in differences). Devices are combined by
+the **median**; with three or more canaries a device more than :data:`OUTLIER_MADS` scaled MADs away from the others
+is left out and named, so one device reporting invented latency can neither pass nor halt a rollout alone. With
+one or two canaries every canary must pass on its own, and one shown regression halts (the safe branch).
+
+**The interval.** A bootstrap of that statistic: with fewer than :data:`DEVICE_UNIT_MIN` canaries, time blocks of
+telemetry windows are resampled (the same blocks for every device, so the correlation between devices on one host
+is kept; blocks of about n^(1/3) windows keep the short-range correlation in time); with more canaries, devices are
+resampled (the between-device spread is then the honest noise). The percentile interval of the ratio is taken at
+``1 - (1 - CONFIDENCE) / len(LOOKS)`` at each look: the controller looks at ``LOOKS`` times ``observe_s``, so over
+all looks the chance of a wrong call is at most ``1 - CONFIDENCE`` (Bonferroni).
+
+**The decision** at each look, per bundle: halt when the interval lies above ``1 + max_p95_regression`` or the
+error rate is shown to have risen more than ``max_error_increase`` (Wilson interval); proceed when the interval lies
+below the limit, the error rate is shown within its limit, ``observe_s`` has passed and the canaries served at least
+``min_samples`` requests; otherwise look again, and at the last look (3 x ``observe_s``) say **cannot judge** and
+halt. A first deployment (no previous version on the canaries) has no latency to compare: it is judged on errors
+alone and needs the same number of requests.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet.sdk.protocol import CanaryVerdict, RolloutPolicy, TelemetryWindow
+
+__all__ = ["CONFIDENCE", "LOOKS", "DeviceWindows", "canary_count", "choose_canaries", "judge", "requests_needed"]
+
+CONFIDENCE = 0.95
+"""Of a verdict, over all looks."""
+LOOKS = (1.0, 1.5, 2.0, 2.5, 3.0)
+"""When the controller judges, in multiples of ``observe_s``."""
+MIN_WINDOWS = 4
+"""Telemetry windows a device needs in a period to count (each is one sample of its latency)."""
+MIN_CONTROLS = 3
+"""Control devices needed to correct for a common drift (fewer could steer the correction alone)."""
+OUTLIER_MADS = 3.0
+MAD_FLOOR = math.log(1.10)
+"""A device is an outlier only when more than 10% (x OUTLIER_MADS) away from the median: honest devices differ."""
+DEVICE_UNIT_MIN = 12
+"""From this many canaries on, devices (not time blocks) are resampled."""
+RESAMPLES = 1000
+_Z_CACHE: dict[float, float] = {}
+
+
+def canary_count(n: int, pct: float, min_devices: int) -> int:
+    """How many of a target's ``n`` devices are canaries (0 when the rollout is not staged)."""
+    if n <= 0 or not 0.0 < pct < 100.0:
+        return 0
+    k = max(math.ceil(n * pct / 100.0 - 1e-9), min_devices)
+    return min(k, n - 1) if n > 1 else 1
+
+
+def choose_canaries(devices_by_target: Mapping[str, Sequence[str]], pct: float, min_devices: int,
+                    seed: int) -> set[str]:
+    """The canary devices: per target, :func:`canary_count` of them drawn at random (reproducible from ``seed``)."""
+    chosen: set[str] = set()
+    for target in sorted(devices_by_target):
+        devs = sorted(devices_by_target[target])
+        rng = random.Random(f"{seed}/{target}")  # a string seed is hashed stably (not by PYTHONHASHSEED)
+        chosen.update(rng.sample(devs, canary_count(len(devs), pct, min_devices)))
+    return chosen
+
+
+def _z(confidence: float) -> float:
+    """The two-sided normal quantile for ``confidence``."""
+    if confidence not in _Z_CACHE:
+        _Z_CACHE[confidence] = statistics.NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    return _Z_CACHE[confidence]
+
+
+def look_confidence() -> float:
+    """The confidence of each look's interval, so that all looks together keep :data:`CONFIDENCE`."""
+    return 1.0 - (1.0 - CONFIDENCE) / len(LOOKS)
+
+
+def requests_needed(policy: RolloutPolicy, base_rate: float = 0.0) -> int:
+    """Canary requests needed before a verdict: ``min_samples``, and enough that an error-free canary shows its
+    error rate below ``base_rate + max_error_increase`` (the upper Wilson bound with no errors is z^2 / (n + z^2))."""
+    limit = min(1.0, base_rate + policy.max_error_increase)
+    z = _z(look_confidence())
+    need_err = math.ceil(z * z * (1.0 - limit) / limit) if limit > 0 else 0
+    return max(policy.min_samples, need_err)
+
+
+def _wilson(errors: int, n: int, confidence: float) -> tuple[float, float]:
+    if n <= 0:
+        return 0.0, 1.0
+    z = _z(confidence)
+    p = errors / n
+    den = 1.0 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+@dataclass(frozen=True)
+class DeviceWindows:
+    """One device's telemetry windows in the two periods: ``before`` (previous version, before the deployment) and
+    ``after`` (canaries: the new version after activation; controls: still the previous version meanwhile)."""
+
+    device: str
+    before: Sequence[TelemetryWindow]
+    after: Sequence[TelemetryWindow]
+
+
+def _usable(ws: Sequence[TelemetryWindow]) -> list[TelemetryWindow]:
+    return [w for w in ws if w.sketch is not None and w.count > 0]
+
+
+def _totals(units: Sequence[DeviceWindows], period: str) -> tuple[int, int]:
+    n = e = 0
+    for u in units:
+        for w in getattr(u, period):
+            n += w.count
+            e += w.errors
+    return n, e
+
+
+class _Grid:
+    """Every window's sketch as a row of bucket counts on one grid, and the p95 of sums of rows, vectorised."""
+
+    def __init__(self, windows: Sequence[TelemetryWindow]) -> None:
+        import numpy as np
+
+        sks = [w.sketch for w in windows if w.sketch is not None]
+        alpha = sks[0].alpha if sks else 0.01
+        keys = [k for s in sks if s.counts for k in (s.offset, s.offset + len(s.counts) - 1)]
+        self.lo = min(keys) if keys else 0
+        hi = max(keys) if keys else 0
+        gamma_ln = math.log((1.0 + alpha) / (1.0 - alpha))
+        ks = np.arange(self.lo, hi + 1, dtype=np.float64)
+        rep = 2.0 * np.exp(ks * gamma_ln) / (math.exp(gamma_ln) + 1.0)
+        # column 0: the zero bucket (values below the sketch's minimum), then one column per bucket key
+        self.log_rep = np.log(np.concatenate([[1e-6], rep]))
+        self.width = len(rep) + 1
+        self.alpha = alpha
+
+    def rows(self, windows: Sequence[TelemetryWindow]) -> Any:
+        import numpy as np
+
+        out = np.zeros((len(windows), self.width), np.float64)
+        for i, w in enumerate(windows):
+            s = w.sketch
+            if s is None or s.alpha != self.alpha:
+                continue
+            out[i, 0] = s.zero
+            if s.counts:
+                a = 1 + s.offset - self.lo
+                out[i, a:a + len(s.counts)] = s.counts
+        return out
+
+    def log_p95(self, counts: Any) -> Any:
+        """log p95 of each row of summed bucket counts (NaN for an empty row); DDSketch.quantile's rank rule."""
+        import numpy as np
+
+        counts = np.atleast_2d(counts)
+        cum = np.cumsum(counts, axis=1)
+        total = cum[:, -1]
+        rank = 0.95 * (total - 1.0)
+        idx = (cum <= rank[:, None] + 1e-9).sum(axis=1)
+        idx = np.minimum(idx, self.width - 1)
+        out = self.log_rep[idx]
+        return np.where(total > 0, out, np.nan)
+
+
+def _slots(windows: Sequence[TelemetryWindow], slot_s: float) -> tuple[list[int], int]:
+    """Each window's time slot, as an index into the sorted distinct slots of the period; and their number."""
+    raw = [math.floor(w.ts / slot_s) for w in windows]
+    distinct = sorted(set(raw))
+    pos = {s: i for i, s in enumerate(distinct)}
+    return [pos[s] for s in raw], len(distinct)
+
+
+def _block_weights(n_slots: int, rng: Any, resamples: int) -> Any:
+    """Moving-block bootstrap: how often each slot is drawn in each resample (resamples x n_slots)."""
+    import numpy as np
+
+    if n_slots == 0:
+        return np.zeros((resamples, 0))
+    block = max(1, round(n_slots ** (1.0 / 3.0)))
+    block = min(block, n_slots)
+    n_blocks = math.ceil(n_slots / block)
+    starts = rng.integers(0, n_slots - block + 1, size=(resamples, n_blocks))
+    idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(resamples, -1)[:, :n_slots]
+    weights = np.zeros((resamples, n_slots))
+    np.add.at(weights, (np.repeat(np.arange(resamples), idx.shape[1]), idx.ravel()), 1.0)
+    return weights
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"x{r:.2f}"
+
+
+def judge(bundle: str, canaries: Sequence[DeviceWindows], controls: Sequence[DeviceWindows],
+          policy: RolloutPolicy, *, elapsed_s: float, final: bool, first: bool, seed: int = 0) -> CanaryVerdict:
+    """One look at one bundle's canaries: ``observing`` (look again), ``proceed``, ``halt`` or ``cannot-judge``.
+
+    ``canaries`` and ``controls`` hold every device's windows for both periods; ``first`` says the canaries had no
+    previous version (only errors can be judged); ``final`` is the last look (an undecided verdict is
+    ``cannot-judge``). The resampling is seeded, so a verdict is reproducible from the stored telemetry.
+    """
+    import numpy as np
+
+    conf = look_confidence()
+    max_s = LOOKS[-1] * policy.observe_s
+    c_n, c_err = _totals(canaries, "after")
+    c_base_n, c_base_err = _totals(canaries, "before")
+    if c_base_n == 0:  # no baseline on the canaries themselves: the controls' error rate is the baseline
+        c_base_n, c_base_err = (sum(x) for x in zip(_totals(controls, "before"), _totals(controls, "after"),
+                                                    strict=True))
+    base_rate = 0.0 if first or c_base_n == 0 else c_base_err / (c_base_n + c_base_err)
+    needed = requests_needed(policy, base_rate)
+    c_rate = c_err / (c_n + c_err) if c_n + c_err else 0.0
+    common: dict[str, Any] = dict(bundle=bundle, canary_count=c_n, canary_error_rate=c_rate,
+                                  baseline_error_rate=None if first else base_rate, baseline_count=c_base_n,
+                                  confidence=CONFIDENCE, needed_count=needed, elapsed_s=round(elapsed_s, 1),
+                                  max_s=max_s)
+
+    def verdict(outcome: str, reason: str, **kw: Any) -> CanaryVerdict:
+        return CanaryVerdict(proceed=outcome == "proceed", outcome=outcome, reason=reason, **{**common, **kw})
+
+    def undecided(why: str, **kw: Any) -> CanaryVerdict:
+        if final:
+            return verdict("cannot-judge", f"cannot judge after {elapsed_s:.0f} s: {why}", **kw)
+        return verdict("observing", why, **kw)
+
+    # -- errors (pooled: a device that fails requests can halt a rollout, never push one through) --------------------
+    err_limit = base_rate + policy.max_error_increase
+    e_lo, e_hi = _wilson(c_err, c_n + c_err, conf)
+    err_text = f"errors {base_rate:.2%} → {c_rate:.2%}" if not first else f"errors {c_rate:.2%}"
+    if c_n + c_err >= 20 and e_lo > err_limit:
+        return verdict("halt", f"error rate rose to {c_rate:.2%} (at least {e_lo:.2%}, {conf:.1%} look interval), "
+                               f"over the {'+' if not first else ''}{policy.max_error_increase:.2%} limit")
+    enough = c_n >= needed
+    short = f"{c_n} of the {needed} canary requests needed on the new version"
+    err_ok = e_hi <= err_limit
+
+    if first:
+        if not enough:
+            return undecided(short)
+        if not err_ok:
+            return undecided(f"{err_text}: not yet shown within the {policy.max_error_increase:.2%} limit")
+        if elapsed_s < policy.observe_s:
+            return verdict("observing", f"{err_text} so far; judging after {policy.observe_s:g} s")
+        return verdict("proceed", f"first deployment (no previous version to compare latency with): {err_text} in "
+                                  f"{c_n} requests, within the {policy.max_error_increase:.2%} limit")
+
+    # -- latency ---------------------------------------------------------------------------------------------------
+    units = [DeviceWindows(u.device, _usable(u.before), _usable(u.after)) for u in canaries]
+    excluded = [f"{u.device}: fewer than {MIN_WINDOWS} windows with requests on the new version"
+                for u in units if len(u.after) < MIN_WINDOWS]
+    units = [u for u in units if len(u.after) >= MIN_WINDOWS]
+    paired = [u for u in units if len(u.before) >= MIN_WINDOWS]
+    ctl = [DeviceWindows(u.device, _usable(u.before), _usable(u.after)) for u in controls]
+    ctl_after = [u for u in ctl if len(u.after) >= MIN_WINDOWS]
+    if paired:
+        excluded += [f"{u.device}: fewer than {MIN_WINDOWS} windows on the previous version before the deployment"
+                     for u in units if len(u.before) < MIN_WINDOWS]
+        units, mode = paired, "paired"
+        ctl = [u for u in ctl_after if len(u.before) >= MIN_WINDOWS]
+        if len(ctl) < MIN_CONTROLS:
+            ctl = []
+    elif len(ctl_after) >= MIN_CONTROLS:
+        mode, ctl = "beside", ctl_after  # no canary baseline: compare with the controls over the same time
+    else:
+        return undecided("no baseline: no canary has telemetry of the previous version from before the deployment "
+                         f"and fewer than {MIN_CONTROLS} devices still run it", excluded=excluded[:512])
+    if not units:
+        return undecided("no canary has enough telemetry windows yet", excluded=excluded[:512])
+
+    every = [w for u in (*units, *ctl) for w in (*u.before, *u.after)]
+    grid = _Grid(every)
+    rng = np.random.default_rng(seed)
+    device_unit = len(units) >= DEVICE_UNIT_MIN
+    b = 1 if device_unit else RESAMPLES
+    slot_s = max(0.05, max(w.interval_s for w in every))
+    # Each period's windows (all devices together) fall into time slots; a resample draws blocks of slots, the
+    # same for every device, and each device's merged sketch is then the weighted sum of its windows' buckets.
+    weights: dict[str, Any] = {}
+    cells: dict[tuple[int, str], tuple[Any, list[int]]] = {}  # (unit index, period) -> (bucket rows, slot per row)
+    every_unit = [*units, *ctl]
+    for period in ("before", "after"):
+        ws = [w for u in every_unit for w in getattr(u, period)]
+        pos, n_slots = _slots(ws, slot_s)
+        w_obs = np.ones((1, n_slots))
+        weights[period] = w_obs if device_unit else np.vstack([w_obs, _block_weights(n_slots, rng, b)])
+        i = 0
+        for j, u in enumerate(every_unit):
+            mine = getattr(u, period)
+            cells[(j, period)] = (grid.rows(mine), pos[i:i + len(mine)])
+            i += len(mine)
+
+    def lp95(j: int, period: str) -> Any:
+        """log p95 of unit ``j``'s merged windows in ``period``: [observed, resample 1, ...] (NaN if none)."""
+        rows, slots = cells[(j, period)]
+        if not slots:
+            return np.full(weights[period].shape[0], np.nan)
+        return grid.log_p95(weights[period][:, slots] @ rows)
+
+    n_u = len(units)
+    if mode == "paired":
+        effects = np.stack([lp95(j, "after") - lp95(j, "before") for j in range(n_u)], axis=1)
+        ctl_eff = [lp95(n_u + j, "after") - lp95(n_u + j, "before") for j in range(len(ctl))]
+    else:
+        effects = np.stack([lp95(j, "after") for j in range(n_u)], axis=1)
+        ctl_eff = [lp95(n_u + j, "after") for j in range(len(ctl))]
+    drift = np.nanmedian(np.stack(ctl_eff, axis=1), axis=1) if ctl_eff else np.zeros(effects.shape[0])
+    effects = effects - drift[:, None]
+    observed = effects[0]
+    names = [u.device for u in units]
+
+    # robust combination: outliers (3+ canaries) are named and left out
+    keep = np.ones(len(units), bool)
+    if len(units) >= 3:
+        med = float(np.nanmedian(observed))
+        mad = 1.4826 * float(np.nanmedian(np.abs(observed - med)))
+        far = np.abs(observed - med) > OUTLIER_MADS * max(mad, MAD_FLOOR)
+        for i in (int(x) for x in np.flatnonzero(far)):
+            excluded.append(f"{names[i]}: p95 {_fmt_ratio(math.exp(observed[i]))} on its own, an outlier against "
+                            f"the other canaries' {_fmt_ratio(math.exp(med))}")
+        keep = ~far
+    eff = effects[:, keep]
+    n_dev: int = int(keep.sum())
+    q_lo, q_hi = (1.0 - conf) / 2.0, 1.0 - (1.0 - conf) / 2.0
+    if device_unit:
+        # devices as the unit: resample devices (and controls) with replacement, median of per-device effects
+        obs_dev = eff[0]
+        picks = rng.integers(0, n_dev, size=(RESAMPLES, n_dev))
+        combined = np.concatenate([[np.nanmedian(obs_dev)], np.nanmedian(obs_dev[picks], axis=1)])
+        if ctl_eff:
+            c_eff = np.array([float(e[0]) for e in ctl_eff])
+            c_picks = rng.integers(0, len(ctl), size=(RESAMPLES, len(ctl)))
+            combined[1:] += drift[0] - np.nanmedian(c_eff[c_picks], axis=1)
+        point = float(combined[0])
+        lo, hi = (float(x) for x in np.nanquantile(combined[1:], [q_lo, q_hi]))
+    elif n_dev >= 3:
+        combined = np.nanmedian(eff, axis=1)
+        point = float(combined[0])
+        lo, hi = (float(x) for x in np.nanquantile(combined[1:], [q_lo, q_hi]))
+    else:
+        # one or two canaries: each must pass on its own; the interval is the envelope of theirs
+        lows = np.nanquantile(eff[1:], q_lo, axis=0)
+        highs = np.nanquantile(eff[1:], q_hi, axis=0)
+        point = float(np.nanmean(eff[0]))
+        lo, hi = float(np.min(lows)), float(np.max(highs))
+    if not all(math.isfinite(x) for x in (point, lo, hi)):
+        return undecided("the canaries' telemetry gives no p95 yet", excluded=excluded[:512])
+    limit = math.log1p(policy.max_p95_regression)
+    ratio, r_lo, r_hi = math.exp(point), math.exp(lo), math.exp(hi)
+    how = (f"{n_dev} canar{'y' if n_dev == 1 else 'ies'}"
+           + (f" vs {len(ctl)} controls" if ctl else " before/after" if mode == "paired" else ""))
+    lat = dict(p95_ratio=round(ratio, 4), ratio_low=round(r_lo, 4), ratio_high=round(r_hi, 4), devices=n_dev,
+               controls=len(ctl), excluded=excluded[:512],
+               canary_p95=_merged_p95([w for u in units for w in u.after]),
+               baseline_p95=_merged_p95([w for u in units for w in u.before] if mode == "paired"
+                                        else [w for u in ctl for w in u.after]))
+    text = f"p95 {_fmt_ratio(ratio)} [{r_lo:.2f}, {r_hi:.2f}] ({how}, {CONFIDENCE:.0%} interval)"
+    if lo > limit:
+        return verdict("halt", f"{text}: regressed over the +{policy.max_p95_regression:.0%} limit", **lat)
+    if not enough:
+        return undecided(f"{short}; {text}", **lat)
+    if hi <= limit and err_ok and elapsed_s >= policy.observe_s:
+        return verdict("proceed", f"{text}: within the +{policy.max_p95_regression:.0%} limit; {err_text}", **lat)
+    if hi > limit:
+        more = ""
+        if point < limit and hi > point:
+            # the interval narrows about as 1/sqrt(windows): time for its upper end to reach the limit
+            grow = ((hi - point) / (limit - point)) ** 2
+            more = f"; at this rate about {max(0.0, elapsed_s * (grow - 1.0)):.0f} s more would decide"
+        return undecided(f"{text} reaches over the +{policy.max_p95_regression:.0%} limit{more}", **lat)
+    if not err_ok:
+        return undecided(f"{err_text}: not yet shown within the {policy.max_error_increase:.2%} limit", **lat)
+    return verdict("observing", f"{text} so far; judging after {policy.observe_s:g} s", **lat)
+
+
+def _merged_p95(windows: Sequence[TelemetryWindow]) -> float | None:
+    from edgefleet.sdk.sketch import DDSketch
+
+    sk = DDSketch.merged(DDSketch.from_wire(w.sketch) for w in windows if w.sketch is not None)
+    return sk.quantile(0.95)
