@@ -112,7 +112,7 @@ class Rig:
         wait(lambda: len(self.devices()) == n_agents, 60, "agents online")
 
     def _start(self, name: str, argv: list[str]) -> None:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps its copy
+        log = open(self.tmp / f"{name}.log", "ab")  # the child keeps its own copy
         self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            start_new_session=True))
         log.close()

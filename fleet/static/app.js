@@ -198,9 +198,16 @@ function renderDeployments(deps) {
     const bar = STATES.filter((s) => d.progress[s]).map((s) => `<span class="s-${s}" style="width:${100 * d.progress[s] / total}%" title="${s}: ${d.progress[s]}"></span>`).join("");
     const counts = STATES.filter((s) => d.progress[s]).map((s) => `${s} ${d.progress[s]}`).join(" · ");
     const bundles = d.bundles.map((b) => `${esc(b.name)} ${esc(b.version)} (${esc(b.target)})`).join(", ");
+    // While the canaries are observed: each bundle's last look (requests so far and needed, time, p95 ratio).
+    const looks = d.state === "observing" ? ((d.decision || {}).observing || []).map((v) => {
+      const ratio = v.p95_ratio != null ? `, p95 ×${v.p95_ratio.toFixed(2)} [${fmt(v.ratio_low)}, ${fmt(v.ratio_high)}]`
+        + ` (limit ×${(1 + d.max_p95_regression).toFixed(2)})` : "";
+      return `<div class="muted look">${esc(v.bundle)}: ${v.canary_count}/${v.needed_count} requests, `
+        + `${Math.round(v.elapsed_s)}/${Math.round(v.max_s)} s${esc(ratio)}</div>`;
+    }).join("") : "";
     return `<div class="dep" data-id="${esc(d.id)}"><div><span class="state ${esc(d.state)}">${esc(d.state)}</span> ${bundles}`
       + ` <span class="muted">${esc(d.id)}${d.canary_pct ? `, canary ${d.canary_pct}%` : ""}</span></div>`
-      + `<div class="bar">${bar}</div><div class="muted">${counts}</div>${d.message ? `<div>${esc(d.message)}</div>` : ""}</div>`;
+      + `<div class="bar">${bar}</div><div class="muted">${counts}</div>${looks}${d.message ? `<div>${esc(d.message)}</div>` : ""}</div>`;
   }).join("");
 }
 function addEvents(evs) {

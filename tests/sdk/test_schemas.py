@@ -99,5 +99,5 @@ def test_the_schema_refuses_what_the_model_refuses() -> None:
 
 def test_the_wheel_ships_the_schemas() -> None:
     text = (ROOT / "pyproject.toml").read_text()
-    assert '"edgefleet.sdk" = ["schemas/*.json"]' in text
+    assert '"edgefleet.sdk.schemas" = ["*.json"]' in text  # tests/test_packaging.py builds the wheel and looks
     assert {p.stem for p in SCHEMAS.glob("*.json")} == set(schemas.schemas())
