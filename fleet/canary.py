@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.sdk.protocol import CanaryVerdict, RolloutPolicy, TelemetryWindow
+from edgefleet.sdk.protocol.api import Outcome
 
 __all__ = ["CONFIDENCE", "LOOKS", "DeviceWindows", "canary_count", "choose_canaries", "judge", "requests_needed"]
 
@@ -236,7 +237,7 @@ def judge(bundle: str, canaries: Sequence[DeviceWindows], controls: Sequence[Dev
                                   confidence=CONFIDENCE, needed_count=needed, elapsed_s=round(elapsed_s, 1),
                                   max_s=max_s)
 
-    def verdict(outcome: str, reason: str, **kw: Any) -> CanaryVerdict:
+    def verdict(outcome: Outcome, reason: str, **kw: Any) -> CanaryVerdict:
         return CanaryVerdict(proceed=outcome == "proceed", outcome=outcome, reason=reason, **{**common, **kw})
 
     def undecided(why: str, **kw: Any) -> CanaryVerdict:

@@ -507,14 +507,14 @@ def _print_deployment(dep: Deployment) -> None:
         click.echo(f"  verdict {v.outcome or ('proceed' if v.proceed else 'halt')}: {v.bundle}: {v.reason}")
         for x in v.excluded[:10]:
             click.echo(f"    left out {x}")
-    for v in dep.decision.observing or []:
+    for look in dep.decision.observing or []:
         if not dep.decision.canary:
-            click.echo(f"  observing {_verdict_line(v, dep.max_p95_regression)}")
+            click.echo(f"  observing {_verdict_line(look, dep.max_p95_regression)}")
     targets = dep.targets or []
     sent = {t.sha256 for t in targets if t.sha256}
-    for x in dep.bundles:
-        if x.sha256 not in sent:
-            click.echo(f"  no selected device has target {x.target}: {x.name} {x.version} ({x.target}) not sent")
+    for b_ in dep.bundles:
+        if b_.sha256 not in sent:
+            click.echo(f"  no selected device has target {b_.target}: {b_.name} {b_.version} not sent")
     click.echo("  " + "  ".join(f"{k}: {v}" for k, v in sorted(dep.progress.items())))
     for t in targets:
         extra = f"  ({t.reason})" if t.reason else ""

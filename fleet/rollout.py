@@ -553,7 +553,7 @@ class Deployer:
                 last = latest.get(sha)
                 out.append(CanaryVerdict(bundle=_label(ts[0]), proceed=False, outcome="cannot-judge",
                                          reason="not judged: another bundle's canaries halted the deployment",
-                                         **({} if last is None else {"canary_count": last.canary_count})))
+                                         canary_count=last.canary_count if last is not None else 0))
         return out
 
     def _judge(self, dep: Deployment, canaries: Sequence[DeploymentTarget], controls: Sequence[DeploymentTarget],
