@@ -356,7 +356,8 @@ def ab_report(ab: dict[str, Any]) -> str:
         "queued while it was stopped, ingested after it restarts: the controller alone on its core, receipts on), "
         f"{ab['this']} against `{ab['ref']}`, {ab['devices']:,} devices, {ab['messages_per_round'] // 2:,} telemetry "
         "messages drained per "
-        f"controller and round (after as many ingested live), {ab['rounds']} rounds interleaved (the order alternates). Load average at the end: "
+        f"controller and round (after as many ingested live), {ab['rounds']} rounds interleaved (the order alternates). "
+        "Load average at the end: "
         f"{ab['load_avg']} (a shared machine: read the ratio).", "",
         "| | controller CPU ms per 1,000 messages (median) | messages per CPU-second (median) |",
         "|---|---:|---:|",
