@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,13 +19,9 @@ from typing import Any
 
 import psutil
 
+from tests.helpers import free_port
+
 __all__ = ["ControllerProc", "RssSampler", "edgefleet", "free_port", "request"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def edgefleet(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -44,7 +39,7 @@ class ControllerProc:
         workdir.mkdir(parents=True, exist_ok=True)
         self.fleet = fleet
         self.host = host
-        self.port = free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
+        self.port = free_port()
         self.db = workdir / "fleet.db"
         self.scheme = "https" if "--tls-cert" in extra else "http"
         self.argv = [str(Path(sys.executable).parent / "edgefleet"), "fleet", "serve", "--broker", broker_url,
