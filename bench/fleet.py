@@ -355,9 +355,8 @@ def ab_report(ab: dict[str, Any]) -> str:
         f"{'' if ab['this'] == 'this tree' else ' --this ' + ab['this']}`: the controller's drain (messages the broker "
         "queued while it was stopped, ingested after it restarts: the controller alone on its core, receipts on), "
         f"{ab['this']} against `{ab['ref']}`, {ab['devices']:,} devices, {ab['messages_per_round'] // 2:,} telemetry "
-        "messages drained per "
-        f"controller and round (after as many ingested live), {ab['rounds']} rounds interleaved (the order alternates). "
-        "Load average at the end: "
+        "messages drained per controller and round (after as many ingested live), "
+        f"{ab['rounds']} rounds interleaved (the order alternates). Load average at the end: "
         f"{ab['load_avg']} (a shared machine: read the ratio).", "",
         "| | controller CPU ms per 1,000 messages (median) | messages per CPU-second (median) |",
         "|---|---:|---:|",
