@@ -199,12 +199,18 @@ def fleet() -> None:
 @click.option("--mqtt-session-expiry", type=click.IntRange(0, 0xFFFFFFFF), default=60, show_default=True,
               help="Seconds the broker keeps this controller's session (and its share of the fleet's messages) "
                    "after it goes away.")
+@click.option("--offline-after", type=click.FloatRange(min=0.1, max=86400), default=30.0, show_default=True,
+              help="Seconds without a status or telemetry after which a device is marked offline (its Last Will "
+                   "does that at once); about 3 telemetry intervals.")
+@click.option("--metrics-stale-after", type=click.FloatRange(min=0.1), default=3600.0, show_default=True,
+              help="Seconds without a status or telemetry after which a device leaves /metrics altogether.")
 @click.pass_context
 def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...],
           signing_key: Path | None, command_ttl: float, fleet_id: str, client_id: str, share_group: str,
           receipts: bool, public_url: str, retention_days: float, max_clock_skew: float, rollout_lease: float,
           db_old: str | None, read_auth: str, allowed_hosts: tuple[str, ...], max_upload: str, tls_cert: Path | None,
-          tls_key: Path | None, mqtt_session_expiry: int, bundle_base_url: str) -> None:
+          tls_key: Path | None, mqtt_session_expiry: int, bundle_base_url: str, offline_after: float,
+          metrics_stale_after: float) -> None:
     """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads.
 
     The configuration, the store and the HTTP port are checked before anything connects to the broker: a
@@ -225,7 +231,8 @@ def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundle
                                max_clock_skew_s=max_clock_skew, read_auth=read_auth,
                                allowed_hosts=tuple(allowed_hosts), max_upload_bytes=_size(max_upload, "--max-upload"),
                                tls_cert=tls_cert, tls_key=tls_key, mqtt_session_expiry_s=mqtt_session_expiry,
-                               rollout_lease_s=rollout_lease, bundle_base_url=bundle_base_url)
+                               rollout_lease_s=rollout_lease, bundle_base_url=bundle_base_url,
+                               offline_after_s=offline_after, metrics_stale_after_s=metrics_stale_after)
         ctl = Controller(cfg)
         click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {mqtt}, store {ctl.store}",
                    err=True)

@@ -21,7 +21,7 @@ from edgefleet.sdk.transport import MqttOptions, publish_properties
 
 from .bundles import BundleLibrary
 from .commands import Commander
-from .http import HttpPolicy, make_app
+from .http import HttpPolicy, Liveness, make_app
 from .ingest import Ingestor
 from .rollout import Deployer
 from .store import Store, open_store
@@ -92,6 +92,10 @@ class ControllerConfig:
     max_upload_bytes: int = 4 << 30
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Liveness: a device not heard from (status or telemetry) for offline_after_s is marked offline (its Last Will
+    # does that at once); one not heard from for metrics_stale_after_s leaves /metrics.
+    offline_after_s: float = 30.0
+    metrics_stale_after_s: float = 3600.0
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
@@ -108,6 +112,11 @@ class ControllerConfig:
             raise ConfigError(f"max_clock_skew_s must be > 0, got {self.max_clock_skew_s}")
         if self.bundle_base_url and not self.bundle_base_url.startswith(("http://", "https://")):
             raise ConfigError(f"bundle_base_url must be an http:// or https:// URL, got {self.bundle_base_url[:80]!r}")
+        if not 0 < self.offline_after_s <= 86400:
+            raise ConfigError(f"offline_after_s must be in (0, 86400], got {self.offline_after_s}")
+        if not self.metrics_stale_after_s >= self.offline_after_s:
+            raise ConfigError(f"metrics_stale_after_s must be >= offline_after_s ({self.offline_after_s}), "
+                              f"got {self.metrics_stale_after_s}")
         if not self.retention_days >= 0:
             raise ConfigError(f"retention_days must be >= 0, got {self.retention_days}")
         if not self.client_id:
@@ -152,7 +161,8 @@ class Controller:
                                 public_url=config.public_url)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        self.app = make_app(self.store, config.fleet, self.deployer, self.ingest, self.commander, policy)
+        self.app = make_app(self.store, config.fleet, self.deployer, self.ingest, self.commander, policy,
+                            Liveness(config.offline_after_s, config.metrics_stale_after_s))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -161,6 +171,7 @@ class Controller:
         self._stopping = threading.Event()
         self._pruner: threading.Thread | None = None
         self._resender: threading.Thread | None = None
+        self._liveness: threading.Thread | None = None
 
     @property
     def public_url(self) -> str:
@@ -234,6 +245,23 @@ class Controller:
         self._pruner.start()
         self._resender = threading.Thread(target=self._resend_loop, name="controller-resend", daemon=True)
         self._resender.start()
+        self._liveness = threading.Thread(target=self._liveness_loop, name="controller-liveness", daemon=True)
+        self._liveness.start()
+
+    def _liveness_loop(self) -> None:
+        """Mark offline the devices that went quiet without a Last Will (a hung agent, a half-open connection the
+        broker has not noticed yet): checked every fifth of ``offline_after_s`` (0.2..5 s)."""
+        after = self.config.offline_after_s
+        while not self._stopping.wait(min(5.0, max(0.2, after / 5))):
+            now = time.time()
+            try:
+                gone = self.store.mark_silent(self.config.fleet, now - after, now)
+            except Exception:  # retried next round; ingest and HTTP must go on
+                log.exception("marking silent devices offline failed")
+                continue
+            if gone:
+                log.info("offline after %g s of silence: %s", after, ", ".join(gone[:20]) +
+                         (f" and {len(gone) - 20} more" if len(gone) > 20 else ""))
 
     def _resend_loop(self, period_s: float = 1.0) -> None:
         """Send again every command whose device reconnected without answering it (fleet/commands.py)."""
@@ -268,7 +296,7 @@ class Controller:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        for t in (self._pruner, self._resender):
+        for t in (self._pruner, self._resender, self._liveness):
             if t is not None:
                 t.join(30)
         self.deployer.stop()  # releases the leases of unfinished rollouts, for another controller to resume

@@ -78,7 +78,7 @@ from .ingest import Ingestor
 from .rollout import Deployer, Selector
 from .store import ApiToken, Store, VersionSketch, VersionTotal
 
-__all__ = ["MAX_UPLOAD", "HttpPolicy", "make_app", "metrics_text"]
+__all__ = ["MAX_UPLOAD", "HttpPolicy", "Liveness", "make_app", "metrics_text"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,18 @@ IngestKey = web.AppKey("ingest", Ingestor)
 CommanderKey = web.AppKey("commander", Commander)
 PolicyKey = web.AppKey("policy", HttpPolicy)
 HubKey: web.AppKey[_Hub] = web.AppKey("hub")
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """When a device counts as offline, and when it leaves /metrics (``fleet serve --offline-after`` and
+    ``--metrics-stale-after``)."""
+
+    offline_after_s: float = 30.0
+    metrics_stale_after_s: float = 3600.0
+
+
+LivenessKey = web.AppKey("liveness", Liveness)
 _TOKEN: web.RequestKey[ApiToken | None] = web.RequestKey("token", ApiToken | None)  # type: ignore[arg-type]
 
 
@@ -506,59 +518,82 @@ def _count(v: float) -> str:
 
 
 def metrics_text(fleet: str, devices: list[DeviceRow], versions: list[VersionSketch], totals: list[VersionTotal],
-                 ingest: dict[str, Any], backlog: int) -> str:
-    """The Prometheus text exposition (format 0.0.4) of the fleet."""
+                 ingest: dict[str, Any], backlog: int, *, now: float | None = None,
+                 stale_after_s: float = 3600.0) -> str:
+    """The Prometheus text exposition (format 0.0.4) of the fleet: base units (seconds, bytes, ratios), ``_total``
+    counters, summaries with ``quantile`` (plus ``_sum``/``_count`` where a cumulative total exists), HELP and TYPE
+    once per family. A device not heard from (no status or telemetry) for ``stale_after_s`` is left out altogether;
+    an offline device keeps only its ``edgefleet_device_up`` 0 and last-seen time, no live figures."""
+    now = time.time() if now is None else now
     out: list[str] = []
 
     def family(name: str, kind: str, help_: str) -> None:
         out.append(f"# HELP {name} {help_}")
         out.append(f"# TYPE {name} {kind}")
 
-    family("edgefleet_device_online", "gauge", "1 when the device's retained status is online.")
-    for d in devices:
-        out.append(f"edgefleet_device_online{_labels(fleet=fleet, device=d.device, profile=d.profile)} "
+    def s(ms: float | None) -> float | None:
+        return None if ms is None else ms / 1000.0
+
+    known = [d for d in devices if d.updated >= now - stale_after_s]
+    live = [d for d in known if d.state == "online"]
+    family("edgefleet_device_up", "gauge", "1 while the device is online (retained status online and heard from "
+           "within the controller's --offline-after), else 0.")
+    for d in known:
+        out.append(f"edgefleet_device_up{_labels(fleet=fleet, device=d.device, profile=d.profile)} "
                    f"{1 if d.state == 'online' else 0}")
-    family("edgefleet_device_last_seen_timestamp_seconds", "gauge", "When the controller last stored telemetry.")
-    for d in devices:
+    family("edgefleet_devices", "gauge", "Devices per state (online, offline, unknown) among those heard from within "
+           "the controller's --metrics-stale-after.")
+    for st in ("online", "offline", "unknown"):
+        out.append(f"edgefleet_devices{_labels(fleet=fleet, state=st)} {sum(d.state == st for d in known)}")
+    family("edgefleet_device_last_seen_timestamp_seconds", "gauge", "When the controller last stored telemetry "
+           "from the device (Unix time).")
+    for d in known:
         if d.last_seen:
             out.append(f"edgefleet_device_last_seen_timestamp_seconds{_labels(fleet=fleet, device=d.device)} "
                        f"{_fmt(d.last_seen)}")
-    per_model = [(d, m) for d in devices for m in d.models]
-    family("edgefleet_device_latency_ms", "gauge", "Latency quantile over the device's latest telemetry window.")
+    per_model = [(d, m) for d in live for m in d.models]
+    family("edgefleet_device_latency_seconds", "summary", "Inference latency quantiles over the device's latest "
+           "telemetry window (online devices only).")
     for d, m in per_model:
         for q, val in (("0.5", m.p50), ("0.95", m.p95), ("0.99", m.p99)):
-            out.append("edgefleet_device_latency_ms" + _labels(fleet=fleet, device=d.device, model=m.name,
-                       version=m.version, quantile=q) + f" {_fmt(val)}")
-    family("edgefleet_device_throughput_rps", "gauge", "Requests per second over the latest window.")
+            out.append("edgefleet_device_latency_seconds" + _labels(fleet=fleet, device=d.device, model=m.name,
+                       version=m.version, quantile=q) + f" {_fmt(s(val))}")
+    family("edgefleet_device_throughput_requests_per_second", "gauge", "Requests per second over the device's "
+           "latest telemetry window (online devices only).")
     for d, m in per_model:
-        out.append("edgefleet_device_throughput_rps" + _labels(fleet=fleet, device=d.device, model=m.name,
-                   version=m.version) + f" {_fmt(m.throughput)}")
-    family("edgefleet_device_errors", "gauge", "Failed requests in the latest window.")
+        out.append("edgefleet_device_throughput_requests_per_second" + _labels(
+            fleet=fleet, device=d.device, model=m.name, version=m.version) + f" {_fmt(m.throughput)}")
+    family("edgefleet_device_window_errors", "gauge", "Failed requests in the device's latest telemetry window "
+           "(online devices only).")
     for d, m in per_model:
-        out.append("edgefleet_device_errors" + _labels(fleet=fleet, device=d.device, model=m.name,
+        out.append("edgefleet_device_window_errors" + _labels(fleet=fleet, device=d.device, model=m.name,
                    version=m.version) + f" {m.errors}")
-    family("edgefleet_device_process_rss_bytes", "gauge", "Agent process resident memory.")
-    for d in devices:
+    family("edgefleet_device_process_resident_memory_bytes", "gauge", "Agent process resident memory "
+           "(online devices only).")
+    for d in live:
         if d.process.rss_bytes is not None:
-            out.append(f"edgefleet_device_process_rss_bytes{_labels(fleet=fleet, device=d.device)} "
+            out.append(f"edgefleet_device_process_resident_memory_bytes{_labels(fleet=fleet, device=d.device)} "
                        f"{_fmt(d.process.rss_bytes)}")
-    family("edgefleet_device_process_cpu_percent", "gauge", "Agent process CPU use.")
-    for d in devices:
+    family("edgefleet_device_process_cpu_usage_ratio", "gauge", "Agent process CPU use, 1 = one core busy "
+           "(online devices only).")
+    for d in live:
         if d.process.cpu_percent is not None:
-            out.append(f"edgefleet_device_process_cpu_percent{_labels(fleet=fleet, device=d.device)} "
-                       f"{_fmt(d.process.cpu_percent)}")
-    family("edgefleet_model_latency_ms", "summary", "Fleet-wide latency per model version: quantiles from merged "
-           "sketches over the last 5 minutes; _count and _sum over all stored telemetry.")
+            out.append(f"edgefleet_device_process_cpu_usage_ratio{_labels(fleet=fleet, device=d.device)} "
+                       f"{_fmt(d.process.cpu_percent / 100.0)}")
+    family("edgefleet_model_latency_seconds", "summary", "Fleet-wide inference latency per model version: quantiles "
+           "from merged sketches over the last 5 minutes; _count and _sum over all stored telemetry (retention "
+           "lowers them: read as a counter reset).")
     for v in versions:
         sk: DDSketch = v.sketch
         lbl = dict(fleet=fleet, model=v.name, version=v.version)
         for quant in (0.5, 0.9, 0.95, 0.99):
-            out.append(f"edgefleet_model_latency_ms{_labels(**lbl, quantile=quant)} {_fmt(sk.quantile(quant))}")
+            out.append(f"edgefleet_model_latency_seconds{_labels(**lbl, quantile=quant)} "
+                       f"{_fmt(s(sk.quantile(quant)))}")
     tot = sorted(totals, key=lambda t: (t.name, t.version))
     for t in tot:
         lbl = dict(fleet=fleet, model=t.name, version=t.version)
-        out.append(f"edgefleet_model_latency_ms_count{_labels(**lbl)} {_count(t.count)}")
-        out.append(f"edgefleet_model_latency_ms_sum{_labels(**lbl)} {_fmt(t.sum_ms)}")
+        out.append(f"edgefleet_model_latency_seconds_count{_labels(**lbl)} {_count(t.count)}")
+        out.append(f"edgefleet_model_latency_seconds_sum{_labels(**lbl)} {_fmt(t.sum_ms / 1000.0)}")
     family("edgefleet_model_errors_total", "counter", "Failed requests per model version, all stored telemetry.")
     for t in tot:
         out.append(f"edgefleet_model_errors_total{_labels(fleet=fleet, model=t.name, version=t.version)} "
@@ -577,20 +612,25 @@ def metrics_text(fleet: str, devices: list[DeviceRow], versions: list[VersionSke
         out.append(f"edgefleet_ingest_rejected_total{_labels(channel=r['channel'], reason=r['reason'])} {r['count']}")
     family("edgefleet_ingest_receipts_total", "counter", "Receipts published to agents (what of theirs is stored).")
     out.append(f"edgefleet_ingest_receipts_total {ingest.get('receipts', 0)}")
-    family("edgefleet_ingest_backlog", "gauge", "Messages received but not yet written.")
-    out.append(f"edgefleet_ingest_backlog {backlog}")
+    family("edgefleet_ingest_backlog_messages", "gauge", "Messages received but not yet written.")
+    out.append(f"edgefleet_ingest_backlog_messages {backlog}")
     return "\n".join(out) + "\n"
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus scrape endpoint."""
     store, fleet, ing = request.app[StoreKey], request.app[FleetKey], request.app[IngestKey]
+    stale = request.app[LivenessKey].metrics_stale_after_s
 
     def build() -> str:
-        return metrics_text(fleet, store.devices(fleet, full=False), store.version_stats(fleet, time.time() - 300),
-                            store.version_totals(fleet), ing.stats.snapshot(), ing.backlog)
+        now = time.time()
+        return metrics_text(fleet, store.devices(fleet, full=False), store.version_stats(fleet, now - 300),
+                            store.version_totals(fleet), ing.stats.snapshot(), ing.backlog, now=now,
+                            stale_after_s=stale)
 
-    return await _big(request, await _run(build), "text/plain")
+    resp = await _big(request, await _run(build), "text/plain")
+    resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"  # the exposition format's own type
+    return resp
 
 
 # -- server-sent events ---------------------------------------------------------------------------------------------
@@ -694,9 +734,10 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor, commander: Commander,
-             policy: HttpPolicy | None = None) -> web.Application:
+             policy: HttpPolicy | None = None, liveness: Liveness | None = None) -> web.Application:
     """The aiohttp application of one controller."""
     policy = policy or HttpPolicy()
+    liveness = liveness or Liveness()
     app = web.Application(middlewares=[_errors, _guard], client_max_size=policy.max_json_bytes)
     app[StoreKey] = store
     app[FleetKey] = fleet
@@ -704,6 +745,7 @@ def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor, com
     app[IngestKey] = ingest
     app[CommanderKey] = commander
     app[PolicyKey] = policy
+    app[LivenessKey] = liveness
     app[HubKey] = _Hub(store, fleet)
     app.cleanup_ctx.append(_hub_ctx)
     r = app.router

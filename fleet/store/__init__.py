@@ -12,11 +12,21 @@ from pathlib import Path
 
 from edgefleet.sdk.errors import ConfigError
 
-from .base import TARGET_FIELDS, ApiToken, Batch, Store, TrackedCommand, VersionSketch, VersionTotal, WriteResult
+from .base import (
+    LIVENESS_BOOT,
+    TARGET_FIELDS,
+    ApiToken,
+    Batch,
+    Store,
+    TrackedCommand,
+    VersionSketch,
+    VersionTotal,
+    WriteResult,
+)
 from .sqlite import SQLiteStore
 
-__all__ = ["TARGET_FIELDS", "ApiToken", "Batch", "SQLiteStore", "Store", "TrackedCommand", "VersionSketch",
-           "VersionTotal", "WriteResult", "open_store"]
+__all__ = ["LIVENESS_BOOT", "TARGET_FIELDS", "ApiToken", "Batch", "SQLiteStore", "Store", "TrackedCommand",
+           "VersionSketch", "VersionTotal", "WriteResult", "open_store"]
 
 
 def open_store(url: str | Path) -> Store:

@@ -22,6 +22,11 @@ nothing else in the controller knows which one runs. What every backend guarante
   kept with its expiry, and one whose device came back online after it was last sent, without replying, is due
   again; ``claim_resend`` lets exactly one controller of a group send it.
 * **API tokens are stored hashed** (:mod:`edgefleet.fleet.auth`): the store never holds a usable token.
+* **Liveness changes are recorded once.** A status write that changes a device's state (its birth, its Last Will, a
+  graceful ``offline``) stores a ``device.online`` / ``device.offline`` event in the same transaction;
+  :meth:`Store.mark_silent` turns devices that went quiet offline (one controller of a group wins each device), and
+  fresh telemetry from a device marked offline by silence brings it back online, each with its event. These events
+  carry the boot :data:`LIVENESS_BOOT` (no agent boot has it: it is not random) and the controller's clock.
 """
 
 from __future__ import annotations
@@ -48,8 +53,30 @@ from edgefleet.sdk.protocol import (
 )
 from edgefleet.sdk.sketch import DDSketch
 
-__all__ = ["TARGET_FIELDS", "ApiToken", "Batch", "Store", "TrackedCommand", "VersionSketch", "VersionTotal",
-           "WriteResult"]
+__all__ = ["LIVENESS_BOOT", "TARGET_FIELDS", "ApiToken", "Batch", "Store", "TrackedCommand", "VersionSketch",
+           "VersionTotal", "WriteResult", "liveness_event"]
+
+# The boot of the events the controller records itself (device.online / device.offline): agents' boots are random.
+LIVENESS_BOOT = "controller"
+
+
+def liveness_event(device: str, online: bool, reason: str, now: float, *, boot: str = "",
+                   quiet_s: float | None = None) -> Event:
+    """The event a store records when a device goes online or offline. ``reason``: ``status`` (a retained status:
+    the agent's birth, its Last Will or a graceful shutdown), ``silence`` (no status or telemetry for too long) or
+    ``telemetry`` (telemetry again from a device marked offline by silence)."""
+    if online:
+        message = "online" + (" (telemetry again after silence)" if reason == "telemetry" else "")
+    elif reason == "silence":
+        message = f"offline: nothing heard for {quiet_s:.0f} s" if quiet_s is not None else "offline: silent"
+    else:
+        message = "offline (Last Will or shutdown status)"
+    data: dict[str, Any] = {"reason": reason, "boot": boot}
+    if quiet_s is not None:
+        data["quiet_s"] = round(quiet_s, 3)
+    return Event(device=device, boot=LIVENESS_BOOT, seq=int(now * 1e6), kind="device.online" if online
+                 else "device.offline", level="info" if online else "warning", message=message, ts=now, data=data)
+
 
 # What update_target may change (the rest of a target is fixed when the deployment is planned).
 TARGET_FIELDS = frozenset({"state", "reason", "cmd_id", "rollback_cmd_id", "activated", "previous_version"})
@@ -164,6 +191,13 @@ class Store(ABC):
     @abstractmethod
     def version_totals(self, fleet: str) -> list[VersionTotal]:
         """Per (model, version), over all stored time: requests, errors and latency sum in ms (for /metrics)."""
+
+    # -- liveness ----------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def mark_silent(self, fleet: str, before: float, now: float) -> list[str]:
+        """Mark offline every ``online`` device last heard from (status or telemetry, controller clock) before
+        ``before``, recording a ``device.offline`` event (reason ``silence``) for each, in one transaction; returns
+        their ids. Of several controllers calling it at once, exactly one marks each device."""
 
     @abstractmethod
     def counts(self, fleet: str) -> dict[str, int]:

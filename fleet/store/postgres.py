@@ -52,6 +52,7 @@ from edgefleet.sdk.protocol import (
     DeploymentTarget,
     Description,
     DeviceRow,
+    Event,
     EventRow,
     ModelSummary,
     ProcessStats,
@@ -67,6 +68,7 @@ from ..rollout import TargetMove, advances, target_moves
 from ._derive import Derived, derive, json_text, merge_minute
 from ._read import UNREADABLE, or_default, unreadable
 from .base import (
+    LIVENESS_BOOT,
     ApiToken,
     Batch,
     Store,
@@ -75,6 +77,7 @@ from .base import (
     VersionTotal,
     WriteResult,
     check_target_fields,
+    liveness_event,
 )
 
 try:  # the `postgres` extra; SQLite, the default, needs none of it
@@ -305,9 +308,9 @@ class PostgresStore(Store):
         n_ev = n_rep = 0
         cur = conn.cursor()
         for ev in batch.events:
-            cur.execute("INSERT INTO events VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                        (fleet, ev.device, ev.boot, ev.seq, ev.ts, now, ev.kind, ev.level, ev.message,
-                         json_text(ev.data)))
+            if ev.boot == LIVENESS_BOOT:
+                continue  # only a store records liveness events: an agent's claiming that boot is ignored
+            self._insert_event(cur, fleet, ev, now)
             if cur.rowcount == 1:
                 n_ev += 1
                 self._apply_moves(conn, target_moves(ev), now)
@@ -321,13 +324,16 @@ class PostgresStore(Store):
         # together up front, since statuses and summaries both write them), then the per-minute sketches. A
         # transaction that waits for another's telemetry key (a redelivery race) holds none of them yet.
         touched = sorted({st.device for st in batch.statuses} | (set(derived.latest) if derived else set()))
+        states: dict[str, tuple[str, str]] = {}
         if touched:
-            conn.execute("SELECT 1 FROM devices WHERE fleet=%s AND device = ANY(%s) ORDER BY device FOR UPDATE",
-                         (fleet, touched))
-        n_st = self._write_statuses(conn, fleet, batch.statuses, now)
+            states = {r[0]: (r[1], r[2]) for r in conn.execute(
+                "SELECT device, state, boot FROM devices WHERE fleet=%s AND device = ANY(%s) ORDER BY device "
+                "FOR UPDATE", (fleet, touched)).fetchall()}
+        n_st = self._write_statuses(conn, fleet, batch.statuses, now, states)
         if derived is not None:
             self._write_summaries(conn, fleet, derived, now)
             self._merge_minutes(conn, fleet, derived)
+            self._revive(conn, fleet, {(t.device, t.boot) for t in fresh}, states, now)
         return WriteResult(telemetry=n_tel, events=n_ev, replies=n_rep, statuses=n_st)
 
     @staticmethod
@@ -366,7 +372,47 @@ class PostgresStore(Store):
         return fresh
 
     @staticmethod
-    def _write_statuses(conn: Any, fleet: str, statuses: list[Status], now: float) -> int:
+    def _insert_event(cur: Any, fleet: str, ev: Event, now: float) -> None:
+        cur.execute("INSERT INTO events VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                    (fleet, ev.device, ev.boot, ev.seq, ev.ts, now, ev.kind, ev.level, ev.message,
+                     json_text(ev.data)))
+
+    @classmethod
+    def _revive(cls, conn: Any, fleet: str, sources: set[tuple[str, str]], states: dict[str, tuple[str, str]],
+                now: float) -> None:
+        """Devices marked offline by silence whose telemetry (same boot) comes again are online again (sqlite.py's
+        rule); ``states`` holds the device rows this transaction locked, as they were before it."""
+        cur = conn.cursor()
+        for dev, boot in sorted(sources):
+            if states.get(dev, ("", ""))[0] != "offline" or states[dev][1] != boot:
+                continue
+            last = cur.execute("SELECT data FROM events WHERE fleet=%s AND device=%s AND boot=%s ORDER BY seq DESC "
+                               "LIMIT 1", (fleet, dev, LIVENESS_BOOT)).fetchone()
+            if last is None or '"reason":"silence"' not in last[0]:
+                continue
+            cur.execute("UPDATE devices SET state='online', updated=%s WHERE fleet=%s AND device=%s AND "
+                        "state='offline'", (now, fleet, dev))
+            if cur.rowcount == 1:
+                cls._insert_event(cur, fleet, liveness_event(dev, True, "telemetry", now, boot=boot), now)
+
+    def mark_silent(self, fleet: str, before: float, now: float) -> list[str]:
+        """Mark offline the online devices not heard from since ``before``, each with a ``device.offline`` event;
+        ``UPDATE ... WHERE state='online'`` takes each row once, whichever controller gets there first."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                "WITH due AS (SELECT device, updated FROM devices WHERE fleet=%s AND state='online' AND updated<%s "
+                "ORDER BY device FOR UPDATE SKIP LOCKED) "
+                "UPDATE devices d SET state='offline', updated=%s FROM due WHERE d.fleet=%s AND d.device=due.device "
+                "AND d.state='online' RETURNING d.device, d.boot, due.updated", (fleet, before, now, fleet)).fetchall()
+            cur = conn.cursor()
+            for dev, boot, updated in rows:
+                self._insert_event(cur, fleet, liveness_event(dev, False, "silence", now, boot=boot,
+                                                              quiet_s=now - updated), now)
+        return sorted(r[0] for r in rows)
+
+    @classmethod
+    def _write_statuses(cls, conn: Any, fleet: str, statuses: list[Status], now: float,
+                        states: dict[str, tuple[str, str]]) -> int:
         if not statuses:
             return 0
         # Every controller writes every status (they are not shared): devices in key order, each device's statuses
@@ -393,6 +439,13 @@ class PostgresStore(Store):
                  desc.profile if desc is not None else "", json_text(desc.tags) if desc is not None else "[]", now,
                  has, has, has))
             n += cur.rowcount
+            old = states.get(st.device)
+            # A change between known states is a liveness event (a device's first status is not; sqlite.py).
+            if cur.rowcount == 1 and old is not None and old[0] in ("online", "offline") and old[0] != st.state:
+                cls._insert_event(cur, fleet, liveness_event(st.device, st.state == "online", "status", now,
+                                                             boot=st.boot), now)
+            if cur.rowcount == 1:
+                states[st.device] = (st.state, st.boot)
         return n
 
     def _write_summaries(self, conn: Any, fleet: str, d: Derived, now: float) -> None:

@@ -35,6 +35,7 @@ from edgefleet.sdk.protocol import (
     DeploymentTarget,
     Description,
     DeviceRow,
+    Event,
     EventRow,
     ModelSummary,
     ProcessStats,
@@ -52,6 +53,7 @@ from ._read import UNREADABLE as _UNREADABLE
 from ._read import or_default as _or
 from ._read import unreadable as _unreadable
 from .base import (
+    LIVENESS_BOOT,
     ApiToken,
     Batch,
     Store,
@@ -60,6 +62,7 @@ from .base import (
     VersionTotal,
     WriteResult,
     check_target_fields,
+    liveness_event,
 )
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
@@ -246,9 +249,9 @@ class SQLiteStore(Store):
             if batch.telemetry:
                 n_tel = self._write_telemetry(c, fleet, batch.telemetry, now)
             for ev in batch.events:
-                cur = c.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                (fleet, ev.device, ev.boot, ev.seq, ev.ts, now, ev.kind, ev.level, ev.message,
-                                 _text(ev.data)))
+                if ev.boot == LIVENESS_BOOT:
+                    continue  # only a store records liveness events: an agent's claiming that boot is ignored
+                cur = self._insert_event(c, fleet, ev, now)
                 if cur.rowcount == 1:
                     n_ev += 1
                     self._apply_moves(c, target_moves(ev), now)
@@ -261,7 +264,24 @@ class SQLiteStore(Store):
         return WriteResult(telemetry=n_tel, events=n_ev, replies=n_rep, statuses=n_st)
 
     @staticmethod
-    def _write_status(c: sqlite3.Connection, fleet: str, st: Status, now: float) -> int:
+    def _insert_event(c: sqlite3.Connection, fleet: str, ev: Event, now: float) -> sqlite3.Cursor:
+        return c.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?)",
+                         (fleet, ev.device, ev.boot, ev.seq, ev.ts, now, ev.kind, ev.level, ev.message,
+                          _text(ev.data)))
+
+    @classmethod
+    def _write_status(cls, c: sqlite3.Connection, fleet: str, st: Status, now: float) -> int:
+        old = c.execute("SELECT state FROM devices WHERE fleet=? AND device=?", (fleet, st.device)).fetchone()
+        n = cls._upsert_status(c, fleet, st, now)
+        # A change between known states is a liveness event (a device's first status is not: a new controller
+        # would otherwise record one for every retained status of the fleet).
+        if n and old is not None and old[0] in ("online", "offline") and old[0] != st.state:
+            cls._insert_event(c, fleet, liveness_event(st.device, st.state == "online", "status", now, boot=st.boot),
+                              now)
+        return n
+
+    @staticmethod
+    def _upsert_status(c: sqlite3.Connection, fleet: str, st: Status, now: float) -> int:
         desc = st.description
         # Statuses can arrive out of order across boots: a status of another boot must be newer to win. Within a
         # boot, "offline" always wins: it is usually the Last Will, composed before the birth it follows, so its
@@ -313,6 +333,7 @@ class SQLiteStore(Store):
             "summary_ts=max(devices.summary_ts, excluded.summary_ts)",
             [(fleet, dev, now, summary, ts, process_json, now)
              for dev, (ts, summary, process_json) in d.latest.items()])
+        SQLiteStore._revive(c, fleet, {(t.device, t.boot) for t in fresh}, now)
         for (name, version, minute), acc in d.minutes.items():
             row = c.execute("SELECT count, errors, sketch FROM version_minutes WHERE fleet=? AND name=? AND version=? "
                             "AND minute=?", (fleet, name, version, minute)).fetchone()
@@ -320,6 +341,36 @@ class SQLiteStore(Store):
             c.execute("INSERT OR REPLACE INTO version_minutes VALUES (?,?,?,?,?,?,?,?)",
                       (fleet, name, version, minute, count, errors, sum_ms, sketch))
         return len(fresh)
+
+    @classmethod
+    def _revive(cls, c: sqlite3.Connection, fleet: str, sources: set[tuple[str, str]], now: float) -> None:
+        """Devices marked offline by silence whose telemetry (same boot) comes again are online again. Not after a
+        Last Will or shutdown status: telemetry sent before the will may be stored after it."""
+        if not sources:
+            return
+        devices = sorted({d for d, _ in sources})
+        offline = c.execute("SELECT device, boot FROM devices WHERE fleet=? AND state='offline' "
+                            "AND device IN (SELECT value FROM json_each(?))", (fleet, _text(devices))).fetchall()
+        for dev, boot in offline:
+            if (dev, boot) not in sources:
+                continue
+            last = c.execute("SELECT data FROM events WHERE fleet=? AND device=? AND boot=? ORDER BY seq DESC LIMIT 1",
+                             (fleet, dev, LIVENESS_BOOT)).fetchone()
+            if last is None or '"reason":"silence"' not in last[0]:
+                continue
+            c.execute("UPDATE devices SET state='online', updated=? WHERE fleet=? AND device=?", (now, fleet, dev))
+            cls._insert_event(c, fleet, liveness_event(dev, True, "telemetry", now, boot=boot), now)
+
+    def mark_silent(self, fleet: str, before: float, now: float) -> list[str]:
+        """Mark offline the online devices not heard from since ``before``, each with a ``device.offline`` event."""
+        with self._tx() as c:
+            rows = c.execute("SELECT device, boot, updated FROM devices WHERE fleet=? AND state='online' AND updated<? "
+                             "ORDER BY device", (fleet, before)).fetchall()
+            for dev, boot, updated in rows:
+                c.execute("UPDATE devices SET state='offline', updated=? WHERE fleet=? AND device=?", (now, fleet, dev))
+                self._insert_event(c, fleet, liveness_event(dev, False, "silence", now, boot=boot,
+                                                            quiet_s=now - updated), now)
+        return [r[0] for r in rows]
 
     @staticmethod
     def _apply_moves(c: sqlite3.Connection, moves: Iterable[TargetMove], now: float) -> None:

@@ -139,18 +139,20 @@ def test_metrics_is_prometheus_text_with_device_gauges_and_version_summaries(run
     status, body, headers = get(f"{ctl.url}/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     m = parse_prometheus(body.decode())
-    online = {lbl["device"]: v for lbl, v in m["edgefleet_device_online"]}
+    online = {lbl["device"]: v for lbl, v in m["edgefleet_device_up"]}
     assert online == {"h-0000": 1.0, "h-0001": 1.0, "h-0002": 1.0, "h-0003": 1.0}
-    p95 = [v for lbl, v in m["edgefleet_device_latency_ms"] if lbl["device"] == "h-0000" and lbl["quantile"] == "0.95"]
+    p95 = [v for lbl, v in m["edgefleet_device_latency_seconds"]
+           if lbl["device"] == "h-0000" and lbl["quantile"] == "0.95"]
     assert len(p95) == 1 and p95[0] > 0
-    quantiles = {lbl["quantile"]: v for lbl, v in m["edgefleet_model_latency_ms"] if lbl["version"] == "1.0.0"}
+    quantiles = {lbl["quantile"]: v for lbl, v in m["edgefleet_model_latency_seconds"] if lbl["version"] == "1.0.0"}
     assert set(quantiles) == {"0.5", "0.9", "0.95", "0.99"}
     assert quantiles["0.5"] <= quantiles["0.95"] <= quantiles["0.99"]
-    (count,) = [v for lbl, v in m["edgefleet_model_latency_ms_count"] if lbl["version"] == "1.0.0"]
+    (count,) = [v for lbl, v in m["edgefleet_model_latency_seconds_count"] if lbl["version"] == "1.0.0"]
     assert count == sum(w.count for w in ctl.store.windows(ctl.config.fleet))
     assert [v for lbl, v in m["edgefleet_ingest_stored_total"] if lbl["channel"] == "telemetry"] == [20.0]
-    assert all(not math.isnan(v) for _, v in m["edgefleet_device_throughput_rps"])
-    assert {lbl["device"]: v for lbl, v in m["edgefleet_device_process_rss_bytes"]}["h-0003"] == 180 * 2**20
+    assert all(not math.isnan(v) for _, v in m["edgefleet_device_throughput_requests_per_second"])
+    assert {lbl["device"]: v for lbl, v in m["edgefleet_device_process_resident_memory_bytes"]}["h-0003"] == \
+        180 * 2**20
 
 
 def test_bundle_upload_verifies_and_download_supports_range(running, mlp_model, make_bundle) -> None:

@@ -180,7 +180,7 @@ def test_records_at_the_int64_edge_are_refused_or_stored_and_never_poison_others
     (total,) = ctl.store.version_totals(fleet_id)
     assert total.count == 2**40 + 200
     with urllib.request.urlopen(f"{ctl.url}/metrics") as r:
-        assert r.status == 200 and b'edgefleet_model_latency_ms_count{fleet="' in r.read()
+        assert r.status == 200 and b'edgefleet_model_latency_seconds_count{fleet="' in r.read()
 
 
 def test_graceful_restart_under_load_loses_nothing_and_stores_nothing_twice(controller_factory, publisher,

@@ -1,0 +1,149 @@
+"""The controller's /metrics as Prometheus wants it: ``promtool check metrics`` prints nothing against a live
+controller fed by simulated devices (one killed: offline, one gone quiet past --metrics-stale-after: dropped), and
+every metric the Grafana dashboard in docs/grafana/ queries exists there."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+from _fleet_util import wait_until
+from edgefleet.fleet.simulate import Simulator, make_devices
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "edgefleet.json"
+
+pytestmark = pytest.mark.mosquitto
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    """SQLite only: /metrics is built from the store interface, which test_fleet_liveness runs on both backends."""
+    return str(tmp_path / "fleet.db")
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        return r.read().decode()
+
+
+def samples(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value of every sample line."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def sample_names(text: str) -> set[str]:
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def promtool_check(text: str) -> subprocess.CompletedProcess[bytes]:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (make system-deps installs Debian's prometheus package)")
+    return subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def live_fleet(controller_factory, mosquitto, fleet_id, publisher):
+    """A controller with three simulated devices sending telemetry, one more killed (its Last Will: offline), and
+    one malformed payload refused."""
+    ctl = controller_factory(offline_after_s=60.0, metrics_stale_after_s=3600.0)
+    alive = Simulator(mosquitto.url, fleet_id, make_devices(3, prefix="m", profiles=["x86-cpu", "jetson-orin"]),
+                      interval_s=0.1, client_prefix=f"{fleet_id}-alive")
+    dead = Simulator(mosquitto.url, fleet_id, make_devices(1, prefix="gone"), interval_s=0.1,
+                     client_prefix=f"{fleet_id}-dead")
+    for s in (alive, dead):
+        s.start()
+        s.run_telemetry(rounds=3).join(30)
+        s.flush()
+    wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 12, what="12 telemetry rows")
+    publisher.publish(f"edgefleet/v1/{fleet_id}/m-0000/telemetry", b"not json")
+    publisher.flush()
+    wait_until(lambda: ctl.ingest.stats.rejected, what="the malformed payload refused")
+    dead.stop(graceful=False)
+    wait_until(lambda: ctl.store.device(fleet_id, "gone-0000").state == "offline", 60, what="the Last Will")
+    yield ctl
+    alive.stop()
+
+
+def test_metrics_pass_promtool_on_a_live_controller(live_fleet, fleet_id) -> None:
+    text = scrape(live_fleet.url)
+    proc = promtool_check(text)
+    assert proc.returncode == 0 and proc.stdout == b"" and proc.stderr == b"", (proc.stdout, proc.stderr, text)
+    s = samples(text)
+    assert s[f'edgefleet_device_up{{fleet="{fleet_id}",device="gone-0000",profile="x86-cpu"}}'] == 0
+    assert s[f'edgefleet_device_up{{fleet="{fleet_id}",device="m-0000",profile="x86-cpu"}}'] == 1
+    assert s[f'edgefleet_devices{{fleet="{fleet_id}",state="online"}}'] == 3
+    assert s[f'edgefleet_devices{{fleet="{fleet_id}",state="offline"}}'] == 1
+    # The dead device's last figures are not live: no latency, throughput or process series for it.
+    assert not [k for k in s if 'device="gone-0000"' in k and not k.startswith(("edgefleet_device_up",
+                                                                                 "edgefleet_device_last_seen"))]
+    p95 = s[f'edgefleet_device_latency_seconds{{fleet="{fleet_id}",device="m-0000",model="detector",'
+            'version="1.0.0",quantile="0.95"}']
+    assert 0.0005 < p95 < 1.0  # the simulator's latencies are milliseconds: exported in seconds
+    # Fleet-wide summary: quantiles, plus a cumulative count and sum of every stored request.
+    lbl = f'fleet="{fleet_id}",model="detector",version="1.0.0"'
+    count = s[f"edgefleet_model_latency_seconds_count{{{lbl}}}"]
+    assert count > 0 and 0 < s[f"edgefleet_model_latency_seconds_sum{{{lbl}}}"] / count < 1
+    assert not re.search(r"_ms\b|_ms\{", text)
+    # Every family once, HELP before TYPE before its samples.
+    types = re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M)
+    assert len(types) == len({n for n, _ in types})
+    assert all(k == "counter" for n, k in types if n.endswith("_total"))
+
+
+def test_metrics_drop_devices_unseen_longer_than_stale_after(controller_factory, mosquitto, fleet_id) -> None:
+    ctl = controller_factory(offline_after_s=0.5, metrics_stale_after_s=2.0)
+    sim = Simulator(mosquitto.url, fleet_id, make_devices(1, prefix="stale"), interval_s=0.1,
+                    client_prefix=f"{fleet_id}-stale")
+    sim.start()
+    sim.publish_round()
+    sim.flush()
+    wait_until(lambda: 'device="stale-0000"' in scrape(ctl.url), what="the device in /metrics")
+    sim.stop(graceful=False)
+    # Offline first (still exported with up 0), then gone from every family once it is stale.
+    wait_until(lambda: 'device="stale-0000"' not in scrape(ctl.url), 60, what="the stale device dropped")
+    text = scrape(ctl.url)
+    assert promtool_check(text).stdout == b""
+    assert f'edgefleet_devices{{fleet="{fleet_id}",state="offline"}} 0' in text
+
+
+def dashboard_queries(panel_filter=lambda row: True) -> dict[str, list[str]]:
+    """Panel title -> PromQL expressions, for the panels under rows that ``panel_filter`` accepts."""
+    dash = json.loads(DASHBOARD.read_text())
+    out: dict[str, list[str]] = {}
+    row = ""
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            row = p["title"]
+            continue
+        if panel_filter(row):
+            out[p["title"]] = [t["expr"] for t in p.get("targets", [])]
+    return out
+
+
+def queried_metrics(exprs: list[str]) -> set[str]:
+    """Metric names in PromQL expressions (edgefleet_* and the standard process_* names)."""
+    return {m for e in exprs for m in re.findall(r"\b((?:edgefleet|process)_[a-z0-9_]+)\b", e)}
+
+
+def test_grafana_dashboard_is_valid_and_queries_only_controller_metrics_that_exist(live_fleet) -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    queries = dashboard_queries(lambda row: not row.startswith("Agent"))
+    assert len(queries) >= 6
+    for title, exprs in queries.items():
+        assert exprs and all(exprs), f"panel {title!r} has no query"
+    have = sample_names(scrape(live_fleet.url))
+    used = queried_metrics([e for exprs in queries.values() for e in exprs])
+    assert used, "no edgefleet metric found in the controller panels"
+    missing = sorted(used - have)
+    assert not missing, f"the dashboard queries metrics the controller does not export: {missing}"
