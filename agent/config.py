@@ -87,6 +87,7 @@ class AgentConfig:
     download_timeout_s: float = 30.0
     download_max_s: float = 3600.0
     download_ca_file: str = ""
+    variant_budget_s: float = 20.0
     reserve_bytes: int = 64 << 20
     ballast_bytes: int = 8 << 20
     max_events: int = 1000
@@ -107,7 +108,7 @@ _SECTIONS: dict[str, set[str]] = {
     "api": {"listen", "max_body_bytes", "max_inflight_bytes", "max_connections", "max_requests", "instances",
             "request_timeout_s", "terminate_grace_s", "header_timeout_s", "body_timeout_s", "idle_timeout_s",
             "admin_token_file"},
-    "install": {"max_bundle_bytes", "download_timeout_s", "download_max_s", "ca_file"},
+    "install": {"max_bundle_bytes", "download_timeout_s", "download_max_s", "ca_file", "variant_budget_s"},
     "storage": {"reserve_bytes", "ballast_bytes", "max_events", "max_replies", "max_held", "journal_max_entries",
                 "journal_max_pending"},
     "commands": {"require_signed", "require_bound"},
@@ -297,6 +298,7 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         download_timeout_s=r.num("install.download_timeout_s", 30.0, 0.1, 3600),
         download_max_s=r.num("install.download_max_s", 3600.0, 1.0, 7 * 24 * 3600),
         download_ca_file=_existing(r, "install.ca_file", base),
+        variant_budget_s=r.num("install.variant_budget_s", 20.0, 0.5, 3600),
         reserve_bytes=r.num("storage.reserve_bytes", AgentConfig.reserve_bytes, 0, 1 << 44, integer=True),
         ballast_bytes=r.num("storage.ballast_bytes", AgentConfig.ballast_bytes, 0, 1 << 34, integer=True),
         max_events=r.num("storage.max_events", AgentConfig.max_events, 10, 10_000_000, integer=True),

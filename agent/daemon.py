@@ -79,7 +79,8 @@ class Agent:
         self.installer = Installer(self.store, self.registry, self.trusted, targets=self.targets,
                                    allow_fallback=cfg.allow_fallback, timeout_s=cfg.download_timeout_s,
                                    ca_file=cfg.download_ca_file, download_max_s=cfg.download_max_s,
-                                   max_bundle_bytes=cfg.max_bundle_bytes,
+                                   max_bundle_bytes=cfg.max_bundle_bytes, variant_budget_s=cfg.variant_budget_s,
+                                   host=self.host,
                                    on_step=lambda step, data: log.info(f"install {step}", extra={"step_data": data}))
         self.api = None
         if cfg.api.address is not None:

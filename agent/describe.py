@@ -37,7 +37,7 @@ def describe(host: dict[str, Any], profile: str, profile_reasons: list[str], reg
             "name": name, "version": model.version, "digest": model.digest, "target": model.manifest.target,
             "precision": model.manifest.precision, "providers": list(model.placement.serving),
             "requested_providers": list(model.placement.requested), "fallback": model.placement.fallback,
-            "previous": ptr.previous if ptr else None,
+            "previous": ptr.previous if ptr else None, "variant": model.variant,
         })
     return Description.from_dict({
         "profile": profile,

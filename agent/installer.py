@@ -34,6 +34,7 @@ from .failpoints import failpoint
 from .registry import Registry
 from .storage import StorageFullError, is_disk_full
 from .store import Store
+from .variants import VariantChooser, environment
 
 if TYPE_CHECKING:
     from edgefleet.sdk.keys import TrustedKeys
@@ -76,6 +77,9 @@ class InstallResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     selftest: dict[str, Any] = field(default_factory=dict)
     already_active: bool = False
+    # a multi-variant bundle: the variant pinned here, and the table it was chosen from (agent/variants.py)
+    variant: str | None = None
+    variants: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for the reply."""
@@ -88,7 +92,8 @@ class Installer:
     def __init__(self, store: Store, registry: Registry, trusted: TrustedKeys, *, targets: tuple[str, ...],
                  allow_fallback: bool = False, timeout_s: float = 30.0, ca_file: str = "",
                  download_max_s: float = 3600.0,
-                 max_bundle_bytes: int = 4 << 30, on_step: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 max_bundle_bytes: int = 4 << 30, on_step: Callable[[str, dict[str, Any]], None] | None = None,
+                 variant_budget_s: float = 20.0, host: dict[str, Any] | None = None) -> None:
         self.store = store
         self.registry = registry
         self.trusted = trusted
@@ -99,11 +104,26 @@ class Installer:
         self.ca_file = ca_file
         self.max_bundle_bytes = max_bundle_bytes
         self.on_step = on_step or (lambda step, data: None)
+        self.variant_budget_s = variant_budget_s
+        self.host = host
+        self._variants: VariantChooser | None = None
+
+    @property
+    def variants(self) -> VariantChooser:
+        """Chooses among a multi-variant bundle's variants (made on first use: it asks ONNX Runtime what it is)."""
+        if self._variants is None:
+            self._variants = VariantChooser(self.store, self.trusted, environment(self.targets[0], self.host),
+                                            budget_s=self.variant_budget_s, allow_fallback=self.allow_fallback)
+        return self._variants
 
     def open_model(self, digest: str, *, verify_files: bool = True) -> Model:
-        """Create the session for an installed bundle, with its provider cache under the data dir."""
+        """Create the session for an installed bundle, with its provider cache under the data dir; a multi-variant
+        bundle opens its pinned variant (chosen again when the runtime or hardware changed since)."""
+        from edgefleet.sdk.bundle import read_installed
         from edgefleet.sdk.runtime import Model
 
+        if read_installed(self.store.path(digest), self.trusted, verify_files=False).manifest.variants:
+            return self.variants.open(digest, verify_files=verify_files)[0]
         return Model.open(self.store.path(digest), self.trusted, verify_files=verify_files,
                           allow_fallback=self.allow_fallback, cache_dir=self.store.cache_dir(digest))
 
@@ -166,6 +186,8 @@ class Installer:
                     raise BundleCompatibilityError(
                         f"bundle needs ONNX Runtime >= {m.min_ort_version}, this device has {ort.version}")
                 missing = [p.name for p in m.providers if p.name not in ort.providers]
+                if m.variants and any(all(p.name in ort.providers for p in v.providers) for v in m.variants):
+                    missing = []  # a variant this runtime can run exists; the others fail their self-test here
                 if missing and not self.allow_fallback:
                     raise BundleCompatibilityError(
                         f"bundle asks for {', '.join(missing)}, but ONNX Runtime {ort.version} ({ort.flavour}) "
@@ -203,10 +225,22 @@ class Installer:
         finally:
             # The archive is no longer needed once extracted or refused; a refused one must not be resumed either.
             part.unlink(missing_ok=True)
+        choice = None
         try:
             try:
-                model = self.open_model(vm.digest, verify_files=reused)
+                if m.variants:
+                    say("choosing a variant")
+                    try:
+                        model, choice = self.variants.choose(vm.digest, verify_files=reused, progress=say)
+                    except SelfTestError as exc:
+                        raise InstallError("selftest", exc) from exc
+                    self.variants.save(vm.digest, choice)
+                    self.on_step("variant", {"name": m.name, "variant": choice.variant, "table": choice.table})
+                else:
+                    model = self.open_model(vm.digest, verify_files=reused)
                 model.warmup(1)
+            except InstallError:
+                raise
             except EdgefleetError as exc:
                 raise InstallError("session", exc) from exc
             except Exception as exc:
@@ -244,7 +278,8 @@ class Installer:
         log.info("installed", extra={"model": m.name, "version": m.version, "digest": vm.digest,
                                      "providers": list(model.placement.serving), "timings_ms": timings})
         return InstallResult(m.name, m.version, vm.digest, pointer.previous, list(model.placement.serving), timings,
-                             report.to_dict())
+                             report.to_dict(), variant=model.variant,
+                             variants=choice.to_dict() if choice is not None else None)
 
     def _check_not_rollback(self, name: str, version: str, digest: str) -> None:
         """Refuse an older version than the active one, or the same version with other content (TUF rollback).

@@ -66,6 +66,7 @@ def model_entry(model: Model, snap: LatencySnapshot) -> ModelWindow:
         sketch=snap.sketch.to_wire(),
         providers=list(model.placement.serving),
         fallback=model.placement.fallback,
+        variant=model.variant,
         cold_start=ColdStart(session_ms=round(model.session_ms, 3),
                              first_run_ms=None if model.first_run_ms is None else round(model.first_run_ms, 3)),
         total=ModelTotals(count=model.recorder.total_count, errors=model.recorder.total_errors),

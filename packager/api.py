@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 from edgefleet.devices.profile import Profile, get_profile, load_profiles
 from edgefleet.sdk._fs import sha256_file
-from edgefleet.sdk.bundle import Manifest
+from edgefleet.sdk.bundle import Manifest, version_key
 from edgefleet.sdk.errors import ConfigError, InputError
 from edgefleet.sdk.keys import PrivateKey, load_private_key
 
 from .accuracy import kinds_of
-from .bundling import measurement_metadata, min_ort_version, tolerances, write
+from .bundling import VariantBuild, measurement_metadata, min_ort_version, tolerances, write
 from .data import Feed, SampleSource, check_samples, synthetic_samples
 from .options import PackageOptions, PackageResult, Progress, ProgressEvent
 from .orchestration import RunContext, TargetBuild
@@ -208,22 +208,27 @@ def _write(tb: TargetBuild, chosen: Any, report: dict[str, Any], ctx: RunContext
     per = sum(int(a.nbytes) for a in ctx.validation[0].values()) + sum(int(a.nbytes) for a in ctx.refs[0].values())
     n = max(1, min(n, _MAX_BUNDLE_SAMPLE_BYTES // max(per, 1)))
     samples = [(ctx.validation[i], ctx.refs[i]) for i in range(n)]
-    measured_on_target = tb.runtime is not None and bool(chosen.outputs) and chosen.loaded
-    if measured_on_target:
-        how = f"on {chosen.accuracy_on}"
-        margin = tb.policy.margin_measured
-    elif chosen.outputs:
-        how = f"on a CPU-EP stand-in for {tb.policy.provider} (the device runtime could not be reached)"
-        margin = tb.policy.margin_stand_in
-    else:
-        how = "unverified: nothing could run this candidate here"
-        margin = 0.0
-    tol = tolerances(chosen.out_specs, chosen.outputs[:n], ctx.refs[:n], opts.budget, ctx.kinds, how, margin,
-                     tb.policy.unverified_rel)
+    tol = _tolerances_for(tb, chosen, ctx, n)
     all_records = [*report["base_steps"], *[r.to_dict() for r in chosen.records]]
     contrib = any(r["step"] == "fuse_transformer" for r in all_records) or any(
         r["step"] == "optimize" and r["config"].get("level") not in ("basic", "disabled") for r in all_records)
     min_ort = min_ort_version(ctx.facts.opset, [r.to_dict() for r in chosen.records], contrib, ort.__version__)
+    variants: list[VariantBuild] = []
+    for b in tb.variants:  # the chosen candidate first
+        if b.model is None:
+            continue  # only built candidates become variants (_pick_variants)
+        v_tol = tol if b is chosen else _tolerances_for(tb, b, ctx, n)
+        v_records = [*report["base_steps"], *[r.to_dict() for r in b.records]]
+        v_contrib = any(r["step"] == "fuse_transformer" for r in v_records) or any(
+            r["step"] == "optimize" and r["config"].get("level") not in ("basic", "disabled") for r in v_records)
+        v_min = min_ort_version(ctx.facts.opset, [r.to_dict() for r in b.records], v_contrib, ort.__version__)
+        if version_key(v_min) > version_key(min_ort):
+            min_ort = v_min
+        v_meta = {"accuracy_on": b.accuracy_on[:500]}
+        if b.speed is not None:
+            v_meta["packager_speedup"] = f"{b.speed['speedup']:.3f}"
+        variants.append(VariantBuild(b.cand.name, b.cand.precision, b.model, b.providers,
+                                     b.session or prof.session, v_tol, v_meta))
     measured_on = (f"{chosen.accuracy_on}" if tb.runtime is not None else tb.runtime_why)
     metadata.update(measurement_metadata(tb.runtime is not None, measured_on, chosen.cpu_fraction))
     report.update({
@@ -238,6 +243,7 @@ def _write(tb: TargetBuild, chosen: Any, report: dict[str, Any], ctx: RunContext
         "budget": opts.budget.to_dict(),
         "sizes": {"original": ctx.src.stat().st_size, "bundle_model": model_size(chosen.model)},
         "tolerances": {k: v.to_dict() for k, v in tol.items()},
+        "variant_tolerances": {v.name: {k: t.to_dict() for k, t in v.tol.items()} for v in variants},
         "min_ort_version": min_ort,
         "host": {"onnxruntime": ort.__version__, "providers": list(ctx.runtimes.local.info.providers)},
         "packaging_seconds": round(time.perf_counter() - t_start, 2),
@@ -248,8 +254,24 @@ def _write(tb: TargetBuild, chosen: Any, report: dict[str, Any], ctx: RunContext
                      precision=chosen.cand.precision, model=chosen.model, providers=chosen.providers,
                      session=chosen.session or prof.session, inputs=chosen.inputs, outputs=chosen.out_specs,
                      samples=samples, tol=tol, report=report, min_ort=min_ort, metadata=metadata,
-                     extra_files=extra_files, key=key, work=staging / f"bundle-{prof.name}")
+                     extra_files=extra_files, key=key, work=staging / f"bundle-{prof.name}", variants=variants)
     return path, manifest
+
+
+def _tolerances_for(tb: TargetBuild, b: Any, ctx: RunContext, n: int) -> dict[str, Any]:
+    """Device tolerances of one built candidate: from its outputs in the runtime that runs it when it ran there
+    (or its own provider is the CPU EP, which runs here), a CPU-EP stand-in otherwise, with the policy's margins."""
+    if (tb.runtime is not None and bool(b.outputs) and b.loaded) or (b.cand.cpu_guard and b.outputs):
+        how = f"on {b.accuracy_on}"
+        margin = tb.policy.margin_measured
+    elif b.outputs:
+        how = f"on a CPU-EP stand-in for {tb.policy.provider} (the device runtime could not be reached)"
+        margin = tb.policy.margin_stand_in
+    else:
+        how = "unverified: nothing could run this candidate here"
+        margin = 0.0
+    return tolerances(b.out_specs, b.outputs[:n], ctx.refs[:n], ctx.opts.budget, ctx.kinds, how, margin,
+                      tb.policy.unverified_rel)
 
 
 def _safe_name(src: Path) -> str:

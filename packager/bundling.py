@@ -3,9 +3,11 @@ not to be vacuous), the minimum ONNX Runtime, the manifest with its measurement 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from edgefleet.sdk.bundle import (
     TensorSpec,
     Tolerance,
     ValidationSpec,
+    Variant,
     version_key,
     write_bundle,
 )
@@ -28,7 +31,7 @@ from edgefleet.sdk.validation import check_self_test_set, save_validation
 
 from .accuracy import Budget
 
-__all__ = ["FLOAT_DTYPES", "min_ort_version", "tolerances", "write"]
+__all__ = ["FLOAT_DTYPES", "VariantBuild", "min_ort_version", "tolerances", "write"]
 
 FLOAT_DTYPES = ("float32", "float16", "float64", "bfloat16")
 # opset -> first ONNX Runtime release that implements it (ORT's compatibility table)
@@ -106,28 +109,79 @@ def _clear_decisions(ref: np.ndarray, scale: float) -> bool:
     return bool(np.all(top2[:, 1] - top2[:, 0] > 0.05 * max(scale, 1e-30)))
 
 
+@dataclass(frozen=True)
+class VariantBuild:
+    """One variant as built and verified, to be written into a multi-variant bundle."""
+
+    name: str
+    precision: str
+    model: Path
+    providers: Sequence[ProviderConfig]
+    session: SessionConfig
+    tol: Mapping[str, Tolerance]
+    metadata: Mapping[str, str]
+
+
+def _model_files(model: Path) -> dict[str, Path]:
+    """The model file and its external-data files (``model.onnx*`` next to it)."""
+    return {f.name: f for f in sorted(model.parent.iterdir()) if f.name.startswith("model.onnx")}
+
+
+def _content_key(files: Mapping[str, Path]) -> str:
+    h = hashlib.sha256()
+    for fname, f in sorted(files.items()):
+        h.update(fname.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def write(path: Path, *, name: str, version: str, target: str, precision: str, model: Path,
           providers: Sequence[ProviderConfig], session: SessionConfig, inputs: Sequence[TensorSpec],
           outputs: Sequence[TensorSpec], samples: Sequence[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
           tol: Mapping[str, Tolerance], report: dict[str, Any], min_ort: str, metadata: Mapping[str, str],
-          extra_files: Mapping[str, Path], key: PrivateKey, work: Path) -> Manifest:
-    """Check the self-test set is not vacuous, then write and sign the bundle at ``path``."""
-    check_self_test_set(samples, tol, {o.name: o.dtype for o in outputs})
+          extra_files: Mapping[str, Path], key: PrivateKey, work: Path,
+          variants: Sequence[VariantBuild] = ()) -> Manifest:
+    """Check the self-test set is not vacuous, then write and sign the bundle at ``path``.
+
+    ``variants`` (at least two, the first being ``model``/``providers``/``session``/``tol``): a multi-variant
+    bundle. Each variant's model folder goes in once per distinct content (``model/<sha256 of its files>/``), so
+    variants that run the same bytes on other providers or options share them; the validation inputs and reference
+    outputs are the same for all variants (one ``validation.npz``), the tolerances are each variant's own.
+    """
+    dtypes = {o.name: o.dtype for o in outputs}
+    check_self_test_set(samples, tol, dtypes)
+    for v in variants:
+        check_self_test_set(samples, v.tol, dtypes)
     work.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    for f in sorted(model.parent.iterdir()):
-        if f.name.startswith("model.onnx"):
-            files[f"model/{f.name}"] = f
+    model_name = "model/model.onnx"
+    listed: list[Variant] = []
+    if variants:
+        vspec = lambda t: ValidationSpec("validation.npz", len(samples), dict(t))  # noqa: E731
+        for v in variants:
+            mf = _model_files(v.model)
+            folder = f"model/{_content_key(mf)[:16]}"
+            for fname, f in mf.items():
+                files[f"{folder}/{fname}"] = f
+            listed.append(Variant(v.name, v.precision, f"{folder}/{v.model.name}", tuple(v.providers), v.session,
+                                  vspec(v.tol), dict(v.metadata)))
+        model_name = listed[0].model
+    else:
+        for fname, f in _model_files(model).items():
+            files[f"model/{fname}"] = f
     save_validation(work / "validation.npz", samples)
     files["validation.npz"] = work / "validation.npz"
     (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     files["report.json"] = work / "report.json"
     files.update(extra_files)
     manifest = Manifest(
-        name=name, version=version, target=target, precision=precision, model="model/model.onnx",
+        name=name, version=version, target=target, precision=precision, model=model_name,
         providers=tuple(providers), session=session, inputs=tuple(inputs), outputs=tuple(outputs), files={},
         min_ort_version=min_ort, validation=ValidationSpec("validation.npz", len(samples), dict(tol)),
-        report="report.json", metadata=dict(metadata))
+        report="report.json", metadata=dict(metadata), variants=tuple(listed))
     return write_bundle(path, manifest, files, key).manifest
 
 

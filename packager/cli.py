@@ -57,13 +57,17 @@ __all__ = ["package"]
               help="Memory for calibration and validation data (calibration statistics are merged to stay within).")
 @click.option("--output-kind", "output_kinds", multiple=True, metavar="OUTPUT=KIND",
               help="How to judge an output: classifier, sequence, detector, mask, tensor (default: inferred).")
+@click.option("--variants/--single", "variants", default=None,
+              help="--variants: one bundle per target holding every candidate within budget; the device self-tests "
+                   "and times them and pins the fastest that passes. Default: variants only when the target's "
+                   "runtime cannot be reached from this host (nothing here could measure the choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print the packaging reports as JSON.")
 def package(model: str, targets: tuple[str, ...], precision: str, calibration: Path | None,
             validation: Path | None, budget: tuple[str, ...], name: str | None, version: str,
             model_type: str | None, key: Path | None, out_dir: Path, profiles_dir: tuple[str, ...],
             input_shapes: tuple[str, ...], no_measure: bool, runtime_python: tuple[str, ...], threads: int | None,
             time_budget: float, min_validation_samples: int, memory_mb: int, output_kinds: tuple[str, ...],
-            as_json: bool) -> None:
+            variants: bool | None, as_json: bool) -> None:
     """Optimize, quantize and validate MODEL into one signed bundle per --target.
 
     MODEL is an ONNX file, or a PyTorch model (a TorchScript file, or module:factory) with --input-shape: it is
@@ -87,7 +91,8 @@ def package(model: str, targets: tuple[str, ...], precision: str, calibration: P
         precision=precision, budget=list(budget), name=name, version=version, model_type=model_type,
         calibration=calibration, validation=validation, input_shapes=list(input_shapes), profiles_dirs=profiles_dir,
         measure=not no_measure, runtime_python=runtime_python, threads=threads, time_budget_s=time_budget,
-        min_validation_samples=min_validation_samples, calibration_memory_mb=memory_mb, output_kinds=kinds)
+        min_validation_samples=min_validation_samples, calibration_memory_mb=memory_mb, output_kinds=kinds,
+        variants=variants)
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("{task.fields[step]}", markup=False))

@@ -56,6 +56,9 @@ class PackageOptions:
     calibration_memory_mb: int = 2048
     sensitivity_rounds: tuple[float, ...] = (0.0, 0.0, 0.1)
     trt_max_batch: int = 8
+    # One bundle holding every verified candidate; the device pins the fastest that passes its self-test there.
+    # None: only when the target's runtime cannot be reached from the build host (nothing measured chose for it).
+    variants: bool | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_CHOICES:

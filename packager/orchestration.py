@@ -25,7 +25,7 @@ from .accuracy import CandidateAccuracy, evaluate
 from .choosing import Contender, choose
 from .data import Feed
 from .options import PackageOptions, ProgressEvent
-from .planning import Candidate, ModelFacts, candidates_for, io_specs, offline_level, trt_shape_options
+from .planning import Candidate, ModelFacts, _ov_hint, candidates_for, io_specs, offline_level, trt_shape_options
 from .policy import CPU, TENSORRT, ProviderPolicy, policy_for
 from .reporting import budget_text, session_dict
 from .sensitivity import rank_nodes, with_data_movement_successors
@@ -129,6 +129,10 @@ class TargetBuild:
         self.timing_threads = self.bundle_threads or 1
         self.timing: TimingResult | None = None
         self.noise = 0.0
+        # Multi-variant bundle (every verified candidate goes in, the device times them and pins the fastest): asked
+        # for, or by default when the target's runtime cannot be reached here, so nothing measured chose for it.
+        self.want_variants = (ctx.opts.variants if ctx.opts.variants is not None else self.runtime is None)
+        self.variants: list[Built] = []
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -178,6 +182,9 @@ class TargetBuild:
             built.extend(self._retry_int8(built, base))
         self._time(built)
         chosen, why, decision = self._choose(built)
+        if self.want_variants:
+            built.extend(self._extra_variants(built, base, cands))
+            self.variants = self._pick_variants(built, chosen)
         report = {
             "target": p.name, "profile_description": p.description, "primary_provider": p.primary_provider,
             "policy": self.policy.to_dict(),
@@ -200,8 +207,54 @@ class TargetBuild:
                 self.runtime_why + ": latency not measured; accuracy checked on a CPU-EP stand-in where one exists"
                 if self.runtime is None else "latency not measured: timing turned off (--no-measure)"],
             "session": {"config": session_dict(chosen.session or p.session), "reason": p.session_reason},
+            "variants": {"asked": opts.variants, "built": self.want_variants,
+                         "names": [b.cand.name for b in self.variants],
+                         "why": ("" if not self.want_variants else
+                                 "every candidate within budget ships; the device self-tests and times them and "
+                                 "pins the fastest that passes" if len(self.variants) > 1 else
+                                 "only one candidate within budget: a plain single-variant bundle")},
         }
         return chosen, report
+
+    def _extra_variants(self, built: list[Built], base: Path, cands: Sequence[Candidate]) -> list[Built]:
+        """Unmeasured targets plan only the conservative precisions; a multi-variant bundle also carries the others
+        that can be verified here (on the target's runtime or a CPU-EP stand-in): the device times them."""
+        if self.timed:
+            return []
+        more, _ = candidates_for(self.profile, self.ctx.facts, self.opts.precision, self.ctx.calibration is not None,
+                                 offline_level(self.profile, self.ctx.host_cpu)[0], measurable=True,
+                                 compare_cpu=self.opts.compare_cpu)
+        have = {c.name for c in cands}
+        # only what can be verified here (a stand-in exists), and float layers at the hint the stand-in verified
+        more = [c for c in more if c.proxy_possible and not (c.lossy and not self.policy.stand_in.get(c.precision))]
+        for c in more:
+            if self.policy.hints and c.provider_options:
+                c.provider_options = _ov_hint(self.profile, "fp32")
+        if [c for c in more if c.name not in have]:
+            self.notes.append(f"variants: {', '.join(c.name for c in more if c.name not in have)} built as well, "
+                              f"verified here where they can be; the device self-tests and times every variant")
+        out = []
+        for i, c in enumerate(self._enough_samples([c for c in more if c.name not in have])):
+            if self.left_s() <= 0:
+                self.notes.append(f"variant {c.name} not built: the time budget ({self.opts.time_budget_s:.0f} s) "
+                                  "is spent")
+                continue
+            self.say("candidate", f"variant {c.name}")
+            out.append(self._build(c, base, self.work / f"variant{i}"))
+        return out
+
+    def _pick_variants(self, built: Sequence[Built], chosen: Built) -> list[Built]:
+        """The chosen candidate first (what a device that cannot choose runs), then every other verified one in the
+        planned order; fewer than two: no variants."""
+        out = [chosen]
+        for b in built:
+            if b is not chosen and b.ok and b.model is not None and b.outputs \
+                    and all(b.cand.name != o.cand.name for o in out):
+                out.append(b)
+        if len(out) < 2:
+            self.notes.append("variants: only one candidate is within budget, so the bundle holds one")
+            return []
+        return out
 
     def _enough_samples(self, cands: list[Candidate]) -> list[Candidate]:
         n, need = len(self.ctx.validation), self.opts.min_validation_samples
@@ -288,7 +341,8 @@ class TargetBuild:
                 if c.proxy_steps:
                     proxy, _ = run_plan(b.model, work / "proxy", make_plan(c.proxy_steps))
                 b.outputs = run_session(cpu_session(proxy), ctx.validation)
-                b.accuracy_on = ("CPU EP stand-in for " + self.policy.provider +
+                b.accuracy_on = ("CPUExecutionProvider, its own provider, in this ONNX Runtime" if c.cpu_guard else
+                                 "CPU EP stand-in for " + self.policy.provider +
                                  (" (FP16 weights: the worst case of per-layer FP16)" if c.proxy_steps else ""))
             else:
                 b.accuracy_on = f"unverified: {self.policy.provider} does not run here and has no CPU stand-in " \

@@ -68,6 +68,9 @@ def human_lines(report: dict[str, Any], path: Path) -> list[str]:
         top1 = f", top1 {worst['top1']:.1%}" if worst.get("top1") is not None else ""
         lines.append(f"  - {c['name']}: {state}; worst sample cosine {worst['min_sample_cosine']} ({worst['name']})"
                      f"{top1}, {speed}")
+    names = (report.get("variants") or {}).get("names") or []
+    if len(names) > 1:
+        lines.append(f"  variants: {', '.join(names)} (the device pins the fastest that passes its self-test)")
     for n in [*report["notes"], *report["not_measured"], *report["data"]["notes"]]:
         lines.append(f"  note: {n}")
     return lines

@@ -47,6 +47,7 @@ __all__ = [
     "TensorSpec",
     "Tolerance",
     "ValidationSpec",
+    "Variant",
     "VerifiedManifest",
     "canonical_json",
     "extract_bundle",
@@ -305,6 +306,57 @@ class ValidationSpec:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One verified way to run the bundle's model on its target: a model file, providers, session options and its own
+    self-test set and tolerances. A multi-variant bundle lists several; the device self-tests and times them and
+    pins the fastest that passes (docs/bundle-format.md, "Variants")."""
+
+    name: str
+    precision: str
+    model: str
+    providers: tuple[ProviderConfig, ...]
+    session: SessionConfig
+    validation: ValidationSpec
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_id("variant name", self.name)
+        _check_id(f"variant {self.name} precision", self.precision)
+        _check_relpath(f"manifest variant {self.name} model", self.model)
+        if not self.providers:
+            raise BundleFormatError(f"manifest: variant {self.name} must list at least one execution provider")
+        if not isinstance(self.validation, ValidationSpec):
+            raise BundleFormatError(f"manifest: variant {self.name} needs a validation set (the device self-tests "
+                                    "every variant before it may serve)")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise BundleFormatError(f"manifest: variant {self.name} metadata must map strings to strings")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (as it sits in the manifest's ``variants`` list)."""
+        return {"name": self.name, "precision": self.precision, "model": self.model,
+                "providers": [{"name": p.name, "options": dict(p.options)} for p in self.providers],
+                "session": {**asdict(self.session), "config_entries": dict(self.session.config_entries)},
+                "validation": {"file": self.validation.file, "samples": self.validation.samples,
+                               "tolerances": {k: t.to_dict() for k, t in self.validation.tolerances.items()}},
+                "metadata": dict(self.metadata)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Variant:
+        """Parse one entry of ``variants``; unknown keys are errors."""
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise BundleFormatError(f"manifest: variant {d.get('name')!r} has unknown key(s) {sorted(unknown)}")
+        missing = {"name", "precision", "model", "providers", "session", "validation"} - set(d)
+        if missing:
+            raise BundleFormatError(f"manifest: variant {d.get('name')!r} misses {sorted(missing)}")
+        return cls(name=d["name"], precision=d["precision"], model=d["model"],
+                   providers=tuple(ProviderConfig.from_dict(p) for p in _list(d, "providers")),
+                   session=SessionConfig.from_dict(_dict(d, "session")),
+                   validation=ValidationSpec.from_dict(_dict(d, "validation")),
+                   metadata=dict(d.get("metadata") or {}))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a device needs to trust, install and run a bundle; signed in canonical JSON form."""
 
@@ -324,6 +376,10 @@ class Manifest:
     created: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # Added after v1 shipped, written only when set (v1 readers refuse unknown fields, so a single-variant bundle
+    # stays readable by every agent in the field): the variants the device chooses among. The first one is the
+    # top-level model/providers/session/precision/validation, so a reader that ignores variants runs that one.
+    variants: tuple[Variant, ...] = ()
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -368,6 +424,38 @@ class Manifest:
             extra = set(self.validation.tolerances) - outs
             if extra:
                 raise BundleFormatError(f"manifest: validation tolerances name unknown outputs {sorted(extra)}")
+        if self.variants:
+            self._check_variants()
+
+    def _check_variants(self) -> None:
+        names = [v.name for v in self.variants]
+        if len(self.variants) < 2:
+            raise BundleFormatError("manifest: variants must list at least two (one variant is the plain manifest)")
+        if len(set(names)) != len(names):
+            raise BundleFormatError(f"manifest: variant names must be unique, got {names}")
+        first = self.variants[0]
+        if (first.model, first.precision, first.providers, first.session, first.validation) != (
+                self.model, self.precision, self.providers, self.session, self.validation):
+            raise BundleFormatError(f"manifest: the first variant ({first.name}) must be the top-level model, "
+                                    "precision, providers, session and validation")
+        outs = {o.name for o in self.outputs}
+        for v in self.variants:
+            for what, ref in (("model", v.model), ("validation.file", v.validation.file)):
+                if self.files and ref not in self.files:
+                    raise BundleFormatError(f"manifest: variant {v.name} {what} {ref!r} is not listed in files")
+            extra = set(v.validation.tolerances) - outs
+            if extra:
+                raise BundleFormatError(f"manifest: variant {v.name} tolerances name unknown outputs {sorted(extra)}")
+
+    def variant(self, name: str) -> Manifest:
+        """This manifest as the single-variant manifest of variant ``name`` (what the runtime opens and self-tests);
+        a KeyError for a name the bundle does not hold."""
+        for v in self.variants:
+            if v.name == name:
+                return replace(self, model=v.model, precision=v.precision, providers=v.providers,
+                               session=v.session, validation=v.validation, variants=())
+        raise KeyError(f"bundle {self.name} {self.version} has no variant {name!r} "
+                       f"(it has {', '.join(v.name for v in self.variants) or 'none'})")
 
     @property
     def total_size(self) -> int:
@@ -382,6 +470,10 @@ class Manifest:
         d["providers"] = [{"name": p.name, "options": dict(p.options)} for p in self.providers]
         d["inputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.inputs]
         d["outputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.outputs]
+        if self.variants:
+            d["variants"] = [v.to_dict() for v in self.variants]
+        else:
+            d.pop("variants")  # left out when unset: v1 agents in the field refuse unknown fields
         return d
 
     @classmethod
@@ -412,6 +504,7 @@ class Manifest:
                     "files": {k: FileEntry(**_dict(files, k)) for k in files},
                     "validation": ValidationSpec.from_dict(d["validation"]) if d.get("validation") else None,
                     "metadata": dict(d.get("metadata") or {}),
+                    "variants": tuple(Variant.from_dict(v) for v in _list(d, "variants")) if "variants" in d else (),
                 }
             )
         except BundleError:

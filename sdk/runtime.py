@@ -283,6 +283,7 @@ class Model:
         self.model_path = Path(model_path)
         self.root = root
         self.digest = digest
+        self.variant: str | None = None  # the variant of a multi-variant bundle this session runs (Model.open)
         info = ort_info()
         self.ort = info
         if version_key(info.version) < version_key(manifest.min_ort_version):
@@ -340,13 +341,28 @@ class Model:
         verify_files: bool = True,
         allow_fallback: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
+        variant: str | None = None,
     ) -> Model:
-        """Open an extracted bundle: re-verify its signature (and file hashes), then create the session."""
+        """Open an extracted bundle: re-verify its signature (and file hashes), then create the session.
+
+        ``variant``: which of a multi-variant bundle's variants to run (default: the first, the top-level one); its
+        model, providers, session options and self-test set replace the top-level ones in ``Model.manifest``.
+        """
         root = Path(directory)
         vm: VerifiedManifest = read_installed(root, trusted, verify_files=verify_files)
-        model_path = root.joinpath(*PurePosixPath(vm.manifest.model).parts)
-        return cls(model_path, vm.manifest, root=root, allow_fallback=allow_fallback, cache_dir=cache_dir,
-                   digest=vm.digest)
+        manifest = vm.manifest
+        chosen = manifest.variants[0].name if manifest.variants else None
+        if variant is not None:
+            try:
+                manifest = manifest.variant(variant)
+            except KeyError as exc:
+                raise BundleCompatibilityError(str(exc.args[0])) from None
+            chosen = variant
+        model_path = root.joinpath(*PurePosixPath(manifest.model).parts)
+        m = cls(model_path, manifest, root=root, allow_fallback=allow_fallback, cache_dir=cache_dir,
+                digest=vm.digest)
+        m.variant = chosen
+        return m
 
     @property
     def name(self) -> str:

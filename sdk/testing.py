@@ -11,17 +11,28 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bundle import Manifest, ProviderConfig, SessionConfig, TensorSpec, Tolerance, ValidationSpec, write_bundle
+from ._fs import sha256_file
+from .bundle import (
+    Manifest,
+    ProviderConfig,
+    SessionConfig,
+    TensorSpec,
+    Tolerance,
+    ValidationSpec,
+    Variant,
+    write_bundle,
+)
 from .keys import PrivateKey
 from .runtime import dtype_from_ort
 from .validation import save_validation
 
-__all__ = ["build_test_bundle", "random_inputs"]
+__all__ = ["VariantSpec", "build_test_bundle", "build_test_variant_bundle", "random_inputs"]
 
 
 def random_inputs(session: Any, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -87,5 +98,57 @@ def build_test_bundle(
             validation=ValidationSpec("validation.npz", len(pairs), {n: tolerance for n in out_names}),
             report="report.json",
         )
+        write_bundle(out, manifest, files, key)
+    return Path(out)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One variant for :func:`build_test_variant_bundle`: a model file run with these providers and options."""
+
+    name: str
+    model: Path
+    precision: str = "fp32"
+    providers: tuple[ProviderConfig, ...] = (ProviderConfig("CPUExecutionProvider"),)
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+
+def build_test_variant_bundle(
+    source: str | os.PathLike[str],
+    variants: Sequence[VariantSpec],
+    out: str | os.PathLike[str],
+    key: PrivateKey,
+    *,
+    name: str = "testmodel",
+    version: str = "1.0.0",
+    target: str = "x86-cpu",
+    samples: Sequence[Mapping[str, np.ndarray]] | None = None,
+    tolerance: Tolerance = Tolerance(max_abs=1e-3, min_cosine=0.999),
+) -> Path:
+    """A multi-variant bundle: reference outputs from ``source`` on the CPU EP, every variant judged against them with
+    ``tolerance``; identical model files are stored once (``model/<sha256[:16]>/model.onnx``)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    feeds = list(samples) if samples is not None else [random_inputs(sess, seed=s) for s in range(2)]
+    out_names = [o.name for o in sess.get_outputs()]
+    pairs = [(dict(f), dict(zip(out_names, sess.run(out_names, dict(f)), strict=True))) for f in feeds]
+    with tempfile.TemporaryDirectory(prefix="edgefleet-testbundle-") as tmp:
+        t = Path(tmp)
+        save_validation(t / "validation.npz", pairs)
+        (t / "report.json").write_text(json.dumps({"builder": "edgefleet.sdk.testing"}))
+        files: dict[str, Path] = {"validation.npz": t / "validation.npz", "report.json": t / "report.json"}
+        spec = ValidationSpec("validation.npz", len(pairs), {n: tolerance for n in out_names})
+        listed = []
+        for v in variants:
+            arc = f"model/{sha256_file(v.model)[0][:16]}/model.onnx"
+            files[arc] = Path(v.model)
+            listed.append(Variant(v.name, v.precision, arc, tuple(v.providers), v.session, spec))
+        first = listed[0]
+        manifest = Manifest(
+            name=name, version=version, target=target, precision=first.precision, model=first.model,
+            providers=first.providers, session=first.session,
+            inputs=tuple(_spec(i) for i in sess.get_inputs()), outputs=tuple(_spec(o) for o in sess.get_outputs()),
+            files={}, validation=spec, report="report.json", variants=tuple(listed))
         write_bundle(out, manifest, files, key)
     return Path(out)

@@ -125,6 +125,7 @@ class ServedModel(Model, frozen=True, kw_only=True):
     requested_providers: Providers = []
     fallback: bool = False
     previous: Digest | None = None
+    variant: Annotated[Label, Meta(description="the variant pinned here, for a multi-variant bundle")] | None = None
 
 
 class Description(Model, frozen=True, kw_only=True, omit_defaults=False):
@@ -236,6 +237,7 @@ class ModelWindow(Model, frozen=True, kw_only=True):
     fallback: bool = False
     cold_start: ColdStart | None = None
     total: ModelTotals | None = None
+    variant: Annotated[Label, Meta(description="the variant pinned here, for a multi-variant bundle")] | None = None
 
     def _check(self) -> None:
         if self.sketch.count != self.count:

@@ -153,8 +153,9 @@ def test_package_without_key_is_refused(convnet, tmp_path):
 
 
 def test_package_nvidia_gpu_bundle_built_not_run(convnet, photos, signing_key, trusted, tmp_path):
+    # the single-variant bundle (--single); the multi-variant default is in test_package_variants.py
     [res] = package(convnet, ["nvidia-gpu"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
-                    validation=photos[8:])
+                    validation=photos[8:], variants=False)
     m = verify_bundle(res.path, trusted).manifest
     assert [p.name for p in m.providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                              "CPUExecutionProvider"]
@@ -181,7 +182,7 @@ def test_package_nvidia_gpu_bundle_built_not_run(convnet, photos, signing_key, t
 def test_package_jetson_orin_int8_bundle_built_not_run_is_symmetric_s8s8(convnet, photos, signing_key, trusted,
                                                                           tmp_path):
     [res] = package(convnet, ["jetson-orin"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
-                    validation=photos[8:], precision="int8")
+                    validation=photos[8:], precision="int8", variants=False)
     m = verify_bundle(res.path, trusted).manifest
     assert m.precision == "int8" and m.providers[0].name == "TensorrtExecutionProvider"
     model = _bundle_model(res.path)
@@ -194,7 +195,8 @@ def test_package_jetson_orin_int8_bundle_built_not_run_is_symmetric_s8s8(convnet
 
 def test_package_apple_silicon_bundle_built_not_run_is_fp16_with_fp32_io(convnet, photos, signing_key, trusted,
                                                                        tmp_path):
-    [res] = package(convnet, ["apple-silicon"], key=signing_key, out_dir=tmp_path, validation=photos[8:])
+    [res] = package(convnet, ["apple-silicon"], key=signing_key, out_dir=tmp_path, validation=photos[8:],
+                    variants=False)
     m = verify_bundle(res.path, trusted).manifest
     assert m.precision == "fp16" and m.providers[0].name == "CoreMLExecutionProvider"
     assert dict(m.providers[0].options)["ModelFormat"] == "MLProgram"

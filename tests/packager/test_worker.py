@@ -116,7 +116,7 @@ def test_package_openvino_without_a_reachable_runtime_is_unmeasured_and_conserva
         pytest.skip("this venv has the OpenVINO EP: nothing to be unmeasured about")
     monkeypatch.delenv("EDGEFLEET_RUNTIME_PYTHON", raising=False)
     [res] = package(convnet, ["intel-openvino-cpu"], key=signing_key, out_dir=tmp_path, calibration=photos[:8],
-                    validation=photos[8:], options=PackageOptions(discover_runtimes=False))
+                    validation=photos[8:], options=PackageOptions(discover_runtimes=False, variants=False))
     m = verify_bundle(res.path, trusted).manifest
     assert m.metadata[META_MEASUREMENT] == "unmeasured" and res.report["measurement"] == "unmeasured"
     assert m.precision == "fp32"  # never an untimed INT8 nor an unverifiable bf16/f16 hint
