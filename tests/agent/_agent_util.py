@@ -137,6 +137,7 @@ class Watcher:
         self.protocol = protocol
         self.device = device
         self.messages: dict[str, list[Any]] = {c: [] for c in channels}
+        self._seen_online = False
         self.cond = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"watch-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
@@ -195,6 +196,7 @@ class Watcher:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
+        self._await_subscribed()
         cmd = self.protocol.command(kind, args or {}, cmd_id=cmd_id)
         props = Properties(PacketTypes.PUBLISH)
         if correlation:
@@ -205,7 +207,25 @@ class Watcher:
         return cmd.id
 
     def send_raw(self, payload: bytes) -> None:
+        self._await_subscribed()
         self.client.publish(self.protocol.topic(FLEET, self.device, "cmd"), payload, qos=1).wait_for_publish(10)
+
+    def _await_subscribed(self, timeout: float = 30.0) -> None:
+        """Before the first command: wait (at most ``timeout``, never failing) for the device's ``online`` birth.
+
+        A command published before a freshly started agent has subscribed is lost (no session holds it yet). The
+        agent subscribes before it publishes its birth on the same connection and the broker handles both in order,
+        so once the birth is seen the command topic is subscribed. Later restarts keep the persistent session."""
+        if self._seen_online or "status" not in self.messages:
+            return
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not any(json.loads(m.payload).get("state") == "online" for m in self.messages["status"]):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
+        self._seen_online = True
 
     def close(self) -> None:
         self.client.disconnect()
