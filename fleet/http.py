@@ -63,6 +63,8 @@ from edgefleet.sdk.protocol import (
     Rejected,
     RollbackRequest,
     RollbackSent,
+    VariantList,
+    VariantPick,
     VersionList,
     VersionStats,
     WindowList,
@@ -341,6 +343,27 @@ async def api_versions(request: web.Request) -> web.Response:
     window = _num(request, "window", 900.0, 60.0, 30 * 86400.0)
     stats = await _run(request.app[StoreKey].version_stats, request.app[FleetKey], time.time() - window)
     return _json(VersionList(window_s=window, versions=[_version_stats(s) for s in stats]))
+
+
+async def api_variants(request: web.Request) -> web.Response:
+    """Which variant of each multi-variant bundle the devices pinned, per device class (``?name=`` one model)."""
+    rows = await _run(request.app[StoreKey].devices, request.app[FleetKey], 0.0)
+    return _json(VariantList(variants=variant_picks(rows, request.query.get("name"))))
+
+
+def variant_picks(rows: Any, name: str | None = None) -> list[VariantPick]:
+    """Count devices per (model, version, digest, profile, pinned variant) from their status descriptions."""
+    picks: dict[tuple[str, str, str, str, str], list[str]] = {}
+    for row in rows:
+        desc = row.description
+        if desc is None:
+            continue
+        for m in desc.models:
+            if m.variant and (name is None or m.name == name):
+                picks.setdefault((m.name, m.version, m.digest, row.profile, m.variant), []).append(row.device)
+    out = [VariantPick(name=k[0], version=k[1], digest=k[2], profile=k[3], variant=k[4], devices=len(v),
+                       examples=sorted(v)[:10]) for k, v in picks.items()]
+    return sorted(out, key=lambda p: (p.name, p.version, p.profile, -p.devices, p.variant))
 
 
 async def api_events(request: web.Request) -> web.Response:
@@ -757,6 +780,7 @@ def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor, com
     r.add_get("/api/telemetry", api_telemetry)
     r.add_get("/api/versions", api_versions)
     r.add_get("/api/events", api_events)
+    r.add_get("/api/variants", api_variants)
     r.add_get("/api/ingest", api_ingest)
     r.add_get("/api/deployments", api_deployments)
     r.add_post("/api/deployments", api_create_deployment)

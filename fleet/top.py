@@ -70,7 +70,7 @@ class FleetView:
                 p50, p95, p99 = quantiles(m.sketch)
                 row.models.append({"name": m.name, "version": m.version, "p50": p50, "p95": p95, "p99": p99,
                                    "rps": m.count / obj.interval_s, "errors": m.errors,
-                                   "providers": m.providers})
+                                   "providers": m.providers, "variant": m.variant})
                 # Fleet-wide per version since top started: merged sketches, never averaged percentiles.
                 self.versions.setdefault((m.name, m.version), DDSketch()).merge(DDSketch.from_wire(m.sketch))
 
@@ -103,7 +103,8 @@ class FleetView:
             seen = f"{now - r.last_seen:.0f}s" if r.last_seen else "-"
             t.add_row(r.device, state, r.profile, ",".join(p.replace("ExecutionProvider", "") for p in
                                                              m.get("providers", [])),
-                      f"{m['name']} {m['version']}" if m else "-", _ms(m.get("p50")), _ms(m.get("p95")),
+                      (f"{m['name']} {m['version']}" + (f" [{m['variant']}]" if m.get("variant") else ""))
+                      if m else "-", _ms(m.get("p50")), _ms(m.get("p95")),
                       _ms(m.get("p99")), f"{m['rps']:.1f}" if m else "-", str(m.get("errors", "-")), seen)
         v = Table(title="fleet-wide latency per version (merged sketches)")
         for col in ("model", "version", "requests", "p50 ms", "p95 ms", "p99 ms"):

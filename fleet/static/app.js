@@ -30,7 +30,7 @@ function view(d) {
   return {
     device: d.device, online: d.state === "online" ? 1 : 0, profile: d.profile || "",
     serving: (m.providers || []).map((p) => p.replace("ExecutionProvider", "")).join(","),
-    bundle: m.name ? `${m.name} ${m.version}` : "", p50: m.p50 ?? null, p95: m.p95 ?? null, p99: m.p99 ?? null,
+    bundle: m.name ? `${m.name} ${m.version}${m.variant ? ` [${m.variant}]` : ""}` : "", p50: m.p50 ?? null, p95: m.p95 ?? null, p99: m.p99 ?? null,
     throughput: m.throughput ?? null, errors: m.errors ?? null, last_seen: d.last_seen || 0,
     more: d.models && d.models.length > 1 ? d.models.length - 1 : 0,
   };

@@ -65,7 +65,7 @@ def derive(records: Iterable[Telemetry]) -> Derived:
                                 p50, p95, p99, providers_json, json_text(sk)))
                 summary.append(ModelSummary(name=m.name, version=m.version, count=m.count, errors=m.errors,
                                             p50=p50, p95=p95, p99=p99, throughput=m.count / interval,
-                                            providers=m.providers))
+                                            providers=m.providers, variant=m.variant))
                 acc = minutes.get((m.name, m.version, int(ts // 60)))
                 if acc is None:
                     acc = minutes[(m.name, m.version, int(ts // 60))] = MinuteAcc()

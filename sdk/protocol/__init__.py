@@ -102,6 +102,8 @@ if TYPE_CHECKING:
         RollbackSent,
         RolloutPolicy,
         TelemetryWindow,
+        VariantList,
+        VariantPick,
         VersionList,
         VersionStats,
         WindowList,
@@ -113,7 +115,8 @@ _API_NAMES = frozenset({
     "ApiTokenList", "BundleInfo", "BundleUploaded", "CanaryVerdict", "CommandRequest", "CommandStatus",
     "Deployment", "DeploymentDecision", "DeploymentList", "DeploymentRequest", "DeploymentTarget", "DeviceList",
     "DeviceRow", "EventList", "EventRow", "IngestCounters", "ModelSummary", "Rejected", "RollbackRequest",
-    "RollbackSent", "RolloutPolicy", "TelemetryWindow", "VersionList", "VersionStats", "WindowList",
+    "RollbackSent", "RolloutPolicy", "TelemetryWindow", "VariantList", "VariantPick", "VersionList", "VersionStats",
+    "WindowList",
 })
 
 
@@ -195,6 +198,8 @@ __all__ = [
     "Telemetry",
     "TelemetryWindow",
     "Topic",
+    "VariantList",
+    "VariantPick",
     "VersionList",
     "VersionStats",
     "WindowList",

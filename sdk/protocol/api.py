@@ -18,6 +18,7 @@ from .messages import (
     CommandKind,
     Count,
     Description,
+    Digest,
     FreeForm,
     Id,
     Interval,
@@ -66,6 +67,8 @@ __all__ = [
     "RollbackSent",
     "RolloutPolicy",
     "TelemetryWindow",
+    "VariantList",
+    "VariantPick",
     "VersionList",
     "VersionStats",
     "WindowList",
@@ -100,6 +103,8 @@ class ModelSummary(Model, frozen=True, kw_only=True, omit_defaults=False):
     p99: Ms | None
     throughput: Annotated[float, Meta(ge=0.0)]
     providers: Providers
+    variant: Annotated[Label, Meta(description="the variant pinned on the device (multi-variant bundles)")] | \
+        None = None
 
 
 class DeviceRow(Model, frozen=True, kw_only=True):
@@ -176,6 +181,24 @@ class VersionList(Model, frozen=True, kw_only=True, omit_defaults=False):
 
     window_s: Seconds
     versions: list[VersionStats]
+
+
+class VariantPick(Model, frozen=True, kw_only=True, omit_defaults=False):
+    """How many devices of one class (profile) pinned one variant of one multi-variant bundle."""
+
+    name: Name
+    version: Name
+    digest: Digest
+    profile: Label
+    variant: Label
+    devices: Total
+    examples: Annotated[list[Id], Meta(max_length=10, description="up to 10 of those devices, sorted")]
+
+
+class VariantList(Model, frozen=True, kw_only=True, omit_defaults=False):
+    """``GET /api/variants``: which variant won where (from the devices' status descriptions), most devices first."""
+
+    variants: list[VariantPick]
 
 
 class EventRow(Model, frozen=True, kw_only=True, omit_defaults=False):
