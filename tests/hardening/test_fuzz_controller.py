@@ -62,8 +62,8 @@ def ctl(mosquitto: Any, signing_key: Any, tmp_path_factory: pytest.TempPathFacto
     c.stop()
 
 
-_segment = st.one_of(st.sampled_from(["dev-1", "d1", "x" * 65, "..", "%00", "a%2Fb", "ünï", "0" * 64, "-"]),
-                     st.text(min_size=1, max_size=30).map(lambda s: quote(s, safe="")))
+_segment = st.one_of(st.sampled_from(["dev-1", "d1", "x" * 65, "..", "\x00", "a/b", "ünï", "0" * 64, "-"]),
+                     st.text(min_size=1, max_size=30)).map(lambda s: quote(s, safe=""))
 
 
 @st.composite
