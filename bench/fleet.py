@@ -85,8 +85,9 @@ def get_json(url: str) -> Any:
 class Controller:
     """``edgefleet fleet serve`` as a subprocess pinned to one core."""
 
-    def __init__(self, tmp: Path, broker: str, name: str, receipts: bool = True, tree: Path | None = None) -> None:
-        self.fleet = f"{FLEET}-{name}"
+    def __init__(self, tmp: Path, broker: str, name: str, receipts: bool = True, tree: Path | None = None, *,
+                 store: str = "", fleet: str = "", core: int | None = None) -> None:
+        self.fleet = fleet or f"{FLEET}-{name}"
         # ``tree``: run another edgefleet (a directory holding an ``edgefleet`` package tree) with this interpreter,
         # for an A/B against a baseline version in the same run.
         self.env = {**os.environ, "PYTHONPATH": str(tree)} if tree is not None else None
@@ -97,7 +98,9 @@ class Controller:
         self.log = open(tmp / f"controller-{name}.log", "ab")  # closed in stop()
         # Same client id on every start: the broker keeps the persistent session (and queued messages) in between.
         exe = [sys.executable, "-m", "edgefleet.sdk.cli"] if tree is not None else [str(EDGEFLEET)]
-        self.argv = [*exe, "fleet", "serve", "--broker", broker, "--db", str(self.db), "--fleet", self.fleet,
+        self.store = store or str(self.db)
+        self.want_core = core
+        self.argv = [*exe, "fleet", "serve", "--broker", broker, "--db", self.store, "--fleet", self.fleet,
                      "--http", f"127.0.0.1:{self.port}", "--bundles", str(tmp / "bundles"), "--client-id",
                      f"bench-{name}", "--receipts" if receipts else "--no-receipts"]
         self.receipts = receipts
@@ -106,7 +109,7 @@ class Controller:
     def start(self, wait_up: bool = True) -> None:
         self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         self.ps = psutil.Process(self.proc.pid)
-        self.core = self.ps.cpu_affinity()[-1]
+        self.core = self.ps.cpu_affinity()[-1] if self.want_core is None else self.want_core
         self.ps.cpu_affinity([self.core])  # "one core": the controller may use no more than one
         if wait_up:
             wait(self.up, 60, "controller")
@@ -290,6 +293,185 @@ def ab_ingest(tmp: Path, broker: str, ref: str, rounds: int, n_devices: int, n_m
             "duplicates": sum(r["duplicates"] for rs in rows.values() for r in rs)}
 
 
+def _tree_cpu(root: psutil.Process | None) -> dict[int, float]:
+    """CPU seconds (user+system) of a process and its children, per pid."""
+    if root is None:
+        return {}
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        out[p.pid] = t.user + t.system
+    return out
+
+
+def _delta(before: dict[int, float], after: dict[int, float]) -> float:
+    # A process that started inside the window counts whole; one that ended inside it is lost (PostgreSQL's
+    # backends live as long as the controllers' pools, so none does here).
+    return sum(v - before.get(pid, 0.0) for pid, v in after.items())
+
+
+class _Components:
+    """CPU seconds of the controllers, the broker and the database server, sampled together."""
+
+    def __init__(self, ctls: list[Controller], broker: subprocess.Popen[bytes], db: psutil.Process | None) -> None:
+        self.ctls, self.broker, self.db = ctls, psutil.Process(broker.pid), db
+
+    def sample(self) -> dict[str, Any]:
+        return {"controllers": [c.cpu_s() for c in self.ctls], "broker": _tree_cpu(self.broker),
+                "database": _tree_cpu(self.db), "t": time.perf_counter()}
+
+    @staticmethod
+    def cost(a: dict[str, Any], b: dict[str, Any], n: int) -> dict[str, Any]:
+        """CPU ms per 1,000 messages per component between two samples, and messages per controller CPU-second."""
+        ctl = sum(y - x for x, y in zip(a["controllers"], b["controllers"], strict=True))
+        broker, db = _delta(a["broker"], b["broker"]), _delta(a["database"], b["database"])
+        return {"seconds": round(b["t"] - a["t"], 3), "msgs_per_s": round(n / (b["t"] - a["t"]), 1),
+                "controller_cpu_ms_per_1000": round(ctl / n * 1e6, 1),
+                "controller_cpu_ms_per_1000_each": [round((y - x) / n * 1e6, 1)
+                                                    for x, y in zip(a["controllers"], b["controllers"], strict=True)],
+                "broker_cpu_ms_per_1000": round(broker / n * 1e6, 1),
+                "database_cpu_ms_per_1000": round(db / n * 1e6, 1) if b["database"] else None,
+                "msgs_per_controller_cpu_s": round(n / ctl, 1) if ctl > 0 else None}
+
+
+def _stored_by(ctls: list[Controller]) -> int:
+    """Telemetry rows the controllers stored since they started (their own counters: no query on the database,
+    whose CPU is measured)."""
+    total = 0
+    for c in ctls:
+        try:
+            total += int(get_json(c.url + "/api/ingest")["stored"].get("telemetry", 0))
+        except OSError:
+            pass  # still starting
+    return total
+
+
+def _count_rows(store: str, fleet: str) -> tuple[int, int]:
+    """(rows, distinct (device, boot, seq)) of this fleet's telemetry, read from the store itself."""
+    sql = ("SELECT count(*), count(DISTINCT device || '/' || boot || '/' || seq) FROM telemetry WHERE fleet=")
+    if store.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store) as conn:
+            row = conn.execute(sql + "%s", (fleet,)).fetchone()
+    else:
+        import sqlite3
+
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=60) as conn:
+            row = conn.execute(sql + "?", (fleet,)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def scale_run(tmp: Path, pg: Any, backend: str, n_ctl: int, n_devices: int, n_messages: int) -> dict[str, Any]:
+    """``n_ctl`` controllers (one share group, each pinned to its own core) on one store, receipts on: ``n_messages``
+    ingested live, then as many drained after all controllers restart; CPU per component, loss and duplicates."""
+    from edgefleet.fleet.simulate import Simulator, make_devices
+
+    name = f"{backend[:2]}{n_ctl}"
+    d = tmp / name
+    d.mkdir()
+    broker, url = start_broker(d)
+    fleet = f"{FLEET}-{name}"
+    store = str(d / "fleet.db") if backend == "sqlite" else pg.create_database(f"bench_{name}")
+    db_proc = psutil.Process(pg.pids()[0]) if backend == "postgresql" else None
+    cores = os.cpu_count() or 1
+    ctls: list[Controller] = []
+    sim = None
+    try:
+        for i in range(n_ctl):
+            ctls.append(Controller(d, url, f"{name}-c{i}", True, store=store, fleet=fleet,
+                                   core=(cores - 1 - i) % cores))
+        sim = Simulator(url, fleet, make_devices(n_devices, prefix="dev"), interval_s=10.0, per_window=200,
+                        own_connections=0, connections=1, client_prefix=f"bench-{name}", receipts=True)
+        sim.start(timeout_s=30)
+        for c in ctls:
+            wait(lambda c=c: len(get_json(c.url + "/api/devices")["devices"]) == n_devices, 120, "births stored")
+        client = sim._clients[0]
+        timeout = max(180.0, n_messages / 300)
+        comp = _Components(ctls, broker, db_proc)
+
+        # live: publisher, broker, controllers and database all at work
+        payloads = _payloads(sim, fleet, n_messages)
+        base = _stored_by(ctls)
+        a = comp.sample()
+        for t, p in payloads:
+            client.publish(t, p, qos=1)
+        wait(lambda: _stored_by(ctls) - base >= n_messages, timeout, f"{n_messages} messages stored (live)")
+        live = _Components.cost(a, comp.sample(), n_messages)
+
+        # drain: the broker queues a share for each stopped controller's session; all restart together
+        for c in ctls:
+            c.stop(close=False)
+        payloads = _payloads(sim, fleet, n_messages)
+        for t, p in payloads:
+            client.publish(t, p, qos=1)
+        sim.flush(timeout)
+        for c in ctls:
+            c.start(wait_up=False)
+        comp = _Components(ctls, broker, db_proc)  # new controller processes
+        deadline = time.monotonic() + timeout
+        while _stored_by(ctls) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        a = comp.sample()
+        first = _stored_by(ctls)
+        wait(lambda: _stored_by(ctls) >= n_messages, timeout, f"{n_messages} messages stored (drain)")
+        drain = _Components.cost(a, comp.sample(), n_messages - first)
+        time.sleep(1.5)  # the last receipts and acks
+        stats = [get_json(c.url + "/api/ingest") for c in ctls]
+        rows, distinct = _count_rows(store, fleet)
+        return {"backend": backend, "controllers": n_ctl, "devices": n_devices, "messages_sent": 2 * n_messages,
+                "rows_stored": rows, "lost": 2 * n_messages - distinct, "stored_twice": rows - distinct,
+                "redelivered_deduplicated": sum(s["duplicates"].get("telemetry", 0) for s in stats),
+                "receipts_sent": sum(s.get("receipts", 0) for s in stats),
+                "split": [s["stored"].get("telemetry", 0) for s in stats], "live": live, "drain": drain,
+                "receipts_confirmed": sim.confirmed}
+    finally:
+        if sim is not None:
+            sim.stop(graceful=False)
+        for c in ctls:
+            c.stop()
+        broker.terminate()
+        broker.wait(10)
+
+
+def run_scale(n_devices: int, n_messages: int, configs: list[tuple[str, int]]) -> dict[str, Any]:
+    """The scale matrix (backends x controllers), on one PostgreSQL server with its default (durable) settings."""
+    sys.path.insert(0, str(ROOT))
+    from tests.pg_server import PostgresServer
+
+    out: dict[str, Any] = {"load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "runs": []}
+    pg = PostgresServer() if any(b == "postgresql" for b, _ in configs) else None
+    try:
+        out["postgresql"] = _pg_version(pg) if pg is not None else None
+        with tempfile.TemporaryDirectory(prefix="edgefleet-bench-scale-") as d:
+            for backend, n in configs:
+                r = scale_run(Path(d), pg, backend, n, n_devices, n_messages)
+                print(f"{backend}, {n} controller(s): live {r['live']['msgs_per_s']:,.0f} msgs/s, controller "
+                      f"{r['live']['controller_cpu_ms_per_1000']} ms CPU/1,000 "
+                      f"({r['live']['msgs_per_controller_cpu_s'] or 0:,.0f}/CPU-s), broker "
+                      f"{r['live']['broker_cpu_ms_per_1000']}, db {r['live']['database_cpu_ms_per_1000']}; drain "
+                      f"{r['drain']['msgs_per_s']:,.0f} msgs/s ({r['drain']['msgs_per_controller_cpu_s'] or 0:,.0f}"
+                      f"/CPU-s); lost {r['lost']}, stored twice {r['stored_twice']}", flush=True)
+                out["runs"].append(r)
+    finally:
+        if pg is not None:
+            pg.stop()
+    out["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def _pg_version(pg: Any) -> str:
+    import psycopg
+
+    with psycopg.connect(pg.url()) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "?"
+
+
 def api_latency(ctl: Controller, runs: int) -> dict[str, Any]:
     devs = get_json(ctl.url + "/api/devices")["devices"]
     one = devs[len(devs) // 2]["device"]
@@ -376,7 +558,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="A/B rounds (default 4)")
     ap.add_argument("--this", dest="this_ref", metavar="GIT_REF",
                     help="with --ab: measure GIT_REF instead of this tree")
+    ap.add_argument("--scale", action="store_true", help="only the scale matrix: SQLite and PostgreSQL, 1 and 2 "
+                    "controllers, CPU per component (merged into fleet.json and fleet.md)")
+    ap.add_argument("--configs", default="sqlite:1,postgresql:1,sqlite:2,postgresql:2",
+                    help="with --scale: BACKEND:CONTROLLERS,... (default: all four)")
     args = ap.parse_args()
+    if args.scale:
+        configs = [(b, int(n)) for b, n in (c.split(":") for c in args.configs.split(","))]
+        got = run_scale(1000, 6000 if args.quick else 30_000, configs)
+        path = RESULTS / "fleet.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results["scale"] = got
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        (RESULTS / "fleet.md").write_text(report(results))
+        print(scale_report(got))
+        return
     if args.ab:
         with tempfile.TemporaryDirectory(prefix="edgefleet-bench-ab-") as d:
             broker, url = start_broker(Path(d))
@@ -430,7 +626,46 @@ def main() -> None:
     print((RESULTS / "fleet.md").read_text())
 
 
+def scale_report(sc: dict[str, Any]) -> str:
+    """The scale matrix as Markdown."""
+    lines = [
+        "## Scale-out: SQLite and PostgreSQL, 1 and 2 controllers, receipts on", "",
+        f"`.venv/bin/python bench/fleet.py --scale`: one Mosquitto, PostgreSQL {sc.get('postgresql') or '-'} with its "
+        "default (durable) settings, 1,000 simulated devices on one connection that subscribes to their receipts "
+        "(QoS 0, the default), N `fleet serve` processes in one share group, each pinned to its own core. Load "
+        f"average {sc['load_avg_at_start']} at start, {sc['load_avg_at_end']} at end (a shared 2-core machine). "
+        "*Live*: messages published while the controllers run, from the first publish until the controllers have "
+        "stored them all (publisher, broker, controllers and database share the 2 cores). *Drain*: the same number "
+        "queued by the broker while every controller was stopped, from the first row stored after they restart to "
+        "the last. CPU is user+system time per 1,000 messages: of the controllers (summed), of Mosquitto, of the "
+        "PostgreSQL server (postmaster and backends; SQLite runs inside the controller). *Per controller CPU-second* "
+        "= messages / controller CPU seconds: what one controller core sustains when it has the core to itself.", "",
+        "| store | controllers | phase | msgs/s (wall) | msgs per controller CPU-second | controller CPU ms/1,000 "
+        "(each) | broker CPU ms/1,000 | database CPU ms/1,000 |",
+        "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in sc["runs"]:
+        for phase in ("live", "drain"):
+            x = r[phase]
+            each = " + ".join(str(v) for v in x["controller_cpu_ms_per_1000_each"]) if r["controllers"] > 1 else ""
+            db = x["database_cpu_ms_per_1000"]
+            lines.append(f"| {r['backend']} | {r['controllers']} | {phase} | {x['msgs_per_s']:,.0f} | "
+                         f"**{x['msgs_per_controller_cpu_s'] or 0:,.0f}** | {x['controller_cpu_ms_per_1000']}"
+                         f"{f' ({each})' if each else ''} | {x['broker_cpu_ms_per_1000']} | "
+                         f"{'in the controller' if db is None else db} |")
+    lines += ["", "| store | controllers | messages sent | rows stored | lost | stored twice | redelivered "
+              "(de-duplicated) | split between controllers | receipts sent |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in sc["runs"]:
+        lines.append(f"| {r['backend']} | {r['controllers']} | {r['messages_sent']:,} | {r['rows_stored']:,} | "
+                     f"{r['lost']} | {r['stored_twice']} | {r['redelivered_deduplicated']} | "
+                     f"{' / '.join(f'{v:,}' for v in r['split'])} | {r['receipts_sent']:,} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def report(r: dict[str, Any]) -> str:
+    if "host" not in r:
+        return "# Fleet controller bench\n\n" + (scale_report(r["scale"]) if r.get("scale") else "")
     h = r["host"]
     lines = [
         "# Fleet controller bench",
@@ -485,6 +720,8 @@ def report(r: dict[str, Any]) -> str:
         for k, v in r["api_10k"].items():
             lines.append(f"| {k} | {v['p50_ms']} | {v['p95_ms']} | {v['bytes']:,} |")
         lines.append("")
+    if r.get("scale"):
+        lines += [scale_report(r["scale"])]
     return "\n".join(lines)
 
 

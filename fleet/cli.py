@@ -174,6 +174,8 @@ def fleet() -> None:
               help="Shared-subscription group: controllers in one group split the ingest.")
 @click.option("--receipts/--no-receipts", default=True, show_default=True,
               help="Send agents receipts of what is stored (they keep every record until one names it).")
+@click.option("--receipt-qos", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="MQTT QoS of receipts: a lost one only makes the agent send those records again (stored once).")
 @click.option("--public-url", default="", help="Base URL agents download bundles from (default: http://HOST:PORT).")
 @click.option("--bundle-base-url", default="",
               help="A mirror of --bundles (object storage, a CDN, any HTTP server holding <sha256>.efb): devices "
@@ -207,10 +209,10 @@ def fleet() -> None:
 @click.pass_context
 def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...],
           signing_key: Path | None, command_ttl: float, fleet_id: str, client_id: str, share_group: str,
-          receipts: bool, public_url: str, retention_days: float, max_clock_skew: float, rollout_lease: float,
-          db_old: str | None, read_auth: str, allowed_hosts: tuple[str, ...], max_upload: str, tls_cert: Path | None,
-          tls_key: Path | None, mqtt_session_expiry: int, bundle_base_url: str, offline_after: float,
-          metrics_stale_after: float) -> None:
+          receipts: bool, receipt_qos: int, public_url: str, retention_days: float, max_clock_skew: float,
+          rollout_lease: float, db_old: str | None, read_auth: str, allowed_hosts: tuple[str, ...], max_upload: str,
+          tls_cert: Path | None, tls_key: Path | None, mqtt_session_expiry: int, bundle_base_url: str,
+          offline_after: float, metrics_stale_after: float) -> None:
     """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads.
 
     The configuration, the store and the HTTP port are checked before anything connects to the broker: a
@@ -228,6 +230,7 @@ def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundle
                                bundles_dir=bundles_dir, trust=list(trust), client_id=client_id,
                                share_group=share_group, public_url=public_url, retention_days=retention_days,
                                signing_key=signing_key, command_ttl_s=command_ttl, receipts=receipts,
+                               receipt_qos=receipt_qos,
                                max_clock_skew_s=max_clock_skew, read_auth=read_auth,
                                allowed_hosts=tuple(allowed_hosts), max_upload_bytes=_size(max_upload, "--max-upload"),
                                tls_cert=tls_cert, tls_key=tls_key, mqtt_session_expiry_s=mqtt_session_expiry,

@@ -75,6 +75,7 @@ class ControllerConfig:
     client_id: str = ""
     share_group: str = "edgefleet"
     receipts: bool = True  # tell agents what is stored, so they keep and resend what a broker lost
+    receipt_qos: int = 0  # a lost receipt only makes the agent resend (stored once): QoS 0 is enough
     public_url: str = ""  # how agents reach this controller's /bundles (default: http://HOST:PORT)
     bundle_base_url: str = ""  # a mirror of bundles_dir (<sha256>.efb) devices fetch from instead, e.g. a CDN
     retention_days: float = 30.0  # telemetry, events and replies older than this are deleted hourly; 0 keeps all
@@ -100,6 +101,8 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
         self.mqtt = self.broker if isinstance(self.broker, MqttOptions) else MqttOptions.parse(self.broker)
+        if self.receipt_qos not in (0, 1):
+            raise ConfigError(f"receipt_qos must be 0 or 1, got {self.receipt_qos!r}")
         if not 0 <= self.mqtt_session_expiry_s <= 0xFFFFFFFF:
             raise ConfigError(f"mqtt_session_expiry_s must be in [0, 2^32-1], got {self.mqtt_session_expiry_s}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -148,7 +151,7 @@ class Controller:
         except OSError as exc:
             raise ConfigError(f"bundles directory {config.bundles_dir}: {exc.strerror or exc}") from exc
         self.ingest = Ingestor(self.store, broker=config.mqtt, fleet=config.fleet, client_id=config.client_id,
-                               share_group=config.share_group, receipts=config.receipts,
+                               share_group=config.share_group, receipts=config.receipts, receipt_qos=config.receipt_qos,
                                max_future_skew_s=config.max_clock_skew_s,
                                session_expiry_s=config.mqtt_session_expiry_s)
         self.commander = Commander(self.store, config.fleet, self._publish, ttl_s=config.command_ttl_s)

@@ -9,11 +9,13 @@ One paho-mqtt MQTT 5 client per controller holds a persistent session and subscr
 
 Messages are acknowledged by hand, only after the batch holding them is committed: a controller that dies loses
 nothing (the broker redelivers), and what it had already committed is de-duplicated on ``(device, boot, seq)``.
-Then each device whose messages were stored gets a ``receipt`` (QoS 1, at most one per device every
-``receipt_interval_s``) naming them: the agent keeps every
+Then each device whose messages were stored gets a ``receipt`` (at most one per device every
+``receipt_interval_s``, QoS 0 by default: ``receipt_qos``) naming them: the agent keeps every
 record until one does, and sends again what a receipt skipped, so a broker that acknowledged a message and then
 lost it (a restart: Mosquitto 2.0.11 restores no shared subscription, and after a SIGKILL nothing since its last
-autosave) loses nothing either.
+autosave) loses nothing either. A receipt is only ever a hint to stop resending: one that is lost makes the agent
+send those records again (stored once, receipted again), so QoS 0 is enough and saves the broker and this controller
+a PUBACK and an in-flight entry per receipt; ``receipt_qos=1`` trades that for fewer resends on a lossy broker.
 The network thread only queues; a writer thread parses every payload with its :mod:`edgefleet.sdk.protocol` class
 (types and ranges), writes batches in one transaction and acks. A payload that is malformed, oversized, of an
 unknown protocol version or about another device is counted per channel and reason, logged once per (device,
@@ -157,7 +159,7 @@ class Ingestor:
 
     def __init__(self, store: Store, *, broker: MqttOptions, fleet: str, client_id: str,
                  share_group: str = "edgefleet", batch_max: int = 500, session_expiry_s: int = 60,
-                 receipts: bool = True,
+                 receipts: bool = True, receipt_qos: int = 0,
                  receipt_interval_s: float = 0.5, max_future_skew_s: float = MAX_FUTURE_SKEW_S,
                  on_write: Callable[[WriteResult], None] | None = None) -> None:
         self.store = store
@@ -168,6 +170,9 @@ class Ingestor:
         self.batch_max = batch_max
         self.session_expiry_s = session_expiry_s
         self.receipts = receipts
+        if receipt_qos not in (0, 1):
+            raise ValueError(f"receipt_qos must be 0 or 1, got {receipt_qos!r}")
+        self.receipt_qos = receipt_qos
         self.receipt_interval_s = receipt_interval_s
         self.max_future_skew_s = max_future_skew_s
         # What is stored and not yet receipted: (device, "telemetry" | "events") -> boot -> seqs; device -> reply ids
@@ -326,7 +331,7 @@ class Ingestor:
             out += receipts(device, telemetry=tel_ev["telemetry"], events=tel_ev["events"], replies=ids,
                             refused=True, reason=reason)
         for msg in out:
-            if self.transport.publish(self._receipt_topic(msg.device), msg.to_json()) is not None:
+            if self.transport.publish(self._receipt_topic(msg.device), msg.to_json(), qos=self.receipt_qos) is not None:
                 self.stats.receipts += 1
             # Not connected: paho queues it; and a receipt that never arrives only makes the agent send again.
 

@@ -15,6 +15,10 @@ paho-mqtt 2.x, MQTT 5, ``CallbackAPIVersion.VERSION2``. What every connection ge
   lost its broker does not reconnect in lock-step.
 * **Acknowledgements** — optional manual acks (a message is acknowledged after the application stored it) and an
   ack barrier (an UNSUBSCRIBE round trip proves the broker processed every ack sent before it).
+* **Reads** — paho reads each packet's fixed header a byte at a time, one ``recv`` system call per byte;
+  :class:`BufferedClient` reads up to ``read_buffer_bytes`` (64 KiB) per call and hands paho slices of it, so a
+  controller draining thousands of small PUBLISH packets a second makes a few large reads instead of three small ones
+  per packet (bench/results/fleet.md).
 
 Foreign errors are translated here, once: :class:`~edgefleet.sdk.errors.TransportError` for the broker,
 :class:`~edgefleet.sdk.errors.ConfigError` for options.
@@ -40,7 +44,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .errors import ConfigError, TransportError
 
-__all__ = ["MQTT_KEYS", "Incoming", "MqttOptions", "MqttTransport", "Will", "backoff_delay", "publish_properties"]
+__all__ = ["MQTT_KEYS", "BufferedClient", "Incoming", "MqttOptions", "MqttTransport", "Will", "backoff_delay",
+           "publish_properties"]
 
 log = logging.getLogger("edgefleet.transport")
 
@@ -187,6 +192,48 @@ class MqttOptions:
         return replace(self, **changes)
 
 
+class BufferedClient(paho.Client):
+    """paho's client with buffered socket reads: one ``recv`` of up to ``read_buffer_bytes`` serves many packets.
+
+    paho asks the socket for 1 byte (packet type), 1 byte at a time (remaining length), then the rest of the packet:
+    three system calls or more per message. Here a read takes whatever the kernel holds (up to the buffer size) and
+    later reads are served from it. paho only reads when ``select`` says the socket is readable, so
+    :meth:`loop_read` keeps going while the buffer holds bytes: nothing received waits for more data to arrive.
+    The buffer belongs to one connection: closing the socket drops it (a reconnect starts clean).
+    """
+
+    def __init__(self, *args: Any, read_buffer_bytes: int = 65536, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # first: paho's __del__ needs its own attributes even after a refusal
+        if read_buffer_bytes < 1:
+            raise ValueError(f"read_buffer_bytes must be >= 1, got {read_buffer_bytes}")
+        self._read_size = read_buffer_bytes
+        self._rbuf = b""
+        self._rpos = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos < len(self._rbuf):
+            end = min(self._rpos + bufsize, len(self._rbuf))
+            out = self._rbuf[self._rpos:end]
+            self._rpos = end
+            return out
+        data: bytes = super()._sock_recv(max(bufsize, self._read_size))  # BlockingIOError: nothing to read
+        if len(data) <= bufsize:
+            return data
+        self._rbuf, self._rpos = data, bufsize
+        return data[:bufsize]
+
+    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
+        """Read packets as paho does, then go on until the buffer is empty (``select`` cannot see it)."""
+        rc = super().loop_read(max_packets)
+        while rc == paho.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
+            rc = super().loop_read(max_packets)
+        return rc
+
+    def _sock_close(self) -> None:
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
+
+
 @dataclass(frozen=True)
 class Will:
     """A Last Will: published by the broker when the connection is lost without a DISCONNECT."""
@@ -220,6 +267,7 @@ class MqttTransport:
     def __init__(self, options: MqttOptions, client_id: str, *, clean_start: bool = False,
                  session_expiry_s: int | None = None, will: Will | None = None, manual_ack: bool = False,
                  subscriptions: Sequence[tuple[str, int]] = (), max_inflight: int | None = None,
+                 read_buffer_bytes: int = 65536,
                  on_message: Callable[[Incoming], None] | None = None,
                  on_connect: Callable[[bool], None] | None = None,
                  on_disconnect: Callable[[], None] | None = None,
@@ -239,8 +287,8 @@ class MqttTransport:
         self._disconnected = threading.Event()
         self._closing = False
         self._thread: threading.Thread | None = None
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                        manual_ack=manual_ack)
+        c = BufferedClient(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                           manual_ack=manual_ack, read_buffer_bytes=read_buffer_bytes)
         if options.username:
             c.username_pw_set(options.username, options.password or None)
         if options.tls:

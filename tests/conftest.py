@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,16 +162,23 @@ def postgres():
     """One real PostgreSQL server per test session (Debian's binaries, a temporary directory, a free port).
 
     Durability is off (fsync, synchronous commits): the tests kill controllers, never the database server, and a
-    test database is thrown away. The bench runs PostgreSQL with its default settings.
+    test database is thrown away. The bench runs PostgreSQL with its default settings. Without the server binaries
+    (or psycopg) the PostgreSQL tests skip and say why; with ``EDGEFLEET_REQUIRE_POSTGRES=1`` (CI: .ci/run) they
+    fail instead, so a run that silently tested one backend cannot pass.
     """
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'edgefleet[postgres]'; "
-                                          "make setup installs it)")
+    required = os.environ.get("EDGEFLEET_REQUIRE_POSTGRES", "") not in ("", "0")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        why = "psycopg is not installed (pip install 'edgefleet[postgres]'; make setup installs it)"
+        pytest.fail(why) if required else pytest.skip(why)
     from tests.pg_server import PostgresServer, PostgresUnavailable
 
     try:
         server = PostgresServer({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
     except PostgresUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server here: {exc}")
+        why = f"no PostgreSQL server here: {exc}"
+        pytest.fail(why) if required else pytest.skip(why)
     yield server
     server.stop()
 
