@@ -421,12 +421,25 @@ def send(device: str, kind: str, args_json: str, wait_s: float, api: Api, as_jso
 @click.option("--duration", type=float, default=None, help="Exit after this many seconds (default: until Ctrl-C).")
 @click.option("--sort", "sort_key", type=click.Choice(["device", "p95", "p99", "throughput", "errors", "last_seen"]),
               default="device", show_default=True, help="Column to sort by (latency/errors descending).")
-@click.option("--limit", type=int, default=50, show_default=True, help="Rows shown.")
-def top(mqtt: MqttOptions, fleet_id: str, duration: float | None, sort_key: str, limit: int) -> None:
-    """A live terminal view of the fleet straight from MQTT (no controller needed)."""
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Rows shown.")
+@click.option("--offline-after", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Show a device offline after this many seconds without a status or telemetry (its Last Will "
+                   "shows it at once).")
+@_json_option
+def top(mqtt: MqttOptions, fleet_id: str, duration: float | None, sort_key: str, limit: int, offline_after: float,
+        as_json: bool) -> None:
+    """A live view of the fleet straight from MQTT (no controller needed).
+
+    On a terminal it redraws at the terminal's width until Ctrl-C (or --duration); otherwise (a pipe, a file) it
+    watches for --duration and prints one plain table with every column at full width; --json prints the same as
+    JSON (default --duration 5 s with --json).
+    """
     from .top import run_top
 
-    run_top(mqtt, fleet_id, duration_s=duration, sort_key=sort_key, limit=limit)
+    if as_json and duration is None:
+        duration = 5.0
+    run_top(mqtt, fleet_id, duration_s=duration, sort_key=sort_key, limit=limit, offline_after_s=offline_after,
+            output="json" if as_json else "auto")
 
 
 @fleet.command("simulate")

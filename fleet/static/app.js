@@ -24,16 +24,35 @@ function ago(ts) {
 }
 function esc(s) { return String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c])); }
 
-// One flat view of a device row, for sorting, filtering and display.
+// One flat view of a device row, for sorting, filtering and display. An offline device (its Last Will, a shutdown
+// status, or silent past the controller's --offline-after) keeps its identity and what it last served, but its last
+// latency and throughput are not live: they are not shown, sorted on or counted in the fleet's live figures.
 function view(d) {
   const m = (d.models && d.models[0]) || {};
+  const on = d.state === "online";
   return {
-    device: d.device, online: d.state === "online" ? 1 : 0, profile: d.profile || "",
+    device: d.device, online: on ? 1 : 0, profile: d.profile || "",
     serving: (m.providers || []).map((p) => p.replace("ExecutionProvider", "")).join(","),
-    bundle: m.name ? `${m.name} ${m.version}${m.variant ? ` [${m.variant}]` : ""}` : "", p50: m.p50 ?? null, p95: m.p95 ?? null, p99: m.p99 ?? null,
-    throughput: m.throughput ?? null, errors: m.errors ?? null, last_seen: d.last_seen || 0,
-    more: d.models && d.models.length > 1 ? d.models.length - 1 : 0,
+    bundle: m.name ? `${m.name} ${m.version}${m.variant ? ` [${m.variant}]` : ""}` : "", p50: on ? m.p50 ?? null : null, p95: on ? m.p95 ?? null : null,
+    p99: on ? m.p99 ?? null : null, throughput: on ? m.throughput ?? null : null, errors: on ? m.errors ?? null : null,
+    last_seen: d.last_seen || 0, more: d.models && d.models.length > 1 ? d.models.length - 1 : 0,
   };
+}
+
+// Live figures over online devices only: requests per second summed, and the median of their p95s.
+function liveAggregate() {
+  let rps = 0, n = 0;
+  const p95s = [];
+  for (const d of state.devices.values()) {
+    if (d.state !== "online") continue;
+    for (const m of d.models || []) {
+      if (m.throughput != null) { rps += m.throughput; n += 1; }
+      if (m.p95 != null) p95s.push(m.p95);
+    }
+  }
+  p95s.sort((a, b) => a - b);
+  const med = p95s.length ? p95s[Math.floor(p95s.length / 2)] : null;
+  return { rps, n, med };
 }
 
 function rows() {
@@ -68,10 +87,13 @@ function render() {
   const slice = all.slice(state.page * PAGE, (state.page + 1) * PAGE);
   const html = slice.map((v) => {
     try {  // one odd row shows as such; it never blanks the table
-      return `<tr data-device="${esc(v.device)}" class="${v.device === state.selected ? "selected" : ""}${state.flash.has(v.device) ? " flash" : ""}">`
-        + `<td>${esc(v.device)}</td><td><span class="dot${v.online ? " online" : ""}" title="${v.online ? "online" : "offline"}"></span></td>`
-        + `<td>${esc(v.profile)}</td><td>${esc(v.serving)}</td><td>${esc(v.bundle)}${v.more ? ` <span class="muted">+${v.more}</span>` : ""}</td>`
-        + `<td class="num p50">${fmt(v.p50)}</td><td class="num p95">${fmt(v.p95)}</td><td class="num p99">${fmt(v.p99)}</td>`
+      const cls = [v.device === state.selected ? "selected" : "", state.flash.has(v.device) ? "flash" : "",
+        v.online ? "" : "offline"].filter(Boolean).join(" ");
+      const tip = v.online ? "" : ` title="offline: last telemetry ${ago(v.last_seen)} ago; figures not live"`;
+      return `<tr data-device="${esc(v.device)}" data-state="${v.online ? "online" : "offline"}" class="${cls}"${tip}>`
+        + `<td>${esc(v.device)}</td><td><span class="dot${v.online ? " online" : ""}" title="${v.online ? "online" : "offline"}"></span>${v.online ? "" : ' <span class="state">offline</span>'}</td>`
+        + `<td>${esc(v.profile)}</td><td class="opt">${esc(v.serving)}</td><td>${esc(v.bundle)}${v.more ? ` <span class="muted">+${v.more}</span>` : ""}</td>`
+        + `<td class="num p50 opt">${fmt(v.p50)}</td><td class="num p95">${fmt(v.p95)}</td><td class="num p99">${fmt(v.p99)}</td>`
         + `<td class="num">${fmt(v.throughput, 1)}</td><td class="num">${esc(v.errors ?? "–")}</td><td class="num">${ago(v.last_seen)}</td></tr>`;
     } catch (err) {
       return `<tr data-device="${esc(v.device)}"><td>${esc(v.device)}</td><td colspan="10" class="muted">unreadable row</td></tr>`;
@@ -82,6 +104,8 @@ function render() {
   const online = [...state.devices.values()].filter((d) => d.state === "online").length;
   $("#summary").textContent = state.total ? `${state.total} devices, loading…`
     : `${state.devices.size} devices, ${online} online`;
+  const agg = liveAggregate();
+  $("#aggregate").textContent = agg.n ? `live: ${fmt(agg.rps, 1)} req/s, median p95 ${fmt(agg.med)} ms` : "";
   $("#count").textContent = all.length === state.devices.size ? "" : `${all.length} match`;
   $("#page").textContent = ` ${state.page + 1} / ${pages} `;
   document.querySelectorAll("#devices th").forEach((th) => {
@@ -164,18 +188,33 @@ async function selectDevice(id) {
   drawChart();
   queueRender();
 }
+// Time-axis labels: one short line (HH:MM, or HH:MM:SS below a 2-minute tick), never uPlot's default two-line date
+// labels; at least 48 px per tick over ranges above 5 minutes (an 11 px HH:MM is about 30 px wide) and 72 px below
+// (HH:MM:SS, about 50 px), so they cannot overlap at any width (tests/fleet/test_fleet_dashboard.py measures them at
+// 1280 and 800 px).
+function timeSpace(u, axisIdx, min, max) { return max - min > 300 ? 48 : 72; }
+const pad2 = (n) => String(n).padStart(2, "0");
+function timeLabels(u, splits, axisIdx, foundSpace, foundIncr) {
+  return splits.map((t) => {
+    const d = new Date(t * 1000);
+    return foundIncr < 120 ? `${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`
+      : `${pad2(d.getHours())}:${pad2(d.getMinutes())}`;
+  });
+}
 function drawChart() {
   const el = $("#chart");
-  const width = Math.max(300, el.clientWidth - 10);
+  const width = Math.max(240, el.clientWidth - 4);
   if (state.chart) state.chart.destroy();
   state.chart = new uPlot({
     width, height: 220, scales: { x: { time: true } },
-    axes: [{ stroke: "#7d8a96", grid: { stroke: "#26313c" } }, { stroke: "#7d8a96", grid: { stroke: "#26313c" }, label: "ms" }],
+    axes: [{ stroke: "#7d8a96", grid: { stroke: "#26313c" }, values: timeLabels, space: timeSpace, font: "11px system-ui" },
+      { stroke: "#7d8a96", grid: { stroke: "#26313c" }, label: "ms", size: 48, font: "11px system-ui" }],
     series: [{}, { label: "p50", stroke: "#3fb950" }, { label: "p95", stroke: "#d29922" }, { label: "p99", stroke: "#f85149" }],
   }, state.chartData, el);
 }
 function appendPoint(d) {
-  if (!state.chart || d.device !== state.selected || !d.models || !d.models.length) return;
+  if (d.device === state.selected) $("#chart-device").textContent = d.state === "online" ? d.device : `${d.device} (offline)`;
+  if (!state.chart || d.device !== state.selected || !d.models || !d.models.length || d.state !== "online") return;
   const m = d.models[0], ts = d.telemetry_ts, cd = state.chartData;
   if (!ts || (cd[0].length && ts <= cd[0][cd[0].length - 1])) return;
   cd[0].push(ts); cd[1].push(m.p50); cd[2].push(m.p95); cd[3].push(m.p99);
@@ -210,9 +249,14 @@ function renderDeployments(deps) {
       + `<div class="bar">${bar}</div><div class="muted">${counts}</div>${looks}${d.message ? `<div>${esc(d.message)}</div>` : ""}</div>`;
   }).join("");
 }
+const shownEvents = new Set();  // device/boot/seq of every event listed: the first fetch and the stream overlap
 function addEvents(evs) {
   const ol = $("#events");
   for (const e of evs) {
+    const key = `${e.device}/${e.boot}/${e.seq}`;
+    if (shownEvents.has(key)) continue;
+    shownEvents.add(key);
+    if (shownEvents.size > 5000) shownEvents.clear();
     const li = document.createElement("li");
     li.className = e.level;
     li.textContent = `${new Date(e.ts * 1000).toLocaleTimeString()} ${e.device} ${e.kind}: ${e.message}`;
@@ -291,7 +335,16 @@ $("#devices tbody").addEventListener("click", (e) => {
   const tr = e.target.closest("tr");
   if (tr) selectDevice(tr.dataset.device);
 });
-window.addEventListener("resize", () => { if (state.chartData) drawChart(); });
+// Redraw at the panel's new width (window resize, or the layout stacking below 1000 px).
+// Only a change of width counts, and the redraw waits for the next frame: redrawing inside the observer's callback
+// would resize what it observes ("ResizeObserver loop" errors).
+let chartWidth = 0;
+new ResizeObserver((entries) => {
+  const w = Math.round(entries[0].contentRect.width);
+  if (w === chartWidth) return;
+  chartWidth = w;
+  requestAnimationFrame(() => { if (state.chartData) drawChart(); });
+}).observe($("#chart"));
 
 loadDevices(true).then(() => {
   connect();

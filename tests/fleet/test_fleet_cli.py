@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -101,3 +103,49 @@ def test_fleet_modules_import_only_the_sdk_and_no_onnx() -> None:
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.mosquitto
+def test_fleet_top_not_on_a_terminal_prints_a_plain_full_width_table_and_json(mosquitto, fleet_id) -> None:
+    """Piped: one plain table (no box drawing, no 80-column cut: a 49-character device id stays whole); --json the
+    same data; a device silent past --offline-after is shown offline without figures."""
+    long_id = "a-long-device-name-that-overflows-80-columns"
+    devs = make_devices(2, prefix="plain") + make_devices(1, prefix=long_id)
+    sim = Simulator(mosquitto.url, fleet_id, devs, interval_s=0.1, client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        sim.publish_round()
+        sim.flush()
+        out = io.StringIO()
+        run_top(mosquitto.url, fleet_id, duration_s=1.0, console=Console(file=out, width=80))
+        text = out.getvalue()
+        assert f"{long_id}-0000" in text and "│" not in text and "━" not in text
+        assert max(len(line) for line in text.splitlines()) > 80
+        header = next(line for line in text.splitlines() if line.startswith("device"))
+        assert header.split() == ["device", "state", "profile", "serving", "model", "p50", "ms", "p95", "ms", "p99",
+                                  "ms", "req/s", "errors", "seen"]
+        # --json through the real command line; statuses are retained, telemetry is not: silence past
+        # --offline-after (0.5 s here, no telemetry during top's 2 s) shows the devices offline, without figures.
+        res = CliRunner().invoke(cli, ["fleet", "top", "--broker", mosquitto.url, "--fleet", fleet_id, "--json",
+                                       "--duration", "2", "--offline-after", "0.5"])
+        assert res.exit_code == 0, res.output
+        snap = json.loads(res.output)
+        assert snap["counts"] == {"devices": 3, "online": 0, "offline": 3, "unknown": 0}
+        assert all(d["models"] == [] for d in snap["devices"])
+        res = CliRunner().invoke(cli, ["fleet", "top", "--broker", mosquitto.url, "--fleet", fleet_id, "--json",
+                                       "--duration", "1.5", "--offline-after", "30"])
+        snap = json.loads(res.output)
+        assert {d["device"]: d["state"] for d in snap["devices"]} == {d.device: "online" for d in devs}
+    finally:
+        sim.stop()
+
+
+def test_fleet_view_marks_a_silent_device_offline_and_hides_its_figures() -> None:
+    view = FleetView("f", offline_after_s=0.2)
+    view.apply("edgefleet/v1/f/d1/status", b'{"v":1,"device":"d1","state":"online","boot":"b"}')
+    view.apply("edgefleet/v1/f/d2/status", b'{"v":1,"device":"d2","state":"offline","boot":"b"}')
+    snap = view.snapshot()
+    assert [(d["device"], d["state"]) for d in snap["devices"]] == [("d1", "online"), ("d2", "offline")]
+    time.sleep(0.3)
+    assert [d["state"] for d in view.snapshot()["devices"]] == ["offline", "offline"]
+    assert "0 online, 2 offline" in view.title(view.snapshot())

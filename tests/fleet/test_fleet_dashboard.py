@@ -167,3 +167,115 @@ def test_dashboard_pages_a_large_fleet_and_filters_all_of_it(controller_factory,
     page.fill("#filter", "offline jetson")
     ids = page.locator("#devices tbody tr").evaluate_all("rs => rs.map(r => r.dataset.device)")
     assert ids == [f"big-{i:04d}" for i in range(250) if i % 10 == 0 and i % 3 == 1]
+
+
+def test_dashboard_greys_out_a_killed_agent_and_fleet_top_shows_it_offline(controller_factory, mosquitto, fleet_id,
+                                                                          page, trust_file, tmp_path) -> None:
+    """Two real agents; one is SIGKILLed (no goodbye: the broker publishes its Last Will). Within 20 s (the stated
+    bound; it is typically about a second) its row turns grey and "offline" in the open dashboard, without a reload,
+    its event arrives live, and ``fleet top --json`` (not on a terminal) shows it offline."""
+    import json
+    import signal
+    import subprocess
+
+    from _fleet_util import EDGEFLEET, Agent
+
+    ctl = controller_factory(offline_after_s=30.0)
+    agents = [Agent(tmp_path, f"kill-{i}", mosquitto.url, fleet_id, trust_file) for i in range(2)]
+    try:
+        wait_until(lambda: sum(getattr(ctl.store.device(fleet_id, a.device), "state", "") == "online"
+                               for a in agents) == 2, 60, what="both agents online")
+        page.goto(ctl.url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        page.wait_for_selector("#live.on", timeout=10_000)
+        assert page.locator("tr[data-state='online']").count() == 2
+
+        def top() -> dict:
+            out = subprocess.run([str(EDGEFLEET), "fleet", "top", "--broker", mosquitto.url, "--fleet", fleet_id,
+                                  "--duration", "2", "--json"], capture_output=True, timeout=60, check=True)
+            return {d["device"]: d for d in json.loads(out.stdout)["devices"]}
+
+        assert {k: v["state"] for k, v in top().items()} == {"kill-0": "online", "kill-1": "online"}
+        t0 = time.monotonic()
+        agents[0].proc.send_signal(signal.SIGKILL)
+        page.wait_for_selector("tr[data-device='kill-0'][data-state='offline'].offline", timeout=20_000)
+        took = time.monotonic() - t0
+        print(f"killed agent shown offline in the dashboard after {took:.1f} s")
+        row = page.locator("tr[data-device='kill-0']")
+        assert "offline" in row.inner_text() and row.locator("td.p95").inner_text() == "–"
+        assert page.locator("tr[data-device='kill-1']").get_attribute("data-state") == "online"
+        assert page.locator("#summary").inner_text() == "2 devices, 1 online"
+        page.wait_for_function("() => document.querySelector('#events').innerText.includes('kill-0 device.offline')",
+                               timeout=10_000)
+        seen = top()
+        assert seen["kill-0"]["state"] == "offline" and seen["kill-1"]["state"] == "online"
+        assert seen["kill-0"]["models"] == []  # no live figures for a dead device
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "fleet-dashboard-offline.png"), full_page=True)
+    finally:
+        for a in agents:
+            a.stop()
+
+
+def _axis_overlaps(page) -> dict:
+    """Measure the chart's time-axis labels as drawn: their text widths and positions (uPlot's own split list)."""
+    return page.evaluate("""() => {
+        const u = state.chart, ax = u.axes[0];
+        const ctx = document.createElement("canvas").getContext("2d");
+        ctx.font = "11px system-ui";
+        const labels = ax._values.map((v, i) => ({text: String(v), x: u.valToPos(ax._splits[i], "x"),
+                                                  w: ctx.measureText(String(v)).width}))
+            .filter((l) => l.x >= 0 && l.x <= u.bbox.width / devicePixelRatio);
+        const gaps = [];
+        for (let i = 1; i < labels.length; i++)
+            gaps.push(labels[i].x - labels[i - 1].x - (labels[i].w + labels[i - 1].w) / 2);
+        return {labels: labels.map((l) => l.text), multiline: labels.some((l) => l.text.includes("\\n")),
+                minGap: gaps.length ? Math.min(...gaps) : null, width: u.width};
+    }""")
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_dashboard_chart_time_labels_do_not_overlap(controller_factory, mosquitto, fleet_id, page, width) -> None:
+    """Fifteen minutes of one device's history in the latency chart at a desktop and a narrow width: every time
+    label on one line, at least 8 px between neighbours (measured from the text as drawn), and a screenshot of each
+    (tests/artifacts/dashboard-<width>.png; docs/img holds the ones looked at)."""
+    devs = make_devices(5, prefix="ax", profiles=["x86-cpu", "jetson-orin", "raspberry-pi-5"])
+    ctl = controller_factory()
+    sim = Simulator(mosquitto.url, fleet_id, devs, interval_s=10.0, client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        now = time.time()
+        for k in range(90, 0, -1):  # one record every 10 s over the last 15 minutes, then live ones
+            for client, group in zip(sim._clients, sim._groups, strict=True):
+                for dev in group:
+                    client.publish(f"edgefleet/v1/{fleet_id}/{dev}/telemetry",
+                                   sim.record(sim.devices[dev], now - 10 * k))
+        sim.flush()
+        wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 450, 60, what="15 minutes of telemetry")
+        # One more device that dies (its Last Will), so the pictures show an offline row too.
+        gone = Simulator(mosquitto.url, fleet_id, make_devices(1, prefix="ax-gone"), client_prefix=f"{fleet_id}-g")
+        gone.start()
+        gone.publish_round()
+        gone.flush()
+        wait_until(lambda: ctl.store.counts(fleet_id)["telemetry"] == 451, 60, what="the doomed device's record")
+        gone.stop(graceful=False)
+        wait_until(lambda: ctl.store.device(fleet_id, "ax-gone-0000").state == "offline", 60, what="its will")
+        assert [e.kind for e in ctl.store.events(fleet_id, device="ax-gone-0000")] == ["device.offline"]
+        page.set_viewport_size({"width": width, "height": 900})
+        page.goto(ctl.url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        page.click("tr[data-device='ax-0001']")
+        page.wait_for_selector("#chart canvas", timeout=10_000)
+        page.wait_for_function("() => state.chart && state.chart.data[0].length >= 80", timeout=10_000)
+        assert page.locator("tr[data-device='ax-gone-0000']").get_attribute("data-state") == "offline"
+        page.wait_for_function("() => document.querySelector('#events').innerText.includes('device.offline')",
+                               timeout=10_000)
+        page.wait_for_timeout(1500)  # two more live polls: an event fetched and streamed both is listed once
+        assert sum("ax-gone-0000 device.offline" in e for e in page.locator("#events li").all_inner_texts()) == 1
+        m = _axis_overlaps(page)
+        assert len(m["labels"]) >= 3 and not m["multiline"], m
+        assert m["minGap"] >= 8, f"time labels overlap or touch at {width} px: {m}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"dashboard-{width}.png"), full_page=True)
+    finally:
+        sim.stop()
