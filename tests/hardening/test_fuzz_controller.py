@@ -26,7 +26,7 @@ from test_fuzz import _valid_messages, json_values, mutated, payloads, run
 
 from tests.helpers import wait_until
 
-pytestmark = pytest.mark.mosquitto
+pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(3600)]  # --long: 10,000 examples each
 
 FLEET = "fz"
 
