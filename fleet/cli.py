@@ -10,6 +10,7 @@ controller's own CA for ``https://``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import ssl
@@ -19,6 +20,7 @@ import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
@@ -115,8 +117,9 @@ def _percent(value: str) -> float:
         raise click.BadParameter(f"canary must be a percentage like 10%, got {value!r}") from None
 
 
-def _request(api: Api, method: str, path: str, answer: type[M], body: bytes | BinaryIO | Model | None = None,
-             content_type: str = "application/json", timeout_s: float = 120.0, length: int | None = None) -> M:
+def _request(api: Api, method: str, path: str, answer: type[M],
+             body: bytes | BinaryIO | _Counting | Model | None = None, content_type: str = "application/json",
+             timeout_s: float = 120.0, length: int | None = None) -> M:
     """Call the controller's API; the answer is parsed as ``answer`` (the same class the controller built it with)."""
     headers = {"Content-Type": content_type} if body is not None else {}
     if length is not None:
@@ -246,11 +249,9 @@ def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundle
             click.echo("warning: no --key: commands go out unsigned; agents refuse them unless they run with "
                        "commands.require_signed = false", err=True)
         ctl.serve_forever()
-    except (EdgefleetError, OSError) as exc:
-        if ctx.find_root().params.get("verbose"):
+    except OSError as exc:
+        if ctx.find_root().params.get("verbose"):  # the root command prints an EdgefleetError's own
             traceback.print_exc()
-        if isinstance(exc, EdgefleetError):
-            raise
         raise ConfigError(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}") from None
 
 
@@ -545,6 +546,79 @@ def _print_deployment(dep: Deployment) -> None:
         click.echo(f"  {t.device:<24} {t.profile:<20} {t.phase:<7} {t.state:<12} {ver}{extra}")
 
 
+_SETTLED = ("active", "failed", "rolled-back", "skipped", "removed")
+
+
+def _settled(dep: Deployment) -> int:
+    """Devices of a deployment that reached a final state (what its progress bar counts)."""
+    return sum(n for state, n in dep.progress.items() if state in _SETTLED)
+
+
+class _Counting:
+    """A file read through, counting bytes for a progress bar (http.client sends a file body block by block)."""
+
+    def __init__(self, fh: BinaryIO, advance: Any) -> None:
+        self._fh = fh
+        self._advance = advance
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self._advance(len(data))
+        return data
+
+
+class _Bars:
+    """rich progress bars on stderr, for a terminal only (a pipe or a log gets the plain lines instead)."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+
+    @contextlib.contextmanager
+    def upload(self, what: str, total: int) -> Iterator[Any]:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=self.console) as p:
+            task = p.add_task(what, total=total)
+            yield lambda n: p.advance(task, n)
+
+    def rollout(self, total: int) -> _RolloutBar:
+        return _RolloutBar(self.console, total)
+
+
+class _RolloutBar:
+    """Settled devices of a rollout out of its total, elapsed time, and the rollout's state line."""
+
+    def __init__(self, console: Any, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(TextColumn("rollout"), BarColumn(), MofNCompleteColumn(), TextColumn("devices"),
+                           TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+        self._task = self._p.add_task("", total=max(total, 1))
+        self._p.start()
+
+    def update(self, settled: int, line: str) -> None:
+        self._p.update(self._task, completed=settled, description=line[:100])
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def _terminal_progress() -> _Bars | None:
+    """Progress bars when stderr is a terminal, else None."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return _Bars(console) if console.is_terminal else None
+
+
 def _progress(dep: Deployment) -> str:
     """What a waiting ``deploy`` shows: the state, device counts, and while observing each bundle's last look."""
     counts = " ".join(f"{k}={v}" for k, v in sorted(dep.progress.items()))
@@ -607,10 +681,17 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, min_cana
     except ProtocolError as exc:
         raise click.BadParameter(str(exc)) from None
     ids = []
+    bars = None if as_json else _terminal_progress()
     for b in bundles:
+        size = b.stat().st_size
         with open(b, "rb") as fh:
-            up = _request(api, "POST", "/api/bundles", BundleUploaded, fh, "application/octet-stream",
-                          length=b.stat().st_size)
+            if bars is None:
+                up = _request(api, "POST", "/api/bundles", BundleUploaded, fh, "application/octet-stream",
+                              length=size)
+            else:
+                with bars.upload(f"upload {b.name}", size) as advance:
+                    up = _request(api, "POST", "/api/bundles", BundleUploaded, _Counting(fh, advance),
+                                  "application/octet-stream", length=size)
         ids.append(up.sha256)
         if not as_json:
             click.echo(f"uploaded {b.name}: {up.name} {up.version} for {up.target} (signed by {up.key_id})")
@@ -632,18 +713,29 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, min_cana
         return
     deadline = time.monotonic() + wait_timeout
     shown, shown_at = "", 0.0
-    while dep.state in ("canary", "observing", "rolling-out"):
-        if time.monotonic() > deadline:
-            click.echo(f"Error: deployment {dep.id} still {dep.state} after {wait_timeout:g} s; follow it with: "
-                       f"edgefleet deployments show {dep.id}", err=True)
-            sys.exit(EXIT_STILL_RUNNING)
-        line = _progress(dep)
-        if not as_json and (line != shown or time.monotonic() - shown_at > 15) and \
-                (time.monotonic() - shown_at > 3 or line.split(":")[0] != shown.split(":")[0]):
-            click.echo(f"  {time.strftime('%H:%M:%S')} {line}", err=True)
-            shown, shown_at = line, time.monotonic()
-        time.sleep(1.0)
-        dep = _request(api, "GET", f"/api/deployments/{dep.id}", Deployment)
+    rollout = bars.rollout(len([t for t in dep.targets or [] if t.sha256])) if bars is not None else None
+    try:
+        while dep.state in ("canary", "observing", "rolling-out"):
+            if time.monotonic() > deadline:
+                if rollout is not None:
+                    rollout.close()
+                click.echo(f"Error: deployment {dep.id} still {dep.state} after {wait_timeout:g} s; follow it "
+                           f"with: edgefleet deployments show {dep.id}", err=True)
+                sys.exit(EXIT_STILL_RUNNING)
+            line = _progress(dep)
+            if rollout is not None:  # a terminal: one bar of settled devices, with the rollout's state beside it
+                rollout.update(_settled(dep), line)
+            elif not as_json and (line != shown or time.monotonic() - shown_at > 15) and \
+                    (time.monotonic() - shown_at > 3 or line.split(":")[0] != shown.split(":")[0]):
+                click.echo(f"  {time.strftime('%H:%M:%S')} {line}", err=True)
+                shown, shown_at = line, time.monotonic()
+            time.sleep(1.0)
+            dep = _request(api, "GET", f"/api/deployments/{dep.id}", Deployment)
+        if rollout is not None:
+            rollout.update(_settled(dep), f"{dep.state}")
+    finally:
+        if rollout is not None:
+            rollout.close()
     if as_json:
         click.echo(json.dumps(dep.to_dict(), indent=2))
     else:

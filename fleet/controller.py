@@ -209,6 +209,7 @@ class Controller:
         try:
             await site.start()
         except OSError as exc:
+            await self._runner.cleanup()  # stops the live-update task: nothing is left pending when the loop closes
             raise ConfigError(f"cannot serve HTTP on {self.config.http_host}:{self.config.http_port}: "
                               f"{exc.strerror or exc}") from None
         server = getattr(site, "_server", None)

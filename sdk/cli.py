@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,6 +69,8 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EdgefleetError as exc:
+            if ctx.params.get("verbose"):  # -v: the traceback too, for a bug report
+                traceback.print_exc()
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(1)
 

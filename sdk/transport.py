@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -368,13 +369,17 @@ class MqttTransport:
     def _run(self) -> None:
         o = self.options
         attempt = 0
+        t0 = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.client.reconnect()
             except (OSError, ValueError) as exc:
                 delay = backoff_delay(attempt, o.reconnect_min_s, o.reconnect_max_s)
-                log.warning("broker unreachable", extra={"broker": str(o), "error": str(exc),
-                                                         "retry_in_s": round(delay, 2)})
+                # Before the first connection, a command waiting in wait_ready() says it in one line when it gives
+                # up: its first 30 s of retries are logged at INFO (-v), not as a warning per attempt.
+                log.log(logging.WARNING if self.connects or time.monotonic() - t0 > 30 else logging.INFO,
+                        "broker unreachable", extra={"broker": str(o), "error": str(exc),
+                                                     "retry_in_s": round(delay, 2)})
                 attempt += 1
                 self._stop.wait(delay)
                 continue

@@ -149,3 +149,84 @@ def test_fleet_view_marks_a_silent_device_offline_and_hides_its_figures() -> Non
     time.sleep(0.3)
     assert [d["state"] for d in view.snapshot()["devices"]] == ["offline", "offline"]
     assert "0 online, 2 offline" in view.title(view.snapshot())
+
+
+def test_fleet_errors_are_one_line_with_a_nonzero_exit_and_v_shows_the_traceback(tmp_path) -> None:
+    """As a user runs them (real processes): a busy HTTP port and an unreachable broker end with one ``Error:``
+    line and exit code 1 (no per-retry warnings, no asyncio noise); -v adds the traceback."""
+    import socket
+    import subprocess
+
+    from _fleet_util import EDGEFLEET
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    dead_broker = "mqtt://127.0.0.1:1"  # nothing listens on port 1: connection refused at once
+    try:
+        r = subprocess.run([str(EDGEFLEET), "fleet", "serve", "--broker", dead_broker, "--http", f"127.0.0.1:{port}",
+                            "--store", str(tmp_path / "f.db"), "--bundles", str(tmp_path / "b")],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        busy.close()
+    errors = [ln for ln in r.stderr.splitlines() if not ln.startswith(("edgefleet controller ", "warning: "))]
+    assert r.returncode == 1 and len(errors) == 1 and errors[0].startswith(f"Error: cannot serve HTTP on 127.0.0.1:"
+                                                                            f"{port}: "), r.stderr
+    r = subprocess.run([str(EDGEFLEET), "fleet", "top", "--broker", dead_broker, "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.splitlines() == [
+        f"Error: could not connect to the MQTT broker at {dead_broker} within 10 s"], r.stderr
+    r = subprocess.run([str(EDGEFLEET), "-v", "fleet", "top", "--broker", dead_broker], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr and "TransportError" in r.stderr
+    assert r.stderr.rstrip().splitlines()[-1].startswith("Error: could not connect")
+
+
+@pytest.mark.mosquitto
+def test_deploy_on_a_terminal_shows_upload_and_rollout_progress_bars(controller_factory, mosquitto, fleet_id,
+                                                                      mlp_model, make_bundle) -> None:
+    """``deploy --wait`` in a real pseudo-terminal: a byte progress bar for the upload and a bar of settled devices
+    for the rollout (rich, on stderr); piped, the same command prints plain lines (the other deploy tests)."""
+    import os
+    import pty
+    import subprocess
+    import threading
+
+    from _fleet_util import EDGEFLEET
+
+    ctl = controller_factory()
+    sim = Simulator(mosquitto.url, fleet_id, make_devices(3, prefix="bar", profiles=["x86-cpu"], model="testmodel"),
+                    interval_s=0.2, client_prefix=f"{fleet_id}-sim")
+    sim.start()
+    try:
+        sim.run_telemetry(duration_s=60)
+        bundle = make_bundle(mlp_model, version="1.1.0")
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([str(EDGEFLEET), "deploy", str(bundle), "--to", "all", "--controller", ctl.url,
+                                 "--wait"], stdin=slave, stdout=slave, stderr=slave,
+                                env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "140"})
+        os.close(slave)
+        chunks: list[bytes] = []
+
+        def drain() -> None:
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                chunks.append(data)
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        assert proc.wait(120) == 0
+        reader.join(10)
+        os.close(master)
+    finally:
+        sim.stop()
+    import re
+
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))  # colours, cursor
+    assert f"upload {bundle.name}" in out and "━" in out  # rich's bar
+    assert "rollout" in out and "3/3 devices" in out and "completed" in out, out
