@@ -785,7 +785,8 @@ def deployments_show(dep_id: str, api: Api, as_json: bool) -> None:
 @click.argument("dep_id")
 @click.option("--device", "devices", multiple=True, help="Only these devices (default: every active one).")
 @_api_options
-def rollback(dep_id: str, devices: tuple[str, ...], api: Api) -> None:
+@_json_option
+def rollback(dep_id: str, devices: tuple[str, ...], api: Api, as_json: bool) -> None:
     """Roll the devices of deployment DEP_ID back to the bundle they ran before."""
     body = RollbackRequest(devices=list(devices) if devices else None)
     res = _request(api, "POST", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}/rollback",
@@ -793,6 +794,9 @@ def rollback(dep_id: str, devices: tuple[str, ...], api: Api) -> None:
     sent = res.rollback_sent
     if not sent:
         raise EdgefleetError(f"no active device in deployment {dep_id} to roll back")
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+        return
     click.echo(f"rollback sent to {len(sent)} device(s): {', '.join(sent)}")
 
 
