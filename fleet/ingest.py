@@ -267,7 +267,8 @@ class Ingestor:
             try:
                 items = [self._q.get(timeout=0.1)]
             except queue.Empty:
-                self._flush_receipts()
+                with self.transport.corked():
+                    self._flush_receipts()
                 continue
             while len(items) < self.batch_max:
                 try:
@@ -284,13 +285,14 @@ class Ingestor:
         if len(batch) and not self._write(batch, refused):
             return  # shutting down while the store fails: leave them un-acked, the broker redelivers to the session
         gen = self._gen
-        for _topic, _payload, mid, qos, item_gen in items:
-            # A message id from before a reconnect may now name another, unwritten message: never ack across.
-            if qos > 0 and item_gen == gen:
-                self.transport.ack(mid, qos)
-        if self.receipts:
-            self._note_receipts(batch, refused)
-            self._flush_receipts()
+        with self.transport.corked():  # the batch's acks and receipts leave in a few large writes
+            for _topic, _payload, mid, qos, item_gen in items:
+                # A message id from before a reconnect may now name another, unwritten message: never ack across.
+                if qos > 0 and item_gen == gen:
+                    self.transport.ack(mid, qos)
+            if self.receipts:
+                self._note_receipts(batch, refused)
+                self._flush_receipts()
         self.stats.batches += 1
         self.stats.last_batch_s = time.time()
 

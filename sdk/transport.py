@@ -31,7 +31,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .errors import ConfigError, TransportError
@@ -193,23 +195,37 @@ class MqttOptions:
         return replace(self, **changes)
 
 
+_PUBLISH, _PUBACK, _DISCONNECT = 0x30, 0x40, 0xE0  # MQTT control packet types (high nibble)
+
+
 class BufferedClient(paho.Client):
-    """paho's client with buffered socket reads: one ``recv`` of up to ``read_buffer_bytes`` serves many packets.
+    """paho's client with buffered socket reads and corked, joined writes.
+
+    Reads: one ``recv`` of up to ``read_buffer_bytes`` serves many packets.
 
     paho asks the socket for 1 byte (packet type), 1 byte at a time (remaining length), then the rest of the packet:
     three system calls or more per message. Here a read takes whatever the kernel holds (up to the buffer size) and
     later reads are served from it. paho only reads when ``select`` says the socket is readable, so
     :meth:`loop_read` keeps going while the buffer holds bytes: nothing received waits for more data to arrive.
     The buffer belongs to one connection: closing the socket drops it (a reconnect starts clean).
+
+    Writes: paho writes every packet with its own ``send`` and, from a thread other than the network thread, also
+    wakes that thread through a socket pair — two system calls per acknowledgement or receipt. In a
+    :meth:`corked` block packets are only queued; on leaving it the network thread is woken once and writes them
+    joined into few ``send`` calls. Writes are serialised (paho's are not).
     """
 
     def __init__(self, *args: Any, read_buffer_bytes: int = 65536, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # first: paho's __del__ needs its own attributes even after a refusal
-        if read_buffer_bytes < 1:
-            raise ValueError(f"read_buffer_bytes must be >= 1, got {read_buffer_bytes}")
         self._read_size = read_buffer_bytes
         self._rbuf = b""
         self._rpos = 0
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._merged: list[tuple[dict[str, Any], list[paho.MQTTMessageInfo]]] = []
+        self.notify_qos0 = True  # call on_publish for QoS 0 messages once written (paho does; a transport may not)
+        if read_buffer_bytes < 1:
+            raise ValueError(f"read_buffer_bytes must be >= 1, got {read_buffer_bytes}")
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos < len(self._rbuf):
@@ -233,6 +249,92 @@ class BufferedClient(paho.Client):
     def _sock_close(self) -> None:
         self._rbuf, self._rpos = b"", 0
         super()._sock_close()
+        self._drop_merged()
+
+    # -- writes: corked queueing and one send for many small packets -------------------------------------------------
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Within the block, packets this thread queues (acks, publishes) are not written at once: on leaving it, one
+        wake-up has the network thread write them together, joined into as few ``send`` calls as fit 64 KiB."""
+        if self._local.__dict__.get("corked"):
+            yield  # nested: the outer block wakes the network thread
+            return
+        self._local.corked, self._local.pending = True, False
+        try:
+            yield
+        finally:
+            self._local.corked = False
+            if self._local.pending and self._sockpairW is not None:
+                try:
+                    self._sockpairW.send(b"0")  # what paho's own _packet_queue sends to break out of select()
+                except BlockingIOError:
+                    pass  # the pipe is full of wake-ups already
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: paho.MQTTMessageInfo | None = None) -> paho.MQTTErrorCode:
+        if not self._local.__dict__.get("corked"):
+            return super()._packet_queue(command, packet, mid, qos, info)
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet),
+                                 "packet": packet, "info": info})
+        self._local.pending = True
+        return paho.MQTT_ERR_SUCCESS
+
+    def loop_write(self) -> paho.MQTTErrorCode:
+        """paho's, one thread at a time: paho writes from whichever thread queued a packet, and a partial write
+        interleaved with another thread's would corrupt the stream."""
+        with self._write_lock:
+            return super().loop_write()
+
+    def _packet_write(self) -> paho.MQTTErrorCode:
+        out = self._out_packet
+        if len(out) > 1 and out[0]["pos"] == 0:
+            # Consecutive whole packets that need nothing once written (acks, QoS > 0 publishes) and QoS 0 publishes
+            # (whose completion is signalled below) become one packet: one send() instead of one each.
+            parts: list[Any] = []
+            size = 0
+            while out and size < self._read_size:
+                head = out[0]
+                if head["pos"] != 0 or head["command"] & 0xF0 == _DISCONNECT:
+                    break
+                parts.append(out.popleft())
+                size += len(head["packet"])
+            if len(parts) > 1:
+                done = [p["info"] for p in parts
+                        if p["command"] & 0xF0 == _PUBLISH and p["qos"] == 0 and p["info"] is not None]
+                merged = {"command": _PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": size,
+                          "packet": b"".join(p["packet"] for p in parts), "info": None}
+                out.appendleft(merged)  # type: ignore[arg-type]  # paho's _OutPacket TypedDict
+                if done:
+                    self._merged.append((merged, done))
+            else:
+                out.extendleft(reversed(parts))
+        rc = super()._packet_write()
+        if self._merged:
+            self._complete_merged()
+        return rc
+
+    def _complete_merged(self) -> None:
+        still = []
+        for merged, infos in self._merged:
+            if merged["to_process"] > 0:
+                still.append((merged, infos))
+                continue
+            for info in infos:
+                info._set_as_published()
+                callback: Any = self.on_publish  # paho types it as the union of its v1 and v2 signatures
+                if self.notify_qos0 and callback is not None:
+                    callback(self, self._userdata, info.mid, ReasonCode(PacketTypes.PUBACK),
+                             Properties(PacketTypes.PUBACK))  # type: ignore[no-untyped-call]
+        self._merged = still
+
+    def _drop_merged(self) -> None:
+        # As paho does for QoS 0 packets still queued when the connection goes: wait_for_publish() must not hang.
+        for _merged, infos in self._merged:
+            for info in infos:
+                info.rc = paho.MQTT_ERR_CONN_LOST
+                info._set_as_published()
+        self._merged = []
 
 
 @dataclass(frozen=True)
@@ -308,6 +410,7 @@ class MqttTransport:
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
         c.on_publish = self._on_publish
+        c.notify_qos0 = on_publish is not None  # QoS 0 has no PUBACK to log: only a caller's callback wants it
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: no annotations
         props.SessionExpiryInterval = options.session_expiry_s if session_expiry_s is None else session_expiry_s
         c.connect_async(options.host, options.port, keepalive=options.keepalive_s, clean_start=clean_start,
@@ -409,6 +512,12 @@ class MqttTransport:
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             return None
         return info
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Acks and publishes made in the block go out together when it ends (:meth:`BufferedClient.corked`)."""
+        with self.client.corked():
+            yield
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a message (with ``manual_ack``: after the application has kept it)."""
