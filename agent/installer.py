@@ -169,8 +169,11 @@ class Installer:
                 vm = read_manifest(part, self.trusted)
                 # Paths the manifest hands to ONNX Runtime (provider options, session entries) stay in the bundle's
                 # cache dir; the model file's own references are checked before its session (sdk._onnx_external).
-                check_ort_options(((p.name, p.options) for p in vm.manifest.providers),
-                                  vm.manifest.session.config_entries, f"{part}: manifest")
+                # Every variant's too: the device may pin any of them.
+                for where, provs, sess in [("manifest", vm.manifest.providers, vm.manifest.session),
+                                           *((f"manifest variant {v.name}", v.providers, v.session)
+                                             for v in vm.manifest.variants)]:
+                    check_ort_options(((p.name, p.options) for p in provs), sess.config_entries, f"{part}: {where}")
             except BundleError as exc:
                 raise InstallError("verify", exc) from exc
             m = vm.manifest

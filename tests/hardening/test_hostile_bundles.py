@@ -596,6 +596,17 @@ def _opt(**providers_options: str) -> Case:
     return Case(lambda k: k.signed(k.payload(), mutate), "bundle.unsafe", "verify")
 
 
+def _variant_opt(**providers_options: str) -> Case:
+    """Validly signed: a second variant (same model and self-test set) whose provider gets these options."""
+    def mutate(d: dict[str, Any]) -> None:
+        d["variants"] = [{"name": "safe", "precision": "fp32", "model": d["model"], "providers": d["providers"],
+                          "session": d["session"], "validation": d["validation"]},
+                         {"name": "hostile", "precision": "fp32", "model": d["model"],
+                          "providers": [{"name": "CPUExecutionProvider", "options": dict(providers_options)}],
+                          "session": d["session"], "validation": d["validation"]}]
+    return Case(lambda k: k.signed(k.payload(), mutate), "bundle.unsafe", "verify")
+
+
 def _entry(key: str, value: str) -> Case:
     def mutate(d: dict[str, Any]) -> None:
         d["session"]["config_entries"] = {key: value}
@@ -617,6 +628,7 @@ CASES.update({
     "ortopt_dump_subgraphs": _opt(trt_dump_subgraphs="True"),
     "ortopt_openvino_load_config": _opt(load_config="/etc/passwd"),
     "ortopt_openvino_load_config_cache_dir": _opt(load_config='{"CPU": {"CACHE_DIR": "/etc/cron.d"}}'),
+    "ortopt_plugin_library_in_a_variant": _variant_opt(trt_extra_plugin_lib_paths="/tmp/evil.so"),
 })
 
 # Every place the ONNX proto can reference a file (tests/hardening/_hostile_onnx.py), validly signed, pointing at
