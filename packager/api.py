@@ -173,6 +173,11 @@ def package(
             extra_files: dict[str, Path] = {}
             metadata: dict[str, str] = {"packager": "edgefleet", "candidate": chosen.cand.name,
                                         "source_sha256": sha256_file(src)[0]}
+            kept = next((r for r in chosen.records if r.name == "keep_float"), None)
+            if kept is not None:
+                # mixed precision: which nodes' outputs stay in float (the full tensor list is in report.json)
+                metadata["int8_float_tensors"] = str(len(kept.notes.get("float_tensors", [])))
+                metadata["int8_float_nodes"] = ",".join(kept.notes.get("float_nodes", []))[:4000]
             if coreml is not None and prof.primary_provider == COREML:
                 pkg = coreml["path"]
                 for f in sorted(pkg.rglob("*")):

@@ -54,7 +54,7 @@ class PackageOptions:
     min_validation_samples: int = 32
     bundle_samples: int = 8
     calibration_memory_mb: int = 2048
-    sensitivity_rounds: tuple[float, ...] = (0.0, 0.0, 0.1)
+    mixed_precision_rounds: int = 6
     trt_max_batch: int = 8
     # One bundle holding every verified candidate; the device pins the fastest that passes its self-test there.
     # None: only when the target's runtime cannot be reached from the build host (nothing measured chose for it).
@@ -82,9 +82,10 @@ class PackageOptions:
             raise ConfigError(f"output kind(s) {bad} not among {OUTPUT_KINDS}")
         if self.version and not isinstance(self.version, str):
             raise ConfigError(f"version must be a string, got {self.version!r}")
-        if not all(isinstance(f, (int, float)) and 0 <= f <= 1 for f in self.sensitivity_rounds):
-            raise ConfigError(f"sensitivity_rounds are shares of the node ranking in [0, 1], got "
-                              f"{self.sensitivity_rounds!r}")
+        if not isinstance(self.mixed_precision_rounds, int) or isinstance(self.mixed_precision_rounds, bool) \
+                or not 0 <= self.mixed_precision_rounds <= 16:
+            raise ConfigError(f"mixed_precision_rounds must be an integer in 0..16, "
+                              f"got {self.mixed_precision_rounds!r}")
 
     @classmethod
     def build(cls, base: PackageOptions | None = None, **overrides: Any) -> PackageOptions:
@@ -96,9 +97,9 @@ class PackageOptions:
             raise ConfigError(f"unknown packaging option(s) {unknown}; known: {sorted(known)}")
         if "budget" in overrides and not isinstance(overrides["budget"], Budget):
             overrides["budget"] = parse_budget(list(overrides["budget"] or []))
-        for k in ("profiles_dirs", "runtime_python", "sensitivity_rounds"):
+        for k in ("profiles_dirs", "runtime_python"):
             if k in overrides:
-                overrides[k] = tuple(str(x) if k != "sensitivity_rounds" else float(x) for x in overrides[k])
+                overrides[k] = tuple(str(x) for x in overrides[k])
         if "input_shapes" in overrides:
             overrides["input_shapes"] = _shapes(overrides["input_shapes"])
         return replace(base or cls(), **overrides)

@@ -8,7 +8,6 @@ only the provider's conservative precisions are candidates.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,8 +27,8 @@ from .options import PackageOptions, ProgressEvent
 from .planning import Candidate, ModelFacts, _ov_hint, candidates_for, io_specs, offline_level, trt_shape_options
 from .policy import CPU, TENSORRT, ProviderPolicy, policy_for
 from .reporting import budget_text, session_dict
-from .sensitivity import rank_nodes, with_data_movement_successors
-from .steps import StepRecord, make_plan, model_size, run_plan
+from .sensitivity import search_float_tensors, tail_tensors
+from .steps import StepRecord, StreamingReader, make_plan, model_size, run_plan
 from .worker import Runtimes, TargetRuntime, cpu_session, run_session
 
 __all__ = ["Built", "RunContext", "TargetBuild"]
@@ -133,6 +132,7 @@ class TargetBuild:
         # for, or by default when the target's runtime cannot be reached here, so nothing measured chose for it.
         self.want_variants = (ctx.opts.variants if ctx.opts.variants is not None else self.runtime is None)
         self.variants: list[Built] = []
+        self.mixed_precision: dict[str, Any] | None = None
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -202,6 +202,7 @@ class TargetBuild:
                                   "and the FP32 yardstick are timed at the same explicit count (the profile's, or 1 "
                                   "when it leaves the count to the device)"},
             "notes": self.notes,
+            "mixed_precision": self.mixed_precision,
             "measured_here": self.timed,
             "not_measured": [] if self.timed else [
                 self.runtime_why + ": latency not measured; accuracy checked on a CPU-EP stand-in where one exists"
@@ -293,17 +294,27 @@ class TargetBuild:
             out.append(ProviderConfig(pr.name, opts))
         return tuple(out), replace(p.session, intra_op_num_threads=threads)
 
+    def _items(self, steps: Sequence[tuple[str, dict[str, Any]]], source: Path) -> list[tuple[str, dict[str, Any]]]:
+        """A candidate's steps with the run's calibration data filled in, and a range cache shared by the candidates
+        quantizing the same ``source`` with the same method (ranges of another graph would not fit)."""
+        import hashlib
+
+        tag = hashlib.sha256(str(source).encode()).hexdigest()[:10]
+        items = []
+        for n, cfg in steps:
+            if n == "quantize_static":
+                method = cfg.get("method", "minmax")
+                cfg = {**cfg, "calibration": self.ctx.calibration or "",
+                       "max_intermediate_outputs": self.ctx.max_intermediate_outputs,
+                       "calibration_cache": str(self.work / f"calibration-{method}-{tag}.json")}
+            items.append((n, cfg))
+        return items
+
     def _build(self, c: Candidate, base: Path, work: Path) -> Built:
         b = Built(c, key=f"{self.profile.name}/{c.name}")
         ctx = self.ctx
         try:
-            items = []
-            for n, cfg in c.steps:
-                if n == "quantize_static":
-                    cfg = {**cfg, "calibration": ctx.calibration or "",
-                           "max_intermediate_outputs": ctx.max_intermediate_outputs,
-                           "calibration_cache": str(self.work / f"calibration-{cfg.get('method', 'minmax')}.json")}
-                items.append((n, cfg))
+            items = self._items(c.steps, base)
             try:
                 b.source = base
                 b.model, b.records = run_plan(base, work, make_plan(items))
@@ -313,8 +324,7 @@ class TargetBuild:
                 # ORT's quantizer fails on some ORT-optimized graphs (measured: Magika after basic-level constant
                 # folding) that it quantizes fine unoptimized; the device's session optimizes at load either way.
                 b.source = ctx.checked
-                items = [(n, {**cfg, "calibration_cache": ""} if n == "quantize_static" else cfg)
-                         for n, cfg in items]
+                items = self._items(c.steps, ctx.checked)
                 b.model, b.records = run_plan(ctx.checked, work / "from-checked", make_plan(items))
                 self.notes.append(f"{c.name}: quantized the checked model instead of the optimized base, "
                                   f"which the quantizer refused ({str(exc)[:160]})")
@@ -354,73 +364,98 @@ class TargetBuild:
         return b
 
     def _retry_int8(self, built: list[Built], base: Path) -> list[Built]:
-        """Before giving up INT8: exclude the most sensitive nodes and rebuild the first failing INT8 candidate,
-        unless it cannot win (it is not faster than FP32 even over budget)."""
-        failing = next((b for b in built if b.cand.int8 and b.model and b.accuracy and not b.accuracy.ok
+        """Accuracy-aware mixed precision before giving up static INT8: keep the output tail, then the measured
+        most harmful runs of tensors, in float, re-gating each step in the target's runtime; the first passing model
+        is a candidate like the others (timed, chosen or not on its speed). Skipped when it cannot win (the failing
+        candidate is not faster than FP32 even over budget)."""
+        failing = next((b for b in built if b.cand.int8 == "static" and b.model and b.accuracy and not b.accuracy.ok
                         and not b.error), None)
-        if failing is None or not self.opts.sensitivity_rounds:
+        if failing is None or not self.opts.mixed_precision_rounds:
             return []
         if self.left_s() <= 0:
             self.notes.append(f"{failing.cand.name} not retried: the time budget is spent")
             return []
         ahead = next((b for b in built[:built.index(failing)] if b.ok), None)
         if not self.timed and ahead is not None:
-            self.notes.append(f"{failing.cand.name} not retried with sensitive nodes excluded: {ahead.cand.name}, "
-                              f"ahead of it in the planned order, is within budget")
+            self.notes.append(f"{failing.cand.name} not retried in mixed precision: {ahead.cand.name}, ahead of it "
+                              f"in the planned order, is within budget")
             return []
         ref = self._reference(built)
         if self.timed and ref is not None and failing.loaded and self.runtime is not None:
-            # a quick look: keeping nodes in float only adds work, so a candidate that is not faster than FP32
-            # even with every node quantized cannot win
+            # a quick look: keeping tensors in float only adds work, so a candidate that is not faster than FP32
+            # even with every tensor quantized cannot win
             screen = self.runtime.time([failing.key], ref.key, self.ctx.validation[0],
                                        TimingPolicy(min_rounds=3, max_rounds=5, budget_s=10.0,
                                                     target_halfwidth=0.05))
             cmp = screen.compare(failing.key, ref.key)
             if not cmp.faster(self.opts.tie_margin):
-                self.notes.append(f"{failing.cand.name} not retried with sensitive nodes excluded: over budget it "
-                                  f"already runs at {1 / cmp.ratio:.2f}x {ref.cand.name}, not faster with "
-                                  f"confidence (keeping nodes in float only adds work)")
+                self.notes.append(f"{failing.cand.name} not retried in mixed precision: over budget it already runs "
+                                  f"at {1 / cmp.ratio:.2f}x {ref.cand.name}, not faster with confidence (keeping "
+                                  f"tensors in float only adds work)")
                 return []
-        out: list[Built] = []
-        excluded: list[str] = []
-        current = failing
-        src = failing.source or base  # node names must be those of the graph the quantizer saw
-        # Greedy and re-ranked each round (as NNCF's accuracy-control loop does): once a node is back in float the
-        # error moves, e.g. a detector's score Sigmoid first, then the Concat that re-quantizes its output with the
-        # boxes' scale. Round i adds the i-th entry of ``sensitivity_rounds`` (a share of the ranking, at least 1).
-        for i, frac in enumerate(self.opts.sensitivity_rounds):
-            if self.left_s() <= 0:
-                self.notes.append("sensitivity retries stopped: the time budget is spent")
-                break
-            self.say("sensitivity", f"{current.cand.name} over budget, measuring per-node sensitivity")
-            quantized = next((r.path for r in current.records if r.name.startswith("quantize_")), None) or current.model
-            if quantized is None:
-                break
-            try:
-                ranked = rank_nodes(src, quantized, list(self.ctx.validation[:4]), self.work / f"sens{i}",
-                                    channel_floor=self.opts.budget.channel_floor)
-            except Exception as exc:  # noqa: BLE001 - sensitivity is an aid; report and go on
-                self.notes.append(f"sensitivity analysis failed: {exc}")
-                break
-            fresh = [n for n, s in ranked if s > 0 and n not in excluded]
-            if not fresh:
-                break
-            k = max(1, math.ceil(frac * len(fresh)))
-            excluded = with_data_movement_successors(src, [*excluded, *fresh[:k]])
-            steps = []
+        src = failing.source or base
+        if not self.ctx.calibration:
+            return []
+        t0 = time.perf_counter()
+
+        def mixed(floats: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+            steps: list[tuple[str, dict[str, Any]]] = []
             for n, cfg in failing.cand.steps:
-                if n in ("quantize_static", "quantize_dynamic"):
-                    cfg = {**cfg, "nodes_to_exclude": excluded}
-                steps.append((n, cfg))
-            c = replace(failing.cand, name=f"{failing.cand.name}-excl{len(excluded)}", steps=steps,
-                        why=failing.cand.why + f"; round {i + 1}: {len(excluded)} most sensitive node(s) kept in "
-                            f"float (with the data-movement and Concat ops they feed): {', '.join(excluded[:6])}"
-                            + ("..." if len(excluded) > 6 else ""))
+                if n == "quantize_static":
+                    # Relu/Clip kept with their own Q/DQ, so a tensor put back in float still passes through them
+                    steps.append((n, {**cfg, "keep_removable_activations": True}))
+                    steps.append(("keep_float", {"tensors": list(floats)}))
+                else:
+                    steps.append((n, cfg))
+            return steps
+
+        try:
+            upto = mixed([])
+            upto = upto[:next(i for i, (n, _) in enumerate(upto) if n == "keep_float")]
+            quantized, _ = run_plan(src, self.work / "mixed-q", make_plan(self._items(upto, src)))
+        except EdgefleetError as exc:
+            self.notes.append(f"mixed precision not tried: {str(exc).splitlines()[0][:200]}")
+            return []
+        # The search runs on calibration samples, the gate on the validation set: the search cannot fit the gate.
+        reader = StreamingReader(Path(self.ctx.calibration), src)
+        samples = [s for s in (reader.get_next() for _ in range(min(8, len(reader)))) if s is not None]
+        floats = tail_tensors(quantized, src)
+        trail: list[dict[str, Any]] = []
+        out: list[Built] = []
+        for i in range(self.opts.mixed_precision_rounds + 1):
+            if self.left_s() <= 0:
+                self.notes.append("mixed-precision search stopped: the time budget is spent")
+                break
+            how = "the output tail (from the graph outputs back to the last Conv/MatMul/Gemm)"
+            if i > 0 or not floats:
+                self.say("sensitivity", f"{failing.cand.name} over budget, measuring which tensors to keep in float")
+                try:
+                    res = search_float_tensors(quantized, src, samples, self.work / f"search{i}", start=floats,
+                                               deadline=time.monotonic() + max(5.0, self.left_s()),
+                                               channel_floor=self.opts.budget.channel_floor)
+                except Exception as exc:  # noqa: BLE001 - the search is an aid; report and go on
+                    self.notes.append(f"mixed-precision search failed: {str(exc).splitlines()[0][:200]}")
+                    break
+                trail.append({"round": i, "evaluations": res.evaluations, "error_before": round(res.error_before, 5),
+                              "error_after": round(res.error_after, 5), "float_tensors": len(res.tensors)})
+                if len(res.tensors) == len(floats):
+                    self.notes.append(f"mixed-precision search round {i}: no run of tensors lowers the output error "
+                                      f"further ({res.error_before:.4f}); stopped")
+                    break
+                how = (f"round {i}: the run of tensors whose float copy lowered the output error most "
+                       f"({res.error_before:.3f} -> {res.error_after:.3f} on {len(samples)} calibration samples)")
+                floats = res.tensors
+            c = replace(failing.cand, name=f"{failing.cand.name}-excl{len(floats)}", steps=mixed(floats),
+                        why=failing.cand.why + f"; mixed precision: {len(floats)} activation tensor(s) kept in float, "
+                            f"{how}")
             self.say("candidate", f"candidate {c.name}")
             current = self._build(c, src, self.work / f"retry{i}")
             out.append(current)
             if current.ok or current.model is None or current.accuracy is None:
                 break
+        self.mixed_precision = {"from": failing.cand.name, "seconds": round(time.perf_counter() - t0, 2),
+                                "candidates": [b.cand.name for b in out], "search": trail,
+                                "passed": next((b.cand.name for b in out if b.ok), None)}
         return out
 
     def _reference(self, built: Sequence[Built]) -> Built | None:

@@ -8,13 +8,16 @@ then excluded from quantization and the candidate is rebuilt (cf. NNCF's accurac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DATA_MOVEMENT", "QUANTIZABLE", "rank_nodes", "with_data_movement_successors"]
+__all__ = ["DATA_MOVEMENT", "QUANTIZABLE", "WEIGHTED", "FloatSearch", "activation_tensors", "keep_float", "output_tail",
+           "rank_nodes", "search_float_tensors", "tail_tensors", "with_data_movement_successors"]
 
 # Consumers that would quantize an excluded node's output again at once, so they follow it out of quantization:
 # ops that only move or reshape data, and Concat, which ORT's QDQ quantizer gives one scale shared by all its inputs
@@ -134,4 +137,178 @@ def with_data_movement_successors(model: Path, names: Sequence[str]) -> list[str
                 if c.op_type in DATA_MOVEMENT and c.name not in out:
                     out.append(c.name)
                     todo.append(c)
+    return out
+
+
+# -- mixed precision by measurement: tensors kept in float in the quantized model itself ---------------------------
+
+# Ops that carry a layer's weights: the output tail of a model is what lies between its last such op and its outputs.
+WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def output_tail(model: Path) -> list[str]:
+    """Nodes of ``model`` between its outputs and the last weighted ops before them (Sigmoid/Softmax/Concat/DFL-like
+    decoding, found structurally from the graph outputs back to the first Conv/MatMul/Gemm on every path): they mix
+    scales (boxes in pixels next to scores in 0-1) and feed the outputs directly, so INT8 there costs accuracy for
+    next to no speed."""
+    import onnx
+
+    g = onnx.load(str(model), load_external_data=False).graph
+    producer = {o: n for n in g.node for o in n.output}
+    out: list[str] = []
+    seen: set[str] = set()
+    todo = [o.name for o in g.output]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op_type not in WEIGHTED:
+            out.append(n.name)
+            todo.extend(n.input)
+    return out
+
+
+def activation_tensors(quantized: Path, order_from: Path | None = None) -> list[str]:
+    """Float activation tensors that a QDQ model quantizes (the inputs of its QuantizeLinear nodes that are not
+    initializers), in the topological order of ``order_from`` (the float model; default the QDQ model itself)."""
+    import onnx
+
+    q = onnx.load(str(quantized), load_external_data=False).graph
+    inits = {i.name for i in q.initializer}
+    const = {o for n in q.node if n.op_type == "Constant" for o in n.output}
+    names = list(dict.fromkeys(n.input[0] for n in q.node if n.op_type == "QuantizeLinear"
+                               and n.input[0] not in inits and n.input[0] not in const))
+    ref = onnx.load(str(order_from), load_external_data=False).graph if order_from else q
+    pos = {i.name: -1 for i in ref.input}
+    for k, n in enumerate(ref.node):
+        for o in n.output:
+            pos.setdefault(o, k)
+    return sorted(names, key=lambda t: (pos.get(t, len(ref.node)), t))
+
+
+def keep_float(quantized: Path, tensors: Sequence[str], out: Path) -> list[str]:
+    """Write ``quantized`` with the Q/DQ pairs of ``tensors`` removed (their consumers see the float tensor again,
+    every other tensor keeps its calibrated scale); returns the tensors actually found."""
+    import onnx
+    from onnx import helper
+
+    m: Any = onnx.load(str(quantized))
+    g = m.graph
+    want = set(tensors)
+    q_nodes = {n.output[0]: n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in want}
+    found = sorted({n.input[0] for n in q_nodes.values()})
+    keep = []
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and n.output[0] in q_nodes:
+            continue
+        if n.op_type == "DequantizeLinear" and n.input[0] in q_nodes:
+            # an Identity keeps the DQ output's name, so consumers and graph outputs need no rewiring
+            keep.append(helper.make_node("Identity", [q_nodes[n.input[0]].input[0]], [n.output[0]],
+                                         name=n.name + "_float"))
+            continue
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(out))
+    return found
+
+
+def _error(got: list[dict[str, np.ndarray]], ref: list[dict[str, np.ndarray]], floor: float) -> float:
+    """The worst output's relative error over the samples (per channel for rank >= 3 outputs, as :func:`_rel`).
+    Pooled, not per sample: measured on Magika, minimizing the worst search sample chased one sample's noise and
+    left the validation set's worst sample worse than the pooled error did."""
+    return max((_rel([g[k] for g in got], [r[k] for r in ref], floor) for k in ref[0]
+                if np.issubdtype(ref[0][k].dtype, np.floating)), default=0.0)
+
+
+@dataclass
+class FloatSearch:
+    """The result of :func:`search_float_tensors`: tensors to keep in float, the error before and after, and the
+    steps taken (each: what was tried and the error it left)."""
+
+    tensors: list[str]
+    error_before: float
+    error_after: float
+    evaluations: int
+    trail: list[dict[str, Any]]
+
+
+def search_float_tensors(quantized: Path, src: Path, samples: Sequence[Mapping[str, np.ndarray]], work: Path,
+                         start: Sequence[str] = (), chunks: int = 8, deadline: float | None = None,
+                         channel_floor: float = 0.05) -> FloatSearch:
+    """One greedy step of accuracy-aware mixed precision, measured end to end on the outputs.
+
+    The quantized tensors (in topological order) are cut into ``chunks`` contiguous runs; each run is put back in
+    float (on top of ``start``) and the model's output error measured on ``samples``; the run that removes the most
+    error is then halved as long as one half keeps (within 10%) the error reduction of the whole. Everything is
+    measured on the QDQ model itself (no re-calibration), so what is measured is what ships."""
+    import time as _time
+
+    all_t = activation_tensors(quantized, src)
+    cur = [t for t in start if t in set(all_t)]
+    ref = _outputs(src, samples)
+    n_eval = 0
+
+    def err(extra: Sequence[str]) -> float:
+        nonlocal n_eval
+        n_eval += 1
+        p = work / f"try{n_eval}.onnx"
+        keep_float(quantized, [*cur, *extra], p)
+        e = _error(_outputs(p, samples), ref, channel_floor)
+        p.unlink(missing_ok=True)
+        return e
+
+    work.mkdir(parents=True, exist_ok=True)
+    e0 = err([])
+    trail: list[dict[str, Any]] = [{"float": len(cur), "error": round(e0, 5)}]
+    rest = [t for t in all_t if t not in set(cur)]
+    if not rest or e0 == 0.0:
+        return FloatSearch(cur, e0, e0, n_eval, trail)
+    size = max(1, math.ceil(len(rest) / chunks))
+    runs = [rest[i:i + size] for i in range(0, len(rest), size)]
+    scored: list[tuple[float, list[str]]] = []
+    for r in runs:
+        if deadline is not None and _time.monotonic() > deadline and scored:
+            break
+        scored.append((err(r), r))
+    best_e, best = min(scored, key=lambda s: round(s[0], 6))  # rounded: equal errors resolve to the first run
+    trail.append({"tried": f"{len(scored)} runs of {size}", "best": best[0], "error": round(best_e, 5)})
+    gain = e0 - best_e
+    while len(best) > 1 and gain > 0 and (deadline is None or _time.monotonic() < deadline):
+        half = len(best) // 2
+        a, b = best[:half], best[half:]
+        ea, eb = err(a), err(b)
+        e_half, h = (ea, a) if round(ea, 6) <= round(eb, 6) else (eb, b)
+        if e0 - e_half < 0.9 * gain:
+            break
+        best, best_e = h, e_half
+        trail.append({"halved": len(best), "first": best[0], "error": round(best_e, 5)})
+    if best_e >= e0:
+        return FloatSearch(cur, e0, e0, n_eval, trail)
+    return FloatSearch([*cur, *best], e0, best_e, n_eval, trail)
+
+
+def tail_tensors(quantized: Path, src: Path) -> list[str]:
+    """The quantized activation tensors that the output tail of ``src`` (:func:`output_tail`) reads or writes,
+    found in the QDQ model by node name (the quantizer keeps the names of the nodes it wraps)."""
+    import onnx
+
+    tail = set(output_tail(src))
+    g = onnx.load(str(quantized), load_external_data=False).graph
+    dq_src = {}  # DQ output -> the float tensor its Q read
+    q_in = {n.output[0]: n.input[0] for n in g.node if n.op_type == "QuantizeLinear"}
+    for n in g.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in q_in:
+            dq_src[n.output[0]] = q_in[n.input[0]]
+    quantized_set = set(activation_tensors(quantized))
+    out: list[str] = []
+    for n in g.node:
+        if n.name not in tail:
+            continue
+        for t in [*n.input, *n.output]:
+            t = dq_src.get(t, t)
+            if t in quantized_set and t not in out:
+                out.append(t)
     return out

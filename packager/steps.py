@@ -28,6 +28,7 @@ __all__ = [
     "CheckModel",
     "ConvertFloat16",
     "FuseTransformer",
+    "KeepFloat",
     "OptimizeGraph",
     "PlannedStep",
     "QuantizeDynamic",
@@ -404,6 +405,7 @@ class StaticConfig:
     nodes_to_exclude: tuple[str, ...] = ()
     max_intermediate_outputs: int = 0
     calibration_cache: str = ""
+    keep_removable_activations: bool = False
 
     def __post_init__(self) -> None:
         if not self.calibration:
@@ -433,6 +435,10 @@ class QuantizeStatic(Step):
         extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": config.symmetric_activations}
         if config.method == "percentile":
             extra["CalibPercentile"] = 99.999
+        if config.keep_removable_activations:
+            # Relu/Clip stay in the graph with their own Q/DQ (ORT and OpenVINO fuse them again at load): a tensor
+            # later kept in float (keep_float) then still passes through its activation
+            extra["QDQKeepRemovableActivations"] = True
         if config.max_intermediate_outputs:
             # MinMax keeps every sample's intermediate tensors until it computes ranges: merge them every N samples
             # instead (same ranges, bounded memory)
@@ -459,7 +465,41 @@ class QuantizeStatic(Step):
                       "weight_type": config.weight_type, "per_channel": config.per_channel,
                       "reduce_range": config.reduce_range, "method": config.method,
                       "excluded": list(config.nodes_to_exclude), "calibration_reused": reused,
+                      "keep_removable_activations": config.keep_removable_activations,
                       "max_intermediate_outputs": config.max_intermediate_outputs or None}
+        return out
+
+
+@dataclass(frozen=True)
+class KeepFloatConfig:
+    """Activation tensors of a QDQ model to keep in float (their Q/DQ pairs removed), found by measurement."""
+
+    tensors: tuple[str, ...] = ()
+
+
+class KeepFloat(Step):
+    """Mixed precision on a QDQ model: the Q/DQ pairs of the named activation tensors are removed, so the nodes
+    around them run in float while every other tensor keeps its calibrated INT8 scale (no re-calibration: what the
+    accuracy-aware search measured is what ships). A tensor the model does not quantize is an error."""
+
+    name = "keep_float"
+    Config = KeepFloatConfig
+
+    def run(self, model: Path, out_dir: Path, config: KeepFloatConfig) -> Path:
+        import onnx
+
+        from .sensitivity import keep_float
+
+        out = out_dir / MODEL_FILE
+        found = keep_float(model, config.tensors, out)
+        missing = sorted(set(config.tensors) - set(found))
+        if missing:
+            raise PackagingError(f"keep_float: {len(missing)} tensor(s) are not quantized in {model}: "
+                                 f"{', '.join(missing[:5])}")
+        g = onnx.load(str(model), load_external_data=False).graph
+        producer = {o: n.name for n in g.node for o in n.output}
+        self.notes = {"float_tensors": list(config.tensors),
+                      "float_nodes": list(dict.fromkeys(producer[t] for t in config.tensors if t in producer))}
         return out
 
 
@@ -502,7 +542,7 @@ class ConvertFloat16(Step):
 
 STEPS: dict[str, type[Step]] = {
     s.name: s for s in (CheckModel, UpgradeOpset, FuseTransformer, OptimizeGraph, QuantizeDynamic, QuantizeStatic,
-                        ConvertFloat16)
+                        KeepFloat, ConvertFloat16)
 }
 
 

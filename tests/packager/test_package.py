@@ -283,7 +283,7 @@ def test_package_options_every_field_is_honoured_and_read_back_from_the_bundle(c
         profiles_dirs=(), output_kinds={"probs": "classifier"}, measure=False, runtime_python=(),
         discover_runtimes=False, threads=1, time_budget_s=120.0, timing=QUICK, compare_cpu=False, tie_margin=0.05,
         min_calibration_samples=9, min_validation_samples=20, bundle_samples=3, calibration_memory_mb=512,
-        sensitivity_rounds=(0.0,), trt_max_batch=4)
+        mixed_precision_rounds=1, trt_max_batch=4)
     defaults = PackageOptions()
     unset = [f.name for f in fields(opts) if getattr(opts, f.name) == getattr(defaults, f.name)
              and f.name not in ("model_type", "input_shapes", "profiles_dirs", "runtime_python")]
@@ -321,7 +321,7 @@ def test_package_gate_refuses_collapsed_int8_from_degenerate_calibration(signing
     with pytest.raises(AccuracyBudgetError) as err:
         package(det, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path / "o", calibration=black,
                 validation=photos[8:12], precision="int8", options=PackageOptions(measure=False,
-                                                                                  sensitivity_rounds=()))
+                                                                                  mixed_precision_rounds=0))
     msg = str(err.value)
     assert "int8-static: OVER budget" in msg and "collapsed" in msg
     [res] = package(det, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path / "o2", calibration=black,
@@ -333,7 +333,7 @@ def test_package_int8_asked_for_fails_the_target_when_no_int8_can_be_built(convn
     with pytest.raises(AccuracyBudgetError, match="no candidate within the accuracy budget"):
         package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path / "o", calibration=photos[:8],
                 validation=photos[8:], precision="int8", budget=["cosine=1.0"],
-                options=PackageOptions(measure=False, sensitivity_rounds=()))
+                options=PackageOptions(measure=False, mixed_precision_rounds=0))
     assert list((tmp_path / "o").iterdir()) == []
 
 

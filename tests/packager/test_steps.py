@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 def test_steps_table_lists_every_step_by_name() -> None:
     assert set(STEPS) == {"check", "upgrade_opset", "fuse_transformer", "optimize", "quantize_dynamic",
-                          "quantize_static", "fp16"}
+                          "quantize_static", "keep_float", "fp16"}
     assert all(cls.name == name for name, cls in STEPS.items())
 
 
