@@ -254,8 +254,13 @@ class Controller:
 
     def _liveness_loop(self) -> None:
         """Mark offline the devices that went quiet without a Last Will (a hung agent, a half-open connection the
-        broker has not noticed yet): checked every fifth of ``offline_after_s`` (0.2..5 s)."""
+        broker has not noticed yet): checked every fifth of ``offline_after_s`` (0.2..5 s), from ``offline_after_s``
+        after start."""
         after = self.config.offline_after_s
+        # A controller judges silence only once it has listened for offline_after_s itself: after a restart the
+        # broker replays every retained status, and a large fleet's take a while to store.
+        if self._stopping.wait(after):
+            return
         while not self._stopping.wait(min(5.0, max(0.2, after / 5))):
             now = time.time()
             try:
