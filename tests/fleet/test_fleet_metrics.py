@@ -15,7 +15,7 @@ import pytest
 from _fleet_util import wait_until
 from edgefleet.fleet.simulate import Simulator, make_devices
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "edgefleet.json"
+from tests._prometheus import DASHBOARD, Prometheus, dashboard_exprs, metric_names, promtool_check_rules
 
 pytestmark = pytest.mark.mosquitto
 
@@ -114,36 +114,32 @@ def test_metrics_drop_devices_unseen_longer_than_stale_after(controller_factory,
     assert f'edgefleet_devices{{fleet="{fleet_id}",state="offline"}} 0' in text
 
 
-def dashboard_queries(panel_filter=lambda row: True) -> dict[str, list[str]]:
-    """Panel title -> PromQL expressions, for the panels under rows that ``panel_filter`` accepts."""
-    dash = json.loads(DASHBOARD.read_text())
-    out: dict[str, list[str]] = {}
-    row = ""
-    for p in dash["panels"]:
-        if p["type"] == "row":
-            row = p["title"]
-            continue
-        if panel_filter(row):
-            out[p["title"]] = [t["expr"] for t in p.get("targets", [])]
-    return out
-
-
-def queried_metrics(exprs: list[str]) -> set[str]:
-    """Metric names in PromQL expressions (edgefleet_* and the standard process_* names)."""
-    return {m for e in exprs for m in re.findall(r"\b((?:edgefleet|process)_[a-z0-9_]+)\b", e)}
-
-
 def test_grafana_dashboard_is_valid_and_queries_only_controller_metrics_that_exist(live_fleet) -> None:
     dash = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
-    queries = dashboard_queries(lambda row: not row.startswith("Agent"))
+    queries = dashboard_exprs(agent=False)
     assert len(queries) >= 6
     for title, exprs in queries.items():
         assert exprs and all(exprs), f"panel {title!r} has no query"
     have = sample_names(scrape(live_fleet.url))
-    used = queried_metrics([e for exprs in queries.values() for e in exprs])
+    used = metric_names([e for exprs in queries.values() for e in exprs])
     assert used, "no edgefleet metric found in the controller panels"
     missing = sorted(used - have)
     assert not missing, f"the dashboard queries metrics the controller does not export: {missing}"
+
+
+def test_grafana_dashboard_queries_parse_and_return_series_from_a_real_prometheus(live_fleet, tmp_path) -> None:
+    """Every query of the dashboard parses (``promtool check rules``: Prometheus's own PromQL parser), and every
+    controller panel's query returns series from a real Prometheus server scraping the live controller each second."""
+    every = [e for agent in (False, True) for exprs in dashboard_exprs(agent).values() for e in exprs]
+    checked = promtool_check_rules(every, tmp_path)
+    assert checked.returncode == 0 and "SUCCESS" in checked.stdout, (checked.stdout, checked.stderr)
+    prom = Prometheus(tmp_path, {"edgefleet-controller": live_fleet.url.removeprefix("http://")})
+    try:
+        prom.wait_scraped(3)
+        bad = prom.run_dashboard(dashboard_exprs(agent=False), "edgefleet-agent")
+    finally:
+        prom.stop()
+    assert not bad, bad
