@@ -22,6 +22,7 @@ from edgefleet.sdk.errors import ProtocolError
 from edgefleet.sdk.protocol import Status, Telemetry, check_id, parse_topic, subscription
 from edgefleet.sdk.sketch import DDSketch, quantiles
 from edgefleet.sdk.transport import Incoming, MqttOptions, MqttTransport
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -132,22 +133,31 @@ class FleetView:
         return (f"fleet {self.fleet}: {c['devices']} devices, {c['online']} online, {c['offline']} offline, "
                 f"{snap['messages']} messages, {snap['rejected']} rejected")
 
-    def table(self, sort_key: str = "device", limit: int = 50) -> Group:
-        """The rich renderable for a terminal: per-device table (full terminal width) and per-version percentiles."""
+    def table(self, sort_key: str = "device", limit: int = 50, width: int | None = None) -> Group:
+        """The rich renderable for a terminal ``width`` columns wide (rich reads the real width at every redraw):
+        columns at their natural width; when they do not fit, the least needed go first (serving, p50, profile,
+        p99, errors), never the device id or its state."""
         snap = self.snapshot(sort_key, limit)
-        t = Table(title=self.title(snap), expand=True)
-        for col in _COLUMNS:
-            t.add_column(col, justify="right" if col.endswith(("ms", "/s", "errors", "seen")) else "left",
-                         no_wrap=col in ("device", "state"), overflow="ellipsis")
-        for d in snap["devices"]:
-            cells = _cells(d)
-            style = "" if d["state"] == "online" else "dim"
-            state = Text(f"● {d['state']}", style="green") if d["state"] == "online" else \
-                Text(f"○ {d['state']}", style="red")
-            t.add_row(cells[0], state, *cells[2:], style=style)
-        v = Table(title="fleet-wide latency per version since top started (merged sketches)", expand=True)
+        rows = [_cells(d) for d in snap["devices"]]
+        natural = [max([len(col), *(len(r[i]) for r in rows)]) + (2 if col == "state" else 0)
+                   for i, col in enumerate(_COLUMNS)]
+        shown = list(range(len(_COLUMNS)))
+        for drop in ("serving", "p50 ms", "profile", "p99 ms", "errors"):
+            if width is None or sum(natural[i] + 3 for i in shown) + 1 <= width:
+                break
+            shown.remove(_COLUMNS.index(drop))
+        t = Table(title=self.title(snap), box=box.SIMPLE_HEAD, title_justify="left")
+        for i in shown:
+            col = _COLUMNS[i]
+            num = col.endswith(("ms", "/s", "errors", "seen"))
+            t.add_column(col, justify="right" if num else "left", no_wrap=True, overflow="ellipsis")
+        for d, cells in zip(snap["devices"], rows, strict=True):
+            on = d["state"] == "online"
+            state = Text(f"● {d['state']}", style="green") if on else Text(f"○ {d['state']}", style="red")
+            t.add_row(*[state if _COLUMNS[i] == "state" else cells[i] for i in shown], style="" if on else "dim")
+        v = Table(title="latency per version (merged sketches)", box=box.SIMPLE_HEAD, title_justify="left")
         for col in ("model", "version", "requests", "p50 ms", "p95 ms", "p99 ms"):
-            v.add_column(col)
+            v.add_column(col, justify="left" if col in ("model", "version") else "right", no_wrap=True)
         for x in snap["versions"]:
             v.add_row(x["model"], x["version"], str(x["requests"]), _ms(x["p50"]), _ms(x["p95"]), _ms(x["p99"]))
         return Group(t, v)
@@ -224,10 +234,10 @@ def run_top(broker: MqttOptions | str, fleet: str, *, duration_s: float | None =
     live = output == "auto" and console.is_terminal
     try:
         if live:
-            with Live(view.table(sort_key, limit), console=console, refresh_per_second=2) as screen:
+            with Live(view.table(sort_key, limit, console.width), console=console, refresh_per_second=2) as screen:
                 while end is None or time.monotonic() < end:
                     time.sleep(1.0)
-                    screen.update(view.table(sort_key, limit))
+                    screen.update(view.table(sort_key, limit, console.width))
         else:
             while end is None or time.monotonic() < end:
                 time.sleep(0.2)

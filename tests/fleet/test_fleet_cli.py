@@ -230,3 +230,28 @@ def test_deploy_on_a_terminal_shows_upload_and_rollout_progress_bars(controller_
     out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))  # colours, cursor
     assert f"upload {bundle.name}" in out and "━" in out  # rich's bar
     assert "rollout" in out and "3/3 devices" in out and "completed" in out, out
+
+
+def test_fleet_top_table_fits_the_terminal_width_dropping_the_least_needed_columns_first() -> None:
+    view = FleetView("f")
+    view.apply("edgefleet/v1/f/device-with-a-long-name/status",
+               b'{"v":1,"device":"device-with-a-long-name","state":"online","boot":"b",'
+               b'"description":{"profile":"intel-openvino-cpu"}}')
+
+    def render(width: int) -> str:
+        out = io.StringIO()
+        Console(file=out, width=width).print(view.table(width=width))
+        return out.getvalue()
+
+    wide, narrow = render(200), render(80)
+
+    def header(text: str) -> list[str]:
+        return next(ln for ln in text.splitlines() if ln.strip().startswith("device")).split()
+
+    assert header(wide) == ["device", "state", "profile", "serving", "model", "p50", "ms", "p95", "ms", "p99", "ms",
+                            "req/s", "errors", "seen"] and "intel-openvino-cpu" in wide
+    cols = header(narrow)
+    assert cols[:3] == ["device", "state", "model"] and "p95" in cols and "seen" in cols
+    assert not {"serving", "p50", "profile"} & set(cols)
+    assert "device-with-a-long-name" in narrow and "online" in narrow  # never cut: the id and its state
+    assert max(len(line) for line in narrow.splitlines()) <= 80
