@@ -279,3 +279,37 @@ def test_dashboard_chart_time_labels_do_not_overlap(controller_factory, mosquitt
         page.screenshot(path=str(ARTIFACTS / f"dashboard-{width}.png"), full_page=True)
     finally:
         sim.stop()
+
+
+def test_dashboard_shows_a_frozen_agent_offline_by_silence_and_online_when_it_resumes(controller_factory, mosquitto,
+                                                                                      fleet_id, page, trust_file,
+                                                                                      tmp_path) -> None:
+    """A real agent SIGSTOPped keeps its TCP connection (the broker would wait 1.5 x its 30 s keepalive before the
+    Last Will): the controller's --offline-after (3 s here) turns it offline in the open page, and its telemetry after
+    SIGCONT brings it back — both live, both as events."""
+    import signal
+
+    from _fleet_util import Agent
+    from edgefleet.fleet.store import LIVENESS_BOOT
+
+    ctl = controller_factory(offline_after_s=3.0)
+    agent = Agent(tmp_path, "frozen-0", mosquitto.url, fleet_id, trust_file)
+    try:
+        wait_until(lambda: getattr(ctl.store.device(fleet_id, "frozen-0"), "state", "") == "online", 60,
+                   what="agent online")
+        page.goto(ctl.url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        page.wait_for_selector("#live.on", timeout=10_000)
+        agent.proc.send_signal(signal.SIGSTOP)
+        page.wait_for_selector("tr[data-device='frozen-0'][data-state='offline']", timeout=30_000)
+        agent.proc.send_signal(signal.SIGCONT)
+        page.wait_for_selector("tr[data-device='frozen-0'][data-state='online']", timeout=30_000)
+        kinds = [(e.kind, e.data["reason"]) for e in ctl.store.events(fleet_id, device="frozen-0")
+                 if e.boot == LIVENESS_BOOT]
+        assert kinds[0] == ("device.offline", "silence") and kinds[1][0] == "device.online", kinds
+        page.wait_for_function("() => document.querySelector('#events').innerText.includes('nothing heard for')",
+                               timeout=10_000)
+    finally:
+        if agent.proc.poll() is None:
+            agent.proc.send_signal(signal.SIGCONT)
+        agent.stop()

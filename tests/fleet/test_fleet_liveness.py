@@ -103,3 +103,38 @@ def test_liveness_telemetry_after_a_will_does_not_revive(controller_factory, fle
                           data={"reason": "silence"}))
     store.write(b)
     assert _liveness(ctl, fleet_id, "d1") == [("device.offline", "status")]
+
+
+def test_liveness_mark_silent_from_two_stores_at_once_marks_each_device_once(store_url, fleet_id) -> None:
+    """Two controllers (two store connections on one SQLite file or one PostgreSQL database) checking silence at
+    the same moment: every silent device is marked once and has exactly one device.offline event."""
+    import threading
+    import time
+
+    from edgefleet.fleet.store import open_store
+    from edgefleet.sdk.protocol import Status
+
+    a, b = open_store(store_url), open_store(store_url)
+    try:
+        old = time.time() - 100
+        a.write(Batch(fleet_id, received=old, statuses=[Status(device=f"s{i:03d}", state="online", boot="b", ts=old)
+                                                        for i in range(200)]))
+        got: dict[str, list[str]] = {}
+        go = threading.Barrier(2)
+
+        def check(name: str, store) -> None:
+            go.wait()
+            got[name] = store.mark_silent(fleet_id, time.time() - 50, time.time())
+
+        threads = [threading.Thread(target=check, args=(n, s)) for n, s in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(got["a"] + got["b"]) == [f"s{i:03d}" for i in range(200)]
+        events = [e for e in a.events(fleet_id, limit=1000) if e.boot == LIVENESS_BOOT]
+        assert len(events) == 200 and {e.device for e in events} == set(got["a"] + got["b"])
+        assert all(d.state == "offline" for d in a.devices(fleet_id))
+    finally:
+        a.close()
+        b.close()
