@@ -95,7 +95,6 @@ class _UsageExit(click.ClickException):
 _UNIT = """\
 [Unit]
 Description=edgefleet device agent ({device})
-Documentation=file://{docs}
 Wants=network-online.target
 After=network-online.target
 
@@ -158,7 +157,7 @@ def install_service(config_path: Path, user: str, output: Path, gpu: bool) -> No
     data_dir = cfg.data_dir
     # systemd creates /var/lib/<StateDirectory> owned by the service user
     state_dir = data_dir.name if data_dir.parent == Path("/var/lib") else "edgefleet"
-    unit = _UNIT.format(device=cfg.device, docs="/usr/share/doc/edgefleet/agent.md", user=user,
+    unit = _UNIT.format(device=cfg.device, user=user,
                         exe=shlex.quote(str(exe)), config=shlex.quote(str(config_path.resolve())),
                         state_dir=state_dir, data_dir=shlex.quote(str(data_dir)),
                         private_devices="no" if gpu else "yes")
@@ -167,4 +166,7 @@ def install_service(config_path: Path, user: str, output: Path, gpu: bool) -> No
         return
     atomic_write_text(output, unit)
     click.echo(f"wrote {output}; enable with: systemctl daemon-reload && systemctl enable --now {output.stem}")
-    click.echo(f"note: the unit runs as user {user!r}: create it and let it write {data_dir}", err=True)
+    owns = (f"systemd creates {data_dir} for it" if data_dir.parent == Path("/var/lib")
+            else f"let it write {data_dir}")
+    click.echo(f"note: the unit runs as user {user!r}: create it first (useradd --system --home-dir {data_dir} "
+               f"--shell /usr/sbin/nologin {user}); {owns}", err=True)

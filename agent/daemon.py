@@ -248,7 +248,7 @@ class Agent:
 
     def run(self) -> int:
         """Run in the foreground until SIGTERM or SIGINT; returns the exit code."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal stops it too
             signal.signal(sig, lambda *_: self._stop.set())
         self.start()
         while not self._stop.wait(1.0):

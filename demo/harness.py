@@ -8,6 +8,7 @@ features of real files. Every process the demo starts is stopped on Ctrl-C or at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from edgefleet.sdk._signals import ignore_stop_signals, interrupt_on_stop_signals
 from edgefleet.sdk.errors import ConfigError, EdgefleetError
+from edgefleet.sdk.providers import provider_label
 
 __all__ = ["demo", "run_demo"]
 
@@ -75,20 +78,9 @@ class _Processes:
         """
         killed = []
         for name, p in reversed(self.procs):
-            if p.poll() is not None:
-                continue
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
+            # the group, not only the process: whatever a child started goes too (its group was new and its own)
+            if _kill_group(p, timeout):
                 killed.append(name)
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(5)
         return killed
 
 
@@ -173,12 +165,38 @@ def _edgefleet(bin_dir: Path) -> list[str]:
 
 
 def _run(argv: Sequence[str], what: str, say: Any, env: dict[str, str] | None = None) -> str:
+    """Run one command to its end in its own process group; an interrupt stops the whole group (e.g. the
+    packager's worker processes), not only the command."""
     say(f"$ {' '.join(Path(a).name if i == 0 else a for i, a in enumerate(argv))}")
-    res = subprocess.run(list(argv), capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-5:]
-        raise EdgefleetError(f"{what} failed (exit {res.returncode}): {' | '.join(tail)}")
-    return res.stdout
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        with ignore_stop_signals():
+            _kill_group(proc)
+        raise
+    if proc.returncode != 0:
+        tail = (err or out).strip().splitlines()[-5:]
+        raise EdgefleetError(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
+    return out
+
+
+def _kill_group(proc: subprocess.Popen[Any], timeout: float = 10.0) -> bool:
+    """SIGTERM to the process group, SIGKILL after ``timeout`` s; True when SIGKILL was needed."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+        return False
+    except ProcessLookupError:
+        return False
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+        return True
 
 
 def _http_json(url: str, body: Any | None = None, timeout: float = 10.0) -> Any:
@@ -227,7 +245,7 @@ def _print_table(say: Any, controller: str, agents: Sequence[_Agent]) -> None:
     for a in agents:
         r = rows.get(a.name, {})
         m: dict[str, Any] = next((m for m in r.get("models") or [] if m.get("name") == _MODEL_NAME), {})
-        prov = ",".join(p.removesuffix("ExecutionProvider") for p in (m.get("providers") or [])) or "-"
+        prov = ",".join(provider_label(p) for p in (m.get("providers") or [])) or "-"
         bundle = f"{m.get('version', '-')} {r.get('profile', '')}".strip()
         lat = sorted(a.latencies[-200:])
         client = f"{lat[len(lat) // 2]:.2f}" if lat else "-"
@@ -261,6 +279,8 @@ def run_demo(workdir: Path, *, headless: bool, duration: float | None, http_port
         agents.append(_Agent("openvino-cpu", "intel-openvino-cpu", "auto", ov_bin))
     else:
         say("note       .venv-openvino not found: running without the OpenVINO agent (make demo sets it up)")
+    stack = contextlib.ExitStack()
+    stack.enter_context(interrupt_on_stop_signals())  # SIGTERM, SIGHUP: the same cleanup as Ctrl-C
     try:
         from edgefleet.sdk.keys import generate_keypair
 
@@ -315,13 +335,16 @@ def run_demo(workdir: Path, *, headless: bool, duration: float | None, http_port
             _print_table(say, controller, agents)
         return {"agents": {a.name: {"sent": a.sent, "errors": a.errors} for a in agents}, "controller": controller,
                 "db": str(run_dir / "fleet.db")}
-    except KeyboardInterrupt:
-        say("\nstopping")
+    except KeyboardInterrupt as exc:
+        say(f"\nstopping   ({exc or 'interrupted'})")
         return {"agents": {a.name: {"sent": a.sent, "errors": a.errors} for a in agents}, "interrupted": True}
     finally:
-        stop.set()
-        killed = procs.stop_all()
-        say("stopped    every process the demo started" + (f" (had to kill {', '.join(killed)})" if killed else ""))
+        stack.close()
+        with ignore_stop_signals():  # a second Ctrl-C or SIGTERM must not cut the cleanup short (it is bounded)
+            stop.set()
+            killed = procs.stop_all()
+            say("stopped    every process the demo started"
+                + (f" (had to kill {', '.join(killed)})" if killed else ""))
 
 
 @click.command("demo")

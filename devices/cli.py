@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+from edgefleet.sdk.providers import provider_label
 
 from .profile import get_profile, load_profiles
 
@@ -33,7 +34,7 @@ def devices_list(profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
         return
     width = max(len(n) for n in profiles)
     for p in profiles.values():
-        chain = " > ".join(pr.name.removesuffix("ExecutionProvider") for pr in p.providers)
+        chain = " > ".join(provider_label(pr.name) for pr in p.providers)
         click.echo(f"{p.name:<{width}}  {p.arch:<7}  {chain:<24}  {','.join(p.precisions):<20}  {p.description}")
 
 

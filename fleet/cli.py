@@ -36,6 +36,7 @@ from edgefleet.sdk.protocol import (
     Deployment,
     DeploymentList,
     DeploymentRequest,
+    DeploymentTarget,
     Model,
     RollbackRequest,
     RollbackSent,
@@ -221,9 +222,13 @@ def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundle
     The configuration, the store and the HTTP port are checked before anything connects to the broker: a
     controller that cannot start says why in one line (-v for the traceback) and leaves no MQTT session behind.
     """
-    from .controller import Controller, ControllerConfig
+    import logging
+
+    from .controller import Controller, ControllerConfig, ListenError
 
     db = db_old or db
+    if not ctx.find_root().params.get("verbose"):
+        logging.getLogger("edgefleet").setLevel(logging.INFO)  # a daemon says what it does; -vv adds debug
 
     host, _, port = http_addr.rpartition(":")
     if not host or not port.isdigit():
@@ -249,10 +254,18 @@ def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundle
             click.echo("warning: no --key: commands go out unsigned; agents refuse them unless they run with "
                        "commands.require_signed = false", err=True)
         ctl.serve_forever()
+    except ListenError as exc:  # a busy port is a usage problem, as for the agent: one line, exit code 2
+        raise _UsageExit(str(exc)) from None
     except OSError as exc:
         if ctx.find_root().params.get("verbose"):  # the root command prints an EdgefleetError's own
             traceback.print_exc()
         raise ConfigError(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}") from None
+
+
+class _UsageExit(click.ClickException):
+    """``Error: <message>`` and exit code 2 (click's code for usage errors), without click's usage line."""
+
+    exit_code = 2
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
@@ -280,8 +293,9 @@ def token_group() -> None:
     """API tokens for the controller's HTTP API (stored hashed in the controller's store)."""
 
 
-_db_option = click.option("--db", default="edgefleet-fleet.db", show_default=True,
-                          help="The controller's store (the same --db as fleet serve).")
+_db_option = click.option("--store", "--db", "db", default="edgefleet-fleet.db", show_default=True,
+                          envvar="EDGEFLEET_STORE",
+                          help="The controller's store (the same --store as fleet serve). Env: EDGEFLEET_STORE.")
 
 
 def _parse_duration(text: str) -> float:
@@ -480,16 +494,19 @@ def simulate(mqtt: MqttOptions, fleet_id: str, n: int, interval: float, profiles
     sim = Simulator(mqtt, fleet_id, make_devices(n, prefix=prefix, profiles=profs, model=model, version=version,
                                                   tags=list(tags)), interval_s=interval, slow=factors,
                     receipts=receipts)
-    sim.start()
-    click.echo(f"simulating {n} devices in fleet {fleet_id} every {interval:g} s (Ctrl-C to stop)", err=True)
-    t = sim.run_telemetry(duration_s=duration)
-    try:
-        while t.is_alive():
-            t.join(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sim.stop()
+    from edgefleet.sdk._signals import interrupt_on_stop_signals
+
+    with interrupt_on_stop_signals():  # SIGTERM, SIGHUP: the same clean stop (offline statuses) as Ctrl-C
+        sim.start()
+        click.echo(f"simulating {n} devices in fleet {fleet_id} every {interval:g} s (Ctrl-C to stop)", err=True)
+        t = sim.run_telemetry(duration_s=duration)
+        try:
+            while t.is_alive():
+                t.join(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sim.stop()
     click.echo(f"published {sim.sent} telemetry records", err=True)
 
 
@@ -768,12 +785,23 @@ def deployments_list(api: Api, as_json: bool) -> None:
         click.echo(f"{d.id}  {d.state:<12} {b:<30} {prog}")
 
 
+def _deployment_id(api: Api, dep_id: str) -> str:
+    """``latest`` → the id of the newest deployment; any other id as given."""
+    if dep_id != "latest":
+        return dep_id
+    deps = _request(api, "GET", "/api/deployments", DeploymentList).deployments
+    if not deps:
+        raise InputError("no deployments yet, so no latest one")
+    return deps[0].id
+
+
 @deployments.command("show")
 @click.argument("dep_id")
 @_api_options
 @_json_option
 def deployments_show(dep_id: str, api: Api, as_json: bool) -> None:
-    """One deployment: policy, canary decision and every device's state."""
+    """One deployment (DEP_ID, or latest): policy, canary decision and every device's state."""
+    dep_id = _deployment_id(api, dep_id)
     dep = _request(api, "GET", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}", Deployment)
     if as_json:
         click.echo(json.dumps(dep.to_dict(), indent=2))
@@ -781,23 +809,56 @@ def deployments_show(dep_id: str, api: Api, as_json: bool) -> None:
         _print_deployment(dep)
 
 
+def _rollback_answered(t: DeploymentTarget) -> bool:
+    """The device answered its rollback: rolled back, or it failed (the target keeps its state and says why)."""
+    return t.state in ("rolled-back", "failed") or t.reason.startswith("rollback failed")
+
+
 @click.command("rollback")
 @click.argument("dep_id")
 @click.option("--device", "devices", multiple=True, help="Only these devices (default: every active one).")
+@click.option("--wait/--no-wait", default=False,
+              help="Wait until every device answered the rollback; exit 5 when one failed, 6 at --wait-timeout.")
+@click.option("--wait-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="With --wait: give up waiting after this many seconds (exit code 6).")
 @_api_options
 @_json_option
-def rollback(dep_id: str, devices: tuple[str, ...], api: Api, as_json: bool) -> None:
-    """Roll the devices of deployment DEP_ID back to the bundle they ran before."""
+def rollback(dep_id: str, devices: tuple[str, ...], wait: bool, wait_timeout: float, api: Api, as_json: bool) -> None:
+    """Roll the devices of deployment DEP_ID (or latest) back to the bundle they ran before.
+
+    A device that got its first version of the model from this deployment removes it (it ran none before).
+    """
+    dep_id = _deployment_id(api, dep_id)
     body = RollbackRequest(devices=list(devices) if devices else None)
-    res = _request(api, "POST", f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}/rollback",
-                   RollbackSent, body)
+    path = f"/api/deployments/{urllib.parse.quote(dep_id, safe='')}"
+    res = _request(api, "POST", f"{path}/rollback", RollbackSent, body)
     sent = res.rollback_sent
     if not sent:
         raise EdgefleetError(f"no active device in deployment {dep_id} to roll back")
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        click.echo(f"deployment {dep_id}: rollback sent to {len(sent)} device(s): {', '.join(sent)}")
+    if not wait:
         return
-    click.echo(f"rollback sent to {len(sent)} device(s): {', '.join(sent)}")
+    deadline = time.monotonic() + wait_timeout
+    while True:
+        dep = _request(api, "GET", path, Deployment)
+        states = {t.device: t for t in dep.targets or [] if t.device in sent}
+        if all(_rollback_answered(t) for t in states.values()):
+            break
+        if time.monotonic() > deadline:
+            left = sorted(d for d, t in states.items() if not _rollback_answered(t))
+            click.echo(f"Error: no answer to the rollback from {', '.join(left)} within {wait_timeout:g} s",
+                       err=True)
+            sys.exit(EXIT_STILL_RUNNING)
+        time.sleep(1.0)
+    failed = sorted(d for d, t in states.items() if t.state != "rolled-back")
+    for d, t in sorted(states.items()) if not as_json else ():
+        click.echo(f"  {d:<24} {t.state}" + (f"  ({t.reason})" if t.reason else ""))
+    if failed:
+        click.echo(f"Error: the rollback failed on {', '.join(failed)}", err=True)
+        sys.exit(EXIT_CODES["failed"])
 
 
 @fleet.command("enroll")

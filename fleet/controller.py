@@ -26,7 +26,7 @@ from .ingest import Ingestor
 from .rollout import Deployer
 from .store import Store, open_store
 
-__all__ = ["CommandSigner", "Controller", "ControllerConfig"]
+__all__ = ["CommandSigner", "Controller", "ControllerConfig", "ListenError"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,26 @@ class CommandSigner:
         is refused (``command.target``)."""
         return sign_command(cmd, self.key, counter=self.next_counter(device), ttl_s=self.ttl_s, device=device,
                             fleet=self.fleet)
+
+
+class ListenError(ConfigError):
+    """The HTTP address cannot be served (in use, not this host's): the CLI says so in one line, exit code 2."""
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop, runner: web.AppRunner | None) -> None:
+    """Clean up a server that failed to start: its runner, then every task still pending, then the loop."""
+    try:
+        if runner is not None:
+            loop.run_until_complete(runner.cleanup())
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    except Exception:  # the start already failed; that error is the one to report
+        log.debug("cleaning up after a failed HTTP start", exc_info=True)
+    finally:
+        loop.close()
 
 
 @dataclass
@@ -210,7 +230,7 @@ class Controller:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()  # stops the live-update task: nothing is left pending when the loop closes
-            raise ConfigError(f"cannot serve HTTP on {self.config.http_host}:{self.config.http_port}: "
+            raise ListenError(f"cannot serve HTTP on {self.config.http_host}:{self.config.http_port}: "
                               f"{exc.strerror or exc}") from None
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
@@ -228,6 +248,7 @@ class Controller:
                 loop.run_until_complete(self._start_http())
             except BaseException as exc:  # noqa: BLE001 - reported to start() below
                 self._error = exc
+                _close_loop(loop, self._runner)  # no "Task was destroyed but it is pending!" after a failed start
                 self._started.set()
                 return
             self._started.set()
@@ -324,10 +345,11 @@ class Controller:
         import signal
 
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: kill, systemd, a closed terminal
+            signal.signal(sig, lambda *_: stop.set())
         self.start()
-        log.warning("controller %s: fleet %s, broker %s, http %s", self.config.client_id, self.config.fleet,
-                    self.config.mqtt, self.url)
+        log.info("controller %s started: fleet %s, broker %s, http %s", self.config.client_id, self.config.fleet,
+                 self.config.mqtt, self.url)
         try:
             while not stop.wait(1.0):
                 pass

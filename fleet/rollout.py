@@ -299,8 +299,8 @@ class Deployer:
         for dep_id in ids:
             dep = self.store.deployment(dep_id)
             policy = dep.decision.policy if dep is not None else RolloutPolicy()
-            log.warning("resuming the rollout of deployment %s (state %s) from another controller", dep_id,
-                        dep.state if dep is not None else "?")
+            log.info("resuming the rollout of deployment %s (state %s) from another controller", dep_id,
+                     dep.state if dep is not None else "?")
             self._start(dep_id, policy)
         return ids
 

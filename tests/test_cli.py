@@ -209,7 +209,7 @@ def test_cli_devices_list_shows_every_builtin(monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 0
     names = {line.split()[0] for line in result.output.splitlines()}
     assert {"x86-cpu", "x86-cpu-vnni", "intel-openvino-cpu", "jetson-orin", "apple-silicon", "raspberry-pi-5"} <= names
-    assert "Tensorrt > CUDA > CPU" in result.output
+    assert "TensorRT > CUDA > CPU" in result.output
     js = json.loads(_invoke("devices", "list", "--json").output)
     assert {p["name"] for p in js} == names
 

@@ -1,7 +1,9 @@
-"""`edgefleet demo --headless` end to end: real packaging, broker, controller, three agents and load, for ~30 s.
+"""`edgefleet demo --headless` end to end: real packaging, broker, controller, three agents and load, then SIGTERM.
 
 Asserts on outcomes: the controller's store holds telemetry from every agent with non-zero inference counts, the
-dashboard in real headless Chromium lists every agent, and the demo stops every process it started.
+dashboard in real headless Chromium lists every agent, and a SIGTERM to the demo alone (as ``kill``, systemd or a
+test harness sends it; the children run in sessions of their own, so only the demo can stop them) stops every process
+it started: none is left whose command line names the demo's work directory.
 """
 
 from __future__ import annotations
@@ -44,7 +46,23 @@ def _wait_for_line(log: Path, prefix: str, proc: subprocess.Popen[bytes], timeou
     raise AssertionError(f"demo printed no {prefix!r} line within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def test_demo_headless_serves_every_agent_and_dashboard_lists_them(tmp_path: Path) -> None:
+def _processes_naming(path: Path) -> list[str]:
+    """Live processes whose command line names ``path`` (broker, controller and agents all do)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(path) in cmd and state != "Z":
+            found.append(f"{p.name}: {cmd[:160]}")
+    return found
+
+
+def test_demo_headless_serves_every_agent_and_dashboard_lists_them_and_stops_all_on_sigterm(tmp_path: Path) -> None:
     if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
         pytest.skip("mosquitto is not installed (make test installs it with apt)")
     port = free_port()
@@ -52,7 +70,7 @@ def test_demo_headless_serves_every_agent_and_dashboard_lists_them(tmp_path: Pat
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [*_edgefleet(), "demo", "--headless", "--duration", "30", "--http-port", str(port), "--rate", "10",
+            [*_edgefleet(), "demo", "--headless", "--duration", "600", "--http-port", str(port), "--rate", "10",
              "--workdir", str(workdir)],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
         )
@@ -82,14 +100,19 @@ def test_demo_headless_serves_every_agent_and_dashboard_lists_them(tmp_path: Pat
                     browser.close()
             for name in expected:
                 assert name in page_text
+        assert proc.poll() is None, "the demo ended before it was told to"
+        proc.send_signal(signal.SIGTERM)  # the demo's own pid only, not its group
         rc = proc.wait(timeout=240)
         text = log.read_text()
         assert rc == 0, text[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopping   (stopped by SIGTERM)" in text, text[-2000:]
     assert "stopped    every process the demo started" in text
     assert "had to kill" not in text, text[-2000:]
+    left = _processes_naming(workdir)
+    assert not left, f"the demo left these behind after SIGTERM: {left}"
     db = workdir / "run" / "fleet.db"
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
