@@ -255,6 +255,8 @@ def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundle
                        "commands.require_signed = false", err=True)
         ctl.serve_forever()
     except ListenError as exc:  # a busy port is a usage problem, as for the agent: one line, exit code 2
+        if ctx.find_root().params.get("verbose"):
+            traceback.print_exc()
         raise _UsageExit(str(exc)) from None
     except OSError as exc:
         if ctx.find_root().params.get("verbose"):  # the root command prints an EdgefleetError's own

@@ -153,7 +153,8 @@ def test_fleet_view_marks_a_silent_device_offline_and_hides_its_figures() -> Non
 
 def test_fleet_errors_are_one_line_with_a_nonzero_exit_and_v_shows_the_traceback(tmp_path) -> None:
     """As a user runs them (real processes): a busy HTTP port and an unreachable broker end with one ``Error:``
-    line and exit code 1 (no per-retry warnings, no asyncio noise); -v adds the traceback."""
+    line (no per-retry warnings, no asyncio noise) and exit code 2 (a busy port is a usage error, as for the agent)
+    or 1; -v adds the traceback."""
     import socket
     import subprocess
 
@@ -171,7 +172,7 @@ def test_fleet_errors_are_one_line_with_a_nonzero_exit_and_v_shows_the_traceback
     finally:
         busy.close()
     errors = [ln for ln in r.stderr.splitlines() if not ln.startswith(("edgefleet controller ", "warning: "))]
-    assert r.returncode == 1 and len(errors) == 1 and errors[0].startswith(f"Error: cannot serve HTTP on 127.0.0.1:"
+    assert r.returncode == 2 and len(errors) == 1 and errors[0].startswith(f"Error: cannot serve HTTP on 127.0.0.1:"
                                                                             f"{port}: "), r.stderr
     r = subprocess.run([str(EDGEFLEET), "fleet", "top", "--broker", dead_broker, "--json"], capture_output=True,
                        text=True, timeout=120)
