@@ -376,9 +376,11 @@ async def api_events(request: web.Request) -> web.Response:
 
 
 async def api_ingest(request: web.Request) -> web.Response:
-    """This controller's ingest counters and the store's row counts."""
+    """This controller's ingest counters and the store's row counts (``?store=0``: without them, since counting rows
+    reads whole tables: for a poller that only wants the counters)."""
     ing = request.app[IngestKey]
-    counts = await _run(request.app[StoreKey].counts, request.app[FleetKey])
+    with_counts = request.query.get("store") not in ("0", "false")
+    counts = await _run(request.app[StoreKey].counts, request.app[FleetKey]) if with_counts else {}
     snap = ing.stats.snapshot()
     return _json(IngestCounters(client_id=ing.client_id, connected=ing.connected, backlog=ing.backlog,
                                 received=snap["received"], stored=snap["stored"], duplicates=snap["duplicates"],
