@@ -502,12 +502,21 @@ def simulate(mqtt: MqttOptions, fleet_id: str, n: int, interval: float, profiles
         sim.start()
         click.echo(f"simulating {n} devices in fleet {fleet_id} every {interval:g} s (Ctrl-C to stop)", err=True)
         t = sim.run_telemetry(duration_s=duration)
+        bars = _terminal_progress() if duration is not None else None
+        bar = bars.timed(f"{n} devices", duration) if bars is not None and duration is not None else None
         try:
+            t0 = time.monotonic()
             while t.is_alive():
                 t.join(0.5)
+                if bar is not None:  # a terminal: elapsed of --duration, records sent so far
+                    bar.update(time.monotonic() - t0, f"{sim.sent:,} records")
+            if bar is not None and duration is not None:
+                bar.update(duration, f"{sim.sent:,} records")
         except KeyboardInterrupt:
             pass
         finally:
+            if bar is not None:
+                bar.close()
             sim.stop()
     click.echo(f"published {sim.sent} telemetry records", err=True)
 
@@ -610,6 +619,27 @@ class _Bars:
 
     def rollout(self, total: int) -> _RolloutBar:
         return _RolloutBar(self.console, total)
+
+    def timed(self, what: str, seconds: float) -> _TimedBar:
+        return _TimedBar(self.console, what, seconds)
+
+
+class _TimedBar:
+    """A run of known length: seconds elapsed out of the total, ETA, and a count beside it."""
+
+    def __init__(self, console: Any, what: str, seconds: float) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn(what), BarColumn(), TimeElapsedColumn(), TextColumn("/"),
+                           TimeRemainingColumn(), TextColumn("{task.description}"), console=console)
+        self._task = self._p.add_task("", total=max(seconds, 0.001))
+        self._p.start()
+
+    def update(self, elapsed: float, line: str) -> None:
+        self._p.update(self._task, completed=elapsed, description=line)
+
+    def close(self) -> None:
+        self._p.stop()
 
 
 class _RolloutBar:

@@ -31,7 +31,8 @@ function view(d) {
   const m = (d.models && d.models[0]) || {};
   const on = d.state === "online";
   return {
-    device: d.device, online: on ? 1 : 0, profile: d.profile || "",
+    device: d.device, online: on ? 1 : 0, state: on ? "online" : d.state === "unknown" ? "unknown" : "offline",
+    profile: d.profile || "",
     serving: (m.providers || []).map((p) => p.replace("ExecutionProvider", "")).join(","),
     bundle: m.name ? `${m.name} ${m.version}${m.variant ? ` [${m.variant}]` : ""}` : "", p50: on ? m.p50 ?? null : null, p95: on ? m.p95 ?? null : null,
     p99: on ? m.p99 ?? null : null, throughput: on ? m.throughput ?? null : null, errors: on ? m.errors ?? null : null,
@@ -60,10 +61,10 @@ function rows() {
   let out = [];
   for (const d of state.devices.values()) {
     let v;
-    try { v = view(d); } catch (err) { v = { device: String(d && d.device), online: 0, profile: "", serving: "",
+    try { v = view(d); } catch (err) { v = { device: String(d && d.device), online: 0, state: "unknown", profile: "", serving: "",
       bundle: "", p50: null, p95: null, p99: null, throughput: null, errors: null, last_seen: 0, more: 0 }; }
     if (f) {
-      const hay = `${v.device} ${v.profile} ${v.serving} ${v.bundle} ${v.online ? "online" : "offline"}`.toLowerCase();
+      const hay = `${v.device} ${v.profile} ${v.serving} ${v.bundle} ${v.state}`.toLowerCase();
       if (!f.split(/\s+/).every((w) => hay.includes(w))) continue;
     }
     out.push(v);
@@ -89,9 +90,9 @@ function render() {
     try {  // one odd row shows as such; it never blanks the table
       const cls = [v.device === state.selected ? "selected" : "", state.flash.has(v.device) ? "flash" : "",
         v.online ? "" : "offline"].filter(Boolean).join(" ");
-      const tip = v.online ? "" : ` title="offline: last telemetry ${ago(v.last_seen)} ago; figures not live"`;
-      return `<tr data-device="${esc(v.device)}" data-state="${v.online ? "online" : "offline"}" class="${cls}"${tip}>`
-        + `<td>${esc(v.device)}</td><td><span class="dot${v.online ? " online" : ""}" title="${v.online ? "online" : "offline"}"></span>${v.online ? "" : ' <span class="state">offline</span>'}</td>`
+      const tip = v.online ? "" : ` title="${v.state}: last telemetry ${ago(v.last_seen)} ago; figures not live"`;
+      return `<tr data-device="${esc(v.device)}" data-state="${v.state}" class="${cls}"${tip}>`
+        + `<td>${esc(v.device)}</td><td><span class="dot${v.online ? " online" : ""}" title="${v.state}"></span>${v.online ? "" : ` <span class="state">${v.state}</span>`}</td>`
         + `<td>${esc(v.profile)}</td><td class="opt">${esc(v.serving)}</td><td>${esc(v.bundle)}${v.more ? ` <span class="muted">+${v.more}</span>` : ""}</td>`
         + `<td class="num p50 opt">${fmt(v.p50)}</td><td class="num p95">${fmt(v.p95)}</td><td class="num p99">${fmt(v.p99)}</td>`
         + `<td class="num">${fmt(v.throughput, 1)}</td><td class="num">${esc(v.errors ?? "–")}</td><td class="num">${ago(v.last_seen)}</td></tr>`;

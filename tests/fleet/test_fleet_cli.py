@@ -184,16 +184,57 @@ def test_fleet_errors_are_one_line_with_a_nonzero_exit_and_v_shows_the_traceback
     assert r.stderr.rstrip().splitlines()[-1].startswith("Error: could not connect")
 
 
+def run_in_pty(cmd: list[str], timeout_s: float = 120.0) -> tuple[int, str]:
+    """Run a command with stdout and stderr on a real pseudo-terminal (140 columns); its exit code and what it
+    printed, without colours and cursor movements."""
+    import os
+    import pty
+    import re
+    import subprocess
+    import threading
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "140"})
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+        os.close(master)
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+
+
+@pytest.mark.mosquitto
+def test_simulate_on_a_terminal_shows_a_progress_bar_of_its_duration(mosquitto, fleet_id) -> None:
+    from _fleet_util import EDGEFLEET
+
+    code, out = run_in_pty([str(EDGEFLEET), "fleet", "simulate", "--broker", mosquitto.url, "--fleet", fleet_id,
+                            "--devices", "3", "--interval", "0.2", "--duration", "2"])
+    assert code == 0, out
+    assert "3 devices" in out and "━" in out and "records" in out and "published" in out
+
+
 @pytest.mark.mosquitto
 def test_deploy_on_a_terminal_shows_upload_and_rollout_progress_bars(controller_factory, mosquitto, fleet_id,
                                                                       mlp_model, make_bundle) -> None:
     """``deploy --wait`` in a real pseudo-terminal: a byte progress bar for the upload and a bar of settled devices
     for the rollout (rich, on stderr); piped, the same command prints plain lines (the other deploy tests)."""
-    import os
-    import pty
-    import subprocess
-    import threading
-
     from _fleet_util import EDGEFLEET
 
     ctl = controller_factory()
@@ -203,32 +244,11 @@ def test_deploy_on_a_terminal_shows_upload_and_rollout_progress_bars(controller_
     try:
         sim.run_telemetry(duration_s=60)
         bundle = make_bundle(mlp_model, version="1.1.0")
-        master, slave = pty.openpty()
-        proc = subprocess.Popen([str(EDGEFLEET), "deploy", str(bundle), "--to", "all", "--controller", ctl.url,
-                                 "--wait"], stdin=slave, stdout=slave, stderr=slave,
-                                env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "140"})
-        os.close(slave)
-        chunks: list[bytes] = []
-
-        def drain() -> None:
-            while True:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                chunks.append(data)
-        reader = threading.Thread(target=drain, daemon=True)
-        reader.start()
-        assert proc.wait(120) == 0
-        reader.join(10)
-        os.close(master)
+        code, out = run_in_pty([str(EDGEFLEET), "deploy", str(bundle), "--to", "all", "--controller", ctl.url,
+                                "--wait"])
+        assert code == 0, out
     finally:
         sim.stop()
-    import re
-
-    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))  # colours, cursor
     assert f"upload {bundle.name}" in out and "━" in out  # rich's bar
     assert "rollout" in out and "3/3 devices" in out and "completed" in out, out
 
