@@ -7,9 +7,12 @@ from __future__ import annotations
 import re
 import urllib.request
 
+import pytest
 from test_api_tritonclient import X, agent_with_model  # noqa: F401 - the fixture, shared
 
 from tests._prometheus import Prometheus, dashboard_exprs, metric_names
+
+pytestmark = pytest.mark.mosquitto
 
 
 def test_grafana_agent_panels_query_only_metrics_a_live_agent_exports(agent_with_model, tmp_path) -> None:  # noqa: F811
