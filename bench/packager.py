@@ -37,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "packager"))
+sys.path.insert(0, str(ROOT))  # tests/conftest.py (shipped_model) imports tests.helpers
 
 import packager_models as pm  # noqa: E402
 from edgefleet.devices.profile import get_profile  # noqa: E402
@@ -224,8 +225,12 @@ def bench_model(name: str, model: Path, calib: Feeds, val: Feeds, work: Path, ru
                 continue
             wall = time.perf_counter() - t0
             chosen = pk.report["chosen"]
+            mp = pk.report.get("mixed_precision")
             tr["runs"].append({"seconds": round(wall, 1), "chosen": chosen["name"], "precision": chosen["precision"],
-                               "providers": [p.name for p in pk.manifest.providers]})
+                               "providers": [p.name for p in pk.manifest.providers],
+                               "mixed_precision": None if not mp else {
+                                   k: mp.get(k) for k in ("seconds", "calibration", "calibration_errors", "passed",
+                                                          "candidates")}})
             if first is None:
                 first = pk.path
                 acc = next(c for c in pk.report["candidates"] if c["name"] == chosen["name"])["accuracy"]
@@ -303,6 +308,16 @@ def render(results: list[dict[str, Any]], header: str) -> str:
             for c in t.get("candidates", []):
                 if c["error"] or not c["ok"]:
                     notes.append(f"  - {c['name']}: {c['error'] or '; '.join(c['failures'])}")
+                elif "-excl" in c["name"]:
+                    sp_c = f"{c['speedup']:.2f}x the reference" if c.get("speedup") else "not timed"
+                    notes.append(f"  - {c['name']}: within budget (mixed precision), {sp_c}")
+            mps = [x.get("mixed_precision") for x in runs]
+            if any(mps):
+                notes.append("  - mixed-precision search per run: " + "; ".join(
+                    "not run" if not m_ else
+                    f"{m_['calibration']} calibration (tail errors {m_['calibration_errors']}), "
+                    f"{len(m_['candidates'] or [])} candidate(s), passed: {m_['passed'] or 'none'}, {m_['seconds']} s"
+                    for m_ in mps))
             if t.get("measure_error"):
                 notes.append(f"  - bench timing failed: {t['measure_error']}")
     lines += ["", "## Why each bundle was chosen, and what was refused", "", *notes]

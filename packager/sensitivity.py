@@ -16,8 +16,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DATA_MOVEMENT", "QUANTIZABLE", "WEIGHTED", "FloatSearch", "activation_tensors", "keep_float", "output_tail",
-           "rank_nodes", "search_float_tensors", "tail_tensors", "with_data_movement_successors"]
+__all__ = [
+    "DATA_MOVEMENT",
+    "QUANTIZABLE",
+    "WEIGHTED",
+    "FloatSearch",
+    "activation_tensors",
+    "float_error",
+    "keep_float",
+    "output_tail",
+    "rank_nodes",
+    "search_float_tensors",
+    "tail_tensors",
+    "with_data_movement_successors",
+]
 
 # Consumers that would quantize an excluded node's output again at once, so they follow it out of quantization:
 # ops that only move or reshape data, and Concat, which ORT's QDQ quantizer gives one scale shared by all its inputs
@@ -312,3 +324,15 @@ def tail_tensors(quantized: Path, src: Path) -> list[str]:
             if t in quantized_set and t not in out:
                 out.append(t)
     return out
+
+
+def float_error(quantized: Path, src: Path, samples: Sequence[Mapping[str, np.ndarray]], tensors: Sequence[str],
+                work: Path, channel_floor: float = 0.05) -> float:
+    """The output error (as :func:`search_float_tensors` measures it) of ``quantized`` with ``tensors`` in float."""
+    work.mkdir(parents=True, exist_ok=True)
+    p = work / "float-error.onnx"
+    keep_float(quantized, tensors, p)
+    try:
+        return _error(_outputs(p, samples), _outputs(src, samples), channel_floor)
+    finally:
+        p.unlink(missing_ok=True)

@@ -85,6 +85,7 @@ def test_package_rescues_int8_in_mixed_precision_and_records_the_float_nodes(det
     assert res.report["mixed_precision"]["passed"] == chosen["name"]
 
 
+@pytest.mark.timeout(1800)  # two packaging runs with the search; minutes on a loaded 2-core host
 def test_package_magika_collapsed_int8_is_rescued_by_measured_mixed_precision_the_same_way_twice(
         signing_key, trusted, tmp_path):
     """Magika's static INT8 picks one class for every input (collapsed: refused); its output tail alone does not
