@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from test_api_tritonclient import X, agent_with_model  # noqa: F401 - the fixture, shared
 
-from tests._prometheus import Prometheus, dashboard_exprs, metric_names
+from tests._prometheus import DASHBOARD, Prometheus, dashboard_exprs, metric_names
 
 pytestmark = pytest.mark.mosquitto
 
@@ -36,6 +36,10 @@ def test_grafana_agent_panels_query_only_metrics_a_live_agent_exports(agent_with
     assert len(exprs) >= 4 and used
     missing = sorted(used - have)
     assert not missing, f"the dashboard's agent panels query metrics the agent does not export: {missing}"
+    # The shipped alerting rules' agent group too (docs/prometheus/edgefleet-alerts.yml).
+    rules = (DASHBOARD.parents[1] / "prometheus" / "edgefleet-alerts.yml").read_text()
+    alert_metrics = metric_names([rules.partition("- name: edgefleet-agent")[2]])
+    assert alert_metrics and not alert_metrics - have, sorted(alert_metrics - have)
     # And a real Prometheus scraping this agent gets series for every agent panel's query.
     prom = Prometheus(tmp_path, {"edgefleet-agent": agent.api})
     try:

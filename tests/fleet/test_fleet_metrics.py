@@ -143,3 +143,32 @@ def test_grafana_dashboard_queries_parse_and_return_series_from_a_real_prometheu
     finally:
         prom.stop()
     assert not bad, bad
+
+
+ALERTS = DASHBOARD.parents[1] / "prometheus" / "edgefleet-alerts.yml"
+
+
+def alert_rule_metrics(agent: bool) -> set[str]:
+    """Metric names in the shipped alerting rules: the fleet group (controller) or the agent group."""
+    fleet_part, _, agent_part = ALERTS.read_text().partition("- name: edgefleet-agent")
+    return metric_names([agent_part if agent else fleet_part])
+
+
+def test_alerting_rules_pass_promtool_and_their_unit_tests(tmp_path) -> None:
+    """docs/prometheus/edgefleet-alerts.yml: valid rules (promtool check rules), and each alert fires when it
+    should and not before (promtool test rules on edgefleet-alerts.test.yml: offline device, a fifth of the fleet
+    offline, refused messages, backlog, failing inference)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (make system-deps installs Debian's prometheus package)")
+    checked = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "SUCCESS: 5 rules found" in checked.stdout, checked.stdout + checked.stderr
+    tested = subprocess.run([promtool, "test", "rules", ALERTS.with_name("edgefleet-alerts.test.yml").name],
+                            capture_output=True, text=True, timeout=60, cwd=ALERTS.parent)
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+def test_alerting_rules_use_only_metrics_a_live_controller_exports(live_fleet) -> None:
+    have = sample_names(scrape(live_fleet.url))
+    used = alert_rule_metrics(agent=False)
+    assert used and not used - have, sorted(used - have)
