@@ -338,12 +338,12 @@ class _Components:
 
 
 def _stored_by(ctls: list[Controller]) -> int:
-    """Telemetry rows the controllers stored since they started (their own counters: no query on the database,
-    whose CPU is measured)."""
+    """Telemetry rows the controllers stored since they started (their own counters, ``?store=0``: no query on the
+    database, whose CPU is measured)."""
     total = 0
     for c in ctls:
         try:
-            total += int(get_json(c.url + "/api/ingest")["stored"].get("telemetry", 0))
+            total += int(get_json(c.url + "/api/ingest?store=0")["stored"].get("telemetry", 0))
         except OSError:
             pass  # still starting
     return total
@@ -376,7 +376,7 @@ def scale_run(tmp: Path, pg: Any, backend: str, n_ctl: int, n_devices: int, n_me
     d.mkdir()
     broker, url = start_broker(d)
     fleet = f"{FLEET}-{name}"
-    store = str(d / "fleet.db") if backend == "sqlite" else pg.create_database(f"bench_{name}")
+    store = str(d / "fleet.db") if backend == "sqlite" else pg.create_database(f"bench_{tmp.name}_{name}")
     db_proc = psutil.Process(pg.pids()[0]) if backend == "postgresql" else None
     cores = os.cpu_count() or 1
     ctls: list[Controller] = []
@@ -422,13 +422,14 @@ def scale_run(tmp: Path, pg: Any, backend: str, n_ctl: int, n_devices: int, n_me
         wait(lambda: _stored_by(ctls) >= n_messages, timeout, f"{n_messages} messages stored (drain)", 0.25)
         drain = _Components.cost(a, comp.sample(), n_messages - first)
         time.sleep(1.5)  # the last receipts and acks
-        stats = [get_json(c.url + "/api/ingest") for c in ctls]
+        stats = [get_json(c.url + "/api/ingest?store=0") for c in ctls]
         rows, distinct = _count_rows(store, fleet)
         return {"backend": backend, "controllers": n_ctl, "devices": n_devices, "messages_sent": 2 * n_messages,
                 "rows_stored": rows, "lost": 2 * n_messages - distinct, "stored_twice": rows - distinct,
                 "redelivered_deduplicated": sum(s["duplicates"].get("telemetry", 0) for s in stats),
                 "receipts_sent": sum(s.get("receipts", 0) for s in stats),
                 "split": [s["stored"].get("telemetry", 0) for s in stats], "live": live, "drain": drain,
+                "batches": [s.get("batches", 0) for s in stats],  # since the restart: the drain's write batches
                 "receipts_confirmed": sim.confirmed}
     finally:
         if sim is not None:
@@ -439,8 +440,9 @@ def scale_run(tmp: Path, pg: Any, backend: str, n_ctl: int, n_devices: int, n_me
         broker.wait(10)
 
 
-def run_scale(n_devices: int, n_messages: int, configs: list[tuple[str, int]]) -> dict[str, Any]:
-    """The scale matrix (backends x controllers), on one PostgreSQL server with its default (durable) settings."""
+def run_scale(n_devices: int, n_messages: int, configs: list[tuple[str, int]], rounds: int = 1) -> dict[str, Any]:
+    """The scale matrix (backends x controllers), ``rounds`` times (configurations interleaved), on one PostgreSQL
+    server with its default (durable) settings."""
     sys.path.insert(0, str(ROOT))
     from tests.pg_server import PostgresServer
 
@@ -449,8 +451,11 @@ def run_scale(n_devices: int, n_messages: int, configs: list[tuple[str, int]]) -
     try:
         out["postgresql"] = _pg_version(pg) if pg is not None else None
         with tempfile.TemporaryDirectory(prefix="edgefleet-bench-scale-") as d:
-            for backend, n in configs:
-                r = scale_run(Path(d), pg, backend, n, n_devices, n_messages)
+            for i, (backend, n) in enumerate((b, n) for _ in range(rounds) for b, n in configs):
+                sub = Path(d) / f"round{i // len(configs)}"
+                sub.mkdir(exist_ok=True)
+                r = scale_run(sub, pg, backend, n, n_devices, n_messages)
+                r["round"] = i // len(configs)
                 print(f"{backend}, {n} controller(s): live {r['live']['msgs_per_s']:,.0f} msgs/s, controller "
                       f"{r['live']['controller_cpu_ms_per_1000']} ms CPU/1,000 "
                       f"({r['live']['msgs_per_controller_cpu_s'] or 0:,.0f}/CPU-s), broker "
@@ -471,6 +476,113 @@ def _pg_version(pg: Any) -> str:
     with psycopg.connect(pg.url()) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     return str(row[0]) if row else "?"
+
+
+# Where a controller's time goes, by the first of these frames found in a sampled stack (py-spy's raw output).
+_PROFILE_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+    ("writer: store, per-minute sketch merge", ("_merge_minutes (", "merge_minute (")),
+    ("writer: store, derived windows and summaries (Python)", (";derive (fleet/store/_derive.py:",)),
+    ("writer: store, device summaries (SQL)", ("_write_summaries (",)),
+    ("writer: store, telemetry rows and the rest of the batch's SQL", ("_write_telemetry (", "_insert_telemetry (",
+                                                                       "PostgresStore._copy (")),
+    ("writer: store, commit", ("_Tx.__exit__", "_tx (")),
+    ("writer: store, other", ("SQLiteStore.write (", "PostgresStore.write (")),
+    ("writer: parse and validate (protocol model)", ("Ingestor._parse_into (",)),
+    ("writer: receipts (build, queue)", ("Ingestor._flush_receipts (", "Ingestor._note_receipts (")),
+    ("writer: acks (queue)", ("MqttTransport.ack (",)),
+    ("writer: batching", ("Ingestor._write_loop (",)),
+    ("network: socket reads", ("BufferedClient._sock_recv (",)),
+    ("network: hand-off to the writer", ("MqttTransport._on_message (",)),
+    ("network: MQTT packet decoding (paho)", ("Client._packet_read (",)),
+    ("network: socket writes (acks, receipts)", ("loop_write (",)),
+    ("network: select loop", ("MqttTransport._run (",)),
+    ("HTTP server (the bench's progress polls)", ("run_forever (", "_worker (")),
+]
+
+
+def profile(backend: str, n_messages: int) -> dict[str, Any]:
+    """Sample one controller with py-spy (``$PY_SPY`` or ``py-spy`` on the PATH; not a project dependency) while it
+    drains ``n_messages`` queued for it, receipts on; the samples summed by where they are (``_PROFILE_BUCKETS``)."""
+    spy = os.environ.get("PY_SPY") or shutil.which("py-spy")
+    if not spy:
+        raise SystemExit("bench: --profile needs py-spy (pip install py-spy in any venv; set PY_SPY to its path)")
+    sys.path.insert(0, str(ROOT))
+    from edgefleet.fleet.simulate import Simulator, make_devices
+
+    from tests.pg_server import PostgresServer
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-profile-") as d:
+        tmp = Path(d)
+        broker, url = start_broker(tmp)
+        pg = PostgresServer() if backend == "postgresql" else None
+        ctl = sim = None
+        try:
+            store = pg.create_database("profile") if pg is not None else str(tmp / "fleet.db")
+            ctl = Controller(tmp, url, "profile", True, store=store)
+            sim = Simulator(url, ctl.fleet, make_devices(1000, prefix="dev"), interval_s=10.0, per_window=200,
+                            own_connections=0, connections=1, client_prefix="profile", receipts=True)
+            sim.start(timeout_s=30)
+            wait(lambda: len(get_json(ctl.url + "/api/devices")["devices"]) == 1000, 120, "births stored")
+            ctl.stop(close=False)
+            for t, p in _payloads(sim, ctl.fleet, n_messages):
+                sim._clients[0].publish(t, p, qos=1)
+            sim.flush(300)
+            ctl.start(wait_up=False)
+            raw = tmp / "profile.txt"
+            spy_proc = subprocess.Popen([spy, "record", "-p", str(ctl.proc.pid), "-f", "raw", "-o", str(raw),
+                                         "-r", "200", "--nonblocking", "-d", "600"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait(lambda: _stored_by([ctl]) > 0, 120, "the first row")
+            c0, t0 = ctl.cpu_s(), time.perf_counter()
+            wait(lambda: _stored_by([ctl]) >= n_messages, 600, "the drain", 0.25)
+            cpu, secs = ctl.cpu_s() - c0, time.perf_counter() - t0
+            spy_proc.send_signal(2)  # py-spy writes its file on SIGINT
+            spy_proc.wait(60)
+            buckets: dict[str, int] = {}
+            total = 0
+            for line in raw.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                if not count.isdigit():
+                    continue
+                total += int(count)
+                name = next((b for b, subs in _PROFILE_BUCKETS if any(x in stack for x in subs)), "other")
+                buckets[name] = buckets.get(name, 0) + int(count)
+        finally:
+            if sim is not None:
+                sim.stop(graceful=False)
+            if ctl is not None:
+                ctl.stop()
+            broker.terminate()
+            if pg is not None:
+                pg.stop()
+    return {"backend": backend, "messages": n_messages, "seconds": round(secs, 2), "cpu_s": round(cpu, 3),
+            "msgs_per_cpu_s": round(n_messages / cpu, 1) if cpu else None, "samples": total,
+            "shares": {k: round(v / total, 4) for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])},
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def profile_report(profiles: list[dict[str, Any]]) -> str:
+    """The profiles as Markdown."""
+    lines = ["# Where a controller's ingest time goes", "",
+             "`.venv/bin/python bench/fleet.py --profile` (py-spy, 200 samples/s, not a project dependency: "
+             "`PY_SPY=/path/to/py-spy`): one controller drains messages queued while it was stopped (1,000 devices, "
+             "receipts on, QoS 0), sampled from its first stored row to its last. Shares are of the samples in the "
+             "controller's threads that were not idle (a thread waiting for the GIL counts as busy), grouped by the "
+             "first matching frame (bench/fleet.py `_PROFILE_BUCKETS`). PostgreSQL's own work is in its server "
+             "processes, not here (bench/results/fleet.md, database CPU).", ""]
+    names = [b for b, _ in _PROFILE_BUCKETS] + ["other"]
+    lines += ["| where | " + " | ".join(p["backend"] for p in profiles) + " |",
+              "|---|" + "---:|" * len(profiles)]
+    for name in names:
+        if any(name in p["shares"] for p in profiles):
+            lines.append(f"| {name} | " + " | ".join(f"{p['shares'].get(name, 0):.1%}" for p in profiles) + " |")
+    lines += ["", "| | " + " | ".join(p["backend"] for p in profiles) + " |", "|---|" + "---:|" * len(profiles),
+              "| messages drained | " + " | ".join(f"{p['messages']:,}" for p in profiles) + " |",
+              "| controller CPU s (messages per CPU-second) | "
+              + " | ".join(f"{p['cpu_s']} ({p['msgs_per_cpu_s'] or 0:,.0f})" for p in profiles) + " |",
+              "| samples | " + " | ".join(f"{p['samples']:,}" for p in profiles) + " |",
+              "| load average at the end | " + " | ".join(str(p["load_avg"]) for p in profiles) + " |", ""]
+    return "\n".join(lines)
 
 
 def api_latency(ctl: Controller, runs: int) -> dict[str, Any]:
@@ -556,23 +668,35 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rewrite fleet.md from fleet.json, measure nothing")
     ap.add_argument("--ab", metavar="GIT_REF", help="only an A/B of the ingest drain: this tree against GIT_REF, "
                     "interleaved (writes fleet-ab.json and .md)")
-    ap.add_argument("--rounds", type=int, default=4, help="A/B rounds (default 4)")
+    ap.add_argument("--rounds", type=int, default=None, help="A/B rounds (default 4); --scale rounds (default 3)")
     ap.add_argument("--this", dest="this_ref", metavar="GIT_REF",
                     help="with --ab: measure GIT_REF instead of this tree")
     ap.add_argument("--scale", action="store_true", help="only the scale matrix: SQLite and PostgreSQL, 1 and 2 "
                     "controllers, CPU per component (merged into fleet.json and fleet.md)")
+    ap.add_argument("--devices", type=int, default=1000, help="with --scale: simulated devices (default 1,000; "
+                    "with 10,000 nearly every message gets its own receipt, as in a fleet reporting every 10 s)")
     ap.add_argument("--configs", default="sqlite:1,postgresql:1,sqlite:2,postgresql:2",
                     help="with --scale: BACKEND:CONTROLLERS,... (default: all four)")
+    ap.add_argument("--profile", action="store_true", help="only a py-spy profile of one controller's drain, "
+                    "SQLite and PostgreSQL (writes fleet-profile.json and .md)")
     args = ap.parse_args()
+    if args.profile:
+        profs = [profile(b, 6000 if args.quick else 30_000) for b in ("sqlite", "postgresql")]
+        (RESULTS / "fleet-profile.json").write_text(json.dumps(profs, indent=1) + "\n")
+        (RESULTS / "fleet-profile.md").write_text(profile_report(profs))
+        print(profile_report(profs))
+        return
+    if args.rounds is None:
+        args.rounds = 3 if args.scale else 4
     if args.scale:
         configs = [(b, int(n)) for b, n in (c.split(":") for c in args.configs.split(","))]
-        got = run_scale(1000, 6000 if args.quick else 30_000, configs)
+        got = run_scale(args.devices, 6000 if args.quick else 30_000, configs, args.rounds)
         path = RESULTS / "fleet.json"
         results = json.loads(path.read_text()) if path.exists() else {}
-        results["scale"] = got
+        results["scale" if args.devices == 1000 else f"scale_{args.devices}"] = got
         path.write_text(json.dumps(results, indent=2) + "\n")
         (RESULTS / "fleet.md").write_text(report(results))
-        print(scale_report(got))
+        print(scale_report(got, args.devices))
         return
     if args.ab:
         with tempfile.TemporaryDirectory(prefix="edgefleet-bench-ab-") as d:
@@ -627,12 +751,14 @@ def main() -> None:
     print((RESULTS / "fleet.md").read_text())
 
 
-def scale_report(sc: dict[str, Any]) -> str:
+def scale_report(sc: dict[str, Any], devices: int = 1000) -> str:
     """The scale matrix as Markdown."""
+    flag = "" if devices == 1000 else f" --devices {devices}"
     lines = [
-        "## Scale-out: SQLite and PostgreSQL, 1 and 2 controllers, receipts on", "",
-        f"`.venv/bin/python bench/fleet.py --scale`: one Mosquitto, PostgreSQL {sc.get('postgresql') or '-'} with its "
-        "default (durable) settings, 1,000 simulated devices on one connection that subscribes to their receipts "
+        f"## Scale-out: SQLite and PostgreSQL, 1 and 2 controllers, receipts on, {devices:,} devices", "",
+        f"`.venv/bin/python bench/fleet.py --scale{flag}`: one Mosquitto, PostgreSQL {sc.get('postgresql') or '-'} "
+        f"with its default (durable) settings, {devices:,} simulated devices on one connection that subscribes to "
+        "their receipts "
         "(QoS 0, the default), N `fleet serve` processes in one share group, each pinned to its own core. Load "
         f"average {sc['load_avg_at_start']} at start, {sc['load_avg_at_end']} at end (a shared 2-core machine). "
         "*Live*: messages published while the controllers run, from the first publish until the controllers have "
@@ -641,32 +767,49 @@ def scale_report(sc: dict[str, Any]) -> str:
         "the last. CPU is user+system time per 1,000 messages: of the controllers (summed), of Mosquitto, of the "
         "PostgreSQL server (postmaster and backends; SQLite runs inside the controller). *Per controller CPU-second* "
         "= messages / controller CPU seconds: what one controller core sustains when it has the core to itself.", "",
-        "| store | controllers | phase | msgs/s (wall) | msgs per controller CPU-second | controller CPU ms/1,000 "
-        "(each) | broker CPU ms/1,000 | database CPU ms/1,000 |",
+        "| store | controllers | phase | msgs/s (wall) | msgs per controller CPU-second (min–max) | controller CPU "
+        "ms/1,000 (each) | broker CPU ms/1,000 | database CPU ms/1,000 |",
         "|---|---:|---|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in sc["runs"]:
+        groups.setdefault((r["backend"], r["controllers"]), []).append(r)
+
+    def med(xs: list[Any]) -> Any:
+        xs = [x for x in xs if x is not None]
+        return round(statistics.median(xs), 1) if xs else None
+
+    for (backend, n), rs in groups.items():
         for phase in ("live", "drain"):
-            x = r[phase]
-            each = " + ".join(str(v) for v in x["controller_cpu_ms_per_1000_each"]) if r["controllers"] > 1 else ""
-            db = x["database_cpu_ms_per_1000"]
-            lines.append(f"| {r['backend']} | {r['controllers']} | {phase} | {x['msgs_per_s']:,.0f} | "
-                         f"**{x['msgs_per_controller_cpu_s'] or 0:,.0f}** | {x['controller_cpu_ms_per_1000']}"
-                         f"{f' ({each})' if each else ''} | {x['broker_cpu_ms_per_1000']} | "
+            xs = [r[phase] for r in rs]
+            rates = [x["msgs_per_controller_cpu_s"] or 0 for x in xs]
+            each = " + ".join(str(med([x["controller_cpu_ms_per_1000_each"][i] for x in xs])) for i in range(n))
+            db = med([x["database_cpu_ms_per_1000"] for x in xs])
+            spread = f" ({min(rates):,.0f}–{max(rates):,.0f})" if len(rs) > 1 else ""
+            lines.append(f"| {backend} | {n} | {phase} | {med([x['msgs_per_s'] for x in xs]):,.0f} | "
+                         f"**{med(rates):,.0f}**{spread} | {med([x['controller_cpu_ms_per_1000'] for x in xs])}"
+                         f"{f' ({each})' if n > 1 else ''} | {med([x['broker_cpu_ms_per_1000'] for x in xs])} | "
                          f"{'in the controller' if db is None else db} |")
-    lines += ["", "| store | controllers | messages sent | rows stored | lost | stored twice | redelivered "
-              "(de-duplicated) | split between controllers | receipts sent |",
-              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    rounds = max(len(rs) for rs in groups.values())
+    lines += ["", f"Medians of {rounds} round(s), the configurations interleaved round by round. Below, each round's "
+              "end state, read from the store: *lost* = messages sent whose (device, boot, seq) is not stored, "
+              "*stored twice* = rows minus distinct keys; *redelivered* = messages the broker delivered again that "
+              "the store recognised as already stored.", "",
+              "| store | controllers | round | messages sent | rows stored | lost | stored twice | redelivered "
+              "(de-duplicated) | split between controllers | receipts sent in the drain (per message) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in sc["runs"]:
-        lines.append(f"| {r['backend']} | {r['controllers']} | {r['messages_sent']:,} | {r['rows_stored']:,} | "
-                     f"{r['lost']} | {r['stored_twice']} | {r['redelivered_deduplicated']} | "
-                     f"{' / '.join(f'{v:,}' for v in r['split'])} | {r['receipts_sent']:,} |")
+        lines.append(f"| {r['backend']} | {r['controllers']} | {r.get('round', 0) + 1} | {r['messages_sent']:,} | "
+                     f"{r['rows_stored']:,} | {r['lost']} | {r['stored_twice']} | {r['redelivered_deduplicated']} | "
+                     f"{' / '.join(f'{v:,}' for v in r['split'])} | {r['receipts_sent']:,} "
+                     f"({r['receipts_sent'] / (r['messages_sent'] / 2):.2f}) |")  # counted since the restart
     lines.append("")
     return "\n".join(lines)
 
 
 def report(r: dict[str, Any]) -> str:
     if "host" not in r:
-        return "# Fleet controller bench\n\n" + (scale_report(r["scale"]) if r.get("scale") else "")
+        return "# Fleet controller bench\n\n" + "\n".join(
+            scale_report(r[k], int(k.split("_")[1]) if "_" in k else 1000) for k in sorted(r) if k.startswith("scale"))
     h = r["host"]
     lines = [
         "# Fleet controller bench",
@@ -721,8 +864,13 @@ def report(r: dict[str, Any]) -> str:
         for k, v in r["api_10k"].items():
             lines.append(f"| {k} | {v['p50_ms']} | {v['p95_ms']} | {v['bytes']:,} |")
         lines.append("")
-    if r.get("scale"):
-        lines += [scale_report(r["scale"])]
+    if any(k.startswith("scale") for k in r):
+        lines += ["The sections above come from the last full run (`bench/fleet.py`); the scale-out sections below "
+                  "were measured later (`--scale`), after buffered MQTT reads, QoS 0 receipts and corked writes, whose "
+                  "effect alone the A/B files measure (fleet-ab-*.md). Where a controller's time goes: "
+                  "fleet-profile.md.", ""]
+    for key in sorted(k for k in r if k.startswith("scale")):
+        lines += [scale_report(r[key], int(key.split("_")[1]) if "_" in key else 1000)]
     return "\n".join(lines)
 
 
