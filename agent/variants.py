@@ -4,7 +4,9 @@ The packager cannot measure every device (no Mac, no Jetson, a build host whose 
 bundle may carry several verified variants (docs/bundle-format.md, "Variants"). At install the agent opens every
 variant on this device's ONNX Runtime, runs its self-test (a variant that fails is never pinned, whatever its
 speed), times the passing ones against each other in interleaved rounds (``sdk.timing``, the packager's method)
-within ``install.variant_budget_s``, and pins the one with the lowest median per-round time ratio. The whole table
+within ``install.variant_budget_s``, and pins the one with the lowest median per-round time ratio when it is faster
+than the first passing variant (the packager's own pick) with 95% confidence, else that first one (the data cannot
+decide: the safe branch). The whole table
 goes into the install event and the reply; the choice is written next to the bundle's provider caches
 (``cache/<digest>/variant.json``, atomically) with the environment it was made in (ONNX Runtime version and
 flavour, providers offered, profile, CPU model and architecture): at start it is reused when that environment is
@@ -160,17 +162,27 @@ class VariantChooser:
                 feed = m.example_inputs()
                 outs = [o.name for o in m.manifest.outputs]
                 runners[n] = (lambda s=m.session, o=outs, f=feed: s.run(o, f))
-            policy = TimingPolicy(min_rounds=5, max_rounds=61, budget_s=self.budget_s, target_halfwidth=0.02)
+            policy = TimingPolicy(min_rounds=5, max_rounds=61, budget_s=self.budget_s, target_halfwidth=0.02,
+                                  min_call_s=0.02)
             res = interleaved_rounds(runners, reference, policy)
             for n, e in res.estimates.items():
                 rows[n].update({"p50_ms": round(e.median_ms, 4), "ratio": round(e.ratio, 4),
                                 "ci": [round(e.low, 4), round(e.high, 4)]})
-            winner = min(names, key=lambda n: (res.estimates[n].ratio, names.index(n)))
-            cmp = res.compare(winner, reference)
-            sure = "with 95% confidence" if winner == reference or cmp.faster() else "not with confidence"
-            why = (f"lowest median time of {len(names)} passing variants over {res.estimates[winner].rounds} "
-                   f"interleaved rounds ({res.stopped}); {winner} at {res.estimates[winner].ratio:.3f}x "
-                   f"{reference} ({sure})")
+            fastest = min(names, key=lambda n: (res.estimates[n].ratio, names.index(n)))
+            cmp = res.compare(fastest, reference)
+            rounds = res.estimates[fastest].rounds
+            if fastest == reference or cmp.faster():
+                winner = fastest
+                why = (f"fastest of {len(names)} passing variants over {rounds} interleaved rounds ({res.stopped})"
+                       + ("" if fastest == reference else
+                          f": {res.estimates[fastest].ratio:.3f}x the time of {reference} "
+                          f"[{cmp.low:.3f}-{cmp.high:.3f}], faster with 95% confidence"))
+            else:
+                # the data cannot decide: the safe branch is the first passing variant (the packager's own pick)
+                winner = reference
+                why = (f"{fastest} measured {res.estimates[fastest].ratio:.3f}x the time of {reference} "
+                       f"[{cmp.low:.3f}-{cmp.high:.3f}] over {rounds} interleaved rounds ({res.stopped}), not faster "
+                       f"with 95% confidence: {reference}, the first that passed, stays")
             timing = {"rounds": res.estimates[winner].rounds, "seconds": round(res.seconds, 3),
                       "stopped": res.stopped, "reference": reference, "budget_s": self.budget_s}
         for n, row in rows.items():

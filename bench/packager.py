@@ -95,7 +95,7 @@ def _load_bundle(rt: TargetRuntime, key: str, bundle: Path, trusted: TrustedKeys
     providers = list(m.providers)
     if threads is not None and providers[0].name == OV:
         providers[0] = ProviderConfig(OV, {**providers[0].options, "num_of_threads": str(threads)})
-    rt.load(key, dest / "model" / "model.onnx", providers, session, m.inputs, m.outputs, tmp / "cache")
+    rt.load(key, dest.joinpath(*m.model.split("/")), providers, session, m.inputs, m.outputs, tmp / "cache")
     return {"providers": [p.name for p in m.providers], "precision": m.precision,
             "candidate": m.metadata.get("candidate"), "threads": session.intra_op_num_threads}
 

@@ -71,8 +71,11 @@ def test_variant_install_pins_a_passing_variant_never_the_broken_one(tmp_path: P
     assert all(r["p50_ms"] > 0 and r["ratio"] > 0 for r in timed)
     assert res.variant in {n for n, r in rows.items() if r["passed"]}
     assert [n for n, r in rows.items() if r["pinned"]] == [res.variant]
-    # the pinned one is the fastest measured (lowest median ratio to the reference), and it is what serves
-    assert rows[res.variant]["ratio"] == min(r["ratio"] for r in timed)
+    # the pinned one is the fastest measured (lowest median ratio) when that is faster than the first passing variant
+    # with confidence; otherwise the data cannot decide and the first passing one (the packager's pick) stays
+    fastest = min(timed, key=lambda r: r["ratio"])["variant"]
+    if res.variant != fastest:
+        assert res.variant == "fp32" and "not faster with 95% confidence" in res.variants["why"]
     served = inst.registry.get("testmodel")
     assert served is not None and served.variant == res.variant
     assert served.run({"x": X})["probs"].shape == (2, 4)

@@ -92,7 +92,9 @@ def test_real_agent_pins_a_passing_variant_and_the_controller_shows_it(controlle
         assert rows["padded"]["passed"] and rows["fp32"]["passed"]
         pinned = data["variant"]
         assert pinned in ("padded", "fp32") and rows[pinned]["pinned"]
-        assert rows[pinned]["ratio"] == min(rows["padded"]["ratio"], rows["fp32"]["ratio"])
+        fastest = min(("padded", "fp32"), key=lambda n: rows[n]["ratio"])
+        if pinned != fastest:  # the data could not decide: the first passing variant stays
+            assert pinned == "padded" and "not faster with 95% confidence" in data["variants"]["why"]
         assert all(rows[n]["providers"] == ["CPUExecutionProvider"] for n in ("padded", "fp32"))
 
         def shown() -> bool:
