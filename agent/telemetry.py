@@ -19,7 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.sdk.protocol import ColdStart, ModelTotals, ModelWindow, ProcessStats, SystemStats, Telemetry
+from edgefleet.sdk.protocol import (
+    ColdStart,
+    ModelTotals,
+    ModelWindow,
+    OutputWindow,
+    ProcessStats,
+    SystemStats,
+    Telemetry,
+)
 from edgefleet.sdk.sketch import LatencySnapshot
 
 from .registry import Registry
@@ -56,8 +64,14 @@ def read_temperature() -> float | None:
 
 
 def model_entry(model: Model, snap: LatencySnapshot) -> ModelWindow:
-    """The telemetry entry of one model window."""
+    """The telemetry entry of one model window (with the output statistic's sketch, when the bundle names one)."""
     pct = snap.percentiles()
+    output = None
+    stat = getattr(model, "output_stat", None)
+    if stat is not None:
+        out = model.output_recorder.take(time.monotonic())
+        if out.count:
+            output = OutputWindow(output=stat.output, stat=stat.stat, sketch=out.sketch.to_wire())
     return ModelWindow(
         name=model.name, version=model.version, digest=model.digest, target=model.manifest.target,
         count=snap.count, errors=snap.errors, window_s=round(snap.seconds, 3),
@@ -67,6 +81,7 @@ def model_entry(model: Model, snap: LatencySnapshot) -> ModelWindow:
         providers=list(model.placement.serving),
         fallback=model.placement.fallback,
         variant=model.variant,
+        output=output,
         cold_start=ColdStart(session_ms=round(model.session_ms, 3),
                              first_run_ms=None if model.first_run_ms is None else round(model.first_run_ms, 3)),
         total=ModelTotals(count=model.recorder.total_count, errors=model.recorder.total_errors),

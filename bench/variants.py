@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "packager"))
+sys.path.insert(0, str(ROOT))  # packager_models loads tests/conftest.py, which imports tests.helpers
 
 import packager_models as pm  # noqa: E402
 from edgefleet.agent.installer import Installer, bundle_file  # noqa: E402
@@ -109,6 +110,48 @@ def install(bundle: Path, trusted: TrustedKeys, root: Path, target: str, budget_
         inst.store.close()
 
 
+def run_padded(target: str, key: Path, trusted: TrustedKeys, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A clear winner: the tests' MLP as two variants with exactly the same outputs, the first (the default a
+    device that cannot choose runs) padded with a heavy side branch multiplied by zero. Built with the sdk's test
+    bundle writer (the packager would never plan the padded one)."""
+    from edgefleet.sdk.bundle import SessionConfig
+    from edgefleet.sdk.keys import load_private_key
+    from edgefleet.sdk.testing import VariantSpec, build_test_variant_bundle
+
+    from tests.conftest import make_mlp, make_padded_mlp
+
+    work.mkdir(parents=True, exist_ok=True)
+    good = make_mlp(work / "mlp.onnx")
+    padded = make_padded_mlp(good, work / "padded.onnx", layers=4, width=256)
+    bundle = build_test_variant_bundle(good, [
+        VariantSpec("padded", padded, session=SessionConfig(graph_optimization_level="disabled")),
+        VariantSpec("fp32", good)], work / "padded.efb", load_private_key(key), target=target)
+    names = ["padded", "fp32"]
+    installs = [install(bundle, trusted, work / f"agent-m{i}", target, args.budget) for i in range(args.installs)]
+    store = Store(work / f"agent-m{args.installs - 1}")
+    try:
+        verdict = judge(store.path(installs[-1]["digest"]), trusted, names, args.judge_s, work / "judge-cache")
+    finally:
+        store.close()
+    _quality(installs, verdict)
+    return {"model": "mlp-padded", "what": "synthetic: the tests' MLP, and the same with a zero-weighted heavy "
+                                           "branch first (same outputs)", "target": target, "variants": names,
+            "packager_pick": "padded (first)", "bundle_bytes": {"multi": bundle.stat().st_size, "single": 0},
+            "package_s": None, "installs": [{k: v for k, v in r.items() if k != "digest"} for r in installs],
+            "single_installs_s": [], "judge": verdict, "quality_min": min(r["quality"] for r in installs),
+            "choice_s_median": round(statistics.median(r["choice"]["seconds"] for r in installs), 2),
+            "install_s_median": round(statistics.median(r["wall_s"] for r in installs), 2),
+            "single_install_s_median": None}
+
+
+def _quality(installs: list[dict[str, Any]], verdict: dict[str, Any]) -> None:
+    for r in installs:
+        vb = verdict["vs_best"][r["variant"]]
+        r["quality"] = round(1.0 / vb["ratio"], 4)
+        # the interval of best/pinned: the ratio's interval inverted
+        r["quality_ci"] = [round(1.0 / vb["ci"][1], 4), round(1.0 / vb["ci"][0], 4)]
+
+
 def run_model(name: str, src: Path, calib: Feeds, val: Feeds, what: str, target: str, key: Path,
               trusted: TrustedKeys, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     opts = PackageOptions(time_budget_s=600.0)
@@ -138,11 +181,7 @@ def run_model(name: str, src: Path, calib: Feeds, val: Feeds, what: str, target:
         verdict = judge(store.path(installs[-1]["digest"]), trusted, names, args.judge_s, work / "judge-cache")
     finally:
         store.close()
-    for r in installs:
-        vb = verdict["vs_best"][r["variant"]]
-        r["quality"] = round(1.0 / vb["ratio"], 4)
-        # the interval of best/pinned: the ratio's interval inverted
-        r["quality_ci"] = [round(1.0 / vb["ci"][1], 4), round(1.0 / vb["ci"][0], 4)]
+    _quality(installs, verdict)
     row.update({
         "installs": [{k: v for k, v in r.items() if k != "digest"} for r in installs],
         "single_installs_s": [r["wall_s"] for r in singles],
@@ -199,8 +238,9 @@ def _markdown(res: dict[str, Any]) -> str:
             f"| {r['model']} | {', '.join(r['variants'])} | {r['packager_pick']} | "
             f"{', '.join(i['variant'] for i in r['installs'])} | {j['best']} ({j['rounds']}) | "
             f"{', '.join(_q(i) for i in r['installs'])} | {r['install_s_median']} / "
-            f"{r['single_install_s_median']} | {r['choice_s_median']} | "
-            f"{r['bundle_bytes']['multi'] // 1024} / {r['bundle_bytes']['single'] // 1024} |")
+            f"{r['single_install_s_median'] if r['single_install_s_median'] is not None else '–'} | "
+            f"{r['choice_s_median']} | {r['bundle_bytes']['multi'] // 1024} / "
+            f"{r['bundle_bytes']['single'] // 1024 if r['bundle_bytes']['single'] else '–'} |")
     lines += ["", "Per variant, the judge's median ms and ratio to the best with its 95% interval:", ""]
     for r in res["rows"]:
         if "judge" not in r:
@@ -216,8 +256,8 @@ def _markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["convnet-128", "magika"],
-                    choices=["convnet-128", "magika", "yolov8n-320"])
+    ap.add_argument("--models", nargs="+", default=["mlp-padded", "convnet-128", "magika"],
+                    choices=["mlp-padded", "convnet-128", "magika", "yolov8n-320"])
     ap.add_argument("--installs", type=int, default=3, help="fresh installs per model (each chooses again)")
     ap.add_argument("--budget", type=float, default=20.0, help="install.variant_budget_s")
     ap.add_argument("--judge-s", type=float, default=60.0, help="seconds of the separate measurement per model")
@@ -229,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         key = work / "k.key"
         trusted = TrustedKeys([generate_keypair(key).public])
-        for name, (src, calib, val, what) in models(args.models, work).items():
+        if "mlp-padded" in args.models:
+            print("mlp-padded: building and installing", file=sys.stderr)
+            rows.append(run_padded(target, key, trusted, work / "mlp-padded", args))
+        for name, (src, calib, val, what) in models([m for m in args.models if m != "mlp-padded"], work).items():
             print(f"{name}: packaging and installing", file=sys.stderr)
             rows.append(run_model(name, src, calib, val, what, target, key, trusted, work / name, args))
     res = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _machine(), "target": target,

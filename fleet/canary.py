@@ -44,6 +44,8 @@ from typing import Any
 from edgefleet.sdk.protocol import CanaryVerdict, RolloutPolicy, TelemetryWindow
 from edgefleet.sdk.protocol.api import Outcome
 
+from .drift import canary_drift
+
 __all__ = ["CONFIDENCE", "LOOKS", "DeviceWindows", "canary_count", "choose_canaries", "judge", "requests_needed"]
 
 CONFIDENCE = 0.95
@@ -265,6 +267,16 @@ def judge(bundle: str, canaries: Sequence[DeviceWindows], controls: Sequence[Dev
             return verdict("observing", f"{err_text} so far; judging after {policy.observe_s:g} s")
         return verdict("proceed", f"first deployment (no previous version to compare latency with): {err_text} in "
                                   f"{c_n} requests, within the {policy.max_error_increase:.2%} limit")
+
+    # -- output drift: a canary whose outputs depart from its own on the previous version halts the rollout, even
+    # with a fine latency (fleet/drift.py; not judged when no canary has min_samples values on both versions) --------
+    if policy.max_output_drift > 0:
+        departed, dist, why = canary_drift({u.device: u.before for u in canaries},
+                                           {u.device: u.after for u in canaries},
+                                           threshold=policy.max_output_drift, min_values=policy.min_samples)
+        common["output_drift"] = None if dist is None else round(dist, 4)
+        if departed:
+            return verdict("halt", f"{why}: the canaries' outputs departed from the previous version's")
 
     # -- latency ---------------------------------------------------------------------------------------------------
     units = [DeviceWindows(u.device, _usable(u.before), _usable(u.after)) for u in canaries]

@@ -686,6 +686,9 @@ def _progress(dep: Deployment) -> str:
               help="Canaries per target at least (a target with fewer devices keeps one out of the canary).")
 @click.option("--max-p95-regression", default="20%", show_default=True, help="Halt if canary p95 rises by more.")
 @click.option("--max-error-increase", default="1%", show_default=True, help="Halt if the error rate rises by more.")
+@click.option("--max-output-drift", type=click.FloatRange(0.0, 100.0), default=0.25, show_default=True,
+              help="Halt if the canaries' output distribution departs from the previous version's by more (quantile "
+                   "distance, docs/fleet.md \"Output drift\"); 0 turns the check off.")
 @click.option("--observe", "observe_s", type=float, default=60.0, show_default=True,
               help="Seconds of canary telemetry before the first look; the last look is at 3x this.")
 @click.option("--min-samples", type=int, default=200, show_default=True,
@@ -705,8 +708,9 @@ def _progress(dep: Deployment) -> str:
 @_api_options
 @_json_option
 def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, min_canary_devices: int,
-           max_p95_regression: str, max_error_increase: str, observe_s: float, min_samples: int, baseline_s: float,
-           seed: int | None, urls: tuple[str, ...], wait: bool, wait_timeout: float, api: Api, as_json: bool) -> None:
+           max_p95_regression: str, max_error_increase: str, max_output_drift: float, observe_s: float,
+           min_samples: int, baseline_s: float, seed: int | None, urls: tuple[str, ...], wait: bool,
+           wait_timeout: float, api: Api, as_json: bool) -> None:
     """Deploy BUNDLES (one per target profile) to the selected devices, optionally staged with canaries.
 
     Each selected device gets the bundle whose target is its profile; a bundle whose target no selected device has
@@ -720,7 +724,8 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, min_cana
     fields: dict[str, Any] = {"to": list(to), "canary": _percent(canary),
                               "max_p95_regression": _fraction(max_p95_regression, "--max-p95-regression"),
                               "max_error_increase": _fraction(max_error_increase, "--max-error-increase"),
-                              "observe_s": observe_s, "min_samples": min_samples, "baseline_s": baseline_s,
+                              "max_output_drift": max_output_drift, "observe_s": observe_s,
+                              "min_samples": min_samples, "baseline_s": baseline_s,
                               "min_canary_devices": min_canary_devices, "seed": seed}
     if urls and len(urls) != len(bundles):
         raise click.BadParameter(f"give one --url per bundle ({len(bundles)}), got {len(urls)}")

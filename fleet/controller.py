@@ -16,15 +16,17 @@ from pathlib import Path
 from aiohttp import web
 from edgefleet.sdk.errors import ConfigError, TransportError
 from edgefleet.sdk.keys import PrivateKey, TrustedKeys, load_private_key
-from edgefleet.sdk.protocol import MAX_FUTURE_SKEW_S, Command, check_id, sign_command, topic
+from edgefleet.sdk.protocol import MAX_FUTURE_SKEW_S, Command, Event, check_id, sign_command, topic
 from edgefleet.sdk.transport import MqttOptions, publish_properties
 
 from .bundles import BundleLibrary
 from .commands import Commander
+from .drift import DriftMonitor
 from .http import HttpPolicy, Liveness, make_app
 from .ingest import Ingestor
 from .rollout import Deployer
 from .store import Store, open_store
+from .store.base import Batch
 
 __all__ = ["CommandSigner", "Controller", "ControllerConfig", "ListenError"]
 
@@ -117,6 +119,13 @@ class ControllerConfig:
     # does that at once); one not heard from for metrics_stale_after_s leaves /metrics.
     offline_after_s: float = 30.0
     metrics_stale_after_s: float = 3600.0
+    # Output drift (fleet/drift.py): every drift_interval_s, each device's output statistic over the last
+    # drift_window_s against its bundle's reference; a distance over drift_threshold (plus the measured noise) with
+    # at least drift_min_values values raises a drift event. 0 turns the check off.
+    drift_interval_s: float = 60.0
+    drift_window_s: float = 900.0
+    drift_threshold: float = 0.25
+    drift_min_values: int = 200
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
@@ -140,6 +149,11 @@ class ControllerConfig:
         if not self.metrics_stale_after_s >= self.offline_after_s:
             raise ConfigError(f"metrics_stale_after_s must be >= offline_after_s ({self.offline_after_s}), "
                               f"got {self.metrics_stale_after_s}")
+        if not self.drift_interval_s >= 0 or not self.drift_window_s > 0 or not self.drift_threshold > 0 \
+                or not self.drift_min_values >= 1:
+            raise ConfigError("drift_interval_s must be >= 0, drift_window_s and drift_threshold > 0, drift_min_values "
+                              f">= 1; got {self.drift_interval_s}, {self.drift_window_s}, {self.drift_threshold}, "
+                              f"{self.drift_min_values}")
         if not self.retention_days >= 0:
             raise ConfigError(f"retention_days must be >= 0, got {self.retention_days}")
         if not self.client_id:
@@ -195,6 +209,9 @@ class Controller:
         self._pruner: threading.Thread | None = None
         self._resender: threading.Thread | None = None
         self._liveness: threading.Thread | None = None
+        self._drift: threading.Thread | None = None
+        self.drift = DriftMonitor(self.store, config.fleet, self.library.root, trusted, config.drift_threshold,
+                                  config.drift_min_values, config.drift_window_s, emit=self._emit_events)
 
     @property
     def public_url(self) -> str:
@@ -272,6 +289,21 @@ class Controller:
         self._resender.start()
         self._liveness = threading.Thread(target=self._liveness_loop, name="controller-liveness", daemon=True)
         self._liveness.start()
+        if self.config.drift_interval_s > 0:
+            self._drift = threading.Thread(target=self._drift_loop, name="controller-drift", daemon=True)
+            self._drift.start()
+
+    def _emit_events(self, events: list[Event]) -> None:
+        """Store events the controller raises itself (drift) with the devices' own."""
+        self.store.write(Batch(self.config.fleet, controller_events=events))
+
+    def _drift_loop(self) -> None:
+        """Judge output drift every ``drift_interval_s`` (fleet/drift.py)."""
+        while not self._stopping.wait(self.config.drift_interval_s):
+            try:
+                self.drift.check(time.time())
+            except Exception:  # retried next round; ingest and HTTP must go on
+                log.exception("output drift check failed")
 
     def _liveness_loop(self) -> None:
         """Mark offline the devices that went quiet without a Last Will (a hung agent, a half-open connection the
@@ -326,7 +358,7 @@ class Controller:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        for t in (self._pruner, self._resender, self._liveness):
+        for t in (self._pruner, self._resender, self._liveness, self._drift):
             if t is not None:
                 t.join(30)
         self.deployer.stop()  # releases the leases of unfinished rollouts, for another controller to resume

@@ -234,6 +234,7 @@ def _write(tb: TargetBuild, chosen: Any, report: dict[str, Any], ctx: RunContext
             v_meta["packager_speedup"] = f"{b.speed['speedup']:.3f}"
         variants.append(VariantBuild(b.cand.name, b.cand.precision, b.model, b.providers,
                                      b.session or prof.session, v_tol, v_meta))
+    metadata.update(_output_reference(chosen.out_specs, ctx))
     measured_on = (f"{chosen.accuracy_on}" if tb.runtime is not None else tb.runtime_why)
     metadata.update(measurement_metadata(tb.runtime is not None, measured_on, chosen.cpu_fraction))
     report.update({
@@ -261,6 +262,28 @@ def _write(tb: TargetBuild, chosen: Any, report: dict[str, Any], ctx: RunContext
                      samples=samples, tol=tol, report=report, min_ort=min_ort, metadata=metadata,
                      extra_files=extra_files, key=key, work=staging / f"bundle-{prof.name}", variants=variants)
     return path, manifest
+
+
+def _output_reference(out_specs: Any, ctx: RunContext) -> dict[str, str]:
+    """The output statistic for drift telemetry, chosen from the outputs' kinds, and its distribution over the
+    validation data's FP32 outputs (manifest metadata; sdk/outputs.py)."""
+    import json
+
+    from edgefleet.sdk.outputs import (
+        META_OUTPUT_REFERENCE,
+        META_OUTPUT_STAT,
+        choose_stat,
+        reference_quantiles,
+    )
+
+    stat = choose_stat([(o.name, o.dtype) for o in out_specs], ctx.kinds, ctx.refs)
+    if stat is None:
+        return {}
+    values = [v for r in ctx.refs for v in stat.values(r)]
+    if not values:
+        return {}
+    q = [float(f"{x:.6g}") for x in reference_quantiles(values)]
+    return {META_OUTPUT_STAT: stat.to_json(), META_OUTPUT_REFERENCE: json.dumps({"q": q, "n": len(values)})}
 
 
 def _tolerances_for(tb: TargetBuild, b: Any, ctx: RunContext, n: int) -> dict[str, Any]:

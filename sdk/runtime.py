@@ -32,6 +32,7 @@ from .errors import (
     SelfTestError,
 )
 from .keys import TrustedKeys
+from .outputs import OutputStat
 from .sketch import LatencyRecorder
 from .validation import (
     OutputCheck,
@@ -331,6 +332,19 @@ class Model:
         self._input_names = frozenset(t.name for t in manifest.inputs)
         self._output_names = [t.name for t in manifest.outputs]
         self.recorder = LatencyRecorder(now=time.monotonic())
+        # Output drift (sdk/outputs.py): the statistic the packager chose, one value per sample of every request,
+        # in a sketch of its own (the latency sketch's code: a window recorder of non-negative values).
+        self.output_stat: OutputStat | None = None
+        try:
+            self.output_stat = OutputStat.from_metadata(manifest.metadata)
+        except ValueError as exc:
+            log.warning("no output drift statistics for %s %s: %s", manifest.name, manifest.version, exc)
+        if self.output_stat is not None and self.output_stat.output not in self._output_names:
+            log.warning("no output drift statistics for %s %s: output %r is not the model's",
+                        manifest.name, manifest.version, self.output_stat.output)
+            self.output_stat = None
+        self.output_recorder = LatencyRecorder(now=time.monotonic())
+        self._stat_failed = False
 
     @classmethod
     def open(
@@ -406,7 +420,21 @@ class Model:
         if self.first_run_ms is None:
             self.first_run_ms = ms
         self.recorder.record(ms)
-        return dict(zip(self._output_names, outs, strict=True))
+        result = dict(zip(self._output_names, outs, strict=True))
+        if self.output_stat is not None:
+            self._record_output(result)
+        return result
+
+    def _record_output(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Add this request's output statistic to the drift sketch; a failure never fails the request."""
+        try:
+            record = self.output_recorder.record
+            for v in self.output_stat.values(outputs):  # type: ignore[union-attr]
+                record(v if v < 1e9 else 1e9)
+        except Exception as exc:  # noqa: BLE001 - statistics are an aid; serving goes on
+            if not self._stat_failed:
+                self._stat_failed = True
+                log.warning("output statistic failed for %s %s: %s", self.manifest.name, self.manifest.version, exc)
 
     def example_inputs(self, dim_value: int = 1) -> dict[str, np.ndarray]:
         """Inputs for warm-up and benchmarks: the first validation sample, else zeros with symbolic dims set."""

@@ -32,7 +32,8 @@ from .keys import PrivateKey
 from .runtime import dtype_from_ort
 from .validation import save_validation
 
-__all__ = ["VariantSpec", "build_test_bundle", "build_test_variant_bundle", "random_inputs"]
+__all__ = ["VariantSpec", "build_test_bundle", "build_test_variant_bundle", "output_reference_metadata",
+           "random_inputs"]
 
 
 def random_inputs(session: Any, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -73,6 +74,7 @@ def build_test_bundle(
     extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
     report: Mapping[str, Any] | None = None,
     min_ort_version: str = "1.16.0",
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a signed bundle for ``model`` whose validation set is ``samples`` (default: 2 random samples)."""
     import onnxruntime as ort
@@ -96,10 +98,25 @@ def build_test_bundle(
             outputs=tuple(_spec(o) for o in sess.get_outputs()),
             files={}, min_ort_version=min_ort_version,
             validation=ValidationSpec("validation.npz", len(pairs), {n: tolerance for n in out_names}),
-            report="report.json",
+            report="report.json", metadata=dict(metadata or {}),
         )
         write_bundle(out, manifest, files, key)
     return Path(out)
+
+
+def output_reference_metadata(model: str | os.PathLike[str], stat: str, output: str,
+                              samples: Sequence[Mapping[str, np.ndarray]], softmax: bool = False) -> dict[str, str]:
+    """Manifest metadata naming an output statistic and its reference distribution over ``samples`` (what the
+    packager writes from validation data; sdk/outputs.py)."""
+    import onnxruntime as ort
+
+    from .outputs import META_OUTPUT_REFERENCE, META_OUTPUT_STAT, OutputStat, reference_quantiles
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    st = OutputStat(output, stat, softmax)
+    values = [v for f in samples for v in st.values({output: sess.run([output], dict(f))[0]})]
+    return {META_OUTPUT_STAT: st.to_json(),
+            META_OUTPUT_REFERENCE: json.dumps({"q": reference_quantiles(values), "n": len(values)})}
 
 
 @dataclass(frozen=True)

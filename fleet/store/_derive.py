@@ -37,7 +37,8 @@ class MinuteAcc:
 class Derived:
     """The derived rows of a batch's new telemetry records."""
 
-    # (device, boot, seq, ts, name, version, count, errors, interval_s, p50, p95, p99, providers JSON, sketch JSON)
+    # (device, boot, seq, ts, name, version, count, errors, interval_s, p50, p95, p99, providers JSON, sketch JSON,
+    #  output statistic JSON or None)
     windows: list[tuple[Any, ...]]
     # device -> (device ts of its newest record, summary JSON, process JSON)
     latest: dict[str, tuple[float, str, str]]
@@ -62,7 +63,8 @@ def derive(records: Iterable[Telemetry]) -> Derived:
                 if providers_json is None:
                     providers_json = encoded[pkey] = json_text(m.providers)
                 windows.append((dev, t.boot, t.seq, ts, m.name, m.version, m.count, m.errors, interval,
-                                p50, p95, p99, providers_json, json_text(sk)))
+                                p50, p95, p99, providers_json, json_text(sk),
+                                None if m.output is None else json_text(m.output)))
                 summary.append(ModelSummary(name=m.name, version=m.version, count=m.count, errors=m.errors,
                                             p50=p50, p95=p95, p99=p99, throughput=m.count / interval,
                                             providers=m.providers, variant=m.variant))

@@ -53,11 +53,13 @@ from edgefleet.sdk.protocol import (
 )
 from edgefleet.sdk.sketch import DDSketch
 
-__all__ = ["LIVENESS_BOOT", "TARGET_FIELDS", "ApiToken", "Batch", "Store", "TrackedCommand", "VersionSketch",
-           "VersionTotal", "WriteResult", "liveness_event"]
+__all__ = ["CONTROLLER_BOOTS", "LIVENESS_BOOT", "TARGET_FIELDS", "ApiToken", "Batch", "Store", "TrackedCommand",
+           "VersionSketch", "VersionTotal", "WriteResult", "liveness_event"]
 
 # The boot of the events the controller records itself (device.online / device.offline): agents' boots are random.
 LIVENESS_BOOT = "controller"
+# Every boot only a controller writes events under (liveness, output drift): an agent's event claiming one is ignored.
+CONTROLLER_BOOTS = frozenset({LIVENESS_BOOT, "controller.drift"})
 
 
 def liveness_event(device: str, online: bool, reason: str, now: float, *, boot: str = "",
@@ -92,9 +94,13 @@ class Batch:
     telemetry: list[Telemetry] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     replies: list[Reply] = field(default_factory=list)
+    # Events the controller itself raises (output drift, fleet/drift.py: boot CONTROLLER_BOOTS): stored as they are,
+    # while an agent's event claiming one of those boots is ignored like one claiming the liveness boot.
+    controller_events: list[Event] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.statuses) + len(self.telemetry) + len(self.events) + len(self.replies)
+        return (len(self.statuses) + len(self.telemetry) + len(self.events) + len(self.replies)
+                + len(self.controller_events))
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ from ..rollout import TargetMove, advances, target_moves
 from ._derive import Derived, derive, json_text, merge_minute
 from ._read import UNREADABLE, or_default, unreadable
 from .base import (
+    CONTROLLER_BOOTS,
     LIVENESS_BOOT,
     ApiToken,
     Batch,
@@ -162,6 +163,10 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             id text PRIMARY KEY, name text NOT NULL, scope text NOT NULL, fleet text NOT NULL,
             created double precision NOT NULL, expires double precision NOT NULL, secret_hash text NOT NULL);
     """),
+    # The output statistic's sketch of each window (drift, sdk/outputs.py), JSON; NULL when the bundle names none.
+    (3, "output statistics in windows", """
+        ALTER TABLE windows ADD COLUMN output text;
+    """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x6564676566_6C74  # "edgeflt": the advisory lock key every edgefleet controller takes to migrate
@@ -170,7 +175,7 @@ _NOW = "extract(epoch from clock_timestamp())"  # the database's clock, for leas
 
 _TELEMETRY_TYPES = ["text", "text", "text", "int8", "float8", "float8", "float8", "int8", "text", "text"]
 _WINDOW_TYPES = ["text", "text", "text", "int8", "float8", "text", "text", "int8", "int8", "float8", "float8",
-                 "float8", "float8", "text", "text"]
+                 "float8", "float8", "text", "text", "text"]
 _STAGE_DEVICES = "edgefleet_stage_devices"
 _DEVICE_COLS = ("device, state, boot, status_ts, description::text AS description, profile, tags::text AS tags, "
                 "last_seen, summary::text AS summary, summary_ts, process::text AS process, updated")
@@ -308,12 +313,15 @@ class PostgresStore(Store):
         n_ev = n_rep = 0
         cur = conn.cursor()
         for ev in batch.events:
-            if ev.boot == LIVENESS_BOOT:
-                continue  # only a store records liveness events: an agent's claiming that boot is ignored
+            if ev.boot in CONTROLLER_BOOTS:
+                continue  # only a controller records these: an agent's claiming such a boot is ignored
             self._insert_event(cur, fleet, ev, now)
             if cur.rowcount == 1:
                 n_ev += 1
                 self._apply_moves(conn, target_moves(ev), now)
+        for ev in batch.controller_events:
+            self._insert_event(cur, fleet, ev, now)
+            n_ev += cur.rowcount == 1
         for rep in batch.replies:
             cur.execute("INSERT INTO replies VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
                         (rep.id, fleet, rep.device, rep.ts, now, rep.status, json_text(rep)))
@@ -559,7 +567,7 @@ class PostgresStore(Store):
                 where.append(f"{col}=%s")
                 args.append(val)
         cols = "device, boot, seq, ts, name, version, count, errors, interval_s, p50, p95, p99, providers" + (
-            ", sketch" if with_sketch else "")
+            ", sketch, output" if with_sketch else "")
         rows = self._rows(f"SELECT * FROM (SELECT {cols} FROM windows WHERE {' AND '.join(where)} "
                           "ORDER BY ts DESC LIMIT %s) w ORDER BY ts", (*args, limit))
         out = []
@@ -568,6 +576,7 @@ class PostgresStore(Store):
                 d["providers"] = _strings_dec.decode(d["providers"])
                 if with_sketch:
                     d["sketch"] = _any_dec.decode(d["sketch"])
+                    d["output"] = _any_dec.decode(d["output"]) if d["output"] else None
                 out.append(TelemetryWindow.from_dict(d))
             except UNREADABLE as exc:
                 unreadable("telemetry window", exc)

@@ -53,6 +53,7 @@ from ._read import UNREADABLE as _UNREADABLE
 from ._read import or_default as _or
 from ._read import unreadable as _unreadable
 from .base import (
+    CONTROLLER_BOOTS,
     LIVENESS_BOOT,
     ApiToken,
     Batch,
@@ -146,6 +147,10 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE TABLE api_tokens (
             id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL, fleet TEXT NOT NULL,
             created REAL NOT NULL, expires REAL NOT NULL, secret_hash TEXT NOT NULL);
+    """),
+    # The output statistic's sketch of each window (drift, sdk/outputs.py), JSON; NULL when the bundle names none.
+    (7, "output statistics in windows", """
+        ALTER TABLE windows ADD COLUMN output TEXT;
     """),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -249,12 +254,15 @@ class SQLiteStore(Store):
             if batch.telemetry:
                 n_tel = self._write_telemetry(c, fleet, batch.telemetry, now)
             for ev in batch.events:
-                if ev.boot == LIVENESS_BOOT:
-                    continue  # only a store records liveness events: an agent's claiming that boot is ignored
+                if ev.boot in CONTROLLER_BOOTS:
+                    continue  # only a controller records these: an agent's claiming such a boot is ignored
                 cur = self._insert_event(c, fleet, ev, now)
                 if cur.rowcount == 1:
                     n_ev += 1
                     self._apply_moves(c, target_moves(ev), now)
+            for ev in batch.controller_events:
+                if self._insert_event(c, fleet, ev, now).rowcount == 1:
+                    n_ev += 1
             for rep in batch.replies:
                 cur = c.execute("INSERT OR IGNORE INTO replies VALUES (?,?,?,?,?,?,?)",
                                 (rep.id, fleet, rep.device, rep.ts, now, rep.status, _text(rep)))
@@ -320,7 +328,7 @@ class SQLiteStore(Store):
         c.execute("RELEASE telemetry_batch")
         d = derive(fresh)
         if d.windows:
-            c.executemany("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            c.executemany("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           [(fleet, *w) for w in d.windows])
         c.executemany(
             "INSERT INTO devices (fleet, device, last_seen, summary, summary_ts, process, updated) "
@@ -446,7 +454,7 @@ class SQLiteStore(Store):
                 where.append(f"{col}=?")
                 args.append(val)
         cols = "device, boot, seq, ts, name, version, count, errors, interval_s, p50, p95, p99, providers" + (
-            ", sketch" if with_sketch else "")
+            ", sketch, output" if with_sketch else "")
         # The newest `limit` rows, returned oldest first: a chart wants the recent end of a long range.
         rows = self._conn().execute(
             f"SELECT * FROM (SELECT {cols} FROM windows WHERE {' AND '.join(where)} ORDER BY ts DESC LIMIT ?) "
@@ -459,6 +467,7 @@ class SQLiteStore(Store):
                 d["providers"] = _strings_dec.decode(d["providers"])
                 if with_sketch:
                     d["sketch"] = _any_dec.decode(d["sketch"])
+                    d["output"] = _any_dec.decode(d["output"]) if d["output"] else None
                 out.append(TelemetryWindow.from_dict(d))
             except _UNREADABLE as exc:
                 _unreadable("telemetry window", exc)

@@ -27,6 +27,7 @@ from .messages import (
     Level,
     Ms,
     Name,
+    OutputWindow,
     ProcessStats,
     Providers,
     Reply,
@@ -153,6 +154,7 @@ class TelemetryWindow(Model, frozen=True, kw_only=True):
     p99: Ms | None
     providers: Providers
     sketch: Sketch | None = None
+    output: OutputWindow | None = None
 
 
 class WindowList(Model, frozen=True, kw_only=True, omit_defaults=False):
@@ -291,6 +293,10 @@ class RolloutPolicy(Model, frozen=True, kw_only=True, omit_defaults=False):
                                                                        "when the target has no more devices)")] = 3
     seed: Annotated[int, Meta(ge=0, le=L.INT64_MAX, description="seeds the canary choice; the controller draws and "
                                                                 "records one when the request has none")] | None = None
+    max_output_drift: Annotated[float, Meta(ge=0.0, le=100.0, description="halt if the canaries' output "
+                                                                          "distribution departs from the previous "
+                                                                          "version's by more (quantile distance, "
+                                                                          "fleet/drift.py); 0: not judged")] = 0.25
 
 
 Outcome = Literal["observing", "proceed", "halt", "cannot-judge"]
@@ -324,6 +330,9 @@ class CanaryVerdict(Model, frozen=True, kw_only=True, omit_defaults=False):
     needed_count: Annotated[Total, Meta(description="canary requests needed before a look")] = 0
     elapsed_s: Seconds = 0.0
     max_s: Seconds = 0.0
+    output_drift: Annotated[float, Meta(ge=0.0, le=1e9, description="canaries' output distribution against the "
+                                                                     "previous version's (quantile distance, median "
+                                                                     "over devices)")] | None = None
 
 
 class DeploymentDecision(Model, frozen=True, kw_only=True):
@@ -401,6 +410,7 @@ class DeploymentRequest(Model, frozen=True, kw_only=True):
     install_timeout_s: Annotated[float, Meta(gt=0.0, le=30 * 86400.0)] = 900.0
     min_canary_devices: Annotated[int, Meta(ge=1, le=1000)] = 3
     seed: Annotated[int, Meta(ge=0, le=L.INT64_MAX)] | None = None
+    max_output_drift: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.25
 
     def policy(self) -> RolloutPolicy:
         """The rollout policy this request asks for."""
@@ -408,7 +418,7 @@ class DeploymentRequest(Model, frozen=True, kw_only=True):
                              max_error_increase=self.max_error_increase, observe_s=self.observe_s,
                              min_samples=self.min_samples, baseline_s=self.baseline_s,
                              install_timeout_s=self.install_timeout_s, min_canary_devices=self.min_canary_devices,
-                             seed=self.seed)
+                             seed=self.seed, max_output_drift=self.max_output_drift)
 
     def selectors(self) -> list[str]:
         """``to`` as a list."""

@@ -38,6 +38,7 @@ __all__ = [
     "ModelWindow",
     "OrtInfo",
     "OutboxKinds",
+    "OutputWindow",
     "ProcessStats",
     "Receipt",
     "RemoveArgs",
@@ -215,6 +216,15 @@ class ModelTotals(Model, frozen=True, kw_only=True):
     errors: Total = 0
 
 
+class OutputWindow(Model, frozen=True, kw_only=True):
+    """A window's output statistic (drift, sdk/outputs.py): which output, which statistic, one value per sample
+    served, in a sketch like latency's."""
+
+    output: Name
+    stat: Annotated[Label, Meta(description="top1 (classifier), top_score (detector) or norm")]
+    sketch: Sketch
+
+
 class ModelWindow(Model, frozen=True, kw_only=True):
     """One model version's telemetry window."""
 
@@ -238,6 +248,7 @@ class ModelWindow(Model, frozen=True, kw_only=True):
     cold_start: ColdStart | None = None
     total: ModelTotals | None = None
     variant: Annotated[Label, Meta(description="the variant pinned here, for a multi-variant bundle")] | None = None
+    output: OutputWindow | None = None
 
     def _check(self) -> None:
         if self.sketch.count != self.count:

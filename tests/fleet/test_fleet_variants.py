@@ -8,7 +8,6 @@ import json
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 from _fleet_util import Agent, wait_until
 from click.testing import CliRunner
@@ -16,7 +15,7 @@ from edgefleet.sdk.bundle import SessionConfig
 from edgefleet.sdk.cli import cli
 from edgefleet.sdk.testing import VariantSpec, build_test_variant_bundle
 
-from tests.conftest import make_mlp
+from tests.conftest import make_mlp, make_padded_mlp
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 
@@ -25,37 +24,6 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 def store_url(tmp_path: Path) -> str:
     """SQLite only: the device side is what this tests; the controller tests cover both backends."""
     return str(tmp_path / "fleet.db")
-
-
-def make_padded_mlp(src: Path, path: Path, layers: int = 16, width: int = 384) -> Path:
-    """The test MLP plus a heavy side branch multiplied by zero into its logits: exactly the same outputs, much more
-    work (a real variant that passes its self-test and is slower)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    m = onnx.load(str(src))
-    g = m.graph
-    rng = np.random.default_rng(3)
-    g.initializer.append(numpy_helper.from_array((rng.standard_normal((16, width)) * 0.1).astype(np.float32), "p_in"))
-    g.initializer.append(numpy_helper.from_array(np.zeros((1,), np.float32), "p_zero"))
-    nodes = [helper.make_node("MatMul", ["x", "p_in"], ["p0"])]
-    for i in range(layers):
-        g.initializer.append(numpy_helper.from_array(
-            (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"pw{i}"))
-        nodes += [helper.make_node("MatMul", [f"p{i}", f"pw{i}"], [f"pm{i}"]),
-                  helper.make_node("Tanh", [f"pm{i}"], [f"p{i + 1}"])]
-    nodes += [helper.make_node("ReduceSum", [f"p{layers}"], ["psum"], keepdims=1),
-              helper.make_node("Mul", ["psum", "p_zero"], ["pnull"])]
-    softmax = next(n for n in g.node if n.op_type == "Softmax")
-    softmax.input[0] = "logits_padded"
-    nodes.append(helper.make_node("Add", ["logits", "pnull"], ["logits_padded"]))
-    idx = list(g.node).index(softmax)
-    for k, n in enumerate(nodes):
-        g.node.insert(idx + k, n)
-    g.value_info.append(helper.make_tensor_value_info("psum", TensorProto.FLOAT, None))
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-    return path
 
 
 def test_real_agent_pins_a_passing_variant_and_the_controller_shows_it(controller_factory, mosquitto, fleet_id,

@@ -6,8 +6,10 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
+import pytest
 from edgefleet.packager import PackageOptions, package
 from edgefleet.sdk.bundle import extract_bundle, verify_bundle
+from edgefleet.sdk.outputs import OutputStat, reference_from_metadata
 from edgefleet.sdk.runtime import Model
 from edgefleet.sdk.timing import TimingPolicy
 
@@ -29,6 +31,10 @@ def test_package_variants_on_cpu_target_ships_every_verified_candidate_and_each_
     assert len(names) >= 2 and set(names) == set(ok) and names[0] == res.report["chosen"]["name"]
     first = m.variants[0]
     assert (first.model, first.precision, first.validation) == (m.model, m.precision, m.validation)
+    # the output statistic for drift, from the classifier's kind, and its reference over the validation data
+    assert OutputStat.from_metadata(m.metadata) == OutputStat("probs", "top1", softmax=False)
+    q, n = reference_from_metadata(m.metadata)  # type: ignore[misc]
+    assert n == 36 and 0.0 < q[0] <= q[-1] <= 1.0
     # each variant has its own tolerances, from its own outputs
     assert res.report["variant_tolerances"].keys() == set(names)
     assert res.report["selftest_here"]["ok"] and set(res.report["selftest_here"]["variants"]) == set(names)
@@ -62,3 +68,24 @@ def test_package_unmeasured_target_defaults_to_variants_sharing_identical_files(
                      validation=photos[8:], variants=False)[0]
     assert not verify_bundle(single.path, trusted).manifest.variants
     assert sum(members.values()) < 2 * sum(_model_members(single.path).values())
+
+
+@pytest.mark.openvino
+def test_package_openvino_variants_each_self_test_on_the_openvino_ep(convnet, photos, signing_key, trusted,
+                                                                     tmp_path):
+    """Run in .venv-openvino (make test-openvino): every variant is verified and self-tested on the real EP."""
+    from edgefleet.sdk.runtime import ort_info
+
+    if "OpenVINOExecutionProvider" not in ort_info().providers:
+        pytest.skip("needs onnxruntime-openvino (make test runs it in .venv-openvino)")
+    [res] = package(convnet, ["intel-openvino-cpu"], key=signing_key, out_dir=tmp_path / "out",
+                    calibration=photos[:8], validation=photos[8:], options=FAST, variants=True)
+    m = verify_bundle(res.path, trusted).manifest
+    names = [v.name for v in m.variants]
+    assert len(names) >= 2 and res.report["selftest_here"]["ok"]
+    dest = tmp_path / "x"
+    extract_bundle(res.path, trusted, dest)
+    for v in m.variants:
+        model = Model.open(dest, trusted, cache_dir=tmp_path / "cache" / v.name, variant=v.name)
+        assert model.placement.serving[0] == v.providers[0].name  # the EP the variant asked for really runs
+        assert model.self_test().ok
