@@ -121,7 +121,8 @@ class ApiServer:
     def __init__(self, host: str, port: int, registry: Registry, max_body: int | None = None, *,
                  config: ApiConfig | None = None, repository: Repository | None = None,
                  on_event: Callable[[str, str, Mapping[str, Any]], None] | None = None,
-                 status: Callable[[], Mapping[str, Any]] | None = None, device: str = "") -> None:
+                 status: Callable[[], Mapping[str, Any]] | None = None, device: str = "",
+                 capture: Any = None) -> None:
         cfg = config or ApiConfig()
         if max_body is not None:
             cfg = replace(cfg, max_body_bytes=max_body, max_inflight_bytes=max(cfg.max_inflight_bytes, max_body))
@@ -129,6 +130,7 @@ class ApiServer:
         self.registry = registry
         self.repository = repository
         self.device = device
+        self.capture = capture  # agent/capture.py CaptureRing, or None (capture off)
         self._status = status
         self.stats = Stats()
         self.started = time.time()
@@ -350,6 +352,8 @@ class ApiServer:
                 if isinstance(exc, (HttpError, ModelError)):
                     raise
                 raise HttpError(400, str(exc)) from None  # InputError: dtype, rank or dims
+            if self.capture is not None:
+                self.capture.offer(model.name, model.version, decoded.inputs, outputs)
             t_out = time.perf_counter_ns()
             payload, header_len = kserve.encode_response(model, outputs, decoded)
             t_end = time.perf_counter_ns()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from edgefleet.sdk.errors import ConfigError
 from edgefleet.sdk.protocol import check_id
 from edgefleet.sdk.transport import MQTT_KEYS, MqttOptions
 
+from .capture import CaptureConfig
 from .spool import RECEIPT_MODES
 
 if sys.version_info >= (3, 11):
@@ -72,6 +73,7 @@ class AgentConfig:
     trusted_keys: tuple[Path, ...]
     broker: MqttOptions = AGENT_MQTT_DEFAULTS
     api: ApiConfig = ApiConfig()
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     profile: str = "auto"
     profiles_dirs: tuple[Path, ...] = ()
     accept_targets: tuple[str, ...] = ()
@@ -112,6 +114,8 @@ _SECTIONS: dict[str, set[str]] = {
     "storage": {"reserve_bytes", "ballast_bytes", "max_events", "max_replies", "max_held", "journal_max_entries",
                 "journal_max_pending"},
     "commands": {"require_signed", "require_bound"},
+    "capture": {"models", "rate", "max_bytes", "outputs", "max_pending", "upload_url", "token_file",
+                "upload_interval_s"},
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -203,6 +207,25 @@ def _existing(r: _Reader, key: str, base: Path) -> str:
     return str(p)
 
 
+def _parse_capture(r: _Reader, base: Path) -> CaptureConfig:
+    """The ``[capture]`` section (agent/capture.py): off unless ``models`` names at least one model."""
+    models = tuple(r.texts("capture.models"))
+    for m in models:
+        try:
+            check_id("model", m)
+        except Exception as exc:  # noqa: BLE001 - ProtocolError: said as this key's error
+            raise r.err("capture.models", str(exc)) from None
+    url = r.text("capture.upload_url")
+    if url and not url.startswith(("http://", "https://")):
+        raise r.err("capture.upload_url", f"must be an http:// or https:// URL, got {url[:80]!r}")
+    return CaptureConfig(
+        models=models, rate=r.num("capture.rate", 0.01, 0.0, 1.0), outputs=r.flag("capture.outputs", False),
+        max_bytes=r.num("capture.max_bytes", 64 << 20, 1024, 1 << 40, integer=True),
+        max_pending=r.num("capture.max_pending", 64, 1, 100_000, integer=True), upload_url=url,
+        token_file=_existing(r, "capture.token_file", base),
+        upload_interval_s=r.num("capture.upload_interval_s", 10.0, 0.05, 86400))
+
+
 def _resolve(value: str, base: Path) -> Path:
     # Relative paths in a config file are relative to the file, so a config directory can be moved as a whole.
     p = Path(os.path.expanduser(value))
@@ -283,6 +306,7 @@ def _parse_config(data: Mapping[str, Any], source: str, base: Path | None) -> Ag
         trusted_keys=tuple(keys),
         broker=_parse_broker(r, base),
         api=_parse_api(r, listen, base),
+        capture=_parse_capture(r, base),
         profile=r.text("agent.profile", "auto") or "auto",
         profiles_dirs=tuple(_resolve(d, base) for d in r.texts("agent.profiles_dirs")),
         accept_targets=targets,

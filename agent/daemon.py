@@ -82,6 +82,15 @@ class Agent:
                                    max_bundle_bytes=cfg.max_bundle_bytes, variant_budget_s=cfg.variant_budget_s,
                                    host=self.host,
                                    on_step=lambda step, data: log.info(f"install {step}", extra={"step_data": data}))
+        # Sampled input capture (agent/capture.py): only for the models the config names, only through the local API.
+        self.capture = None
+        self.uploader = None
+        if cfg.capture.models:
+            from .capture import CaptureRing, Uploader
+
+            self.capture = CaptureRing(self.store.root / "captures", cfg.capture, storage=self.store.storage)
+            if cfg.capture.upload_url:
+                self.uploader = Uploader(self.capture, cfg.device, ca_file=cfg.download_ca_file)
         self.api = None
         if cfg.api.address is not None:
             from .api import ApiServer
@@ -92,7 +101,7 @@ class Agent:
                                  repository=Repository(self.store, self.installer, self.registry),
                                  on_event=lambda kind, message, data: self.event(kind, message, level="error",
                                                                                  data=data),
-                                 status=self._api_status, device=cfg.device)
+                                 status=self._api_status, device=cfg.device, capture=self.capture)
         self.link = MqttLink(cfg.broker, cfg.fleet, cfg.device, self.boot, describe=self.describe,
                              on_command=self._on_command, on_connected=self._on_connected,
                              on_published=lambda: self.sender.wake(),
@@ -206,6 +215,8 @@ class Agent:
         self.dispatcher.start()  # before the link: pending commands are queued once, from the journal
         self.link.start()
         self.reporter.start()
+        if self.uploader is not None:
+            self.uploader.start()
         log.info("agent started", extra={"device": self.cfg.device, "fleet": self.cfg.fleet, "profile": self.profile,
                                          "boot": self.boot, "models": [n for n, _ in self.registry.items()],
                                          "api": f"{self.api.host}:{self.api.port}" if self.api else None})
@@ -231,6 +242,10 @@ class Agent:
                 log.warning("in-flight HTTP requests did not finish within 10 s")
         self.dispatcher.stop(timeout=10.0)
         self.reporter.stop(final=True)
+        if self.uploader is not None:
+            self.uploader.stop()
+        if self.capture is not None:
+            self.capture.stop()
         # What is not acknowledged by then stays in the outbox and goes out after the next start.
         deadline = time.monotonic() + 5.0
         while self.link.connected.is_set() and not self.sender.drained() and time.monotonic() < deadline:

@@ -10,6 +10,7 @@ Scopes, each including the ones before it:
 | scope | may |
 |---|---|
 | ``read`` | read the API, ``/metrics`` and the live stream (where reads need a token at all: ``--read-auth``) |
+| ``capture`` | upload captured inference samples (``POST /api/captures/...``: what a device's token needs, no more) |
 | ``deploy`` | upload bundles, create deployments, roll back, send ``describe``, ``benchmark`` and ``rollback`` |
 | ``admin`` | everything, including ``remove`` and ``configure`` commands and listing the tokens |
 
@@ -33,7 +34,7 @@ from .store import ApiToken, Store
 __all__ = ["SCOPES", "AuthError", "IssuedToken", "allows", "authenticate", "hash_secret", "issue_token",
            "parse_token"]
 
-SCOPES = ("read", "deploy", "admin")
+SCOPES = ("read", "capture", "deploy", "admin")
 """In order: each scope includes the ones before it."""
 
 _TOKEN_RE = re.compile(r"^eft_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")

@@ -20,7 +20,7 @@ import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
@@ -31,6 +31,7 @@ from edgefleet.sdk.protocol import (
     ApiError,
     BundleUploaded,
     CanaryVerdict,
+    CaptureList,
     CommandRequest,
     CommandStatus,
     Deployment,
@@ -313,8 +314,9 @@ def _parse_duration(text: str) -> float:
 
 
 @token_group.command("create")
-@click.option("--scope", type=click.Choice(["read", "deploy", "admin"]), required=True,
-              help="read: the API and /metrics; deploy: also bundles, deployments, rollbacks; admin: everything.")
+@click.option("--scope", type=click.Choice(["read", "capture", "deploy", "admin"]), required=True,
+              help="read: the API and /metrics; capture: also upload captured samples (a device's token); deploy: "
+                   "also bundles, deployments, rollbacks; admin: everything.")
 @click.option("--name", required=True, help="What the token is for (shown in token list).")
 @click.option("--fleet", "fleet_id", default="*", show_default=True, help="The fleet it works for (* for all).")
 @click.option("--expires", default="never", show_default=True, help="Lifetime: 30d, 12h, 90m, seconds, or never.")
@@ -844,6 +846,63 @@ def deployments_show(dep_id: str, api: Api, as_json: bool) -> None:
         click.echo(json.dumps(dep.to_dict(), indent=2))
     else:
         _print_deployment(dep)
+
+
+@fleet.group("captures")
+def captures_group() -> None:
+    """Captured inference inputs the devices uploaded (opt-in per model: the agent's [capture] section)."""
+
+
+@captures_group.command("list")
+@click.option("--model", help="Only this model.")
+@_api_options
+@_json_option
+def captures_list(model: str | None, api: Api, as_json: bool) -> None:
+    """Samples held per model, version and device."""
+    q = f"?model={urllib.parse.quote(model, safe='')}" if model else ""
+    res = _request(api, "GET", f"/api/captures{q}", CaptureList)
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    if not res.captures:
+        click.echo("no captured samples")
+    for c in res.captures:
+        click.echo(f"{c.model:<24} {c.version:<12} {c.device:<24} {c.samples:>7} samples {c.bytes:>12,} bytes")
+
+
+@captures_group.command("export")
+@click.argument("model")
+@click.option("-o", "--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .npz to write: one array per input, one row per captured request (package --calibration).")
+@click.option("--version", "version", help="Only this version (default: every version of MODEL).")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True,
+              help="The newest this many samples.")
+@_api_options
+def captures_export(model: str, out_file: Path, version: str | None, limit: int, api: Api) -> None:
+    """Export MODEL's captured inputs as calibration or validation data for `edgefleet package`."""
+    from edgefleet.sdk._fs import atomic_write_bytes
+
+    q = urllib.parse.urlencode({"limit": limit, **({"version": version} if version else {})})
+    data, headers = _download(api, f"/api/captures/{urllib.parse.quote(model, safe='')}/export?{q}")
+    atomic_write_bytes(out_file, data)
+    click.echo(f"{out_file}: {headers.get('X-Edgefleet-Samples', '?')} samples of {model}")
+
+
+def _download(api: Api, path: str, timeout_s: float = 300.0) -> tuple[bytes, Mapping[str, str]]:
+    """GET raw bytes from the controller (errors as in _request)."""
+    headers = {"Authorization": f"Bearer {api.token}"} if api.token else {}
+    req = urllib.request.Request(api.base + path, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=api.ssl) as resp:
+            return resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = ApiError.from_json(exc.read(1 << 20)).error
+        except ProtocolError:
+            msg = ""
+        raise InputError(f"controller refused ({exc.code}): {msg or exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise TransportError(f"cannot reach the controller at {api.base}: {getattr(exc, 'reason', exc)}") from exc
 
 
 def _rollback_answered(t: DeploymentTarget) -> bool:

@@ -20,6 +20,7 @@ from edgefleet.sdk.protocol import MAX_FUTURE_SKEW_S, Command, Event, check_id, 
 from edgefleet.sdk.transport import MqttOptions, publish_properties
 
 from .bundles import BundleLibrary
+from .captures import CaptureStore
 from .commands import Commander
 from .drift import DriftMonitor
 from .http import HttpPolicy, Liveness, make_app
@@ -126,6 +127,10 @@ class ControllerConfig:
     drift_window_s: float = 900.0
     drift_threshold: float = 0.25
     drift_min_values: int = 200
+    # Captured inference samples (fleet/captures.py): where they are kept (default: beside the bundles directory)
+    # and how much at most (oldest out first).
+    captures_dir: Path | None = None
+    captures_max_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
@@ -198,8 +203,13 @@ class Controller:
                                 public_url=config.public_url)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        try:
+            where = config.captures_dir or Path(config.bundles_dir).parent / "edgefleet-captures"
+            self.captures = CaptureStore(where, config.captures_max_bytes)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"captures directory: {exc}") from exc
         self.app = make_app(self.store, config.fleet, self.deployer, self.ingest, self.commander, policy,
-                            Liveness(config.offline_after_s, config.metrics_stale_after_s))
+                            Liveness(config.offline_after_s, config.metrics_stale_after_s), self.captures)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None

@@ -51,6 +51,9 @@ from edgefleet.sdk.protocol import (
     ApiTokenInfo,
     ApiTokenList,
     BundleUploaded,
+    CaptureList,
+    CaptureRow,
+    CaptureStored,
     CommandRequest,
     CommandStatus,
     DeploymentList,
@@ -75,6 +78,7 @@ from edgefleet.sdk.sketch import DDSketch
 
 from .auth import AuthError, allows, authenticate
 from .bundles import bundle_filename
+from .captures import CaptureStore
 from .commands import Commander
 from .ingest import Ingestor
 from .rollout import Deployer, Selector
@@ -154,6 +158,8 @@ class Liveness:
 
 
 LivenessKey = web.AppKey("liveness", Liveness)
+CapturesKey = web.AppKey("captures", CaptureStore)
+_MAX_CAPTURE_BYTES = 64 << 20
 _TOKEN: web.RequestKey[ApiToken | None] = web.RequestKey("token", ApiToken | None)  # type: ignore[arg-type]
 
 
@@ -211,6 +217,8 @@ def _needed_scope(request: web.Request) -> str | None:
         return None
     if method in ("GET", "HEAD", "OPTIONS"):
         return "admin" if path == "/api/tokens" else "read"
+    if method == "POST" and path.startswith("/api/captures/"):
+        return "capture"  # a device's token: upload its samples, nothing else that changes state
     return "deploy"  # every state change; a command's own kind may need more (api_send_command)
 
 
@@ -364,6 +372,45 @@ def variant_picks(rows: Any, name: str | None = None) -> list[VariantPick]:
     out = [VariantPick(name=k[0], version=k[1], digest=k[2], profile=k[3], variant=k[4], devices=len(v),
                        examples=sorted(v)[:10]) for k, v in picks.items()]
     return sorted(out, key=lambda p: (p.name, p.version, p.profile, -p.devices, p.variant))
+
+
+async def api_upload_capture(request: web.Request) -> web.Response:
+    """One captured sample from a device (``.npz`` body, token with the ``capture`` scope), checked and kept."""
+    cap = request.app[CapturesKey]
+    limit = min(_MAX_CAPTURE_BYTES, request.app[PolicyKey].max_upload_bytes)
+    if request.content_type != "application/octet-stream":
+        raise web.HTTPUnsupportedMediaType(text=f"send the sample as application/octet-stream, got "
+                                                f"{request.content_type[:60]!r}")
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, f"sample of {request.content_length} bytes is over the {limit}-byte limit", close=True)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            return _error(413, f"sample is over the {limit}-byte limit", close=True)
+        chunks.append(chunk)
+    device, sample_id = request.query.get("device", ""), request.query.get("id", "")
+    stored = await _run(cap.add, request.app[FleetKey], request.match_info["model"], request.match_info["version"],
+                        device, sample_id, b"".join(chunks))
+    return _json(CaptureStored(stored=stored), 201 if stored else 200)
+
+
+async def api_captures(request: web.Request) -> web.Response:
+    """Captured samples held, per model, version and device (``?model=`` one model)."""
+    cap = request.app[CapturesKey]
+    rows = await _run(cap.summaries, request.app[FleetKey], request.query.get("model"))
+    return _json(CaptureList(captures=[CaptureRow(model=r.model, version=r.version, device=r.device, samples=r.samples,
+                                                  bytes=r.bytes, first=r.first, last=r.last) for r in rows],
+                             evicted=cap.evicted))
+
+
+async def api_export_captures(request: web.Request) -> web.Response:
+    """A model's captured inputs as one ``.npz`` keyed by input name (``package --calibration`` reads it)."""
+    limit = int(_num(request, "limit", 10_000, 1, 1e6))
+    data, n = await _run(request.app[CapturesKey].export, request.app[FleetKey], request.match_info["model"],
+                         request.query.get("version") or None, limit)
+    return web.Response(body=data, content_type="application/octet-stream",
+                        headers={"X-Edgefleet-Samples": str(n)})
 
 
 async def api_events(request: web.Request) -> web.Response:
@@ -759,7 +806,8 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor, commander: Commander,
-             policy: HttpPolicy | None = None, liveness: Liveness | None = None) -> web.Application:
+             policy: HttpPolicy | None = None, liveness: Liveness | None = None,
+             captures: CaptureStore | None = None) -> web.Application:
     """The aiohttp application of one controller."""
     policy = policy or HttpPolicy()
     liveness = liveness or Liveness()
@@ -771,6 +819,7 @@ def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor, com
     app[CommanderKey] = commander
     app[PolicyKey] = policy
     app[LivenessKey] = liveness
+    app[CapturesKey] = captures or CaptureStore(deployer.library.root.parent / "edgefleet-captures")
     app[HubKey] = _Hub(store, fleet)
     app.cleanup_ctx.append(_hub_ctx)
     r = app.router
@@ -783,6 +832,9 @@ def make_app(store: Store, fleet: str, deployer: Deployer, ingest: Ingestor, com
     r.add_get("/api/versions", api_versions)
     r.add_get("/api/events", api_events)
     r.add_get("/api/variants", api_variants)
+    r.add_get("/api/captures", api_captures)
+    r.add_post("/api/captures/{model}/{version}", api_upload_capture)
+    r.add_get("/api/captures/{model}/export", api_export_captures)
     r.add_get("/api/ingest", api_ingest)
     r.add_get("/api/deployments", api_deployments)
     r.add_post("/api/deployments", api_create_deployment)

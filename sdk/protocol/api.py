@@ -50,6 +50,9 @@ __all__ = [
     "BundleInfo",
     "BundleUploaded",
     "CanaryVerdict",
+    "CaptureList",
+    "CaptureRow",
+    "CaptureStored",
     "CommandRequest",
     "CommandStatus",
     "Deployment",
@@ -183,6 +186,31 @@ class VersionList(Model, frozen=True, kw_only=True, omit_defaults=False):
 
     window_s: Seconds
     versions: list[VersionStats]
+
+
+class CaptureStored(Model, frozen=True, kw_only=True, omit_defaults=False):
+    """``POST /api/captures/<model>/<version>``: the sample is kept (``stored`` false: it was already)."""
+
+    stored: bool
+
+
+class CaptureRow(Model, frozen=True, kw_only=True, omit_defaults=False):
+    """Captured samples held for one model version from one device (controller clock)."""
+
+    model: Name
+    version: Name
+    device: Id
+    samples: Total
+    bytes: Total
+    first: Seconds
+    last: Seconds
+
+
+class CaptureList(Model, frozen=True, kw_only=True, omit_defaults=False):
+    """``GET /api/captures[?model=]``."""
+
+    captures: list[CaptureRow]
+    evicted: Annotated[Total, Meta(description="samples the retention cap removed since the controller started")]
 
 
 class VariantPick(Model, frozen=True, kw_only=True, omit_defaults=False):
@@ -483,7 +511,7 @@ class ApiTokenInfo(Model, frozen=True, kw_only=True, omit_defaults=False):
 
     id: Annotated[str, Meta(pattern=r"^[0-9a-f]{12}$")]
     name: Annotated[str, Meta(max_length=L.MAX_NAME)]
-    scope: Literal["read", "deploy", "admin"]
+    scope: Literal["read", "capture", "deploy", "admin"]
     fleet: Annotated[str, Meta(max_length=64)]
     created: Seconds
     expires: Seconds

@@ -33,7 +33,7 @@ API_SCHEMAS: dict[str, type[msgspec.Struct]] = {
     "api-deployment-request": api.DeploymentRequest, "api-rollback-request": api.RollbackRequest,
     "api-rollback-sent": api.RollbackSent, "api-bundle-uploaded": api.BundleUploaded, "api-error": api.ApiError,
     "api-command-request": api.CommandRequest, "api-command": api.CommandStatus, "api-tokens": api.ApiTokenList,
-    "api-variants": api.VariantList,
+    "api-variants": api.VariantList, "api-captures": api.CaptureList, "api-capture-stored": api.CaptureStored,
 }
 """Schema file name -> HTTP body class (docs/api.md says which endpoint sends which)."""
 

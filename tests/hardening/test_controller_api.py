@@ -350,9 +350,9 @@ def test_stored_values_a_later_version_refuses_never_break_a_read(ctl: Any, mosq
                    (FLEET, "poison", "online", now, '{"models": [{"name": 5}]}', "p", '["a b c"]',
                     '[{"name":"m","version":"1","count":99999999999999999999,"errors":-1,"p50":1e999,"p95":null,'
                     '"p99":null,"throughput":-5,"providers":[]}]', now, '{"rss_bytes": -1}', now, now))
-        db.execute("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        db.execute("INSERT INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                    (FLEET, "poison", "b", 1, now, "m", "1", 2**62, -3, 0.0, float("nan"), None, None, "not json",
-                    '{"alpha": 0.5}'))
+                    '{"alpha": 0.5}', '{"output": 7'))
         db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?)",
                    (FLEET, "poison", "b", 1, now, now, "bad kind!", "fatal", "x" * 10000, "[1,2"))
         for version, minute, sketch in (("9", int(now // 60), '{"alpha":0.01,"bins":"x"}'),
