@@ -1,8 +1,8 @@
 """Sampled inference capture: opt-in per model, bounded on the device, uploaded to the controller over HTTP.
 
 Off unless ``capture.models`` names a model. For those, a ``capture.rate`` share of the local API's successful
-requests is kept: the request path only draws a random number and, when kept, copies the inputs (and, with
-``capture.outputs``, the outputs) into a bounded queue (``capture.max_pending``; a full queue drops the sample and
+requests is kept: the request path only draws a random number and, when kept, puts the request's input arrays (and,
+with ``capture.outputs``, its outputs) into a bounded queue (``capture.max_pending``; a full queue drops the sample and
 counts it). A writer thread stores each sample as one ``.npz`` (``allow_pickle`` never needed: numeric arrays only)
 under ``<data_dir>/captures/<model>/<version>/``, written to a temp file and renamed. The ring is bounded by
 ``capture.max_bytes``: before a write, the oldest samples go (counted as evicted) until the new one fits; and a
@@ -92,9 +92,12 @@ class CaptureRing:
             return
         import numpy as np
 
-        sample = {f"in/{k}": np.array(v, copy=True) for k, v in inputs.items()}
+        # No copy: the local API decodes fresh arrays for every request and ORT returns fresh outputs, and nothing
+        # writes to them after the response; the queue holds references until the writer has stored them (its
+        # memory is bounded by max_pending samples).
+        sample = {f"in/{k}": np.asarray(v) for k, v in inputs.items()}
         if self.cfg.outputs and outputs is not None:
-            sample.update({f"out/{k}": np.array(v, copy=True) for k, v in outputs.items()})
+            sample.update({f"out/{k}": np.asarray(v) for k, v in outputs.items()})
         try:
             self._queue.put_nowait((model, version, sample))
             full = False
