@@ -1,10 +1,10 @@
 """What sampled input capture adds to a request on the local API (KServe path), and how the ring holds a flood.
 
 The only work capture adds to a request is ``CaptureRing.offer`` after the inference (writing and uploading happen
-on their own threads): a random draw for every request of a captured model, and for a kept one a copy of its
-inputs into the bounded queue (references, no copy). This times ``offer`` per call (best of 5 loops) for inputs of three sizes, at rate 0
-(the draw only), at rate 1 (every request copied and queued) and for a model not captured; then floods a ring with
-a 1 MB cap from 4 threads and reports what it kept, evicted and dropped.
+on their own threads): a random draw for every request of a captured model, and for a kept one its input arrays put
+into the bounded queue (references, no copy). This times ``offer`` per call (best of 5 loops) for inputs of three
+sizes, at rate 0 (the draw only), at rate 1 (every request queued) and for a model not captured; then floods a ring
+with a 1 MiB cap from 4 threads and reports what it kept, evicted and dropped.
 
     .venv/bin/python bench/capture.py             # writes bench/results/capture.md and capture.json
 """
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Sampled input capture: cost on the request path, and a flood", "",
              f"Measured {res['when']} by `.venv/bin/python bench/capture.py` on {res['machine']}.", "",
              "`CaptureRing.offer`, the only thing capture adds to a local-API request (best of 5 loops, µs per call):",
-             "", "| inputs | bytes | model not captured | captured, rate 0 (draw only) | rate 1 (queued for the writer) |",
+             "", "| inputs | bytes | model not captured | captured, rate 0 (draw only) "
+             "| rate 1 (queued for the writer) |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['inputs']} | {r['bytes']:,} | {r['not captured']} | {r['rate 0']} | {r['rate 1']} |")
