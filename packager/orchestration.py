@@ -232,8 +232,9 @@ class TargetBuild:
             if self.policy.hints and c.provider_options:
                 c.provider_options = _ov_hint(self.profile, "fp32")
         if [c for c in more if c.name not in have]:
-            self.notes.append(f"variants: {', '.join(c.name for c in more if c.name not in have)} built as well, "
-                              f"verified here where they can be; the device self-tests and times every variant")
+            self.notes.append(f"variants: {', '.join(c.name for c in more if c.name not in have)} built as well and "
+                              f"verified here where they can be; they ship as variants only: the device self-tests "
+                              f"and times every variant and pins one only where it passes")
         out = []
         for i, c in enumerate(self._enough_samples([c for c in more if c.name not in have])):
             if self.left_s() <= 0:

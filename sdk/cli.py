@@ -148,6 +148,9 @@ def bundle_inspect(path: Path, trust: tuple[Path, ...], as_json: bool) -> None:
         click.echo(f"file     {name}  {e.size} bytes  sha256 {e.sha256[:16]}…")
     if m.validation:
         click.echo(f"selftest {m.validation.samples} samples, tolerances for {', '.join(m.validation.tolerances)}")
+    for v in m.variants:  # a multi-variant bundle: the device self-tests and times each, and pins one
+        click.echo(f"variant  {v.name}  precision={v.precision}  {' > '.join(p.name for p in v.providers)}  "
+                   f"{v.session.graph_optimization_level} opt  {v.model}")
 
 
 @bundle.command("verify")
@@ -167,19 +170,40 @@ def bundle_verify(path: Path, trust: tuple[Path, ...], run_selftest: bool, allow
     click.echo(f"OK {vm.manifest.name} {vm.manifest.version} ({vm.manifest.target}): signature by {vm.key_id}, "
                f"{len(vm.manifest.files)} files, {vm.manifest.total_size} bytes verified")
     if run_selftest:
+        from .errors import ProviderUnavailableError
         from .runtime import Model
 
         with tempfile.TemporaryDirectory(prefix="edgefleet-verify-") as tmp:
             dest = Path(tmp) / "bundle"
             extract_bundle(path, trusted, dest)
-            model = Model.open(dest, trusted, allow_fallback=allow_fallback, cache_dir=Path(tmp) / "cache")
-            if model.placement.fallback:
-                click.echo(f"fallback: {model.placement.reason}")
-            report = model.self_test()
-            serving = ", ".join(model.placement.serving)
-            if not report.ok:
-                raise SelfTestError(f"self-test failed on {serving}: {'; '.join(report.to_dict()['failures'])}")
-            click.echo(f"self-test OK on {serving}: {report.samples} samples within tolerances")
+            if not vm.manifest.variants:
+                model = Model.open(dest, trusted, allow_fallback=allow_fallback, cache_dir=Path(tmp) / "cache")
+                if model.placement.fallback:
+                    click.echo(f"fallback: {model.placement.reason}")
+                report = model.self_test()
+                serving = ", ".join(model.placement.serving)
+                if not report.ok:
+                    raise SelfTestError(f"self-test failed on {serving}: {'; '.join(report.to_dict()['failures'])}")
+                click.echo(f"self-test OK on {serving}: {report.samples} samples within tolerances")
+                return
+            # every variant this machine can run (a device pins one that passes; one that fails here is a failure)
+            ran = 0
+            for v in vm.manifest.variants:
+                try:
+                    model = Model.open(dest, trusted, verify_files=False, allow_fallback=allow_fallback,
+                                       cache_dir=Path(tmp) / "cache" / v.name, variant=v.name)
+                except ProviderUnavailableError as exc:
+                    click.echo(f"variant {v.name}: not run here ({exc})")
+                    continue
+                report = model.self_test()
+                serving = ", ".join(model.placement.serving)
+                if not report.ok:
+                    raise SelfTestError(f"variant {v.name}: self-test failed on {serving}: "
+                                        f"{'; '.join(report.to_dict()['failures'])}")
+                click.echo(f"variant {v.name}: self-test OK on {serving}: {report.samples} samples within tolerances")
+                ran += 1
+            if not ran:
+                raise SelfTestError("no variant of this bundle can run on this machine")
 
 
 if __name__ == "__main__":  # pragma: no cover

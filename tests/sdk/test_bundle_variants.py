@@ -63,3 +63,21 @@ def test_model_open_runs_the_named_variant(mlp_model, tmp_path, signing_key, tru
     with pytest.raises(BundleCompatibilityError, match="no variant 'gone'"):
         Model.open(dest, trusted, variant="gone")
     assert replace(basic.manifest, variants=()) == basic.manifest
+
+
+def test_bundle_verify_run_self_tests_every_variant_it_can_run(mlp_model, tmp_path, signing_key) -> None:
+    from click.testing import CliRunner
+    from edgefleet.sdk.bundle import ProviderConfig
+    from edgefleet.sdk.cli import cli
+
+    bundle = build_test_variant_bundle(mlp_model, [
+        VariantSpec("gpu", mlp_model, providers=(ProviderConfig("NoSuchExecutionProvider"),)),
+        VariantSpec("cpu", mlp_model)], tmp_path / "v.efb", signing_key)
+    pub = tmp_path / "k.pub"
+    pub.write_bytes(signing_key.public.to_pem())
+    res = CliRunner().invoke(cli, ["bundle", "verify", str(bundle), "--trust", str(pub), "--run"])
+    assert res.exit_code == 0, res.output
+    assert "variant gpu: not run here" in res.output
+    assert "variant cpu: self-test OK on CPUExecutionProvider" in res.output
+    res = CliRunner().invoke(cli, ["bundle", "inspect", str(bundle), "--trust", str(pub)])
+    assert "variant  cpu  precision=fp32  CPUExecutionProvider" in res.output
