@@ -11,9 +11,11 @@ device drifts when its distance exceeds the threshold **plus** that split-half d
 ``min_values`` values; fewer values: cannot judge, no event.
 
 :class:`DriftMonitor` runs in the controller every ``drift_interval_s``: for every (model, version) the controller
-holds a bundle of (its reference), each device's windows of the last ``drift_window_s`` are judged; a device that
-drifts gets a ``drift`` event (level warning, stored with the device's other events, once per device and version
-until it comes back within the threshold). :func:`canary_drift` is the canary rule (``fleet/canary.py``).
+holds a bundle of (its reference), each device's windows of the last ``drift_window_s`` are judged against the
+reference and, when at least :data:`MIN_FLEET` other devices run the version with enough values, against theirs
+merged (the fleet); a device that drifts gets a ``drift`` event (level warning, stored with the device's other events,
+``data.against`` saying which comparison, once per device, version and comparison until it comes back within the
+threshold). :func:`canary_drift` is the canary rule (``fleet/canary.py``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ from edgefleet.sdk.outputs import QUANTILES, quantile_distance, reference_from_m
 from edgefleet.sdk.protocol import Event, OutputWindow, TelemetryWindow
 from edgefleet.sdk.sketch import DDSketch
 
-__all__ = ["DRIFT_BOOT", "DriftFinding", "DriftMonitor", "canary_drift", "judge_device", "merged_quantiles"]
+__all__ = ["DRIFT_BOOT", "MIN_FLEET", "DriftFinding", "DriftMonitor", "canary_drift", "judge_device",
+           "merged_quantiles"]
 
 log = logging.getLogger("edgefleet.fleet.drift")
+MIN_FLEET = 3
+"""Other devices on a version (each with enough values) needed to judge a device against the fleet."""
 DRIFT_BOOT = "controller.drift"
 """The boot of drift events (the controller records them; an agent's event claiming it is not stored as one)."""
 
@@ -60,10 +65,12 @@ class DriftFinding:
     values: int
     drifted: bool
     reason: str
+    against: str = "reference"  # "reference" (the bundle's validation data) or "fleet" (the version's other devices)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (event data)."""
         return {"device": self.device, "name": self.name, "version": self.version, "stat": self.stat,
+                "against": self.against,
                 "distance": None if self.distance is None else round(self.distance, 4),
                 "noise": None if self.noise is None else round(self.noise, 4), "values": self.values,
                 "drifted": self.drifted, "reason": self.reason}
@@ -83,22 +90,24 @@ def _split_half(windows: Sequence[TelemetryWindow]) -> float | None:
 
 
 def judge_device(device: str, name: str, version: str, windows: Sequence[TelemetryWindow],
-                 reference: Sequence[float], *, threshold: float, min_values: int) -> DriftFinding:
+                 reference: Sequence[float], *, threshold: float, min_values: int,
+                 against: str = "reference") -> DriftFinding:
     """One device's windows of one version against ``reference`` (19 quantiles)."""
     stat = next((w.output.stat for w in windows if w.output is not None), "")
     got = merged_quantiles(w.output for w in windows)
     if got is None:
-        return DriftFinding(device, name, version, stat, None, None, 0, False, "no output statistics")
+        return DriftFinding(device, name, version, stat, None, None, 0, False, "no output statistics", against)
     q, n = got
     d = quantile_distance(reference, q)
     if n < min_values:
         return DriftFinding(device, name, version, stat, d, None, n, False,
-                            f"cannot judge: {n} values, at least {min_values} needed")
+                            f"cannot judge: {n} values, at least {min_values} needed", against)
     noise = _split_half(windows) or 0.0
     drifted = d > threshold + noise
-    reason = (f"{stat} distribution {d:.3f} from the reference (threshold {threshold:g} + noise {noise:.3f}, "
+    what = "the reference" if against == "reference" else "the rest of the fleet on this version"
+    reason = (f"{stat} distribution {d:.3f} from {what} (threshold {threshold:g} + noise {noise:.3f}, "
               f"{n} values): " + ("drifted" if drifted else "within"))
-    return DriftFinding(device, name, version, stat, d, noise, n, drifted, reason)
+    return DriftFinding(device, name, version, stat, d, noise, n, drifted, reason, against)
 
 
 def canary_drift(before: Mapping[str, Sequence[TelemetryWindow]], after: Mapping[str, Sequence[TelemetryWindow]],
@@ -139,7 +148,7 @@ class DriftMonitor:
     window_s: float = 900.0
     emit: Callable[[list[Event]], None] | None = None
     _refs: dict[str, tuple[str, str, list[float]] | None] = field(default_factory=dict)
-    _drifted: set[tuple[str, str, str]] = field(default_factory=set)
+    _drifted: set[tuple[str, str, str, str]] = field(default_factory=set)
 
     def references(self) -> dict[tuple[str, str], list[float]]:
         """(model, version) -> reference quantiles of every bundle the controller holds that records one."""
@@ -173,17 +182,28 @@ class DriftMonitor:
             for w in rows:
                 if w.output is not None:
                     by_dev.setdefault(w.device, []).append(w)
+            merged = {dev: merged_quantiles(w.output for w in ws) for dev, ws in by_dev.items()}
             for dev, ws in sorted(by_dev.items()):
-                f = judge_device(dev, name, version, ws, ref, threshold=self.threshold, min_values=self.min_values)
-                findings.append(f)
-                key = (dev, name, version)
-                if f.drifted and key not in self._drifted:
-                    self._drifted.add(key)
-                    events.append(Event(device=dev, boot=DRIFT_BOOT, seq=int(now * 1e6), kind="drift",
-                                        level="warning", ts=now, message=f"{name} {version}: {f.reason}",
-                                        data=f.to_dict()))
-                elif not f.drifted and f.distance is not None and f.values >= self.min_values:
-                    self._drifted.discard(key)
+                checks = [judge_device(dev, name, version, ws, ref, threshold=self.threshold,
+                                       min_values=self.min_values)]
+                # against the fleet: the other devices on this version, when at least MIN_FLEET of them have enough
+                # values (a device whose outputs depart from its peers', e.g. a camera knocked out of alignment)
+                others = [dv for dv, m in merged.items() if dv != dev and m is not None and m[1] >= self.min_values]
+                if len(others) >= MIN_FLEET:
+                    rest = merged_quantiles(w.output for dv in others for w in by_dev[dv])
+                    if rest is not None:
+                        checks.append(judge_device(dev, name, version, ws, rest[0], threshold=self.threshold,
+                                                   min_values=self.min_values, against="fleet"))
+                for f in checks:
+                    findings.append(f)
+                    key = (dev, name, version, f.against)
+                    if f.drifted and key not in self._drifted:
+                        self._drifted.add(key)
+                        events.append(Event(device=dev, boot=DRIFT_BOOT, seq=int(now * 1e6) + len(events),
+                                            kind="drift", level="warning", ts=now,
+                                            message=f"{name} {version}: {f.reason}", data=f.to_dict()))
+                    elif not f.drifted and f.distance is not None and f.values >= self.min_values:
+                        self._drifted.discard(key)
         if events and self.emit is not None:
             self.emit(events)
         return findings
