@@ -383,9 +383,10 @@ class TargetBuild:
             return []
         ref = self._reference(built)
         if self.timed and ref is not None and failing.loaded and self.runtime is not None:
-            # a quick look: keeping tensors in float only adds work, so a candidate that is not faster than FP32
-            # even with every tensor quantized cannot win
-            screen = self.runtime.time([failing.key], ref.key, self.ctx.validation[0],
+            # a quick look: keeping tensors in float only adds work, so a candidate that is not faster than FP32, or
+            # than the fastest candidate already within budget, even with every tensor quantized cannot win
+            rivals = [b for b in built if b.ok and b.loaded and b is not ref and b is not failing]
+            screen = self.runtime.time([failing.key, *(b.key for b in rivals)], ref.key, self.ctx.validation[0],
                                        TimingPolicy(min_rounds=3, max_rounds=5, budget_s=10.0,
                                                     target_halfwidth=0.05))
             cmp = screen.compare(failing.key, ref.key)
@@ -394,6 +395,14 @@ class TargetBuild:
                                   f"at {1 / cmp.ratio:.2f}x {ref.cand.name}, not faster with confidence (keeping "
                                   f"tensors in float only adds work)")
                 return []
+            best = min(rivals, key=lambda b: screen.compare(b.key, ref.key).ratio, default=None)
+            if best is not None:
+                vs = screen.compare(failing.key, best.key)
+                if not vs.faster(0.0):
+                    self.notes.append(f"{failing.cand.name} not retried in mixed precision: over budget it runs at "
+                                      f"{1 / vs.ratio:.2f}x {best.cand.name} (within budget), not faster with "
+                                      f"confidence (keeping tensors in float only adds work)")
+                    return []
         src = failing.source or base
         if not self.ctx.calibration:
             return []
