@@ -403,6 +403,7 @@ def scale_run(tmp: Path, pg: Any, backend: str, n_ctl: int, n_devices: int, n_me
         # Polled 4 times a second: each poll is an HTTP request the controllers serve (their CPU is measured).
         wait(lambda: _stored_by(ctls) - base >= n_messages, timeout, f"{n_messages} messages stored (live)", 0.25)
         live = _Components.cost(a, comp.sample(), n_messages)
+        live["batches"] = [get_json(c.url + "/api/ingest?store=0").get("batches", 0) for c in ctls]  # births too
 
         # drain: the broker queues a share for each stopped controller's session; all restart together
         for c in ctls:

@@ -158,7 +158,8 @@ class Ingestor:
     """Subscribe, validate, batch, write, ack. ``start()`` returns once subscribed; ``stop()`` flushes."""
 
     def __init__(self, store: Store, *, broker: MqttOptions, fleet: str, client_id: str,
-                 share_group: str = "edgefleet", batch_max: int = 500, session_expiry_s: int = 60,
+                 share_group: str = "edgefleet", batch_max: int = 500, batch_linger_s: float = 0.05,
+                 session_expiry_s: int = 60,
                  receipts: bool = True, receipt_qos: int = 0,
                  receipt_interval_s: float = 0.5, max_future_skew_s: float = MAX_FUTURE_SKEW_S,
                  on_write: Callable[[WriteResult], None] | None = None) -> None:
@@ -168,6 +169,12 @@ class Ingestor:
         self.share_group = check_id("share group", share_group)
         self.broker = broker
         self.batch_max = batch_max
+        if not 0 <= batch_linger_s <= 1:
+            raise ValueError(f"batch_linger_s must be in [0, 1], got {batch_linger_s!r}")
+        # A batch smaller than half of batch_max waits this long once for more: a controller with spare capacity
+        # (several in a group, a modest stream) otherwise writes many small batches, paying each transaction's fixed
+        # cost for few messages (bench/results/fleet.md). Acks and receipts wait as long; nothing is lost by it.
+        self.batch_linger_s = batch_linger_s
         self.session_expiry_s = session_expiry_s
         self.receipts = receipts
         if receipt_qos not in (0, 1):
@@ -270,12 +277,19 @@ class Ingestor:
                 with self.transport.corked():
                     self._flush_receipts()
                 continue
-            while len(items) < self.batch_max:
-                try:
-                    items.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
+            self._take(items)
+            if len(items) < self.batch_max // 2 and self.batch_linger_s > 0 and self._running.is_set():
+                time.sleep(self.batch_linger_s)
+                self._take(items)
             self._flush(items)
+
+    def _take(self, items: list[tuple[str, bytes, int, int, int]]) -> None:
+        """Add what is queued to ``items``, up to ``batch_max``."""
+        while len(items) < self.batch_max:
+            try:
+                items.append(self._q.get_nowait())
+            except queue.Empty:
+                return
 
     def _flush(self, items: list[tuple[str, bytes, int, int, int]]) -> None:
         batch = Batch(self.fleet)
