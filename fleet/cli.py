@@ -211,13 +211,19 @@ def fleet() -> None:
                    "does that at once); about 3 telemetry intervals.")
 @click.option("--metrics-stale-after", type=click.FloatRange(min=0.1), default=3600.0, show_default=True,
               help="Seconds without a status or telemetry after which a device leaves /metrics altogether.")
+@click.option("--webhook", "webhook_url", default="", metavar="URL",
+              help="POST a JSON notification here when a rule matches (docs/fleet.md, \"Webhooks\").")
+@click.option("--webhook-rule", "webhook_rules", multiple=True,
+              type=click.Choice(["drift", "offline", "canary", "errors"]),
+              help="Only these rules (repeatable; default: all four).")
 @click.pass_context
 def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundles_dir: Path, trust: tuple[Path, ...],
           signing_key: Path | None, command_ttl: float, fleet_id: str, client_id: str, share_group: str,
           receipts: bool, receipt_qos: int, public_url: str, retention_days: float, max_clock_skew: float,
           rollout_lease: float, db_old: str | None, read_auth: str, allowed_hosts: tuple[str, ...], max_upload: str,
           tls_cert: Path | None, tls_key: Path | None, mqtt_session_expiry: int, bundle_base_url: str,
-          offline_after: float, metrics_stale_after: float) -> None:
+          offline_after: float, metrics_stale_after: float, webhook_url: str,
+          webhook_rules: tuple[str, ...]) -> None:
     """Run a controller: MQTT ingest into the store, deployments, dashboard, REST API, /metrics, bundle downloads.
 
     The configuration, the store and the HTTP port are checked before anything connects to the broker: a
@@ -244,7 +250,9 @@ def serve(ctx: click.Context, mqtt: MqttOptions, db: str, http_addr: str, bundle
                                allowed_hosts=tuple(allowed_hosts), max_upload_bytes=_size(max_upload, "--max-upload"),
                                tls_cert=tls_cert, tls_key=tls_key, mqtt_session_expiry_s=mqtt_session_expiry,
                                rollout_lease_s=rollout_lease, bundle_base_url=bundle_base_url,
-                               offline_after_s=offline_after, metrics_stale_after_s=metrics_stale_after)
+                               offline_after_s=offline_after, metrics_stale_after_s=metrics_stale_after,
+                               webhook_url=webhook_url,
+                               webhook_rules=tuple(webhook_rules) or ("drift", "offline", "canary", "errors"))
         ctl = Controller(cfg)
         click.echo(f"edgefleet controller {cfg.client_id}: fleet {fleet_id}, broker {mqtt}, store {ctl.store}",
                    err=True)

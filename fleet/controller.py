@@ -28,6 +28,7 @@ from .ingest import Ingestor
 from .rollout import Deployer
 from .store import Store, open_store
 from .store.base import Batch
+from .webhooks import WebhookConfig, WebhookNotifier
 
 __all__ = ["CommandSigner", "Controller", "ControllerConfig", "ListenError"]
 
@@ -131,6 +132,9 @@ class ControllerConfig:
     # and how much at most (oldest out first).
     captures_dir: Path | None = None
     captures_max_bytes: int = 1 << 30
+    # Webhooks (fleet/webhooks.py): POST what the rules match (drift, offline, canary, errors) to this URL; "" none.
+    webhook_url: str = ""
+    webhook_rules: tuple[str, ...] = ("drift", "offline", "canary", "errors")
 
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
@@ -220,6 +224,13 @@ class Controller:
         self._resender: threading.Thread | None = None
         self._liveness: threading.Thread | None = None
         self._drift: threading.Thread | None = None
+        self.webhooks: WebhookNotifier | None = None
+        if config.webhook_url:
+            try:
+                wh = WebhookConfig(config.webhook_url, tuple(config.webhook_rules))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            self.webhooks = WebhookNotifier(self.store, config.fleet, wh)
         self.drift = DriftMonitor(self.store, config.fleet, self.library.root, trusted, config.drift_threshold,
                                   config.drift_min_values, config.drift_window_s, emit=self._emit_events)
 
@@ -302,6 +313,8 @@ class Controller:
         if self.config.drift_interval_s > 0:
             self._drift = threading.Thread(target=self._drift_loop, name="controller-drift", daemon=True)
             self._drift.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
 
     def _emit_events(self, events: list[Event]) -> None:
         """Store events the controller raises itself (drift) with the devices' own."""
@@ -368,6 +381,8 @@ class Controller:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         for t in (self._pruner, self._resender, self._liveness, self._drift):
             if t is not None:
                 t.join(30)

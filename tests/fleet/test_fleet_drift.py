@@ -105,7 +105,10 @@ def test_shifted_inputs_raise_a_drift_event_against_the_bundle_reference(control
 
 def test_a_canary_whose_outputs_depart_is_rolled_back_although_its_latency_is_fine(
         controller_factory, mosquitto, fleet_id, trust_file, signing_key, tmp_path) -> None:
-    ctl = controller_factory(drift_interval_s=0)
+    from test_fleet_webhooks import Receiver
+
+    rx = Receiver().start()
+    ctl = controller_factory(drift_interval_s=0, webhook_url=rx.url, webhook_rules=("canary",))
     agents = [Agent(tmp_path, f"can-{i}", mosquitto.url, fleet_id, trust_file) for i in range(2)]
     stop = threading.Event()
     try:
@@ -137,7 +140,12 @@ def test_a_canary_whose_outputs_depart_is_rolled_back_although_its_latency_is_fi
         with urllib.request.urlopen(f"{ctl.url}/api/deployments/{dep['id']}") as r:
             (verdict,) = json.loads(r.read())["decision"]["canary"]
         assert verdict["outcome"] == "halt" and verdict["output_drift"] > 0.25, verdict
+        # the operator's webhook heard of it, once
+        wait_until(lambda: rx.bodies, 30, what="the canary webhook")
+        (hook,) = rx.bodies
+        assert hook["rule"] == "canary" and hook["deployment"]["id"] == dep["id"] and "outputs departed" in hook["text"]
     finally:
         stop.set()
+        rx.stop()
         for a in agents:
             a.stop()
