@@ -431,6 +431,9 @@ def scale_run(tmp: Path, pg: Any, backend: str, n_ctl: int, n_devices: int, n_me
                 "receipts_sent": sum(s.get("receipts", 0) for s in stats),
                 "split": [s["stored"].get("telemetry", 0) for s in stats], "live": live, "drain": drain,
                 "batches": [s.get("batches", 0) for s in stats],  # since the restart: the drain's write batches
+                # Retained statuses every controller receives again when it subscribes after the restart: written in
+                # the drain's window, so they weigh on its CPU per telemetry message (N controllers: N x devices).
+                "statuses_in_drain": [s["received"].get("status", 0) for s in stats],
                 "receipts_confirmed": sim.confirmed}
     finally:
         if sim is not None:
@@ -767,7 +770,8 @@ def scale_report(sc: dict[str, Any], devices: int = 1000) -> str:
         "queued by the broker while every controller was stopped, from the first row stored after they restart to "
         "the last. CPU is user+system time per 1,000 messages: of the controllers (summed), of Mosquitto, of the "
         "PostgreSQL server (postmaster and backends; SQLite runs inside the controller). *Per controller CPU-second* "
-        "= messages / controller CPU seconds: what one controller core sustains when it has the core to itself.", "",
+        "= messages / controller CPU seconds: what one controller core sustains when it has the core to itself."
+        + (f" Note: {sc['note']}." if sc.get("note") else ""), "",
         "| store | controllers | phase | msgs/s (wall) | msgs per controller CPU-second (min–max) | controller CPU "
         "ms/1,000 (each) | broker CPU ms/1,000 | database CPU ms/1,000 |",
         "|---|---:|---|---:|---:|---:|---:|---:|"]
