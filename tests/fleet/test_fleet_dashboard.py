@@ -273,7 +273,9 @@ def test_dashboard_chart_time_labels_do_not_overlap(controller_factory, mosquitt
         page.wait_for_timeout(1500)  # two more live polls: an event fetched and streamed both is listed once
         assert sum("ax-gone-0000 device.offline" in e for e in page.locator("#events li").all_inner_texts()) == 1
         m = _axis_overlaps(page)
-        assert len(m["labels"]) >= 3 and not m["multiline"], m
+        # How many labels fall in a 15-minute window depends on where the wall clock puts the round minutes the
+        # axis ticks on (3 or 4 most of the time, 2 at some moments): two are enough to measure the gap between them.
+        assert len(m["labels"]) >= 2 and not m["multiline"], m
         assert m["minGap"] >= 8, f"time labels overlap or touch at {width} px: {m}"
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"dashboard-{width}.png"), full_page=True)
