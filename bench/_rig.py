@@ -100,6 +100,10 @@ class Rig:
                                    "--bundles", str(tmp / "controller-bundles"), "--trust", str(self.pub),
                                    "--key", str(self.key)])
         wait(lambda: _connects(self.http_port), 60, "controller")
+        token_file = tmp / "deploy.token"
+        subprocess.run([str(EDGEFLEET), "fleet", "token", "create", "--scope", "deploy", "--name", "bench", "--store",
+                        str(self.db), "--out", str(token_file)], check=True, capture_output=True)
+        self.token = token_file.read_text().strip()
         self.agents: list[str] = []
         for i in range(n_agents):
             dev = f"a{i}"
