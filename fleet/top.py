@@ -20,6 +20,7 @@ from typing import Any
 
 from edgefleet.sdk.errors import ProtocolError
 from edgefleet.sdk.protocol import Status, Telemetry, check_id, parse_topic, subscription
+from edgefleet.sdk.providers import provider_label
 from edgefleet.sdk.sketch import DDSketch, quantiles
 from edgefleet.sdk.transport import Incoming, MqttOptions, MqttTransport
 from rich import box
@@ -166,7 +167,7 @@ class FleetView:
 def _cells(d: dict[str, Any]) -> list[str]:
     m = d["models"][0] if d["models"] else {}
     return [d["device"], d["state"], d["profile"] or "-",
-            ",".join(p.replace("ExecutionProvider", "") for p in m.get("providers", [])) or "-",
+            ",".join(provider_label(p) for p in m.get("providers", [])) or "-",
             (f"{m['name']} {m['version']}" + (f" [{m['variant']}]" if m.get("variant") else "")) if m else "-",
             _ms(m.get("p50")), _ms(m.get("p95")), _ms(m.get("p99")),
             f"{m['rps']:.1f}" if m else "-", str(m.get("errors", "-")),

@@ -27,13 +27,20 @@ function esc(s) { return String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<
 // One flat view of a device row, for sorting, filtering and display. An offline device (its Last Will, a shutdown
 // status, or silent past the controller's --offline-after) keeps its identity and what it last served, but its last
 // latency and throughput are not live: they are not shown, sorted on or counted in the fleet's live figures.
+// ORT provider ids spelled as the vendors do (the same table as sdk/providers.py: TensorRT, not Tensorrt).
+const PROVIDER_LABELS = {
+  TensorrtExecutionProvider: "TensorRT", NvTensorRTRTXExecutionProvider: "TensorRT RTX", DmlExecutionProvider: "DirectML",
+  ROCMExecutionProvider: "ROCm", XnnpackExecutionProvider: "XNNPACK", WebGpuExecutionProvider: "WebGPU",
+};
+const providerLabel = (p) => PROVIDER_LABELS[p] || p.replace("ExecutionProvider", "");
+
 function view(d) {
   const m = (d.models && d.models[0]) || {};
   const on = d.state === "online";
   return {
     device: d.device, online: on ? 1 : 0, state: on ? "online" : d.state === "unknown" ? "unknown" : "offline",
     profile: d.profile || "",
-    serving: (m.providers || []).map((p) => p.replace("ExecutionProvider", "")).join(","),
+    serving: (m.providers || []).map(providerLabel).join(","),
     bundle: m.name ? `${m.name} ${m.version}${m.variant ? ` [${m.variant}]` : ""}` : "", p50: on ? m.p50 ?? null : null, p95: on ? m.p95 ?? null : null,
     p99: on ? m.p99 ?? null : null, throughput: on ? m.throughput ?? null : null, errors: on ? m.errors ?? null : null,
     last_seen: d.last_seen || 0, more: d.models && d.models.length > 1 ? d.models.length - 1 : 0,
