@@ -55,6 +55,7 @@ class PackageOptions:
     bundle_samples: int = 8
     calibration_memory_mb: int = 2048
     mixed_precision_rounds: int = 6
+    mixed_precision_s: float = 90.0
     trt_max_batch: int = 8
     # One bundle holding every verified candidate; the device pins the fastest that passes its self-test there.
     # None: only when the target's runtime cannot be reached from the build host (nothing measured chose for it).
@@ -86,6 +87,9 @@ class PackageOptions:
                 or not 0 <= self.mixed_precision_rounds <= 16:
             raise ConfigError(f"mixed_precision_rounds must be an integer in 0..16, "
                               f"got {self.mixed_precision_rounds!r}")
+        if not isinstance(self.mixed_precision_s, (int, float)) or isinstance(self.mixed_precision_s, bool) \
+                or not 0 < self.mixed_precision_s <= 3600:
+            raise ConfigError(f"mixed_precision_s must be in (0, 3600] seconds, got {self.mixed_precision_s!r}")
 
     @classmethod
     def build(cls, base: PackageOptions | None = None, **overrides: Any) -> PackageOptions:

@@ -283,7 +283,7 @@ def test_package_options_every_field_is_honoured_and_read_back_from_the_bundle(c
         profiles_dirs=(), output_kinds={"probs": "classifier"}, measure=False, runtime_python=(),
         discover_runtimes=False, threads=1, time_budget_s=120.0, timing=QUICK, compare_cpu=False, tie_margin=0.05,
         min_calibration_samples=9, min_validation_samples=20, bundle_samples=3, calibration_memory_mb=512,
-        mixed_precision_rounds=1, trt_max_batch=4, variants=False)
+        mixed_precision_rounds=1, mixed_precision_s=30.0, trt_max_batch=4, variants=False)
     defaults = PackageOptions()
     unset = [f.name for f in fields(opts) if getattr(opts, f.name) == getattr(defaults, f.name)
              and f.name not in ("model_type", "input_shapes", "profiles_dirs", "runtime_python")]
