@@ -58,6 +58,7 @@ class ProviderPolicy:
     margin_measured: float = 2.0
     margin_stand_in: float = 4.0
     unverified_rel: float = 0.05
+    int8_op_types: tuple[str, ...] = ()  # static QDQ only around these ops (empty: every op ORT can quantize)
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +80,10 @@ POLICIES: dict[str, ProviderPolicy] = {p.provider: p for p in (
         OPENVINO, "openvino", contrib_ops=False, offline="basic", fp16=None, hints=True, int8=("static",),
         time_activation_variants=True, symmetric_activations=False, reoptimize_after_quantization=False,
         conservative=("fp32",), stand_in={"int8": "cpu", "fp32": "cpu"},
+        # measured here (1 thread, vs FP32 on the CPU EP, f32 hint): QDQ only around the weighted ops ran YOLOv8n at
+        # 1.85x instead of 1.25x with ORT's default QDQ on every op, PP-OCRv4 rec at 2.11x instead of 1.01x, and kept
+        # YOLOv8n's class scores from collapsing (the output Concat is no longer quantized)
+        int8_op_types=("Conv", "ConvTranspose", "MatMul", "Gemm"),
         reason="OpenVINO compiles the graph itself and takes standard ops only; precision goes through its inference "
                "precision hint (load_config), INT8 through QDQ it folds into its own kernels; bf16/f16 hints cannot "
                "be estimated without OpenVINO, so unmeasured it ships the f32 hint"),
@@ -118,6 +123,8 @@ def static_config(q: Quantization, policy: ProviderPolicy, **overrides: Any) -> 
     cfg: dict[str, Any] = {"format": q.format, "activation_type": q.activation_type, "weight_type": q.weight_type,
                            "per_channel": q.per_channel, "reduce_range": q.reduce_range,
                            "method": q.calibration_method, "symmetric_activations": policy.symmetric_activations}
+    if policy.int8_op_types:
+        cfg["op_types"] = list(policy.int8_op_types)
     cfg.update(overrides)
     return cfg
 
