@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,32 +200,33 @@ def parse_request(d: Any) -> Request:
 
 # -- the runtime interface -------------------------------------------------------------------------------------------
 
-class TargetRuntime:
+class TargetRuntime(ABC):
     """Where candidates for one target are run: load, run, time, self-test (same API in-process and in a worker)."""
 
     info: RuntimeInfo
 
+    @abstractmethod
     def load(self, key: str, model: Path, providers: Sequence[ProviderConfig], session: SessionConfig,
              inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], cache_dir: Path) -> LoadResult:
         """Create a session as the device would."""
-        raise NotImplementedError
 
+    @abstractmethod
     def run(self, key: str, samples: Sequence[Feed]) -> list[dict[str, np.ndarray]]:
         """Outputs of every sample."""
-        raise NotImplementedError
 
+    @abstractmethod
     def time(self, keys: Sequence[str], reference: str, feed: Feed, policy: TimingPolicy) -> TimingResult:
         """Interleaved timing of loaded sessions against ``reference``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def self_test(self, bundle: Path, trusted: Path, work: Path) -> dict[str, Any]:
         """Install a bundle into ``work`` as a device would and run its self-test; the report's JSON form."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unload(self, keys: Sequence[str]) -> None:
         """Drop sessions."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Release the runtime."""
 
