@@ -32,6 +32,10 @@ from typing import Any
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._rig import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
@@ -39,12 +43,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLEET = "bench"  # each run uses its own fleet id: retained births of one run must not count in the next
 GOAL_MSGS_S = 5000
 GOAL_PAINT_MS = 1000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait(pred: Any, timeout_s: float, what: str, every_s: float = 0.05) -> None:

@@ -24,6 +24,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, grace_s: float = 20.0) -> None:
+    """SIGTERM a child still running, wait ``grace_s`` for it to stop on its own, then SIGKILL it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def wait_until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition", *,
                timeout_s: float | None = None, interval: float = 0.05) -> Any:
     """Poll ``pred`` until it returns something truthy (and return it); fail the test naming ``what`` on timeout."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, stop_process, wait_until
 
 __all__ = ["EDGEFLEET", "Agent", "ControllerProc", "free_port", "infer_load", "wait_until"]
 
@@ -115,10 +115,4 @@ class ControllerProc:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)

@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from tests.helpers import free_port
+from tests.helpers import free_port, stop_process
 
 __all__ = ["ControllerProc", "RssSampler", "edgefleet", "free_port", "request"]
 
@@ -80,13 +80,7 @@ class ControllerProc:
         return int(psutil.Process(self.proc.pid).memory_info().rss)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
