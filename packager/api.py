@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from edgefleet.devices.profile import Profile, get_profile, load_profiles
 from edgefleet.sdk._fs import sha256_file
-from edgefleet.sdk.bundle import Manifest, version_key
+from edgefleet.sdk.bundle import META_FIXED_SHAPES, Manifest, version_key
 from edgefleet.sdk.errors import ConfigError, InputError
 from edgefleet.sdk.keys import PrivateKey, load_private_key
 
@@ -31,7 +31,7 @@ from .options import PackageOptions, PackageResult, Progress, ProgressEvent
 from .orchestration import RunContext, TargetBuild
 from .planning import inspect_model
 from .policy import COREML, CPU
-from .steps import StepRecord, model_size
+from .steps import StepRecord, make_plan, model_size, run_plan
 from .worker import Runtimes, cpu_session, run_session
 
 __all__ = ["PackageOptions", "PackageResult", "package"]
@@ -130,6 +130,12 @@ def package(
         t0 = time.perf_counter()
         checked = step.run(src, staging / "check", CheckConfig())
         check_record = StepRecord("check", {}, step.notes, model_size(checked), time.perf_counter() - t0)
+        shape_record: StepRecord | None = None
+        if shapes and torch_module is None:
+            # an ONNX model: fix the named inputs' dynamic dims (EPs that compile only static shapes need it)
+            shared("shapes", f"fix input shapes {_shapes_text(shapes)}")
+            checked, [shape_record] = run_plan(checked, staging / "shapes", make_plan([("fix_shapes",
+                                                                                     {"shapes": shapes})]))
         facts = inspect_model(checked)
         budget_bytes = opts.calibration_memory_mb << 20
         calib = _source(opts.calibration, facts.inputs, "calibration data", budget_bytes, staging / "calibration")
@@ -158,7 +164,7 @@ def package(
         runtimes = Runtimes(staging, opts.runtime_python, opts.discover_runtimes)
         ctx = RunContext(opts, src, checked, check_record, facts, str(calib.path) if calib is not None else None,
                          len(calib) if calib is not None else 0, max_inter, val, refs, kinds,
-                         _host_cpu_profile(profiles), runtimes, staging, say, data_notes)
+                         _host_cpu_profile(profiles), runtimes, staging, say, data_notes, shape_record)
         trusted = staging / "signer.pub"
         trusted.write_bytes(signing_key.public.to_pem())
         results: list[tuple[Profile, Manifest, dict[str, Any], Path]] = []
@@ -173,6 +179,8 @@ def package(
             extra_files: dict[str, Path] = {}
             metadata: dict[str, str] = {"packager": "edgefleet", "candidate": chosen.cand.name,
                                         "source_sha256": sha256_file(src)[0]}
+            if shape_record is not None:
+                metadata[META_FIXED_SHAPES] = ";".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
             kept = next((r for r in chosen.records if r.name == "keep_float"), None)
             if kept is not None:
                 # mixed precision: which nodes' outputs stay in float (the full tensor list is in report.json)
@@ -300,6 +308,10 @@ def _tolerances_for(tb: TargetBuild, b: Any, ctx: RunContext, n: int) -> dict[st
         margin = 0.0
     return tolerances(b.out_specs, b.outputs[:n], ctx.refs[:n], ctx.opts.budget, ctx.kinds, how, margin,
                       tb.policy.unverified_rel)
+
+
+def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
 def _safe_name(src: Path) -> str:

@@ -41,7 +41,9 @@ __all__ = ["package"]
 @click.option("--profiles", "profiles_dir", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Extra profile folder (repeatable).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...",
-              help="For a PyTorch MODEL (TorchScript file or module:factory): input name and shape, repeatable.")
+              help="Input name and shape, repeatable (NAME=1x64 or NAME=1,64). For an ONNX MODEL: fixes that "
+                   "input's dynamic dims in the bundle (EPs such as OpenVINO may compile only static shapes); "
+                   "calibration and validation data must have that shape. For a PyTorch MODEL: the export shapes.")
 @click.option("--no-measure", is_flag=True,
               help="Do not time candidates (auto then keeps the conservative precisions).")
 @click.option("--runtime-python", "runtime_python", multiple=True, type=click.Path(exists=True, dir_okay=False),

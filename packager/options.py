@@ -78,6 +78,9 @@ class PackageOptions:
             raise ConfigError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s!r}")
         if not 0 <= self.tie_margin < 0.5:
             raise ConfigError(f"tie_margin must be in [0, 0.5), got {self.tie_margin!r}")
+        for k, v in self.input_shapes.items():
+            if not isinstance(v, tuple) or not v or not all(isinstance(d, int) and d >= 1 for d in v):
+                raise ConfigError(f"input_shapes[{k!r}] must be a non-empty tuple of dims >= 1, got {v!r}")
         bad = {k: v for k, v in self.output_kinds.items() if v not in OUTPUT_KINDS}
         if bad:
             raise ConfigError(f"output kind(s) {bad} not among {OUTPUT_KINDS}")

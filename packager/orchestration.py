@@ -25,7 +25,7 @@ from .choosing import Contender, choose
 from .data import Feed
 from .options import PackageOptions, ProgressEvent
 from .planning import Candidate, ModelFacts, _ov_hint, candidates_for, io_specs, offline_level, trt_shape_options
-from .policy import CPU, TENSORRT, ProviderPolicy, policy_for
+from .policy import CPU, OPENVINO, TENSORRT, ProviderPolicy, policy_for
 from .reporting import budget_text, session_dict
 from .sensitivity import float_error, search_float_tensors, tail_tensors
 from .steps import StepRecord, StreamingReader, make_plan, model_size, run_plan
@@ -54,6 +54,7 @@ class RunContext:
     work: Path
     say: Callable[[ProgressEvent], None]
     data_notes: list[str] = field(default_factory=list)
+    shape_record: StepRecord | None = None  # the fix_shapes step (--input-shape on an ONNX model), when it ran
 
 
 @dataclass
@@ -192,7 +193,9 @@ class TargetBuild:
                         "info": self.runtime.info.to_dict() if self.runtime else None},
             "measurement": "measured" if self.runtime is not None else "unmeasured",
             "offline_optimization": {"level": level, "reason": level_reason},
-            "base_steps": [ctx.check_record.to_dict(), *[r.to_dict() for r in base_records]],
+            "base_steps": [ctx.check_record.to_dict(),
+                           *([ctx.shape_record.to_dict()] if ctx.shape_record else []),
+                           *[r.to_dict() for r in base_records]],
             "candidates": [b.to_dict() for b in built],
             "chosen": {"name": chosen.cand.name, "precision": chosen.cand.precision, "why": why,
                        "decision": decision},
@@ -314,6 +317,7 @@ class TargetBuild:
     def _build(self, c: Candidate, base: Path, work: Path) -> Built:
         b = Built(c, key=f"{self.profile.name}/{c.name}")
         ctx = self.ctx
+        loading = False
         try:
             items = self._items(c.steps, base)
             try:
@@ -333,8 +337,10 @@ class TargetBuild:
             b.providers, b.session = self._providers(c, timing=False)
             if self.runtime is not None:
                 providers, session = self._providers(c, timing=True)
+                loading = True
                 res = self.runtime.load(b.key, b.model, providers, session, b.inputs, b.out_specs,
                                         self.work / "cache")
+                loading = False
                 b.loaded = True
                 b.nodes = dict(res.nodes)
                 if not c.cpu_guard:
@@ -362,7 +368,19 @@ class TargetBuild:
             b.accuracy = evaluate(b.outputs, ctx.refs, self.opts.budget, kinds=ctx.kinds)
         except (EdgefleetError, OSError, ValueError) as exc:
             b.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            if loading and not c.cpu_guard:
+                b.error = self._dynamic_hint(b.inputs) + b.error
         return b
+
+    def _dynamic_hint(self, inputs: Sequence[TensorSpec]) -> str:
+        """The likely cause and the fix, first in the reason, when OpenVINO cannot compile a graph with dynamic input
+        dims (measured: MiniLM and silero-vad fail in OpenVINO's Expand with symbolic dims, compile once fixed)."""
+        dynamic = {t.name: t.shape for t in inputs if any(not isinstance(d, int) for d in t.shape)}
+        if self.policy.provider != OPENVINO or not dynamic:
+            return ""
+        shapes = ", ".join(f"{k} {list(v)}" for k, v in dynamic.items())
+        return (f"{self.policy.provider} could not compile it, and its input dims are dynamic ({shapes}): fix the "
+                f"shape with --input-shape NAME=D1xD2... (OpenVINO often compiles only static shapes); ")
 
     def _retry_int8(self, built: list[Built], base: Path) -> list[Built]:
         """Accuracy-aware mixed precision before giving up static INT8: keep the output tail, then the measured

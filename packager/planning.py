@@ -157,9 +157,17 @@ class Candidate:
 
     @property
     def simplicity(self) -> float:
-        """Lower is simpler and more accurate; near-ties go to the lowest (then by name, so always the same)."""
-        key = f"int8-{self.int8}" if self.int8 else self.precision
-        return SIMPLICITY.get(key, 5) + (0.5 if "-excl" in self.name else 0.0) + (0.25 if "-s8" in self.name else 0)
+        """Rung on the choice's ladder (``policy.SIMPLICITY``; lower: simpler and more accurate); the S8-activation
+        variant of static INT8 sits just above the profile's default U8 (then names order equal rungs)."""
+        if self.cpu_guard:
+            key = "cpu-fp32"
+        elif "-excl" in self.name:
+            key = "mixed"
+        else:
+            key = f"int8-{self.int8}" if self.int8 else self.precision
+        if key not in SIMPLICITY:
+            raise ConfigError(f"candidate {self.name}: precision {key!r} has no rung in policy.SIMPLICITY")
+        return SIMPLICITY[key] + (0.5 if "-s8" in self.name else 0.0)
 
 
 def _ov_hint(profile: Profile, precision: str) -> dict[str, dict[str, str]]:

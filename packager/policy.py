@@ -35,8 +35,13 @@ TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 COREML = "CoreMLExecutionProvider"
 
-# How "simple" a candidate is, for near-ties: within the measured noise the simpler, more accurate one ships.
-SIMPLICITY = {"fp32": 0, "bf16": 1, "f16": 1, "fp16": 1, "int8-dynamic": 2, "int8-static": 3}
+# The ladder of the choice (choosing.py), simplest and most accurate first: a candidate ships over a simpler one only
+# when it is faster with confidence. FP32 on the CPU EP runs on every ORT build of the device, so it is the simplest;
+# then the provider's own FP32; reduced float precisions (rounding only); dynamic INT8 (weights only, activations
+# quantized per call from their own range); static INT8 (activation ranges fixed by calibration data); mixed
+# precision (static INT8 with searched float islands: the most moving parts). Equal ranks are ordered by name.
+SIMPLICITY = {"cpu-fp32": 0, "fp32": 1, "bf16": 2, "f16": 2, "fp16": 2, "int8-dynamic": 3, "int8-static": 4,
+              "mixed": 5}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ __all__ = [
     "STEPS",
     "CheckModel",
     "ConvertFloat16",
+    "FixShapes",
     "FuseTransformer",
     "KeepFloat",
     "OptimizeGraph",
@@ -191,6 +192,99 @@ class CheckModel(Step):
         self.notes = {"opset": opset, "ir_version": proto.ir_version, "nodes": len(proto.graph.node),
                       "external_data": ext, "named_nodes": unnamed}
         return _save(proto, out_dir)
+
+
+@dataclass(frozen=True)
+class FixShapesConfig:
+    """``shapes``: input name -> the full shape to fix (every dim >= 1; static dims must keep their value)."""
+
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+class FixShapes(Step):
+    """Fix the named inputs' dynamic dims (``--input-shape``), then re-run shape inference so the fixed sizes reach
+    every tensor: some EPs compile only static shapes (measured: OpenVINO refuses MiniLM's and silero-vad's dynamic
+    graphs). A symbolic dim's name shared with other inputs or outputs takes the same value there (as
+    ``onnxruntime.tools.make_dynamic_shape_fixed`` does for a dim_param)."""
+
+    name = "fix_shapes"
+    Config = FixShapesConfig
+
+    def run(self, model: Path, out_dir: Path, config: FixShapesConfig) -> Path:
+        from onnx import shape_inference
+
+        proto = _load(model)
+        graph = proto.graph
+        init = {i.name for i in graph.initializer}
+        inputs = {vi.name: vi for vi in graph.input if vi.name not in init}
+        unknown = sorted(set(config.shapes) - set(inputs))
+        if unknown:
+            raise InputError(f"--input-shape names {unknown}, not inputs of the model (its inputs: "
+                             f"{', '.join(inputs)})")
+        params: dict[str, int] = {}
+        for name, shape in config.shapes.items():
+            dims = inputs[name].type.tensor_type.shape.dim
+            declared = _dims_text(dims)
+            if len(dims) != len(shape):
+                raise InputError(f"--input-shape {name}={'x'.join(map(str, shape))}: the model's input has rank "
+                                 f"{len(dims)} ({declared}), not {len(shape)}")
+            for axis, (d, v) in enumerate(zip(dims, shape, strict=True)):
+                if v < 1:
+                    raise InputError(f"--input-shape {name}: dim {axis} must be >= 1, got {v}")
+                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != v:
+                    raise InputError(f"--input-shape {name}: dim {axis} is {d.dim_value} in the model "
+                                     f"({declared}), not {v}")
+                if d.HasField("dim_param") and d.dim_param:
+                    if params.setdefault(d.dim_param, v) != v:
+                        raise InputError(f"--input-shape: dim {d.dim_param!r} is shared by several inputs; it gets "
+                                         f"{params[d.dim_param]} and {v}")
+                d.Clear()
+                d.dim_value = v
+        shared: list[str] = []
+        for vi in [*graph.input, *graph.output]:
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_param") and d.dim_param in params:
+                    shared.append(vi.name)
+                    value = params[d.dim_param]
+                    d.Clear()
+                    d.dim_value = value
+        # intermediate shapes were inferred with the symbolic dims: infer them again from the fixed inputs
+        del graph.value_info[:]
+        try:
+            proto = shape_inference.infer_shapes(proto, check_type=False, strict_mode=True, data_prop=True)
+        except Exception as exc:
+            raise InputError(f"--input-shape {_shapes_text(config.shapes)}: shape inference fails with these shapes: "
+                             f"{_first_line(exc)}") from exc
+        fixed = {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                           for d in vi.type.tensor_type.shape.dim] for vi in graph.input if vi.name in inputs}
+        self.notes = {"fixed": {k: list(v) for k, v in config.shapes.items()}, "inputs": fixed,
+                      "same_dim_name_also_fixed_in": sorted(set(shared) - set(config.shapes))}
+        out = _save(proto, out_dir)
+        # ONNX Runtime infers further than onnx (inside If/Loop bodies): a graph that branches on another input can
+        # be consistent for one shape only in some branches (measured: silero-vad's 8 kHz branch at a 16 kHz chunk)
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # folding If exposes the branches
+        try:
+            ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise InputError(f"--input-shape {_shapes_text(config.shapes)}: ONNX Runtime refuses the model with "
+                             f"these shapes: {_first_line(exc)}") from exc
+        return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _dims_text(dims: Any) -> str:
+    return "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+
+
+def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
 @dataclass(frozen=True)
@@ -541,8 +635,8 @@ class ConvertFloat16(Step):
 # -- the table --------------------------------------------------------------------------------------------------------
 
 STEPS: dict[str, type[Step]] = {
-    s.name: s for s in (CheckModel, UpgradeOpset, FuseTransformer, OptimizeGraph, QuantizeDynamic, QuantizeStatic,
-                        KeepFloat, ConvertFloat16)
+    s.name: s for s in (CheckModel, FixShapes, UpgradeOpset, FuseTransformer, OptimizeGraph, QuantizeDynamic,
+                        QuantizeStatic, KeepFloat, ConvertFloat16)
 }
 
 

@@ -21,7 +21,7 @@ __all__ = ["TORCH_SUFFIXES", "check_mlpackage", "convert_mlpackage", "export_onn
            "load_torch_model", "parse_input_shapes"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
-_SHAPE_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.:-]*)=(\d+(?:x\d+)*)$")
+_DIMS_RE = re.compile(r"^[1-9]\d*(?:[x,][1-9]\d*)*$")
 
 
 def is_torch_spec(model: str | Path) -> bool:
@@ -31,13 +31,16 @@ def is_torch_spec(model: str | Path) -> bool:
 
 
 def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """``NAME=1x3x224x224`` items into a dict, in order."""
+    """``NAME=1x3x224x224`` (or ``NAME=1,3,224,224``) items into a dict, in order; every dim >= 1."""
     out: dict[str, tuple[int, ...]] = {}
     for item in items:
-        m = _SHAPE_RE.match(item.strip())
-        if not m:
-            raise ConfigError(f"input shape {item!r}: expected NAME=DxDx..., e.g. image=1x3x224x224")
-        out[m.group(1)] = tuple(int(d) for d in m.group(2).split("x"))
+        name, sep, dims = item.strip().rpartition("=")
+        if not sep or not name or not _DIMS_RE.match(dims):
+            raise ConfigError(f"input shape {item!r}: expected NAME=DxDx... (or NAME=D,D,...) with every dim >= 1, "
+                              f"e.g. image=1x3x224x224")
+        if name in out:
+            raise ConfigError(f"input shape for {name!r} given twice")
+        out[name] = tuple(int(d) for d in re.split(r"[x,]", dims))
     return out
 
 

@@ -35,6 +35,7 @@ from .keys import PrivateKey, TrustedKeys
 __all__ = [
     "MANIFEST_NAME",
     "META_CPU_FALLBACK",
+    "META_FIXED_SHAPES",
     "META_MEASURED_ON",
     "META_MEASUREMENT",
     "SCHEMA_VERSION",
@@ -265,6 +266,9 @@ META_MEASUREMENT = "measurement"
 ``unmeasured``: that runtime could not be reached, the packager took the provider's conservative precision."""
 META_MEASURED_ON = "measured_on"
 """Provider and ONNX Runtime (version, flavour) that produced the numbers, or why none did."""
+META_FIXED_SHAPES = "fixed_input_shapes"
+"""Inputs whose dynamic dims the packager fixed (``--input-shape``), as ``name=1x64;other=1x64``: the model (and the
+manifest's ``inputs``) take only these shapes."""
 META_CPU_FALLBACK = "cpu_fallback_nodes"
 """Share of graph nodes ONNX Runtime assigned to the CPU EP instead of the bundle's provider ("0" .. "1"; absent
 when not measured or when the CPU EP is the bundle's provider)."""

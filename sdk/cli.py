@@ -140,8 +140,12 @@ def bundle_inspect(path: Path, trust: tuple[Path, ...], as_json: bool) -> None:
     click.echo(f"providers {' > '.join(p.name for p in m.providers)}")
     threads = m.session.intra_op_num_threads or "default"
     click.echo(f"session  {m.session.graph_optimization_level} opt, intra_op={threads}")
+    from .bundle import META_FIXED_SHAPES
+
+    fixed = {part.split("=", 1)[0] for part in m.metadata.get(META_FIXED_SHAPES, "").split(";") if part}
     for t in m.inputs:
-        click.echo(f"input    {t.name}: {t.dtype} {list(t.shape)}")
+        note = "  (fixed at packaging: --input-shape)" if t.name in fixed else ""
+        click.echo(f"input    {t.name}: {t.dtype} {list(t.shape)}{note}")
     for t in m.outputs:
         click.echo(f"output   {t.name}: {t.dtype} {list(t.shape)}")
     for name, e in m.files.items():

