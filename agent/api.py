@@ -259,10 +259,12 @@ class ApiServer:
                                  "in /v2/models/stats and /metrics")
         if tail not in ([], ["ready"], ["config"], ["infer"]):
             raise HttpError(404, f"no route {req.path[:200]!r}")
-        model = self._model(name, version)
         if tail == ["infer"]:
             self._methods(method, "POST")
-            return self._infer(req, model)
+            picked = self.registry.pick(name, version)  # a canary's traffic split (agent/registry.py)
+            return self._infer(req, picked if picked is not None and (version is None or picked.version == version)
+                               else self._model(name, version))
+        model = self._model(name, version)
         self._methods(method, "GET")
         if tail == ["ready"]:
             why = self.runner.available(name, model)

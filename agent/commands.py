@@ -305,7 +305,8 @@ class Dispatcher:
             def progress(state: str) -> None:
                 self.event("deploy.progress", f"deploy {state}", data={"command": cmd_id, "state": state})
 
-            return self.installer.install(args.url, args.sha256, args.size, progress).to_dict()
+            return self.installer.install(args.url, args.sha256, args.size, progress, split_pct=args.split_pct,
+                                          split_s=args.split_s).to_dict()
         if kind == "rollback":
             name = self._model_name(cmd.args_as(RollbackArgs).name, "rollback")
             # Which bundle this command rolls back to is fixed at its first attempt: resumed after a crash that

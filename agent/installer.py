@@ -128,10 +128,13 @@ class Installer:
                           allow_fallback=self.allow_fallback, cache_dir=self.store.cache_dir(digest))
 
     def install(self, url: str, sha256: str, size: int,
-                progress: Callable[[str], None] | None = None) -> InstallResult:
+                progress: Callable[[str], None] | None = None, *, split_pct: float = 0.0,
+                split_s: float = 0.0) -> InstallResult:
         """Download, verify, extract, open, self-test and activate; InstallError naming the failing step.
 
-        ``progress`` hears the deployment states a controller shows: downloading, verifying, self-test.
+        ``progress`` hears the deployment states a controller shows: downloading, verifying, self-test. With
+        ``split_pct``/``split_s`` (a canary), the version it replaces keeps serving that share of the requests for
+        ``split_s`` seconds (agent/registry.py, "Traffic split").
         """
         say = progress or (lambda state: None)
         from edgefleet.sdk._ort_options import check_ort_options
@@ -275,7 +278,7 @@ class Installer:
                 self.store.collect()
             raise InstallError("activate", _storage_error(exc, f"switching {m.name} to {m.version}")) from exc
         _failpoint("after-activate")
-        self.registry.put(m.name, model)
+        self.registry.put(m.name, model, split_pct=split_pct, split_s=split_s)
         lap("activate")
         self.store.collect()
         log.info("installed", extra={"model": m.name, "version": m.version, "digest": vm.digest,

@@ -162,6 +162,7 @@ class Reporter:
         now = time.monotonic()
         models = [model_entry(r.model, r.snapshot) for r in self.registry.take_retired()]
         models += [model_entry(m, m.recorder.take(now)) for _, m in self.registry.items()]
+        models += [model_entry(m, m.recorder.take(now)) for m in self.registry.split_models()]
         with self._proc.oneshot():
             mem = self._proc.memory_info()
             process = ProcessStats(cpu_percent=self._proc.cpu_percent(None), rss_bytes=mem.rss,

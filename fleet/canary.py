@@ -59,9 +59,13 @@ MIN_CONTROLS = 3
 OUTLIER_MADS = 3.0
 MAD_FLOOR = math.log(1.10)
 """A device is an outlier only when more than 10% (x OUTLIER_MADS) away from the median: honest devices differ."""
-DEVICE_UNIT_MIN = 12
-"""From this many canaries on, devices (not time blocks) are resampled."""
 RESAMPLES = 1000
+TAIL = tuple(round(0.75 + 0.01 * i, 2) for i in range(25))
+"""The quantiles p75, p76 ... p99 whose geometric mean is the verdict's tail latency (see "The statistic")."""
+P95 = (0.95,)
+_PERIODS = {"before": ("before",), "after": ("after", "split")}
+"""Periods that share one grid of time slots (so a resample keeps them paired)."""
+_GROUP = {p: g for g, ps in _PERIODS.items() for p in ps}
 _Z_CACHE: dict[float, float] = {}
 
 
@@ -124,6 +128,8 @@ class DeviceWindows:
     device: str
     before: Sequence[TelemetryWindow]
     after: Sequence[TelemetryWindow]
+    split: Sequence[TelemetryWindow] = ()
+    """Canaries only: the previous version's windows over the same time, from its share of a traffic split."""
 
 
 def _usable(ws: Sequence[TelemetryWindow]) -> list[TelemetryWindow]:
@@ -172,18 +178,20 @@ class _Grid:
                 out[i, a:a + len(s.counts)] = s.counts
         return out
 
-    def log_p95(self, counts: Any) -> Any:
-        """log p95 of each row of summed bucket counts (NaN for an empty row); DDSketch.quantile's rank rule."""
+    def log_q(self, counts: Any, qs: Sequence[float]) -> Any:
+        """The mean of the log quantiles ``qs`` of each row of summed bucket counts (NaN for an empty row), by
+        DDSketch.quantile's rank rule."""
         import numpy as np
 
         counts = np.atleast_2d(counts)
         cum = np.cumsum(counts, axis=1)
         total = cum[:, -1]
-        rank = 0.95 * (total - 1.0)
-        idx = (cum <= rank[:, None] + 1e-9).sum(axis=1)
-        idx = np.minimum(idx, self.width - 1)
-        out = self.log_rep[idx]
-        return np.where(total > 0, out, np.nan)
+        out = np.zeros(len(total))
+        for q in qs:
+            rank = q * (total - 1.0)
+            idx = np.minimum((cum <= rank[:, None] + 1e-9).sum(axis=1), self.width - 1)
+            out += self.log_rep[idx]
+        return np.where(total > 0, out / len(qs), np.nan)
 
 
 def _slots(windows: Sequence[TelemetryWindow], slot_s: float) -> tuple[list[int], int]:
@@ -279,20 +287,25 @@ def judge(bundle: str, canaries: Sequence[DeviceWindows], controls: Sequence[Dev
             return verdict("halt", f"{why}: the canaries' outputs departed from the previous version's")
 
     # -- latency ---------------------------------------------------------------------------------------------------
-    units = [DeviceWindows(u.device, _usable(u.before), _usable(u.after)) for u in canaries]
+    units = [DeviceWindows(u.device, _usable(u.before), _usable(u.after), _usable(u.split)) for u in canaries]
     excluded = [f"{u.device}: fewer than {MIN_WINDOWS} windows with requests on the new version"
                 for u in units if len(u.after) < MIN_WINDOWS]
     units = [u for u in units if len(u.after) >= MIN_WINDOWS]
+    split = [u for u in units if len(u.split) >= MIN_WINDOWS]
     paired = [u for u in units if len(u.before) >= MIN_WINDOWS]
     ctl = [DeviceWindows(u.device, _usable(u.before), _usable(u.after)) for u in controls]
     ctl_after = [u for u in ctl if len(u.after) >= MIN_WINDOWS]
-    if paired:
+    mode: str
+    if split:
+        # each canary against its own previous version over the same seconds: nothing else is needed
+        excluded += [f"{u.device}: fewer than {MIN_WINDOWS} windows of the previous version beside the new one"
+                     for u in units if len(u.split) < MIN_WINDOWS]
+        units, mode, ctl = split, "split", []
+    elif paired:
         excluded += [f"{u.device}: fewer than {MIN_WINDOWS} windows on the previous version before the deployment"
                      for u in units if len(u.before) < MIN_WINDOWS]
         units, mode = paired, "paired"
         ctl = [u for u in ctl_after if len(u.before) >= MIN_WINDOWS]
-        if len(ctl) < MIN_CONTROLS:
-            ctl = []
     elif len(ctl_after) >= MIN_CONTROLS:
         mode, ctl = "beside", ctl_after  # no canary baseline: compare with the controls over the same time
     else:
@@ -301,95 +314,121 @@ def judge(bundle: str, canaries: Sequence[DeviceWindows], controls: Sequence[Dev
     if not units:
         return undecided("no canary has enough telemetry windows yet", excluded=excluded[:512])
 
-    every = [w for u in (*units, *ctl) for w in (*u.before, *u.after)]
+    every = [w for u in (*units, *ctl) for w in (*u.before, *u.after, *u.split)]
     grid = _Grid(every)
     rng = np.random.default_rng(seed)
-    device_unit = len(units) >= DEVICE_UNIT_MIN
-    b = 1 if device_unit else RESAMPLES
     slot_s = max(0.05, max(w.interval_s for w in every))
     # Each period's windows (all devices together) fall into time slots; a resample draws blocks of slots, the
-    # same for every device, and each device's merged sketch is then the weighted sum of its windows' buckets.
+    # same for every device and for both versions of a split, so what is compared stays paired in time.
     weights: dict[str, Any] = {}
     cells: dict[tuple[int, str], tuple[Any, list[int]]] = {}  # (unit index, period) -> (bucket rows, slot per row)
     every_unit = [*units, *ctl]
-    for period in ("before", "after"):
-        ws = [w for u in every_unit for w in getattr(u, period)]
-        pos, n_slots = _slots(ws, slot_s)
-        w_obs = np.ones((1, n_slots))
-        weights[period] = w_obs if device_unit else np.vstack([w_obs, _block_weights(n_slots, rng, b)])
+    for group, periods in _PERIODS.items():
+        seq = [(j, p) for p in periods for j in range(len(every_unit))]
+        pos, n_slots = _slots([w for j, p in seq for w in getattr(every_unit[j], p)], slot_s)
+        weights[group] = np.vstack([np.ones((1, n_slots)), _block_weights(n_slots, rng, RESAMPLES)])
         i = 0
-        for j, u in enumerate(every_unit):
-            mine = getattr(u, period)
-            cells[(j, period)] = (grid.rows(mine), pos[i:i + len(mine)])
+        for j, p in seq:
+            mine = getattr(every_unit[j], p)
+            cells[(j, p)] = (grid.rows(mine), pos[i:i + len(mine)])
             i += len(mine)
 
-    def lp95(j: int, period: str) -> Any:
-        """log p95 of unit ``j``'s merged windows in ``period``: [observed, resample 1, ...] (NaN if none)."""
-        rows, slots = cells[(j, period)]
-        if not slots:
-            return np.full(weights[period].shape[0], np.nan)
-        return grid.log_p95(weights[period][:, slots] @ rows)
+    # Without a split, devices are resampled too (with replacement within canaries and within controls, the same
+    # draw for all periods of a device): a device's state over the whole observation (a core it shares with a busy
+    # process ...) is then part of the noise, however many requests it served. A split pairs each canary with
+    # itself: time blocks alone are resampled.
+    n_all = len(every_unit)
+    dev_w = np.ones((RESAMPLES + 1, n_all))
+    for lo_j, hi_j in ((0, len(units)), (len(units), n_all)) if mode != "split" else ():
+        if hi_j > lo_j:
+            picks = rng.integers(lo_j, hi_j, size=(RESAMPLES, hi_j - lo_j))
+            dev_w[1:, lo_j:hi_j] = 0.0
+            np.add.at(dev_w[1:], (np.repeat(np.arange(RESAMPLES), hi_j - lo_j), picks.ravel()), 1.0)
 
+    def merged(js: Sequence[int], period: str, observed_only: bool = False, qs: Sequence[float] = TAIL) -> Any:
+        """Log tail latency (``qs``) of the units ``js`` merged in ``period``: [observed, resample 1, ...]."""
+        w = weights[_GROUP[period]]
+        w = w[:1] if observed_only else w
+        total = np.zeros((w.shape[0], grid.width))
+        for j in js:
+            rows, slots = cells[(j, period)]
+            if slots:
+                total += dev_w[:w.shape[0], j:j + 1] * (w[:, slots] @ rows)
+        return grid.log_q(total, qs)
+
+    # Screen: each device's own (observed) change, against the others of its group; with three or more, one far
+    # from the rest is left out and named (a device reporting invented latency neither passes nor halts alone).
     n_u = len(units)
-    if mode == "paired":
-        effects = np.stack([lp95(j, "after") - lp95(j, "before") for j in range(n_u)], axis=1)
-        ctl_eff = [lp95(n_u + j, "after") - lp95(n_u + j, "before") for j in range(len(ctl))]
-    else:
-        effects = np.stack([lp95(j, "after") for j in range(n_u)], axis=1)
-        ctl_eff = [lp95(n_u + j, "after") for j in range(len(ctl))]
-    drift = np.nanmedian(np.stack(ctl_eff, axis=1), axis=1) if ctl_eff else np.zeros(effects.shape[0])
-    effects = effects - drift[:, None]
-    observed = effects[0]
-    names = [u.device for u in units]
 
-    # robust combination: outliers (3+ canaries) are named and left out
-    keep = np.ones(len(units), bool)
-    if len(units) >= 3:
-        med = float(np.nanmedian(observed))
-        mad = 1.4826 * float(np.nanmedian(np.abs(observed - med)))
-        far = np.abs(observed - med) > OUTLIER_MADS * max(mad, MAD_FLOOR)
-        for i in (int(x) for x in np.flatnonzero(far)):
-            excluded.append(f"{names[i]}: p95 {_fmt_ratio(math.exp(observed[i]))} on its own, an outlier against "
-                            f"the other canaries' {_fmt_ratio(math.exp(med))}")
-        keep = ~far
-    eff = effects[:, keep]
-    n_dev: int = int(keep.sum())
+    def own(j: int) -> float:
+        after = float(merged([j], "after", True)[0])
+        if mode == "beside":
+            return after
+        return after - float(merged([j], "split" if mode == "split" else "before", True)[0])
+
+    def screen(js: list[int], label: str) -> list[int]:
+        if len(js) < 3:
+            return js
+        eff = np.array([own(j) for j in js])
+        med = float(np.nanmedian(eff))
+        mad = 1.4826 * float(np.nanmedian(np.abs(eff - med)))
+        far = ~(np.abs(eff - med) <= OUTLIER_MADS * max(mad, MAD_FLOOR))  # NaN is far too
+        for k in np.flatnonzero(far):
+            rel = math.exp(eff[k] - med) if math.isfinite(eff[k]) else None
+            excluded.append(f"{every_unit[js[k]].device}: p95 {_fmt_ratio(rel)} on its own against the other "
+                            f"{label}, an outlier")
+        return [j for j, f in zip(js, far, strict=True) if not f]
+
+    can_js = screen(list(range(n_u)), "canaries")
+    ctl_js = screen(list(range(n_u, n_u + len(ctl))), "controls")
+    if len(ctl_js) < MIN_CONTROLS and mode != "split":
+        if mode == "beside":
+            return undecided(f"fewer than {MIN_CONTROLS} controls to compare with", excluded=excluded[:512])
+        ctl_js = []
+    # The statistic: log p95 of the canaries merged against, in order of preference, (split) their previous version
+    # merged over the same slots; (paired, with controls) the controls merged over the same slots, less the same
+    # difference before the deployment (a difference in differences); (paired) their own before; (beside) the
+    # controls over the same slots.
+    def effect_of(qs: Sequence[float]) -> Any:
+        can_after = merged(can_js, "after", qs=qs)
+        if mode == "split":
+            return can_after - merged(can_js, "split", qs=qs)
+        if mode == "paired" and ctl_js:
+            return (can_after - merged(ctl_js, "after", qs=qs)) - (merged(can_js, "before", qs=qs)
+                                                                   - merged(ctl_js, "before", qs=qs))
+        if mode == "paired":
+            return can_after - merged(can_js, "before", qs=qs)
+        return can_after - merged(ctl_js, "after", qs=qs)
+
     q_lo, q_hi = (1.0 - conf) / 2.0, 1.0 - (1.0 - conf) / 2.0
-    if device_unit:
-        # devices as the unit: resample devices (and controls) with replacement, median of per-device effects
-        obs_dev = eff[0]
-        picks = rng.integers(0, n_dev, size=(RESAMPLES, n_dev))
-        combined = np.concatenate([[np.nanmedian(obs_dev)], np.nanmedian(obs_dev[picks], axis=1)])
-        if ctl_eff:
-            c_eff = np.array([float(e[0]) for e in ctl_eff])
-            c_picks = rng.integers(0, len(ctl), size=(RESAMPLES, len(ctl)))
-            combined[1:] += drift[0] - np.nanmedian(c_eff[c_picks], axis=1)
-        point = float(combined[0])
-        lo, hi = (float(x) for x in np.nanquantile(combined[1:], [q_lo, q_hi]))
-    elif n_dev >= 3:
-        combined = np.nanmedian(eff, axis=1)
-        point = float(combined[0])
-        lo, hi = (float(x) for x in np.nanquantile(combined[1:], [q_lo, q_hi]))
-    else:
-        # one or two canaries: each must pass on its own; the interval is the envelope of theirs
-        lows = np.nanquantile(eff[1:], q_lo, axis=0)
-        highs = np.nanquantile(eff[1:], q_hi, axis=0)
-        point = float(np.nanmean(eff[0]))
-        lo, hi = float(np.min(lows)), float(np.max(highs))
+    effect = effect_of(TAIL)
+    bare = effect_of(P95)  # the bare p95: a regression it shows halts too
+    bare_lo = float(np.nanquantile(bare[1:], q_lo)) if np.isfinite(bare[1:]).any() else math.nan
+    point = float(effect[0])
+    lo, hi = (float(x) for x in np.nanquantile(effect[1:], [q_lo, q_hi])) if np.isfinite(effect[1:]).any() \
+        else (math.nan, math.nan)
+    n_dev, n_ctl = len(can_js), len(ctl_js)
     if not all(math.isfinite(x) for x in (point, lo, hi)):
         return undecided("the canaries' telemetry gives no p95 yet", excluded=excluded[:512])
     limit = math.log1p(policy.max_p95_regression)
     ratio, r_lo, r_hi = math.exp(point), math.exp(lo), math.exp(hi)
     how = (f"{n_dev} canar{'y' if n_dev == 1 else 'ies'}"
-           + (f" vs {len(ctl)} controls" if ctl else " before/after" if mode == "paired" else ""))
+           + (" vs their previous version beside" if mode == "split" else f" vs {n_ctl} controls" if n_ctl
+              else " before/after"))
+    can_units = [units[j] for j in can_js]
     lat = dict(p95_ratio=round(ratio, 4), ratio_low=round(r_lo, 4), ratio_high=round(r_hi, 4), devices=n_dev,
-               controls=len(ctl), excluded=excluded[:512],
-               canary_p95=_merged_p95([w for u in units for w in u.after]),
-               baseline_p95=_merged_p95([w for u in units for w in u.before] if mode == "paired"
-                                        else [w for u in ctl for w in u.after]))
+               controls=n_ctl, excluded=excluded[:512],
+               canary_p95=_merged_p95([w for u in can_units for w in u.after]),
+               baseline_p95=_merged_p95([w for u in can_units for w in u.split] if mode == "split"
+                                        else [w for u in can_units for w in u.before] if mode == "paired"
+                                        else [w for j in ctl_js for w in every_unit[j].after]))
     text = f"p95 {_fmt_ratio(ratio)} [{r_lo:.2f}, {r_hi:.2f}] ({how}, {CONFIDENCE:.0%} interval)"
     if lo > limit:
         return verdict("halt", f"{text}: regressed over the +{policy.max_p95_regression:.0%} limit", **lat)
+    if math.isfinite(bare_lo) and bare_lo > limit:
+        return verdict("halt", f"{text}; the bare p95 alone x{math.exp(float(bare[0])):.2f} (at least "
+                               f"x{math.exp(bare_lo):.2f}): regressed over the +{policy.max_p95_regression:.0%} "
+                               "limit", **lat)
     if not enough:
         return undecided(f"{short}; {text}", **lat)
     if hi <= limit and err_ok and elapsed_s >= policy.observe_s:

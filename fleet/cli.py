@@ -110,13 +110,13 @@ def _fraction(value: str, what: str) -> float:
             f"{what} must be a fraction like 0.2 or a percentage like 20%, got {value!r}") from None
 
 
-def _percent(value: str) -> float:
-    """``10%`` or ``10`` → 10.0 (percent of devices)."""
+def _percent(value: str, option: str = "--canary") -> float:
+    """``10%`` or ``10`` → 10.0 (percent)."""
     v = value.strip().rstrip("%")
     try:
         return float(v)
     except ValueError:
-        raise click.BadParameter(f"canary must be a percentage like 10%, got {value!r}") from None
+        raise click.BadParameter(f"{option} must be a percentage like 10%, got {value!r}") from None
 
 
 def _request(api: Api, method: str, path: str, answer: type[M],
@@ -562,7 +562,8 @@ def _print_deployment(dep: Deployment) -> None:
     click.echo(f"deployment {dep.id}: {dep.state}  {b}")
     policy = dep.decision.policy
     click.echo(f"  to {','.join(dep.selector)}  canary {dep.canary_pct:g}% (at least {policy.min_canary_devices} "
-               f"per target, seed {policy.seed})  max p95 regression {dep.max_p95_regression:.0%}")
+               f"per target, seed {policy.seed}, split {policy.canary_split:g}%)  max p95 regression "
+               f"{dep.max_p95_regression:.0%}")
     if dep.message:
         click.echo(f"  {dep.message}")
     for v in dep.decision.canary or []:
@@ -694,6 +695,9 @@ def _progress(dep: Deployment) -> str:
               help="Percent of each target's devices that install first, e.g. 10% (at least --min-canary-devices).")
 @click.option("--min-canary-devices", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Canaries per target at least (a target with fewer devices keeps one out of the canary).")
+@click.option("--split", default="50%", show_default=True,
+              help="Share of each canary's requests its previous version keeps serving while the canary is judged, "
+                   "so both versions are timed side by side on the same device (0 turns it off).")
 @click.option("--max-p95-regression", default="20%", show_default=True, help="Halt if canary p95 rises by more.")
 @click.option("--max-error-increase", default="1%", show_default=True, help="Halt if the error rate rises by more.")
 @click.option("--max-output-drift", type=click.FloatRange(0.0, 100.0), default=0.25, show_default=True,
@@ -717,7 +721,7 @@ def _progress(dep: Deployment) -> str:
               help="With --wait: give up waiting after this many seconds (the rollout goes on; exit code 6).")
 @_api_options
 @_json_option
-def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, min_canary_devices: int,
+def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, min_canary_devices: int, split: str,
            max_p95_regression: str, max_error_increase: str, max_output_drift: float, observe_s: float,
            min_samples: int, baseline_s: float, seed: int | None, urls: tuple[str, ...], wait: bool,
            wait_timeout: float, api: Api, as_json: bool) -> None:
@@ -736,7 +740,8 @@ def deploy(bundles: tuple[Path, ...], to: tuple[str, ...], canary: str, min_cana
                               "max_error_increase": _fraction(max_error_increase, "--max-error-increase"),
                               "max_output_drift": max_output_drift, "observe_s": observe_s,
                               "min_samples": min_samples, "baseline_s": baseline_s,
-                              "min_canary_devices": min_canary_devices, "seed": seed}
+                              "min_canary_devices": min_canary_devices, "seed": seed,
+                              "split": _percent(split, "--split")}
     if urls and len(urls) != len(bundles):
         raise click.BadParameter(f"give one --url per bundle ({len(bundles)}), got {len(urls)}")
     try:

@@ -317,12 +317,12 @@ class Deployer:
             t.join(timeout_s)
 
     # commands ------------------------------------------------------------------------------------------------------
-    def _send_deploy(self, dep_id: str, t: DeploymentTarget) -> None:
+    def _send_deploy(self, dep_id: str, t: DeploymentTarget, split: Mapping[str, float] | None = None) -> None:
         b = self._bundles.get(t.sha256)
         if b is None:  # a rollout resumed from another controller: verify its bundle once here
             b = self._bundles[t.sha256] = self.library.get(t.sha256)
         url = self._urls.get(dep_id, {}).get(b.sha256) or f"{self.public_url}/bundles/{bundle_filename(b.sha256)}"
-        cmd = command("deploy", {"url": url, "sha256": b.sha256, "size": b.size})
+        cmd = command("deploy", {"url": url, "sha256": b.sha256, "size": b.size, **(split or {})})
         # The command id is stored before publishing, so a fast reply always finds its target; and only while this
         # controller holds the rollout's lease (fenced), so no device ever gets two deploys of one target. A deploy
         # the broker lost is sent again by the controller's Commander, like every other command.
@@ -400,9 +400,17 @@ class Deployer:
 
     def _install(self, dep_id: str, phase: str, timeout_s: float) -> list[DeploymentTarget]:
         """Send deploy commands to one phase and wait until every target there is in a terminal state."""
+        split: dict[str, float] = {}
+        dep = self.store.deployment(dep_id)
+        policy = dep.decision.policy if dep is not None else None
+        if phase == "canary" and policy is not None and policy.canary_split > 0:
+            # Canaries keep their previous version on a share of the requests while judged, and a while after (the
+            # last look comes at most LOOKS[-1] x observe after the last canary is active): fleet/canary.py
+            split = {"split_pct": policy.canary_split,
+                     "split_s": _canary.LOOKS[-1] * policy.observe_s + min(timeout_s, 120.0)}
         for t in self._targets(dep_id, phase):
             if t.state == "pending" and not t.cmd_id:
-                self._send_deploy(dep_id, t)
+                self._send_deploy(dep_id, t, split if t.previous_version else None)
         deadline = time.monotonic() + timeout_s
         while not self._stop.is_set():
             ts = self._targets(dep_id, phase)
@@ -574,9 +582,15 @@ class Deployer:
             ws = [w for w in windows(t, t.version, created) if w.ts - w.interval_s >= (t.activated or created)]
             return ws[1:]
 
+        def split(t: DeploymentTarget) -> list[TelemetryWindow]:
+            # the previous version on a share of the canary's requests since the install (a traffic split)
+            ws = [w for w in windows(t, t.previous_version, created) if w.ts - w.interval_s >= (t.activated or created)]
+            return ws[1:]
+
         cans = [_canary.DeviceWindows(
             t.device, windows(t, t.previous_version, created - policy.baseline_s, created)
-            if t.previous_version else [], after_activation(t)) for t in canaries]
+            if t.previous_version else [], after_activation(t),
+            split(t) if t.previous_version and policy.canary_split > 0 else []) for t in canaries]
         ctls = [_canary.DeviceWindows(
             t.device, windows(t, t.previous_version, created - policy.baseline_s, created),
             windows(t, t.previous_version, start)) for t in controls if t.previous_version and not t.cmd_id]

@@ -321,6 +321,8 @@ class RolloutPolicy(Model, frozen=True, kw_only=True, omit_defaults=False):
                                                                        "when the target has no more devices)")] = 3
     seed: Annotated[int, Meta(ge=0, le=L.INT64_MAX, description="seeds the canary choice; the controller draws and "
                                                                 "records one when the request has none")] | None = None
+    canary_split: Annotated[Pct, Meta(description="percent of each canary's requests its previous version keeps "
+                                          "serving while the canary is judged (0: none)")] = 50.0
     max_output_drift: Annotated[float, Meta(ge=0.0, le=100.0, description="halt if the canaries' output "
                                                                           "distribution departs from the previous "
                                                                           "version's by more (quantile distance, "
@@ -439,6 +441,7 @@ class DeploymentRequest(Model, frozen=True, kw_only=True):
     min_canary_devices: Annotated[int, Meta(ge=1, le=1000)] = 3
     seed: Annotated[int, Meta(ge=0, le=L.INT64_MAX)] | None = None
     max_output_drift: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.25
+    split: Pct = 50.0
 
     def policy(self) -> RolloutPolicy:
         """The rollout policy this request asks for."""
@@ -446,7 +449,7 @@ class DeploymentRequest(Model, frozen=True, kw_only=True):
                              max_error_increase=self.max_error_increase, observe_s=self.observe_s,
                              min_samples=self.min_samples, baseline_s=self.baseline_s,
                              install_timeout_s=self.install_timeout_s, min_canary_devices=self.min_canary_devices,
-                             seed=self.seed, max_output_drift=self.max_output_drift)
+                             seed=self.seed, max_output_drift=self.max_output_drift, canary_split=self.split)
 
     def selectors(self) -> list[str]:
         """``to`` as a list."""

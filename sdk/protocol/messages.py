@@ -380,6 +380,11 @@ class DeployArgs(Model, frozen=True, kw_only=True):
     url: Annotated[str, Meta(max_length=L.MAX_URL, pattern=r"^(https?|file)://")]
     sha256: Sha256
     size: Annotated[int, Meta(ge=1, le=L.MAX_BYTES)]
+    split_pct: Annotated[float, Meta(ge=0.0, le=100.0, description="a canary's traffic split: percent of the "
+                                     "requests the previous version keeps serving after the install, so the new "
+                                     "version is judged against it on the same device at the same time")] = 0.0
+    split_s: Annotated[float, Meta(ge=0.0, le=30 * 86400.0, description="how long the split lasts after the "
+                                   "install (seconds); then only the new version serves")] = 0.0
 
 
 class RollbackArgs(Model, frozen=True, kw_only=True):

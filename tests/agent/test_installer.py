@@ -287,3 +287,32 @@ def test_free_space_check_counts_the_reserve_and_names_it(tmp_path: Path, truste
     assert (err.value.step, err.value.code) == ("download", "storage.full")
     assert "storage.reserve_bytes" in str(err.value)
     assert not list(inst.store.downloads.iterdir()) and not _store_dirs(inst)
+
+
+def test_a_canary_install_splits_traffic_with_the_previous_version_until_its_deadline(
+        installer: Installer, make_bundle, mlp_model) -> None:
+    import time
+
+    _install(installer, make_bundle(mlp_model, version="1.0.0", filename="v1.efb"))
+    b2 = make_bundle(mlp_model, version="2.0.0", filename="v2.efb")
+    sha, size = sha_size(b2)
+    installer.install(b2.as_uri(), sha, size, split_pct=25.0, split_s=0.8)
+    reg = installer.registry
+    picks = [reg.pick("testmodel") for _ in range(400)]
+    assert {m.version for m in picks} == {"1.0.0", "2.0.0"}
+    assert sum(m.version == "1.0.0" for m in picks) == 100  # a running share, not a coin: exactly 25%
+    assert all(m.run({"x": X})["probs"].shape == (2, 4) for m in (picks[0], picks[3]))  # both sessions serve
+    assert reg.pick("testmodel", "1.0.0").version == "1.0.0" and reg.pick("testmodel", "2.0.0").version == "2.0.0"
+    assert [m.version for m in reg.split_models()] == ["1.0.0"]  # its windows go into telemetry too
+    assert reg.get("testmodel").version == "2.0.0"  # what the device serves (status, metadata) is the new one
+    time.sleep(0.9)
+    assert {reg.pick("testmodel").version for _ in range(20)} == {"2.0.0"} and reg.split_models() == []
+    assert [r.model.version for r in reg.take_retired()] == ["1.0.0"]  # its last window is kept
+
+    # a rollback ends a split at once: the previous version serves alone
+    b3 = make_bundle(mlp_model, version="3.0.0", filename="v3.efb")
+    sha, size = sha_size(b3)
+    installer.install(b3.as_uri(), sha, size, split_pct=50.0, split_s=60.0)
+    assert {reg.pick("testmodel").version for _ in range(4)} == {"2.0.0", "3.0.0"}
+    installer.rollback("testmodel")
+    assert {reg.pick("testmodel").version for _ in range(10)} == {"2.0.0"} and reg.split_models() == []

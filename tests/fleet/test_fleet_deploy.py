@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -249,6 +250,66 @@ def test_verdict_proceeds_when_the_p95_holds_and_halts_when_it_regresses() -> No
     assert early.outcome == "observing"
     few = RolloutPolicy(min_samples=10_000, observe_s=30)
     assert judge("b", *_fleet({"a": 1.0}), few, elapsed_s=90, final=True, first=False).outcome == "cannot-judge"
+
+
+def _busy_host(factor: float, seed: int, *, split: bool) -> tuple[list, list]:
+    """Six devices on one busy host, each switching at random between a fast and a 2x slower state that lasts
+    several seconds (as processes moved between a free core and one shared with a CPU hog do), 20 requests/s each.
+    Canaries run the new version ``factor`` times slower; with ``split`` half their requests stay on the previous
+    version, side by side (each one-second window of a canary then holds 10 requests of each version)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def states(n: int) -> list[float]:
+        out: list[float] = []
+        while len(out) < n:
+            out += [float(rng.choice([1.0, 2.0]))] * int(rng.integers(5, 30))
+        return out[:n]
+
+    def window(device: str, ts: float, i: int, median: float, per: int, version: str) -> TelemetryWindow:
+        sk = DDSketch()
+        for x in rng.lognormal(np.log(median), 0.3, per):
+            sk.add(float(x))
+        return TelemetryWindow(device=device, boot="b", seq=i, ts=ts, name="m", version=version, count=per, errors=0,
+                               interval_s=1.0, p50=None, p95=None, p99=None, providers=[], sketch=sk.to_wire())
+
+    cans, ctls = [], []
+    for d in range(6):
+        dev = f"d{d}"
+        before_s, after_s = states(60), states(30)
+        before = [window(dev, 1.0 + i, i, 4.0 * before_s[i], 20, "1") for i in range(60)]
+        if d < 3:
+            per = 10 if split else 20
+            after = [window(dev, 101.0 + i, 100 + i, 4.0 * after_s[i] * factor, per, "2") for i in range(30)]
+            beside = [window(dev, 101.0 + i, 200 + i, 4.0 * after_s[i], 10, "1") for i in range(30)] if split else []
+            cans.append(DeviceWindows(dev, before, after, beside))
+        else:
+            ctls.append(DeviceWindows(dev, before, [window(dev, 101.0 + i, 100 + i, 4.0 * after_s[i], 20, "1")
+                                                    for i in range(30)]))
+    return cans, ctls
+
+
+def test_verdict_judges_a_split_canary_against_its_previous_version_beside_it() -> None:
+    # Device states that come and go (2x) swamp a 20% gate when canaries are compared with other devices or with
+    # their own past; a canary whose previous version serves half its requests meanwhile is compared with it in
+    # the same seconds: an identical bundle proceeds and a 30% slower one halts, in each of ten draws.
+    policy = RolloutPolicy(max_p95_regression=0.2, max_error_increase=0.05, observe_s=10, min_samples=200)
+    split_err, other_err = [], []
+    for seed in range(10):
+        same = judge("b", *_busy_host(1.0, seed, split=True), policy, elapsed_s=30, final=True, first=False,
+                     seed=seed)
+        assert same.outcome == "proceed" and "previous version beside" in same.reason, same
+        slow = judge("b", *_busy_host(1.3, seed, split=True), policy, elapsed_s=30, final=True, first=False,
+                     seed=seed)
+        assert not slow.proceed and slow.ratio_low > 1.0, slow
+        other = judge("b", *_busy_host(1.0, seed, split=False), policy, elapsed_s=30, final=True, first=False,
+                      seed=seed)
+        split_err.append(abs(math.log(same.p95_ratio)))
+        other_err.append(abs(math.log(other.p95_ratio)))
+    # the same host without a split (canaries against controls and their own past): the identical bundle's
+    # estimated ratio strays much further from 1
+    assert max(split_err) < 0.1 < max(other_err), (split_err, other_err)
 
 
 def test_verdict_is_not_decided_by_one_device_reporting_invented_latency() -> None:
