@@ -99,21 +99,23 @@ def choose(contenders: Sequence[Contender], timing: TimingResult | None, margin:
         "ladder": [c.name for c in rungs], "challenges": challenges, "fastest_point_estimate": fastest.name,
         "speedup_vs_reference": {c.name: round(1 / ratio[c.name], 3) for c in ok}, "chosen": best.name,
     }
-    beaten = f"faster than it by more than {margin:.1%} with 95% confidence"
+    conf = f"{timing.policy.confidence:.0%} confidence"
     if best is rungs[0]:
         if best.guard:
             rival = min((c for c in rungs if not c.guard), key=lambda c: ratio[c.name])
-            why = (f"{rival.name} on {provider} is not {beaten} on this device "
-                   f"({_versus(timing.compare(rival.name, best.name))} of it): the CPU EP variant ships")
+            why = (f"{rival.name} on {provider} is not faster than {best.name} (FP32 on the CPU EP) by more than "
+                   f"{margin:.1%} with {conf} on this device ({_versus(timing.compare(rival.name, best.name))} of "
+                   f"it): the CPU EP variant ships")
         else:
-            why = f"simplest within budget on {provider}: no other candidate is {beaten}"
+            why = (f"simplest within budget on {provider}: no other candidate is faster than {best.name} by more "
+                   f"than {margin:.1%} with {conf}")
     else:
         beat = next(ch["incumbent"] for ch in challenges if ch["challenger"] == best.name and ch["won"])
-        why = (f"{best.name} on {provider} runs at {_versus(timing.compare(best.name, beat))} of {beat}, "
-               f"{beaten}, and no more complex candidate beat it so")
+        why = (f"{best.name} on {provider} runs at {_versus(timing.compare(best.name, beat))} of {beat}, faster "
+               f"than {beat} by more than {margin:.1%} with {conf}, and no more complex candidate beat it so")
     if rungs.index(fastest) > rungs.index(best):
         why += (f" (the lowest point estimate, {fastest.name} at {_versus(timing.compare(fastest.name, best.name))}"
                 f" of {best.name}, is a near tie: the simpler one ships)")
     why += f"; {_speed(timing, best.name)} the speed of {reference_label} ({timing.estimates[best.name].rounds} " \
-           f"interleaved rounds, 95% interval)"
+           f"interleaved rounds, {timing.policy.confidence:.0%} interval)"
     return Choice(best.name, why, decision)
