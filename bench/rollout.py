@@ -16,7 +16,7 @@ verdict compares the versions side by side; 0 makes it compare canaries with con
 before the split existed); the outcome is the controller's verdict. A regression that got through is undone by deploying
 the base model again (no canary) before the next trial. Results: bench/results/rollout.md and rollout.json.
 
-    python bench/rollout.py                   # 20 + 20 trials, about 25 minutes here (each trial up to 3 x observe)
+    python bench/rollout.py                   # 20 + 20 trials, about 35 minutes here (each trial up to 3 x observe)
     python bench/rollout.py --trials 3        # a quick look
     python bench/rollout.py --report bench/results/rollout.json   # the Markdown again from a run's JSON
 
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=128, help="Rows each layer multiplies (the work per request).")
     ap.add_argument("--regression", type=float, default=0.30, help="Extra layers of the slow model (fraction).")
     ap.add_argument("--rate", type=float, default=10.0, help="Requests per second per agent.")
-    ap.add_argument("--observe", type=float, default=10.0, help="Seconds before the first look (--observe).")
+    ap.add_argument("--observe", type=float, default=30.0, help="Seconds before the first look (--observe).")
     ap.add_argument("--hogs", type=int, default=1, help="Busy-loop processes beside the agents (a busy host).")
     ap.add_argument("--split", type=float, default=50.0, help="--split (percent); 0 for no split.")
     ap.add_argument("--limit", type=float, default=0.20, help="--max-p95-regression.")

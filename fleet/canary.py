@@ -6,30 +6,38 @@ drawn at random with a seed the deployment records: reproducible, not steerable 
 
 **The unit of evidence.** Requests on one device are not independent (a busy host slows a run of them together),
 so a request is not the sample unit. The agent's telemetry window is: each window carries a mergeable latency
-sketch, and the verdict works on per-device, per-period merges of those sketches.
+sketch per model version, and the verdict works on merges of those sketches over time slots.
 
-**The statistic.** For each canary device, ``log p95(new version, after activation) - log p95(previous version,
-the baseline_s before the deployment)`` — the device's own before/after ratio, so devices of different speed are
-never compared with each other. When at least :data:`MIN_CONTROLS` devices of the same target keep the previous
-version meanwhile, the median of their own before/after ratios is subtracted: a change of conditions that hits
-everyone (load on a shared host, time of day) cancels out (a difference in differences). Devices are combined by
-the **median**; with three or more canaries a device more than :data:`OUTLIER_MADS` scaled MADs away from the others
-is left out and named, so one device reporting invented latency can neither pass nor halt a rollout alone. With
-one or two canaries every canary must pass on its own, and one shown regression halts (the safe branch).
+**The comparison.** By preference: (split) each canary keeps its previous version on a share of its requests while
+judged (agent/registry.py, "Traffic split"), so the new version is compared with the previous one on the same
+devices over the same seconds, and whatever else the device does slows both alike; (paired) without a split, the
+canaries' own before/after, with, when at least :data:`MIN_CONTROLS` controls keep the previous version meanwhile,
+the controls' before/after divided out over the same time slots (a difference in differences); (beside) no canary
+baseline: the canaries against the controls over the same slots. Measured on a busy 2-core host, devices there
+switch between states (x1, x2) for tens of seconds as the scheduler moves them on and off a core a busy process
+holds: only the split keeps an identical bundle's ratio within a few percent (bench/results/rollout.md).
 
-**The interval.** A bootstrap of that statistic: with fewer than :data:`DEVICE_UNIT_MIN` canaries, time blocks of
-telemetry windows are resampled (the same blocks for every device, so the correlation between devices on one host
-is kept; blocks of about n^(1/3) windows keep the short-range correlation in time); with more canaries, devices are
-resampled (the between-device spread is then the honest noise). The percentile interval of the ratio is taken at
+**The statistic.** The ratio of tail latency, new over previous, each side merged over its devices and slots. Tail
+latency is the geometric mean of the quantiles p75, p76 ... p99 (:data:`TAIL`): a p95 smoothed so that it does not
+jump when the 95th percentile falls into a gap of the distribution (a busy host's latency has one, between requests
+that ran alone and those that waited for a core), and that moves exactly as the p95 does when every request slows
+alike. The bare p95 ratio is computed as well, and a regression it shows on its own halts too. With three or more
+canaries (or controls), a device whose own ratio lies more than :data:`OUTLIER_MADS` scaled MADs from the others' is
+left out and named, so one device reporting invented latency can neither pass nor halt a rollout alone.
+
+**The interval.** A bootstrap of that statistic: time blocks of telemetry windows are resampled (blocks of about
+n^(1/3) windows keep the short-range correlation in time; the same blocks for every device and for both versions of
+a split, so what is compared stays paired in time); without a split, devices are resampled too (a device's state
+over the whole observation is then part of the noise). The percentile interval of the ratio is taken at
 ``1 - (1 - CONFIDENCE) / len(LOOKS)`` at each look: the controller looks at ``LOOKS`` times ``observe_s``, so over
 all looks the chance of a wrong call is at most ``1 - CONFIDENCE`` (Bonferroni).
 
-**The decision** at each look, per bundle: halt when the interval lies above ``1 + max_p95_regression`` or the
-error rate is shown to have risen more than ``max_error_increase`` (Wilson interval); proceed when the interval lies
-below the limit, the error rate is shown within its limit, ``observe_s`` has passed and the canaries served at least
-``min_samples`` requests; otherwise look again, and at the last look (3 x ``observe_s``) say **cannot judge** and
-halt. A first deployment (no previous version on the canaries) has no latency to compare: it is judged on errors
-alone and needs the same number of requests.
+**The decision** at each look, per bundle: halt when the interval (or the bare p95's) lies above
+``1 + max_p95_regression`` or the error rate is shown to have risen more than ``max_error_increase`` (Wilson
+interval); proceed when the interval lies below the limit, the error rate is shown within its limit, ``observe_s``
+has passed and the canaries served at least ``min_samples`` requests; otherwise look again, and at the last look
+(3 x ``observe_s``) say **cannot judge** and halt. A first deployment (no previous version on the canaries) has no
+latency to compare: it is judged on errors alone and needs the same number of requests.
 """
 
 from __future__ import annotations
