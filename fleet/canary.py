@@ -353,15 +353,21 @@ def judge(bundle: str, canaries: Sequence[DeviceWindows], controls: Sequence[Dev
             dev_w[1:, lo_j:hi_j] = 0.0
             np.add.at(dev_w[1:], (np.repeat(np.arange(RESAMPLES), hi_j - lo_j), picks.ravel()), 1.0)
 
+    summed: dict[tuple[tuple[int, ...], str, bool], Any] = {}  # the bucket sums, shared by the tail and bare p95
+
     def merged(js: Sequence[int], period: str, observed_only: bool = False, qs: Sequence[float] = TAIL) -> Any:
         """Log tail latency (``qs``) of the units ``js`` merged in ``period``: [observed, resample 1, ...]."""
-        w = weights[_GROUP[period]]
-        w = w[:1] if observed_only else w
-        total = np.zeros((w.shape[0], grid.width))
-        for j in js:
-            rows, slots = cells[(j, period)]
-            if slots:
-                total += dev_w[:w.shape[0], j:j + 1] * (w[:, slots] @ rows)
+        key = (tuple(js), period, observed_only)
+        total = summed.get(key)
+        if total is None:
+            w = weights[_GROUP[period]]
+            w = w[:1] if observed_only else w
+            total = np.zeros((w.shape[0], grid.width))
+            for j in js:
+                rows, slots = cells[(j, period)]
+                if slots:
+                    total += dev_w[:w.shape[0], j:j + 1] * (w[:, slots] @ rows)
+            summed[key] = total
         return grid.log_q(total, qs)
 
     # Screen: each device's own (observed) change, against the others of its group; with three or more, one far

@@ -577,20 +577,17 @@ class Deployer:
             return self.store.windows(self.fleet, t.device, since=since, until=until, name=t.name, version=version,
                                       with_sketch=full)
 
-        def after_activation(t: DeploymentTarget) -> list[TelemetryWindow]:
-            # The window the install ran in is not judged, nor the first one after it (a new session warms up).
-            ws = [w for w in windows(t, t.version, created) if w.ts - w.interval_s >= (t.activated or created)]
-            return ws[1:]
-
-        def split(t: DeploymentTarget) -> list[TelemetryWindow]:
-            # the previous version on a share of the canary's requests since the install (a traffic split)
-            ws = [w for w in windows(t, t.previous_version, created) if w.ts - w.interval_s >= (t.activated or created)]
+        def since_activation(t: DeploymentTarget, version: str) -> list[TelemetryWindow]:
+            # The window the install ran in is not judged, nor the first one after it (a new session warms up). The
+            # previous version's windows since then come from its share of a traffic split.
+            ws = [w for w in windows(t, version, created) if w.ts - w.interval_s >= (t.activated or created)]
             return ws[1:]
 
         cans = [_canary.DeviceWindows(
             t.device, windows(t, t.previous_version, created - policy.baseline_s, created)
-            if t.previous_version else [], after_activation(t),
-            split(t) if t.previous_version and policy.canary_split > 0 else []) for t in canaries]
+            if t.previous_version else [], since_activation(t, t.version),
+            since_activation(t, t.previous_version) if t.previous_version and policy.canary_split > 0 else [])
+            for t in canaries]
         ctls = [_canary.DeviceWindows(
             t.device, windows(t, t.previous_version, created - policy.baseline_s, created),
             windows(t, t.previous_version, start)) for t in controls if t.previous_version and not t.cmd_id]
